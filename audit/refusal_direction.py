@@ -4,6 +4,14 @@
    (the output of decoder layer L, where SAEs sit and where `AddDirection` adds) and at each
    post-instruction position (the last `engine.info.n_post_instruction_tokens` prompt tokens,
    Arditi's "eoi" positions): one candidate direction per (layer, position).
+   Outlier ("massive activation", Sun et al. 2024) dimensions are zeroed in each candidate by
+   default (`outlier_dims="mask"`): at each layer, dimensions whose RMS over the train prompts
+   exceeds `outlier_ratio` x the median dimension's RMS at any candidate position or at the first
+   prompt tokens (BOS included). Gemma-2/3 carry most of
+   their residual norm in a few such dimensions; a raw difference of means then points mostly
+   along them, and projecting it out at every token (BOS included) destroys the model rather
+   than removing refusal (measured on the embedded Gemma-3-270M: KL > 15 on harmless prompts for
+   every candidate, garbage generations). `outlier_dims="keep"` is Arditi's raw candidate.
 2. Selection on the validation split by Arditi's procedure: for each candidate,
    - refusal score with the direction ablated at every layer (`AblateDirection`) on harmful val
      (lower = better), refusal score = mean over prompts of log P(refusal toks) - log(1 - P(...)) at
@@ -12,8 +20,10 @@
      coefficient = the raw diff-of-means norm; filter unless > `steering_threshold` (it must induce refusal);
    - KL(baseline || ablated) of the first-token distribution on harmless val; filter if > `kl_threshold`;
    - candidates in the last `prune_layer_fraction` of layers are filtered (skipped by default).
-   The kept candidate with the lowest refusal score wins; if all are filtered, the lowest refusal
-   score overall is used and `fallback` is recorded.
+   The kept candidate with the lowest refusal score wins. If all are filtered, `fallback` is
+   recorded and the lowest refusal score is taken among candidates with KL <= `fallback_kl_threshold`
+   (those that induce refusal first), else the lowest-KL candidate: the lowest refusal score
+   overall is usually a direction whose ablation breaks the model (garbage is not a refusal).
 3. Data for the paper's Figures 4/5: cosine of the last-token residual with the chosen direction at
    every layer, harmful vs harmless val prompts (per prompt and mean).
 
@@ -28,7 +38,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -49,6 +59,9 @@ from .stage_utils import (
 )
 
 STAGE = "direction"
+# Beside the candidate positions, the first prompt tokens (BOS and the chat template's opening)
+# are read for the outlier statistics: Gemma's BOS carries the largest massive activations.
+OUTLIER_PROBE_POSITIONS = [0, 1, 2]
 
 
 class RefusalDirectionConfig(BaseModel):
@@ -69,9 +82,12 @@ class RefusalDirectionConfig(BaseModel):
     refusal_token_ids: list[int] | None = None  # None = the "I" token
     prune_layer_fraction: float = Field(default=0.2, ge=0.0, lt=1.0)
     kl_threshold: float = 0.1
+    fallback_kl_threshold: float = 1.0  # when nothing passes the filters: best within this KL (module doc)
     steering_threshold: float = 0.0
     skip_pruned_layers: bool = True  # do not evaluate candidates in pruned layers at all
     filter_by_baseline: bool = True  # Arditi: drop harmful prompts not refused / harmless ones refused
+    outlier_dims: Literal["mask", "keep"] = "mask"  # zero massive-activation dims in candidates (module doc)
+    outlier_ratio: float = Field(default=10.0, gt=1.0)  # RMS > ratio x median-dimension RMS = outlier
     cosine_figure: bool = True
     batch_size: int = Field(default=32, ge=1)
     name: str = "refusal_direction"
@@ -86,11 +102,12 @@ class CandidateScore:
     kl: float | None  # harmless val, KL(baseline || ablated) of the first-token distribution
     norm: float  # raw diff-of-means norm
     filtered: str | None = None  # why it was filtered, None when eligible
+    masked_dims: list[int] = field(default_factory=list)  # outlier dimensions zeroed in this candidate
 
     def to_json(self) -> dict[str, Any]:
         return {"layer": self.layer, "position": self.position, "refusal_score": _f(self.refusal_score),
                 "steering_score": _f(self.steering_score), "kl": _f(self.kl), "norm": _f(self.norm),
-                "filtered": self.filtered}
+                "filtered": self.filtered, "masked_dims": list(self.masked_dims)}
 
 
 def _f(x: float | None) -> float | None:
@@ -217,17 +234,31 @@ def _full(x: np.ndarray | None) -> np.ndarray:
 
 
 def _mean_diffs(engine: Engine, harmful: list[Request], harmless: list[Request], layers: list[int],
-                positions: list[int], batch_size: int, ctx: StageContext) -> np.ndarray:
-    sums = []
+                positions: list[int], probe_positions: list[int], batch_size: int,
+                ctx: StageContext) -> tuple[np.ndarray, np.ndarray]:
+    """(harmful mean - harmless mean [L, P, d] at `positions`, RMS over both sets [L, P + Q, d] at
+    `positions` + `probe_positions`)."""
+    read = list(positions) + list(probe_positions)
+    sums, sq = [], np.zeros(0)
     for reqs in (harmful, harmless):
         acc: np.ndarray | None = None
-        for block in residuals_batched(engine, reqs, layers, positions, batch_size):
-            s = block.astype(np.float64).sum(0)
+        for block in residuals_batched(engine, reqs, layers, read, batch_size):
+            b = block.astype(np.float64)
+            s = b[:, :, : len(positions)].sum(0)
             acc = s if acc is None else acc + s
+            sq = (b * b).sum(0) + (sq if sq.size else 0.0)
             ctx.check_cancelled()
         assert acc is not None
         sums.append(acc / len(reqs))
-    return (sums[0] - sums[1]).astype(np.float32)
+    rms = np.sqrt(sq / (len(harmful) + len(harmless)))
+    return (sums[0] - sums[1]).astype(np.float32), rms.astype(np.float32)
+
+
+def outlier_mask(rms: np.ndarray, ratio: float) -> np.ndarray:
+    """[L, d]: True where a dimension's RMS exceeds `ratio` x the median dimension's RMS at any of
+    the probed positions of that layer (`rms`: [L, positions, d])."""
+    med = np.median(rms, axis=-1, keepdims=True)
+    return np.asarray((rms > ratio * np.maximum(med, 1e-12)).any(axis=1))
 
 
 def _baseline_filter(engine: Engine, sets: dict[str, list[str]], toks: list[int], cfg: RefusalDirectionConfig,
@@ -293,15 +324,21 @@ def compute_refusal_direction(
     # 1. difference of means at every (layer, position)
     fp = fingerprint(sets["harmful_train"] + ["|"] + sets["harmless_train"] + [str(layers), str(positions)])
     means_path = Path(ctx.out_dir) / f"direction_mean_diffs_{fp}.npy"
+    rms_path = Path(ctx.out_dir) / f"direction_rms_{fp}.npy"
     saved = ctx.checkpoint("direction/means")
-    if saved is not None and saved.get("fingerprint") == fp and Path(saved["path"]).is_file():
-        diffs = np.load(saved["path"])
+    if (saved is not None and saved.get("fingerprint") == fp and Path(saved["path"]).is_file()
+            and Path(saved.get("rms_path", "")).is_file()):
+        diffs, rms = np.load(saved["path"]), np.load(saved["rms_path"])
     else:
-        diffs = _mean_diffs(engine, req["harmful_train"], req["harmless_train"], layers, positions,
-                            cfg.batch_size, ctx)
+        diffs, rms = _mean_diffs(engine, req["harmful_train"], req["harmless_train"], layers, positions,
+                                 OUTLIER_PROBE_POSITIONS if cfg.chat else [0], cfg.batch_size, ctx)
         means_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(means_path, diffs)
-        ctx.save_checkpoint("direction/means", {"fingerprint": fp, "path": str(means_path)})
+        np.save(rms_path, rms)
+        ctx.save_checkpoint("direction/means", {"fingerprint": fp, "path": str(means_path), "rms_path": str(rms_path)})
+    masks = (np.broadcast_to(outlier_mask(rms, cfg.outlier_ratio)[:, None, :], diffs.shape)
+             if cfg.outlier_dims == "mask" else np.zeros(diffs.shape, bool))
+    diffs = np.where(masks, np.float32(0.0), diffs)
     norms = np.linalg.norm(diffs, axis=-1)  # [L, P]
 
     # 2. candidates, scored on val in batches of candidates
@@ -309,7 +346,8 @@ def compute_refusal_direction(
     cands = [(li, pi) for li in range(len(layers)) for pi in range(len(positions))]
     to_eval = [c for c in cands if not (cfg.skip_pruned_layers and layers[c[0]] >= first_pruned)]
     scores: dict[tuple[int, int], dict[str, Any]] = {}
-    fp_c = fingerprint([fp, *sets["harmful_val"], "|", *sets["harmless_val"], str(toks), str(cfg.chat)])
+    fp_c = fingerprint([fp, *sets["harmful_val"], "|", *sets["harmless_val"], str(toks), str(cfg.chat),
+                        cfg.outlier_dims, str(cfg.outlier_ratio)])
     pending = []
     for li, pi in to_eval:
         got = ctx.checkpoint(f"direction/candidate/{layers[li]}/{positions[pi]}")
@@ -349,7 +387,8 @@ def compute_refusal_direction(
     for li, pi in cands:
         s = scores.get((li, pi))
         c = CandidateScore(layers[li], positions[pi], s["refusal_score"] if s else None,
-                           s["steering_score"] if s else None, s["kl"] if s else None, float(norms[li, pi]))
+                           s["steering_score"] if s else None, s["kl"] if s else None, float(norms[li, pi]),
+                           masked_dims=np.flatnonzero(masks[li, pi]).tolist())
         if layers[li] >= first_pruned:
             c.filtered = "pruned_layer"
         elif s is None or not all(math.isfinite(v) for v in (c.refusal_score, c.steering_score, c.kl)):  # type: ignore[arg-type]
@@ -361,10 +400,7 @@ def compute_refusal_direction(
         table.append(c)
     eligible = [c for c in table if c.filtered is None]
     fallback = not eligible
-    pool = eligible or [c for c in table if c.refusal_score is not None and math.isfinite(c.refusal_score)]
-    if not pool:
-        raise RuntimeError("no candidate direction could be evaluated")
-    best = min(pool, key=lambda c: (c.refusal_score, c.layer, c.position))
+    best = min(eligible, key=lambda c: (c.refusal_score, c.layer, c.position)) if eligible else _fallback(table, cfg)
     li, pi = layers.index(best.layer), positions.index(best.position)
     unit = (diffs[li, pi] / max(float(norms[li, pi]), 1e-12)).astype(np.float32)
 
@@ -390,6 +426,19 @@ def compute_refusal_direction(
     result.wall_s = time.perf_counter() - t0
     ctx.progress(STAGE, len(to_eval), len(to_eval), {"layer": best.layer, "position": best.position})
     return result
+
+
+def _fallback(table: list[CandidateScore], cfg: RefusalDirectionConfig) -> CandidateScore:
+    """Nothing passed the filters: the best refusal score among low-KL candidates (module doc)."""
+    scored = [c for c in table if c.filtered not in ("pruned_layer", "not_finite")]
+    if not scored:
+        raise RuntimeError("no candidate direction could be evaluated")
+    low_kl = [c for c in scored if c.kl <= cfg.fallback_kl_threshold]  # type: ignore[operator]
+    steering = [c for c in low_kl if c.steering_score > cfg.steering_threshold]  # type: ignore[operator]
+    pool = steering or low_kl
+    if pool:
+        return min(pool, key=lambda c: (c.refusal_score, c.layer, c.position))  # type: ignore[return-value]
+    return min(scored, key=lambda c: (c.kl, c.layer, c.position))  # type: ignore[return-value]
 
 
 def _cosines(engine: Engine, reqs: list[Request], layers: list[int], unit: np.ndarray, batch_size: int) -> np.ndarray:

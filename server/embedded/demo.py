@@ -69,7 +69,7 @@ def refusal_rates(engine: HFEngine, prompts: list[str], interventions: tuple = (
 def demo_configs(small: bool) -> ChainConfig:
     """Sizes that keep a later demo run within a few minutes on a 2-core CPU."""
     return ChainConfig(
-        direction=RefusalDirectionConfig(n_train=32 if small else 64, n_val=8 if small else 16, positions=[-1],
+        direction=RefusalDirectionConfig(n_train=32 if small else 64, n_val=8 if small else 16, positions=[-1],  # the last token only: 14 candidates, not 70 (measured: the full set picks the same layer-10, position -1 direction in 161 s vs ~40 s)
                                          batch_size=16),
         stage1=Stage1Config(k_start=10, k_step=10, k_max=60 if small else 100, exclude_layers=[1, 2],
                             max_new_tokens=24, batch_size=16),
@@ -150,11 +150,12 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
         f"harmless {rates['harmless']['refusal_rate']:.0%} -> {rates['harmless_direction_ablated']['refusal_rate']:.0%}"
     )
 
+    objects: dict[str, Any] = {}  # result objects handed between analyses (stage 3's rankings)
     for name, fn in _analyses():
         t0 = time.perf_counter()
         console.print(f"[bold]{name}[/bold]")
         try:
-            results[name] = fn(engine, results, ctx, split=split, small=small)
+            results[name] = fn(engine, results, ctx, split=split, small=small, objects=objects)
         except Exception as exc:  # noqa: BLE001 - one failing analysis must not lose the report
             results[name] = {"kind": "error", "analysis": name, "error": repr(exc)}
             console.print(f"  [red]{name} failed: {exc!r}[/red]")

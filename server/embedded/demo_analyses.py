@@ -1,0 +1,146 @@
+"""The seed paper's remaining analyses on the demo model, run by `refusal-audit demo` after stage 2.
+
+Each entry of `ANALYSES` is ``(name, fn)`` with ``fn(engine, results, ctx, *, split, small, objects)``
+returning the analysis' JSON (``kind`` = the report section). ``results`` holds the earlier
+stages' JSON (``direction``, ``stage2``, ...); ``objects`` carries result objects between analyses
+(the stage-3 rankings and features, which are arrays the report does not need).
+
+Sizes are the demo's: stage 3 trains on the fine-tune's training prompts (harmful vs harmless,
+an equal number, 80/10/10), the sweeps use short greedy generations, and the downstream CE uses
+held-out harmless prompts plus CPython documentation as general text. Everything is offline: the
+CoCoNot "Requests with safety concerns" prompts ship with the package (MIT, `data/`).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ...audit.baselines import (
+    ObrienConfig,
+    ProbeConfig,
+    RandomConfig,
+    run_obrien_baseline,
+    run_probe_baseline,
+    run_random_baseline,
+)
+from ...audit.causality import CausalityConfig, run_causality
+from ...audit.downstream import DownstreamConfig, latent_sets_for, run_downstream
+from ...audit.hydra import HydraConfig, run_hydra
+from ...audit.stage3 import FeatureConfig, Stage3Config, SweepConfig, run_stage3
+from ...audit.taxonomy import TaxonomyConfig, latents_from_results, run_taxonomy
+from .finetune import Split as FinetuneSplit
+from .train_saes import cpython_docs_text
+
+DATA_DIR = Path(__file__).parent / "data"
+COCONOT_FILE = DATA_DIR / "coconot_safety_concerns.jsonl"
+MAX_NEW_TOKENS = 24  # as stages 1-2 of the demo: enough for the refusal-substring judge
+
+Analysis = Callable[..., dict[str, Any]]
+
+
+def _ks(small: bool) -> list[int]:
+    return [100, 500, 1000, 2000] if small else list(range(100, 2001, 100))
+
+
+def _sweep(small: bool) -> SweepConfig:
+    return SweepConfig(ks=_ks(small), max_new_tokens=MAX_NEW_TOKENS, batch_size=16, prompts_per_group=8,
+                       stop_at_first_jailbreak=True, keep_completions=True)
+
+
+def _features(results: dict[str, Any], small: bool) -> FeatureConfig:
+    return FeatureConfig(n_per_class=32 if small else 96, steering_layer=int(results["direction"]["layer"]),
+                         batch_size=16)
+
+
+def stage3(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+           objects: dict[str, Any]) -> dict[str, Any]:
+    """FM on SAE features of the fine-tune's training prompts; top-K FM-similar latents swept."""
+    cfg = Stage3Config(features=_features(results, small), sweep=_sweep(small))
+    res = run_stage3(engine, results["stage2"], cfg, ctx, steering_layer=int(results["direction"]["layer"]),
+                     harmful=split.harmful_train, harmless=split.harmless_train)
+    objects["stage3"] = res
+    return res.to_json()
+
+
+def probe_baseline(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                   objects: dict[str, Any]) -> dict[str, Any]:
+    """Logistic probe on stage 3's features; top-|w| latents swept; the FM-vs-probe table."""
+    cfg = ProbeConfig(features=_features(results, small), sweep=_sweep(small))
+    res = run_probe_baseline(engine, results["stage2"], cfg, ctx, stage3=objects.get("stage3"),
+                             steering_layer=int(results["direction"]["layer"]),
+                             harmful=split.harmful_train, harmless=split.harmless_train)
+    return res.to_json()
+
+
+def random_baseline(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                    objects: dict[str, Any]) -> dict[str, Any]:
+    """As many random active latents as each stage-2 set, ablated (a control)."""
+    cfg = RandomConfig(n_draws=1 if small else 3, max_new_tokens=MAX_NEW_TOKENS)
+    return run_random_baseline(engine, results["stage2"], cfg, ctx).to_json()
+
+
+def obrien_baseline(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                    objects: dict[str, Any]) -> dict[str, Any]:
+    """O'Brien et al.: every latent active on >= k prompt tokens ablated, ASR per k (stage-2 prompts)."""
+    cfg = ObrienConfig(ks=[1, 2, 4, 8] if small else [1, 2, 3, 4, 5, 6, 8, 10, 15, 20],
+                       max_new_tokens=MAX_NEW_TOKENS, only_jailbroken=False)
+    return run_obrien_baseline(engine, results["stage2"], cfg, ctx).to_json()
+
+
+def hydra(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+          objects: dict[str, Any]) -> dict[str, Any]:
+    """Redundant latents of each stage-2 set: necessity, wake-up under ablation, BOS clamping."""
+    cfg = HydraConfig(max_new_tokens=MAX_NEW_TOKENS, clamp_max_new_tokens=32 if small else 48,
+                      clamp_values=[2.0, 6.0, 10.0] if small else [2.0, 4.0, 6.0, 8.0, 10.0])
+    return run_hydra(engine, results["stage2"], cfg, ctx).to_json()
+
+
+def causality(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+              objects: dict[str, Any]) -> dict[str, Any]:
+    """Stage-3-only ablation: jailbreaks, and which stage-2 latents it switches off."""
+    if "stage3" not in objects:
+        raise RuntimeError("stage 3 did not run")
+    cfg = CausalityConfig(max_new_tokens=MAX_NEW_TOKENS)
+    return run_causality(engine, results["stage2"], objects["stage3"], cfg, ctx).to_json()
+
+
+def general_text_sample(n: int, max_chars: int = 1500) -> list[str]:
+    """CPython documentation passages (the demo's offline general-text sample; PSF licence)."""
+    return [t[:max_chars] for t in itertools.islice(cpython_docs_text(2_000_000), 0, 10 * n, 10)]
+
+
+def downstream_ce(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                  objects: dict[str, Any]) -> dict[str, Any]:
+    """CE on held-out harmless instructions and general text: baseline / direction / each latent set."""
+    n = 8 if small else 24
+    cfg = DownstreamConfig(n_instructions=n, n_general=n, max_sets=4 if small else 10,
+                           answer_max_new_tokens=32 if small else 48,
+                           latent_sets_from="stage3" if "stage3" in objects else "stage2")
+    sets = latent_sets_for(cfg, results["stage2"], objects.get("stage3"))
+    return run_downstream(engine, cfg, ctx, direction=results["direction"]["direction_id"], latent_sets=sets,
+                          instructions=split.harmless_heldout[:n], general_texts=general_text_sample(n)).to_json()
+
+
+def taxonomy(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+             objects: dict[str, Any]) -> dict[str, Any]:
+    """Stage-2 (+ stage-3) latents mapped to CoCoNot's unsafe subcategories (Figure 3)."""
+    latents = latents_from_results(results["stage2"], objects.get("stage3"))
+    if not latents:
+        return {"kind": "taxonomy", "skipped": "no jailbreaking stage-2 set, so no latents to map"}
+    cfg = TaxonomyConfig(coconot_path=str(COCONOT_FILE), n_per_subcategory=12 if small else 40)
+    return run_taxonomy(engine, latents, cfg, ctx).to_json()
+
+
+ANALYSES: list[tuple[str, Analysis]] = [
+    ("stage3", stage3),
+    ("probe_baseline", probe_baseline),
+    ("random_baseline", random_baseline),
+    ("obrien_baseline", obrien_baseline),
+    ("hydra", hydra),
+    ("causality", causality),
+    ("downstream_ce", downstream_ce),
+    ("taxonomy", taxonomy),
+]
