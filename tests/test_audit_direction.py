@@ -122,3 +122,65 @@ def test_helpers(engine):
     p = np.log(np.array([0.5, 0.25, 0.25]))
     assert kl_divergence(p, p) == pytest.approx(0.0)
     assert kl_divergence(p, np.log(np.array([0.25, 0.5, 0.25]))) == pytest.approx(0.25 * np.log(2))
+
+
+class _MassiveDimEngine:
+    """The planted engine whose residual reads carry a Gemma-like massive activation in one
+    dimension: +500 everywhere, +40 more on harmful prompts (so a raw difference of means points
+    mostly along it)."""
+
+    DIM = 5
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.harmful = set(HARMFUL)
+
+    @property
+    def info(self):
+        return self.inner.info
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def residuals(self, requests, layers=None, positions=(-1,)):
+        out = self.inner.residuals(requests, layers, positions).copy()
+        for b, r in enumerate(requests):
+            text = r.prompt[-1].content if not isinstance(r.prompt, str) else r.prompt
+            out[b, :, :, self.DIM] += 500.0 + (40.0 if text in self.harmful else 0.0)
+        return out
+
+
+def test_massive_activation_dims_are_masked(engine):
+    """`outlier_dims="mask"` zeroes the massive dimension and still recovers r; "keep" is Arditi's raw
+    difference of means (checked against a direct computation) and is dominated by it."""
+    wrapped = _MassiveDimEngine(engine)
+    base = dict(layers=[2], positions=[-1], cosine_figure=False, filter_by_baseline=False)
+    masked = compute_refusal_direction(wrapped, *SETS, RefusalDirectionConfig(**base), LocalContext())
+    kept = compute_refusal_direction(wrapped, *SETS, RefusalDirectionConfig(**base, outlier_dims="keep"),
+                                     LocalContext())
+    r = directions()[0]
+    assert masked.chosen.masked_dims == [_MassiveDimEngine.DIM]
+    assert masked.direction[_MassiveDimEngine.DIM] == 0.0 and abs(float(masked.direction @ r)) > 0.9
+    assert kept.chosen.masked_dims == [] and abs(kept.direction[_MassiveDimEngine.DIM]) > 0.5
+
+    def mean_resid(texts):
+        from refusal_audit.audit.spec import Request
+        from refusal_audit.audit.stage_utils import as_prompt
+        return wrapped.residuals([Request(prompt=as_prompt(t, True)) for t in texts], [2], [-1])[:, 0, 0].mean(0)
+
+    raw = mean_resid(SETS[0]) - mean_resid(SETS[1])
+    assert np.allclose(kept.direction, raw / np.linalg.norm(raw), atol=1e-5)
+    assert kept.raw_norm == pytest.approx(float(np.linalg.norm(raw)), rel=1e-5)
+
+
+def test_fallback_prefers_low_kl_over_the_lowest_refusal_score():
+    from refusal_audit.audit.refusal_direction import CandidateScore, _fallback
+
+    table = [CandidateScore(5, -1, -18.0, -7.0, 25.0, 100.0, "steering_score"),  # breaks the model
+             CandidateScore(10, -1, -5.0, 3.0, 0.5, 100.0, "kl"),
+             CandidateScore(12, -1, -1.0, 5.0, 0.2, 100.0, "kl"),
+             CandidateScore(17, -1, None, None, None, 100.0, "pruned_layer")]
+    cfg = RefusalDirectionConfig()
+    assert _fallback(table, cfg).layer == 10
+    assert _fallback(table, RefusalDirectionConfig(fallback_kl_threshold=0.3)).layer == 12
+    assert _fallback(table[:1], cfg).layer == 5  # nothing within the KL bound: the lowest KL

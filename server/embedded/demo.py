@@ -67,9 +67,13 @@ def refusal_rates(engine: HFEngine, prompts: list[str], interventions: tuple = (
 
 
 def demo_configs(small: bool) -> ChainConfig:
-    """Sizes that keep a later demo run within a few minutes on a 2-core CPU."""
+    """Sizes that keep a later demo run within a few minutes on a 2-core CPU.
+
+    The direction's candidates are the last prompt token only (14 candidates instead of Arditi's
+    70 post-instruction ones): measured on the demo model, the full set picks the same
+    layer-10 / position -1 direction in 161 s instead of ~40 s."""
     return ChainConfig(
-        direction=RefusalDirectionConfig(n_train=32 if small else 64, n_val=8 if small else 16, positions=[-1],  # the last token only: 14 candidates, not 70 (measured: the full set picks the same layer-10, position -1 direction in 161 s vs ~40 s)
+        direction=RefusalDirectionConfig(n_train=32 if small else 64, n_val=8 if small else 16, positions=[-1],
                                          batch_size=16),
         stage1=Stage1Config(k_start=10, k_step=10, k_max=60 if small else 100, exclude_layers=[1, 2],
                             max_new_tokens=24, batch_size=16),
