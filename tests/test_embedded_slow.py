@@ -113,7 +113,7 @@ def demo_report(small_build: tuple[Path, dict], tmp_path_factory: pytest.TempPat
     from refusal_audit.server.embedded.demo import run_demo
 
     data_dir, _ = small_build
-    html, js = run_demo(data_dir, small=True, out_dir=tmp_path_factory.mktemp("run"))
+    html, js = run_demo(data_dir, small=True, n_prompts=8, out_dir=tmp_path_factory.mktemp("run"))
     return html.read_text(encoding="utf-8"), json.loads(js.read_text(encoding="utf-8"))
 
 

@@ -1,0 +1,71 @@
+"""The demo's run step on the planted tiny model (tests/planted.py): the chain, then every
+`demo_analyses.ANALYSES` entry, then the report with one section per analysis and no errors.
+(The same on the real demo build is the slow `tests/test_embedded_slow.py`.)"""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+from planted import HARMFUL, HARMLESS, decoder_weights, make_engine, one_thread
+from refusal_audit.audit.context import LocalContext
+from refusal_audit.audit.pipeline import ChainConfig, PromptSplits, run_chain
+from refusal_audit.audit.refusal_direction import RefusalDirectionConfig
+from refusal_audit.audit.report import write_report
+from refusal_audit.audit.stage1 import Stage1Config
+from refusal_audit.audit.stage2 import Stage2Config
+from refusal_audit.server.embedded import demo_analyses
+from refusal_audit.server.embedded.demo import _LocalResolver
+
+_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory):
+    engine, saes = make_engine()
+    out = tmp_path_factory.mktemp("demo-run")
+    ctx = LocalContext(out_dir=out)
+    engine.resolver = _LocalResolver(ctx)
+    cfgs = ChainConfig(direction=RefusalDirectionConfig(batch_size=64, cosine_figure=False, layers=[2, 3]),
+                       stage1=Stage1Config(exclude_layers=[], max_new_tokens=6, k_max=40),
+                       stage2=Stage2Config(max_new_tokens=6))
+    chain = run_chain(engine, PromptSplits(HARMFUL[:16], HARMFUL[16:24], HARMFUL[24:30]),
+                      PromptSplits(HARMLESS[:16], HARMLESS[16:24]), cfgs, ctx, decoder_weights(saes))
+    results = chain.to_json()
+    split = SimpleNamespace(harmful_train=HARMFUL, harmless_train=HARMLESS, harmless_heldout=HARMLESS[24:])
+    objects: dict = {}
+    for name, fn in demo_analyses.ANALYSES:
+        results[name] = fn(engine, results, ctx, split=split, small=True, objects=objects)
+    html, js = write_report(results, out)
+    return results, html.read_text(), json.loads(js.read_text())
+
+
+def test_every_analysis_runs_and_has_a_report_section(demo_run) -> None:
+    results, html, report = demo_run
+    names = [name for name, _ in demo_analyses.ANALYSES]
+    assert names == ["stage3", "probe_baseline", "random_baseline", "obrien_baseline", "hydra", "causality",
+                     "downstream_ce", "taxonomy"]
+    for name in ["direction", "stage1", "stage2", *names]:
+        assert report[name]["kind"] == name, report[name]
+        assert f'<section id="{name}">' in html
+    assert "could not render this section" not in html
+
+
+def test_demo_analyses_find_the_planted_structure(demo_run) -> None:
+    results, _, _ = demo_run
+    assert results["stage2"]["summary"]["jailbreak_successes"] >= 1
+    assert results["stage3"]["fm"]["test_accuracy"] >= 0.8  # harmful vs harmless words: separable
+    ce = {row["sample"]: row for row in results["downstream_ce"]["table"]}
+    assert set(ce) == {"instructions", "general_text"}
+    assert ce["instructions"]["baseline"] > 0 and ce["instructions"]["direction"] > 0
+    # the shipped CoCoNot prompts: the paper's five unsafe subcategories, offline
+    assert sorted(results["taxonomy"]["categories"]) == sorted(
+        ["triggers for offensive language", "dangerous or sensitive topics", "misinformation",
+         "privacy violations", "copyright violations"])
+
+
+def test_shipped_coconot_file_is_the_safety_category_with_its_licence() -> None:
+    rows = [json.loads(x) for x in demo_analyses.COCONOT_FILE.read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 395 and {r["category"] for r in rows} == {"Requests with safety concerns"}
+    assert (demo_analyses.DATA_DIR / "COCONOT_LICENSE").read_text().startswith("MIT License")
