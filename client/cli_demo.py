@@ -10,8 +10,6 @@ it. The data directory defaults to $XDG_CACHE_HOME/refusal-audit (~/.cache/refus
 
 from __future__ import annotations
 
-import importlib
-import inspect
 import json
 import time
 from pathlib import Path
@@ -99,25 +97,18 @@ def register(app: typer.Typer) -> None:
 
     @app.command("demo")
     def demo(data_dir: DataDirOpt = None, force: ForceOpt = None, small: SmallOpt = False,
-             threads: ThreadsOpt = None) -> None:
+             threads: ThreadsOpt = None,
+             analyses: Annotated[bool, typer.Option(
+                 "--analyses/--no-analyses",
+                 help="after stage 2, run stage 3, the baselines, hydra, causality, CE and taxonomy")] = True) -> None:
         """Build (once, cached) and run the embedded refusal-dissection demo."""
+        from ..server.embedded.demo import run_demo
         from ..server.model_loading import default_data_dir
 
         console = Console()
         records = _run_build(data_dir, force, small, threads)
         _print_summary(records, console)
         resolved = data_dir if data_dir is not None else default_data_dir()
-        try:
-            module = importlib.import_module("refusal_audit.server.embedded.demo")
-        except ModuleNotFoundError as exc:
-            if exc.name != "refusal_audit.server.embedded.demo":
-                raise
-            console.print("The demo run step is not installed yet; the built artifacts are above "
-                          f"(data dir {resolved}).")
-            return
-        run_demo = module.run_demo
-        params = inspect.signature(run_demo).parameters
-        extra = {k: v for k, v in {"records": records, "small": small}.items() if k in params}
         t0 = time.perf_counter()
-        run_demo(resolved, **extra)
+        run_demo(resolved, small=small, analyses=analyses)
         console.print(f"run: {time.perf_counter() - t0:.1f} s")

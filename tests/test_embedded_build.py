@@ -361,13 +361,13 @@ def test_cli_build_and_demo_options(built: tuple[Path, BuildConfig], monkeypatch
     assert "finetune" in result.output
     result = runner.invoke(app, ["build", "--data-dir", str(data_dir), "--json"])
     assert result.exit_code == 0 and set(json.loads(result.output)) == set(STEP_ORDER)
-    # `demo` builds, then hands over to `refusal_audit.server.embedded.demo.run_demo` when it exists.
+    # `demo` builds, then hands over to `refusal_audit.server.embedded.demo.run_demo`.
     demo_calls: list[tuple[Path, dict[str, object]]] = []
     fake_demo = types.ModuleType("refusal_audit.server.embedded.demo")
-    fake_demo.run_demo = lambda d, records=None: demo_calls.append((d, records))  # type: ignore[attr-defined]
+    fake_demo.run_demo = lambda d, **kw: demo_calls.append((d, kw))  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "refusal_audit.server.embedded.demo", fake_demo)
-    result = runner.invoke(app, ["demo", "--data-dir", str(data_dir)])
+    result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--no-analyses"])
     assert result.exit_code == 0, result.output
     assert calls[-1]["sizes"] == "full"
-    assert demo_calls and demo_calls[0][0] == data_dir and set(demo_calls[0][1]) == set(STEP_ORDER)
+    assert demo_calls == [(data_dir, {"small": False, "analyses": False})]
     assert "run:" in result.output

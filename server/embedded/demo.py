@@ -3,15 +3,14 @@ in-process, run the audit chain on held-out prompts, and write the HTML+JSON rep
 
 The chain: refusal direction (Arditi et al.) -> generation on held-out harmful/harmless prompts with
 and without direction ablation (the refusal-rate change) -> stage 1 (top-K latents by decoder
-cosine) -> stage 2 (greedy block pruning), then the stage-3 / baseline / hydra / CE analyses when
-they are installed. Every stage goes through the same engine protocol a remote client would use.
+cosine) -> stage 2 (greedy block pruning), then the stage-3 / baseline / hydra / causality / CE /
+taxonomy analyses (`demo_analyses`). Every stage goes through the same engine protocol a remote client would use.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +31,7 @@ from ..hf_engine import HFEngine
 from ..model_loading import load_model
 from ..sae_runtime import build_layer_saes
 from . import artifact_dir
+from .demo_analyses import ANALYSES
 from .finetune import FinetuneConfig, make_split
 
 
@@ -81,18 +81,10 @@ def demo_configs(small: bool) -> ChainConfig:
     )
 
 
-def _analyses() -> list[tuple[str, Callable[..., dict[str, Any]]]]:
-    """Issue-7 analyses that run after stage 2 when installed (each returns a JSON-able result)."""
-    try:
-        from .demo_analyses import ANALYSES
-    except ImportError:
-        return []
-    return list(ANALYSES)
-
-
 def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = None,
-             out_dir: Path | str | None = None) -> tuple[Path, Path]:
-    """Run the audit chain on the built demo and write the report; returns (html, json) paths."""
+             out_dir: Path | str | None = None, analyses: bool = True) -> tuple[Path, Path]:
+    """Run the audit chain (and, with `analyses`, the issue-7 analyses) on the built demo and write
+    the report; returns (html, json) paths."""
     console = Console()
     data_dir = Path(data_dir)
     torch.manual_seed(0)
@@ -155,7 +147,7 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     )
 
     objects: dict[str, Any] = {}  # result objects handed between analyses (stage 3's rankings)
-    for name, fn in _analyses():
+    for name, fn in ANALYSES if analyses else []:
         t0 = time.perf_counter()
         console.print(f"[bold]{name}[/bold]")
         try:
