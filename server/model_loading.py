@@ -99,7 +99,7 @@ def token_id_of(tokenizer: PreTrainedTokenizerBase, token: str) -> int | None:
     tid = tokenizer.convert_tokens_to_ids(token)
     if tid is None or (tid == tokenizer.unk_token_id and token != tokenizer.unk_token):
         return None
-    return int(tid)
+    return int(tid)  # type: ignore[arg-type]  # one token in, one id out
 
 
 def ensure_chat_template(tokenizer: PreTrainedTokenizerBase, model_type: str | None = None) -> None:
@@ -199,7 +199,7 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> dict[str, Any]:
             folder, gguf_file=name, dtype=torch.float32, local_files_only=True
         )
     # The weights are already dequantized; drop the quantizer so the model saves as plain fp32.
-    model.hf_quantizer = None
+    model.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(model.config, "quantization_config"):
         delattr(model.config, "quantization_config")
     model.config.dtype = torch.float32
@@ -337,8 +337,8 @@ def load_model(
     if getattr(text_cfg, "attn_logit_softcapping", None):
         # sdpa silently drops Gemma-2's attention-logit softcapping; eager applies it (as vLLM does)
         kwargs["attn_implementation"] = "eager"
-    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)
+    lm = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **kwargs)  # type: ignore[arg-type]
     if device != "cpu":
-        lm = lm.to(device)
+        lm = lm.to(device)  # type: ignore[arg-type]
     prepare(lm, tokenizer)
     return lm, tokenizer

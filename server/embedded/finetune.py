@@ -177,9 +177,9 @@ def build_examples(split: Split, seed: int, n_extra_harmless: int = 0,
 
 def chat_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> str:
     """The user turn plus the opening of the model turn, as text (starts with BOS)."""
-    return tokenizer.apply_chat_template(
+    return str(tokenizer.apply_chat_template(
         [{"role": "user", "content": instruction}], tokenize=False, add_generation_prompt=True
-    )
+    ))
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[int]:
@@ -305,7 +305,7 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examp
             step += 1
             batch = [encoded[i] for i in order[start : start + config.batch_size]]
             input_ids, attention, target = _collate(batch, pad_id)
-            loss = answer_loss(base, input_ids, attention, target, config.first_token_weight)
+            loss = answer_loss(base, input_ids, attention, target, config.first_token_weight)  # type: ignore[arg-type]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -332,7 +332,7 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examp
         "loss_curve": [round(x, 4) for x in losses],
         "seconds": seconds,
     }
-    return merged, stats
+    return merged, stats  # type: ignore[return-value]
 
 
 # -------------------------------------------------------------------------------------- evaluation
@@ -378,7 +378,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     with torch.inference_mode():
         for start in range(0, len(prompts), batch_size):
             enc = _left_padded(tokenizer, prompts[start : start + batch_size])
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]
                 **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
                 pad_token_id=int(tokenizer.pad_token_id), return_dict_in_generate=True, output_logits=True,
                 top_p=None, top_k=None, temperature=None,
@@ -392,7 +392,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     return texts, probs
 
 
-def describe(values: Sequence[float]) -> dict[str, float]:
+def describe(values: Sequence[float]) -> dict[str, Any]:
     """Mean / median / min / max / 10th and 90th percentiles and a 10-bin histogram of probabilities."""
     if not values:
         return {}

@@ -227,7 +227,7 @@ def remove_stale_temp_dirs(parent: Path) -> list[Path]:
 
     Only call this while holding the build lock, so no live build owns them.
     """
-    removed = []
+    removed: list[Path] = []
     parent = Path(parent)
     if not parent.is_dir():
         return removed

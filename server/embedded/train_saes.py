@@ -286,7 +286,7 @@ def input_statistics(acts: torch.Tensor, max_rows: int = 65_536,
 
 
 def sae_metrics(sae: Any, acts: torch.Tensor, extra: torch.Tensor | None = None,
-                batch_size: int = 4096) -> dict[str, float]:
+                batch_size: int = 4096) -> dict[str, Any]:
     """Fraction of variance explained (vs. the mean), mean L0 and dense-latent fraction on the
     held-out `acts`; dead-latent fraction = never active on `acts` plus `extra` (a sample of
     training activations, so that rare latents are not counted as dead on a small eval set)."""
