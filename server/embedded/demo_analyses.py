@@ -130,7 +130,10 @@ def taxonomy(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneS
     latents = latents_from_results(results["stage2"], objects.get("stage3"))
     if not latents:
         return {"kind": "taxonomy", "skipped": "no jailbreaking stage-2 set, so no latents to map"}
-    cfg = TaxonomyConfig(coconot_path=str(COCONOT_FILE), n_per_subcategory=12 if small else 40)
+    # instruction tokens only: with the chat template's tokens included (measured on the demo run),
+    # 419 of 423 latents fired on all five subcategories, which says nothing about harm types
+    cfg = TaxonomyConfig(coconot_path=str(COCONOT_FILE), n_per_subcategory=12 if small else 40,
+                         token_scope="instruction")
     return run_taxonomy(engine, latents, cfg, ctx).to_json()
 
 
