@@ -272,6 +272,22 @@ def test_build_config_sizes() -> None:
         BuildConfig.for_sizes("huge")  # type: ignore[arg-type]
 
 
+def test_autocast_follows_native_bf16_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from refusal_audit.server.embedded import train_saes
+
+    assert train_saes.resolve_autocast(True) is True and train_saes.resolve_autocast(False) is False
+    for native in (True, False):
+        monkeypatch.setattr(train_saes, "native_bf16_cpu", lambda native=native: native)
+        assert train_saes.resolve_autocast(None) is native
+    monkeypatch.undo()
+    # The detection reads the CPU flags: emulated bf16 (plain AVX512) does not count.
+    fake = tmp_path / "cpuinfo"
+    for flags, native in (("fpu avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 sse", True)):
+        fake.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        assert train_saes.native_bf16_cpu(fake) is native, flags
+    assert train_saes.native_bf16_cpu(tmp_path / "missing") is False
+
+
 # ---------------------------------------------------------------------------------- fine-tune data
 
 
