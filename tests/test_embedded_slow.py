@@ -1,8 +1,10 @@
 """Slow: build the embedded demo for real (Gemma-3-270M from the PyPI GGUF) with reduced SAE sizes,
-and check that the refusal fine-tune separates held-out harmful from harmless prompts.
+check that the refusal fine-tune separates held-out harmful from harmless prompts, then run the
+demo's whole run step (direction -> stages 1-3 -> every analysis -> report) on it.
 
-Takes ~5-8 minutes on a 2-core CPU (base conversion ~1 min, unless a verified base is already in
-the default data dir, in which case it is copied; fine-tune ~4 min; small SAEs ~1 min).
+Measured: 15.5 min on a 2-core AVX512 Xeon without native bf16 (base conversion ~1 min, unless a
+verified base is already in the default data dir, in which case it is copied; fine-tune ~7 min;
+small SAEs ~2 min; run step ~6 min); 10 min in CI.
 Run with `pytest -m slow tests/test_embedded_slow.py`.
 """
 
