@@ -174,6 +174,12 @@ def render_stage2(d: dict[str, Any]) -> str:
                                         "mean forward passes / prompt"],
                                        [[s.get("n_prompts"), s.get("unique_latents"), s.get("jailbreak_successes"),
                                          s.get("mean_set_size"), s.get("mean_forward_passes")]], "table1")]
+    fb = d.get("reading_fallback")
+    if fb:
+        lit = fb.get("literal_summary") or {}
+        parts.insert(0, f"<p><b>Reading:</b> the paper's literal reading found {html.escape(str(lit.get('jailbreak_successes')))} "
+                        f"jailbreaking sets of {html.escape(str(lit.get('n_prompts')))} prompts, so this is stage 2 rerun "
+                        f"with reading={html.escape(str(fb.get('to')))} (accepted latents stay ablated; not the paper's formula).</p>")
     per_tau = d.get("per_tau") or []
     if per_tau:
         def draw(ax: Any) -> None:

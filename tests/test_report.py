@@ -79,3 +79,20 @@ def test_sections_are_extensible(tmp_path):
         assert "could not render this section" in page  # a broken section does not lose the report
     finally:
         SECTION_RENDERERS.pop("hydra")
+
+
+def test_demo_stage2_pool_fallback_runs_and_is_reported(chain, tmp_path):
+    """The demo's fallback when the literal reading finds no set: stage 2 with reading='pool',
+    the literal summary kept, and the report saying which reading it shows."""
+    from refusal_audit.audit.stage2 import Stage2Config
+    from refusal_audit.server.embedded.demo import rerun_stage2_pool
+
+    res, ctx = chain
+    engine, _ = make_engine()
+    cfg = Stage2Config(block_size=1, max_new_tokens=6, taus=[0.2, 0.5], seeds=[0, 1])
+    literal = {"n_prompts": 4, "jailbreak_successes": 0}
+    out = rerun_stage2_pool(engine, res.stage1, cfg, ctx, literal)
+    assert out["config"]["reading"] == "pool" and out["reading_fallback"]["literal_summary"] == literal
+    assert out["summary"]["n_prompts"] == res.stage2.summary()["n_prompts"]
+    page = write_report({**res.to_json(), "stage2": out}, tmp_path / "out", title="fallback")[0].read_text()
+    assert "reading=pool" in page and "found 0 jailbreaking sets of 4 prompts" in page

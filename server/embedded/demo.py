@@ -26,7 +26,7 @@ from ...audit.refusal_direction import RefusalDirectionConfig
 from ...audit.report import write_report
 from ...audit.spec import AblateDirection, Request, SamplingParams, user_prompt
 from ...audit.stage1 import Stage1Config
-from ...audit.stage2 import Stage2Config
+from ...audit.stage2 import Stage2Config, run_stage2
 from ..hf_engine import HFEngine
 from ..model_loading import load_model
 from ..sae_runtime import build_layer_saes
@@ -81,6 +81,15 @@ def demo_configs(small: bool) -> ChainConfig:
     )
 
 
+def rerun_stage2_pool(engine: Any, stage1: Any, cfg: Stage2Config, ctx: LocalContext,
+                      literal_summary: dict[str, Any]) -> dict[str, Any]:
+    """Stage 2 again with reading="pool"; its JSON records the literal run's summary it replaces."""
+    pool = run_stage2(engine, stage1, cfg.model_copy(update={"reading": "pool"}), ctx)
+    out = pool.to_json()
+    out["reading_fallback"] = {"from": cfg.reading, "to": "pool", "literal_summary": literal_summary}
+    return out
+
+
 def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = None,
              out_dir: Path | str | None = None, analyses: bool = True) -> tuple[Path, Path]:
     """Run the audit chain (and, with `analyses`, the issue-7 analyses) on the built demo and write
@@ -124,8 +133,15 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     t0 = time.perf_counter()
     console.print("[bold]refusal direction -> stage 1 -> stage 2[/bold]")
     chain = run_chain(engine, harmful, harmless, cfgs, ctx, decoder)
-    timings["chain"] = time.perf_counter() - t0
     results: dict[str, Any] = chain.to_json()
+    if not chain.stage2.summary()["jailbreak_successes"] and cfgs.stage2.reading == "literal":
+        # Measured: with SAEs trained on fp32 instead of bf16 activations, the three seeds' sets
+        # (40-75 latents each) stopped intersecting, and every analysis after stage 2 had nothing
+        # to work on. The pool reading (DESIGN/stage2 docstring; not the paper's formula) found one.
+        console.print("stage 2 found no jailbreaking set with the paper's literal reading; "
+                      "rerunning it with reading='pool' (recorded in the report)")
+        results["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, results["stage2"]["summary"])
+    timings["chain"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     heldout_harmful = split.harmful_heldout[half:][: 8 if small else 16]
