@@ -25,7 +25,7 @@ from ...audit.pipeline import ChainConfig, PromptSplits, run_chain
 from ...audit.refusal_direction import RefusalDirectionConfig
 from ...audit.report import write_report
 from ...audit.spec import AblateDirection, Request, SamplingParams, user_prompt
-from ...audit.stage1 import Stage1Config
+from ...audit.stage1 import Stage1Config, Stage1Result
 from ...audit.stage2 import Stage2Config, run_stage2
 from ..hf_engine import HFEngine
 from ..model_loading import load_model
@@ -81,7 +81,7 @@ def demo_configs(small: bool) -> ChainConfig:
     )
 
 
-def rerun_stage2_pool(engine: Any, stage1: Any, cfg: Stage2Config, ctx: LocalContext,
+def rerun_stage2_pool(engine: Any, stage1: Stage1Result, cfg: Stage2Config, ctx: LocalContext,
                       literal_summary: dict[str, Any]) -> dict[str, Any]:
     """Stage 2 again with reading="pool"; its JSON records the literal run's summary it replaces."""
     pool = run_stage2(engine, stage1, cfg.model_copy(update={"reading": "pool"}), ctx)

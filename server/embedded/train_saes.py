@@ -391,6 +391,7 @@ def train_one_sae(train_acts: torch.Tensor, eval_acts: torch.Tensor, layer: int,
             sae.b_dec.copy_(mean * scale)
     else:
         scale = 1.0
+    autocast = resolve_autocast(config.autocast)
     bs = config.train_batch_size
     n_samples = min(-(-config.train_tokens // bs) * bs, train_acts.shape[0] - train_acts.shape[0] % bs)
     steps = n_samples // bs
@@ -398,7 +399,7 @@ def train_one_sae(train_acts: torch.Tensor, eval_acts: torch.Tensor, layer: int,
         total_training_samples=n_samples, train_batch_size_samples=config.train_batch_size, lr=config.lr,
         lr_end=config.lr * config.lr_end_fraction, lr_scheduler_name="cosineannealing",
         lr_warm_up_steps=config.lr_warm_up_steps, lr_decay_steps=max(1, steps - config.lr_warm_up_steps),
-        device="cpu", autocast=resolve_autocast(config.autocast), dead_feature_window=config.dead_feature_window,
+        device="cpu", autocast=autocast, dead_feature_window=config.dead_feature_window,
         feature_sampling_window=max(steps + 1, 2), n_batches_for_norm_estimate=min(32, steps),
     )
     # The norm estimate draws its batches from the same stream; they are trained on later in it.
@@ -420,7 +421,7 @@ def train_one_sae(train_acts: torch.Tensor, eval_acts: torch.Tensor, layer: int,
         "train_window_l0": float(sae.cfg.metadata.l0) if sae.cfg.metadata.l0 is not None else None,
         "train_window_dead_fraction": float(trainer.dead_neurons.float().mean()),
         "input_scale": scale,
-        "autocast_bf16": resolve_autocast(config.autocast),
+        "autocast_bf16": autocast,
     })
     sae.cfg.metadata.eval_metrics = {k: v for k, v in metrics.items() if k != "seconds"}
     sae.save_inference_model(out_dir)  # JumpReLUSAE format, read by SAE.load_from_disk
