@@ -1,7 +1,7 @@
 """The language of requests: prompts, token scopes and interventions, as pydantic models.
 
 Torch-free, so the thin client, the server and the audit code share one validated vocabulary.
-The math each intervention stands for is in DESIGN.md ("The intervention math").
+The math each intervention stands for is in docs/interventions.md.
 """
 
 from __future__ import annotations

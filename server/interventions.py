@@ -6,7 +6,7 @@ rows: per layer, one gather over the union of latents any row touches, and a per
 latent) membership weight — no Python loop over requests in the hot path. Token scopes are
 evaluated from a `TokenContext` the engine sets before each forward call.
 
-Math (DESIGN.md): ablate  h' = h - sum_{i in S} z_i W_dec[i]  (error term kept);
+Math (docs/interventions.md): ablate  h' = h - sum_{i in S} z_i W_dec[i]  (error term kept);
 clamp  h' = h + sum_i (c_i - z_i) W_dec[i];  direction ablation  h' = h - (h.r) r;
 addition  h' = h + a r.  Non-separable SAEs (TopK) go through sae-lens's full encode/decode.
 """

@@ -1,7 +1,7 @@
 """SAE runtime: load sae-lens SAEs per layer, and cache the per-latent-set slices the sparse path needs.
 
 An ablation or clamp of a latent set S only needs the |S| encoder columns, biases, thresholds and
-decoder rows of S (DESIGN.md). `LayerSAE.slices(S)` gathers them once per (layer, S) and caches
+decoder rows of S (docs/interventions.md). `LayerSAE.slices(S)` gathers them once per (layer, S) and caches
 them. Architectures that are not per-latent separable (TopK and friends) use sae-lens's own full
 encode/decode instead.
 """

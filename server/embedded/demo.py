@@ -137,7 +137,7 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     if not chain.stage2.summary()["jailbreak_successes"] and cfgs.stage2.reading == "literal":
         # Measured: with SAEs trained on fp32 instead of bf16 activations, the three seeds' sets
         # (40-75 latents each) stopped intersecting, and every analysis after stage 2 had nothing
-        # to work on. The pool reading (DESIGN/stage2 docstring; not the paper's formula) found one.
+        # to work on. The pool reading (audit/stage2.py docstring; not the paper's formula) found one.
         console.print("stage 2 found no jailbreaking set with the paper's literal reading; "
                       "rerunning it with reading='pool' (recorded in the report)")
         results["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, results["stage2"]["summary"])

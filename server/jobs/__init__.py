@@ -1,6 +1,6 @@
 """Server-side audit jobs: a durable FIFO queue of typed jobs, run on worker threads, with
-per-prompt checkpoints in SQLite (WAL) so a killed server resumes them (DESIGN.md, "Jobs and
-persistence"). `JobsService` is what `AuditServicer` delegates the six job RPCs to."""
+per-prompt checkpoints in SQLite (WAL) so a killed server resumes them (docs/jobs.md).
+`JobsService` is what `AuditServicer` delegates the six job RPCs to."""
 
 from . import kinds_analysis  # noqa: F401  (registers the issue-7 analysis kinds)
 from .kinds import KINDS, JobKind, register_kind

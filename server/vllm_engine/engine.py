@@ -13,7 +13,7 @@
   reused by requests whose tokens were computed under the very same edits; requests without
   interventions get no salt and share blocks among themselves.
 * generate / generate_iter / score run in vLLM; encode / residuals / loss are delegated to an
-  `HFEngine` built lazily on the same checkpoint and the same SAE objects (see README_SECTION.md).
+  `HFEngine` built lazily on the same checkpoint and the same SAE objects (see docs/engines.md).
 """
 
 from __future__ import annotations
