@@ -12,8 +12,24 @@ from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from .spec import Intervention, Prompt, Request
+
+
+class Limits(BaseModel):
+    """The per-request limits a server enforces (and reports in ModelInfo.limits), validated > 0.
+
+    The one definition: the engines check requests against it, `ServerConfig.limits` holds it
+    (with the server-side `default_max_new_tokens`), the client reads it from GetInfo."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    max_prompt_tokens: int = Field(default=4096, gt=0)
+    max_new_tokens: int = Field(default=1024, gt=0)
+    max_batch_items: int = Field(default=256, gt=0)
+    max_latents_per_request: int = Field(default=65536, gt=0)
+    max_concurrent_jobs: int = Field(default=1, gt=0)
 
 
 @dataclass(frozen=True)
@@ -59,6 +75,19 @@ class Completion:
     token_ids: list[int]
     finish_reason: str  # "stop" | "length"
     prompt_tokens: int
+
+
+@dataclass
+class StreamEvent:
+    """One step of streamed generation: a text delta of item `index` (the final one has
+    finished=True; in-process engines attach the whole `completion` to it, the wire does not)."""
+
+    index: int
+    text_delta: str
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str
+    completion: Completion | None = None
 
 
 @dataclass

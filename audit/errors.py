@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
 
 class InvalidRequest(ValueError):
     """Bad input (INVALID_ARGUMENT). The message names the offending field."""
@@ -16,3 +18,14 @@ class NotFound(KeyError):
 
 class LimitExceeded(RuntimeError):
     """A configured limit was hit (RESOURCE_EXHAUSTED)."""
+
+
+def validation_message(exc: ValidationError, where: str) -> str:
+    """Flatten a pydantic error into 'where.loc: message; ...' (names every offending field)."""
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("function-after",))
+        name = f"{where}.{loc}" if loc else where
+        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
+        parts.append(f"{name}: {msg}")
+    return "; ".join(parts) or f"{where}: invalid"

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .stage_utils import jsonable
+from .codec import to_jsonable
 
 
 @dataclass(frozen=True)
@@ -255,7 +255,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "ref
     """Write ``{stem}.html`` (self-contained) and ``{stem}.json``; returns (html_path, json_path)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    data = jsonable(results)
+    data = to_jsonable(results)
     html_path, json_path = out / f"{stem}.html", out / f"{stem}.json"
     json_path.write_text(json.dumps(data, indent=1), encoding="utf-8")
     html_path.write_text(render_html(data, title), encoding="utf-8")

@@ -4,7 +4,6 @@ Arditi's refusal score, latent-set conversions, JSON conversion and prompt finge
 from __future__ import annotations
 
 import hashlib
-import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -95,27 +94,6 @@ def fingerprint(texts: Sequence[str]) -> str:
         h.update(t.encode())
         h.update(b"\x00")
     return h.hexdigest()[:16]
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain-JSON version of nested results (numpy scalars/arrays, tuples, int keys -> str)."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if hasattr(obj, "to_json"):
-        return jsonable(obj.to_json())
-    return obj
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(jsonable(obj), indent=1, sort_keys=False)
 
 
 class Timer:

@@ -4,6 +4,7 @@ Thin: needs grpcio, protobuf, pydantic and numpy only (no torch). Prompts are ra
 messages (`user_prompt("...")`); interventions are the pydantic models of `refusal_audit.audit.spec`.
 """
 
+from ..audit.engine import Limits, StreamEvent
 from ..audit.spec import (
     AblateDirection,
     AblateLatents,
@@ -15,7 +16,7 @@ from ..audit.spec import (
     TokenScope,
     user_prompt,
 )
-from ..proto.convert import Artifact, Limits, StreamEvent
+from ..proto.convert import Artifact
 from .aio import AsyncAuditClient
 from .sync import (
     AuditClient,

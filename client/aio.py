@@ -13,9 +13,9 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from ..audit.engine import Completion, EncodeResult, LossResult, ModelInfo, ScoreResult
+from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
 from ..proto import convert
-from ..proto.convert import Artifact, Limits, StreamEvent
+from ..proto.convert import Artifact
 from ..proto.generated import audit_pb2 as pb
 from ..proto.generated import audit_pb2_grpc as pb_grpc
 from .sync import (

@@ -20,11 +20,11 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import TypeAdapter, ValidationError
 
-from ..audit.engine import Completion, EncodeResult, LossResult, ModelInfo, ScoreResult
-from ..audit.errors import InvalidRequest, LimitExceeded, NotFound
+from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
+from ..audit.errors import InvalidRequest, LimitExceeded, NotFound, validation_message
 from ..audit.spec import ChatMessage, Intervention, Prompt, Request, SamplingParams
 from ..proto import convert
-from ..proto.convert import Artifact, Limits, StreamEvent
+from ..proto.convert import Artifact
 from ..proto.generated import audit_pb2 as pb
 from ..proto.generated import audit_pb2_grpc as pb_grpc
 
@@ -104,7 +104,7 @@ def as_interventions(interventions: Sequence[Any]) -> tuple[Intervention, ...]:
     try:
         return _INTERVENTIONS.validate_python(tuple(interventions))
     except ValidationError as exc:
-        raise InvalidRequest(convert._validation_message(exc, "interventions")) from None
+        raise InvalidRequest(validation_message(exc, "interventions")) from None
 
 
 def as_requests(prompts: Any, interventions: Sequence[Any] = (), **sampling: Any) -> list[Request]:
@@ -116,7 +116,7 @@ def as_requests(prompts: Any, interventions: Sequence[Any] = (), **sampling: Any
     try:
         sp = SamplingParams(**sampling) if sampling else SamplingParams()
     except ValidationError as exc:
-        raise InvalidRequest(convert._validation_message(exc, "sampling")) from None
+        raise InvalidRequest(validation_message(exc, "sampling")) from None
     out = []
     for p in prompts:
         if isinstance(p, Request):

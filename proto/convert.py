@@ -20,12 +20,14 @@ from ..audit.engine import (
     Completion,
     EncodeResult,
     LayerActivations,
+    Limits,
     LossResult,
     ModelInfo,
     SAEInfo,
     ScoreResult,
+    StreamEvent,
 )
-from ..audit.errors import InvalidRequest
+from ..audit.errors import InvalidRequest, validation_message
 from ..audit.spec import (
     AblateDirection,
     AblateLatents,
@@ -45,17 +47,6 @@ DEFAULT_MAX_NEW_TOKENS = 64
 # ---------------------------------------------------------------- plain records
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The server's configured limits (ModelInfo.limits)."""
-
-    max_prompt_tokens: int = 4096
-    max_new_tokens: int = 1024
-    max_batch_items: int = 256
-    max_latents_per_request: int = 65536
-    max_concurrent_jobs: int = 1
-
-
 @dataclass
 class Artifact:
     """A registered direction or latent set (payload absent in listings)."""
@@ -71,29 +62,7 @@ class Artifact:
     source_job_id: str = ""
 
 
-@dataclass
-class StreamEvent:
-    """One GenerateStream event: a text delta of item `index` (the final one has finished=True)."""
-
-    index: int
-    text_delta: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str
-
-
 # ---------------------------------------------------------------- helpers
-
-
-def _validation_message(exc: ValidationError, where: str) -> str:
-    """Flatten a pydantic error into 'where.loc: message; ...'."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x not in ("function-after",))
-        name = f"{where}.{loc}" if loc else where
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{name}: {msg}")
-    return "; ".join(parts) or f"{where}: invalid"
 
 
 def _build(cls: Any, where: str, **kwargs: Any) -> Any:
@@ -101,7 +70,7 @@ def _build(cls: Any, where: str, **kwargs: Any) -> Any:
     try:
         return cls(**kwargs)
     except ValidationError as exc:
-        raise InvalidRequest(_validation_message(exc, where)) from None
+        raise InvalidRequest(validation_message(exc, where)) from None
 
 
 def parse_metadata(text: str, where: str = "metadata_json") -> dict[str, Any]:
@@ -528,7 +497,10 @@ def limits_to_pb(lim: Limits) -> pb.Limits:
 
 
 def limits_from_pb(m: pb.Limits) -> Limits:
-    return Limits(m.max_prompt_tokens, m.max_new_tokens, m.max_batch_items, m.max_latents_per_request, m.max_concurrent_jobs)
+    # not re-validated: what the server reports is what it enforces
+    return Limits.model_construct(max_prompt_tokens=m.max_prompt_tokens, max_new_tokens=m.max_new_tokens,
+                  max_batch_items=m.max_batch_items, max_latents_per_request=m.max_latents_per_request,
+                  max_concurrent_jobs=m.max_concurrent_jobs)
 
 
 def model_info_to_pb(info: ModelInfo, limits: Limits | None = None, server_version: str = "") -> pb.ModelInfo:

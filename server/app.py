@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import hmac
 import importlib
 import inspect
@@ -24,7 +23,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ..audit.engine import Engine
+from ..audit.engine import Engine, Limits
 from ..proto.generated import audit_pb2, audit_pb2_grpc
 from .artifacts import ArtifactStore, ModelValidator
 from .config import ServerConfig
@@ -70,7 +69,7 @@ def build_engine(config: ServerConfig) -> Engine:
             ) from exc
         return mod.build_engine(config)  # type: ignore[no-any-return]
 
-    from .hf_engine import EngineLimits, HFEngine, decoder_layers
+    from .hf_engine import HFEngine, decoder_layers
     from .model_loading import load_model
     from .sae_runtime import build_layer_saes, load_sae
 
@@ -79,9 +78,7 @@ def build_engine(config: ServerConfig) -> Engine:
     n_layers = len(decoder_layers(model))
     loaded = [load_sae(spec, device=config.device, dtype=config.dtype) for spec in config.saes]
     saes = build_layer_saes(loaded, int(cfg.hidden_size), n_layers)
-    lim = config.limits
-    limits = EngineLimits(lim.max_prompt_tokens, lim.max_new_tokens, lim.max_batch_items, lim.max_latents_per_request)
-    return HFEngine(model, tokenizer, saes, model_name=config.model, limits=limits)
+    return HFEngine(model, tokenizer, saes, model_name=config.model, limits=config.limits)
 
 
 def make_judge(spec: str) -> Any:
@@ -123,13 +120,8 @@ def _make_jobs(
 
 def _apply_limits(engine: Engine, config: ServerConfig) -> None:
     """Make the engine enforce the server's configured limits (the config is the one source of truth)."""
-    limits = getattr(engine, "limits", None)
-    if limits is not None and dataclasses.is_dataclass(limits) and not isinstance(limits, type):
-        lim = config.limits
-        engine.limits = dataclasses.replace(  # type: ignore[attr-defined]
-            limits, max_prompt_tokens=lim.max_prompt_tokens, max_new_tokens=lim.max_new_tokens,
-            max_batch_items=lim.max_batch_items, max_latents_per_request=lim.max_latents_per_request,
-        )
+    if isinstance(getattr(engine, "limits", None), Limits):
+        engine.limits = config.limits  # type: ignore[attr-defined]
 
 
 async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:

@@ -8,28 +8,16 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ..proto.convert import Limits
+from ..audit.engine import Limits
 
 TOKEN_ENV = "REFUSAL_AUDIT_TOKEN"
 
 
-class LimitsConfig(BaseModel):
-    """Per-request limits; over them a request is refused with a status naming the field."""
+class LimitsConfig(Limits):
+    """The server's limits: the one `Limits` plus the server-side default for a request that
+    says max_new_tokens = 0. `max_concurrent_jobs` mirrors `ServerConfig.max_concurrent_jobs`."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    max_prompt_tokens: int = Field(default=4096, gt=0)
-    max_new_tokens: int = Field(default=1024, gt=0)
-    max_batch_items: int = Field(default=256, gt=0)
-    max_latents_per_request: int = Field(default=65536, gt=0)
     default_max_new_tokens: int = Field(default=64, gt=0)  # when a request says 0
-
-    def to_limits(self, max_concurrent_jobs: int) -> Limits:
-        """The wire form (ModelInfo.limits)."""
-        return Limits(
-            self.max_prompt_tokens, self.max_new_tokens, self.max_batch_items, self.max_latents_per_request,
-            max_concurrent_jobs,
-        )
 
 
 class ServerConfig(BaseModel):
@@ -63,6 +51,8 @@ class ServerConfig(BaseModel):
             self.auth_token = os.environ[TOKEN_ENV]
         if self.auth_token == "":
             self.auth_token = None
+        if "max_concurrent_jobs" in self.limits.model_fields_set:  # one value, whichever was given
+            self.max_concurrent_jobs = self.limits.max_concurrent_jobs
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ValueError("tls_cert and tls_key go together")
         return self
@@ -70,4 +60,5 @@ class ServerConfig(BaseModel):
     @property
     def wire_limits(self) -> Limits:
         """The limits as reported by GetInfo."""
-        return self.limits.to_limits(self.max_concurrent_jobs)
+        return Limits(**self.limits.model_dump(exclude={"default_max_new_tokens", "max_concurrent_jobs"}),
+                      max_concurrent_jobs=self.max_concurrent_jobs)

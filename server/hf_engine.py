@@ -26,22 +26,18 @@ from ..audit.engine import (
     Completion,
     EncodeResult,
     LayerActivations,
+    Limits,
     LossResult,
     ModelInfo,
     ScoreResult,
+    StreamEvent,
 )
 from ..audit.errors import InvalidRequest, LimitExceeded
-from ..audit.spec import ChatMessage, Prompt, Request
+from ..audit.spec import Prompt, Request
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
 
-
-@dataclass
-class EngineLimits:
-    max_prompt_tokens: int = 4096
-    max_new_tokens: int = 1024
-    max_batch_items: int = 256
-    max_latents_per_request: int = 65536
+EngineLimits = Limits  # the one Limits (audit/engine.py); the old name stays importable
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
@@ -86,14 +82,14 @@ class HFEngine:
         tokenizer: PreTrainedTokenizerBase,
         saes: dict[int, LayerSAE],
         model_name: str = "model",
-        limits: EngineLimits | None = None,
+        limits: Limits | None = None,
         resolver: Resolver | None = None,
     ) -> None:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.saes = saes
         self.model_name = model_name
-        self.limits = limits or EngineLimits()
+        self.limits = limits or Limits()
         self.resolver = resolver or Resolver()
         self.layers = decoder_layers(model)
         self.n_layers = len(self.layers)
@@ -570,16 +566,3 @@ class HFEngine:
         return out
 
 
-@dataclass
-class StreamEvent:
-    index: int
-    text_delta: str
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str
-    completion: Completion | None = None
-
-
-def messages(instruction: str) -> tuple[ChatMessage, ...]:
-    """A one-turn user prompt."""
-    return (ChatMessage(role="user", content=instruction),)

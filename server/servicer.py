@@ -23,10 +23,9 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from pydantic import ValidationError
 
-from ..audit.engine import Completion, Engine
-from ..audit.errors import InvalidRequest, LimitExceeded, NotFound
+from ..audit.engine import Completion, Engine, StreamEvent
+from ..audit.errors import InvalidRequest, LimitExceeded
 from ..audit.spec import Request
 from ..proto import convert
 from ..proto.generated import audit_pb2 as pb
@@ -34,14 +33,11 @@ from ..proto.generated import audit_pb2_grpc as pb_grpc
 from .artifacts import ArtifactStore
 from .config import ServerConfig
 from .metrics import Metrics
+from .status import RpcCancelled, status_for
 
 log = logging.getLogger("refusal_audit.server")
 
 T = TypeVar("T")
-
-
-class _Cancelled(Exception):
-    """The RPC was cancelled (client gone, deadline passed, or server draining)."""
 
 
 class _Failure:
@@ -84,24 +80,6 @@ class Admission:
         with self._lock:
             self._n = max(0, self._n - 1)
             self.metrics.inflight.set(self._n)
-
-
-def status_for(exc: BaseException, method: str) -> tuple[grpc.StatusCode, str]:
-    """The gRPC status and message for an exception raised while serving `method`."""
-    if isinstance(exc, InvalidRequest):
-        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
-    if isinstance(exc, ValidationError):
-        return grpc.StatusCode.INVALID_ARGUMENT, convert._validation_message(exc, "request")
-    if isinstance(exc, NotFound):
-        return grpc.StatusCode.NOT_FOUND, str(exc)
-    if isinstance(exc, LimitExceeded):
-        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
-    if isinstance(exc, _Cancelled):
-        return grpc.StatusCode.CANCELLED, f"{method} cancelled"
-    if isinstance(exc, NotImplementedError):
-        return grpc.StatusCode.UNIMPLEMENTED, f"{method}: {exc}" if str(exc) else f"{method} is not implemented"
-    log.error("internal error in %s", method, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error in {method}: {type(exc).__name__}: {exc}"
 
 
 def _context_code(context: grpc.aio.ServicerContext) -> str:
@@ -206,7 +184,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             t0 = time.perf_counter()
             try:
                 if self._stopping.is_set():
-                    raise _Cancelled()
+                    raise RpcCancelled()
                 return fn(cancel)
             finally:
                 self.metrics.engine_seconds.labels(method).observe(time.perf_counter() - t0)
@@ -216,7 +194,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             cf: Future[T] = self.executor.submit(work)
         except RuntimeError:  # executor shut down: the server is draining
             release_once()
-            raise _Cancelled() from None
+            raise RpcCancelled() from None
         cf.add_done_callback(lambda f: release_once() if f.cancelled() else None)
         context.add_done_callback(lambda _ctx: cancel.set())
         try:
@@ -284,7 +262,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             try:
                 for ev in gen:
                     if cancel.is_set() or self._stopping.is_set():
-                        raise _Cancelled()
+                        raise RpcCancelled()
                     n_tok += len(ev.token_ids)
                     if ev.finished:
                         results[ev.index] = ev.completion
@@ -333,7 +311,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 it = getattr(self.engine, "generate_iter", None)
                 if it is None:
                     for i, c in enumerate(self.engine.generate(reqs)):
-                        put(convert.StreamEvent(i, c.text, list(c.token_ids), True, c.finish_reason))
+                        put(StreamEvent(i, c.text, list(c.token_ids), True, c.finish_reason))
                         n_tok += len(c.token_ids)
                 else:
                     gen = it(reqs)
@@ -368,7 +346,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             self.executor.submit(work)
         except RuntimeError:
             self.admission.release()
-            raise _Cancelled() from None
+            raise RpcCancelled() from None
         try:
             while True:
                 item = await queue.get()

@@ -22,12 +22,14 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field, is_dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
+
+from ...audit.codec import to_jsonable
 
 MANIFEST_NAME = "manifest.json"
 SCHEMA_VERSION = 1
@@ -97,27 +99,6 @@ def sha256_file(path: Path, chunk_size: int = 4 << 20) -> str:
 def sha256_bytes(data: bytes) -> str:
     """sha256 of bytes."""
     return hashlib.sha256(data).hexdigest()
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Dataclasses, paths, tuples and sets to plain JSON types (for configs and metrics)."""
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return to_jsonable(asdict(obj))
-    if isinstance(obj, BaseModel):
-        return to_jsonable(obj.model_dump())
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return sorted(to_jsonable(v) for v in obj)
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, float) and obj != obj:  # NaN is not valid strict JSON
-        return None
-    if hasattr(obj, "item") and callable(obj.item):  # numpy / torch scalars
-        return obj.item()
-    return obj
 
 
 def sha256_json(obj: Any) -> str:

@@ -17,7 +17,6 @@ Implements `refusal_audit.audit.context.StageContext` on top of the job store:
 from __future__ import annotations
 
 import json
-import math
 import threading
 import time
 from collections import deque
@@ -27,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from ...audit.codec import to_jsonable
 from ...audit.context import Cancelled
 from ...audit.judges import Judge
 from .store import JobStore
@@ -37,35 +37,6 @@ ETA_WINDOW = 32  # progress samples per stage used for the rate
 
 class Interrupted(Cancelled):
     """The server is shutting down: the job stops at a safe point and resumes on the next start."""
-
-
-def to_jsonable(obj: Any) -> Any:
-    """Plain JSON values from nested results: numpy scalars/arrays, tuples, sets, pydantic models;
-    dict keys become strings; non-finite floats become None (strict JSON)."""
-    if isinstance(obj, dict):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if isinstance(obj, (set, frozenset)):
-        return [to_jsonable(v) for v in sorted(obj)]
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        return to_jsonable(obj.item())
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    if hasattr(obj, "model_dump"):
-        return to_jsonable(obj.model_dump(mode="json"))
-    if hasattr(obj, "to_json"):
-        return to_jsonable(obj.to_json())
-    return obj
-
-
-def dumps(obj: Any) -> str:
-    """Compact strict JSON of `to_jsonable(obj)`."""
-    return json.dumps(to_jsonable(obj), separators=(",", ":"), allow_nan=False)
 
 
 class EtaEstimator:

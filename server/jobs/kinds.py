@@ -30,7 +30,7 @@ from typing import Any, Literal, cast
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ...audit.errors import InvalidRequest, NotFound
+from ...audit.errors import InvalidRequest, NotFound, validation_message
 from ...audit.spec import AblateDirection, AblateLatents, Intervention, Request, SamplingParams, user_prompt
 
 Runner = Callable[[Any, Any, Any], "tuple[dict[str, Any], list[str]]"]
@@ -62,16 +62,6 @@ class JobKind:
         return cast("type[BaseModel]", c())  # type: ignore[call-arg]
 
 
-def validation_message(exc: ValidationError, where: str = "config") -> str:
-    """'config.field.sub: message; ...' from a pydantic error."""
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()))
-        msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
-        parts.append(f"{where}.{loc}: {msg}" if loc else f"{where}: {msg}")
-    return "; ".join(parts) or f"{where}: invalid"
-
-
 def validate_config(kind: JobKind, config_json: str) -> BaseModel:
     """Parse and validate a kind's config JSON ('' = defaults). Raises InvalidRequest naming the field."""
     try:
@@ -87,7 +77,7 @@ def validate_config(kind: JobKind, config_json: str) -> BaseModel:
     try:
         return cls.model_validate(raw)
     except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc)) from None
+        raise InvalidRequest(validation_message(exc, "config")) from None
 
 
 # ---------------------------------------------------------------------------- shared helpers

@@ -37,10 +37,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...audit.codec import dumps, to_jsonable
 from ...audit.context import Cancelled
 from ...audit.errors import InvalidRequest, LimitExceeded, NotFound
 from ...audit.judges import Judge, JudgeError, SubstringJudge
-from .context import Interrupted, JobContext, dumps
+from .context import Interrupted, JobContext
 from .kinds import KINDS, CheckEnv, JobKind, validate_config
 from .store import (
     CANCELLED,
@@ -322,7 +323,7 @@ class JobManager:
             ctx.check_cancelled()
             result, ids = spec.runner(self.engine, cfg, ctx)
             ids = list(dict.fromkeys([*ids, *ctx.registered_artifact_ids()]))
-            result_json = pack_result(result, out_dir, to_jsonable=_to_jsonable)
+            result_json = pack_result(result, out_dir, to_jsonable=to_jsonable)
             state, artifact_ids = SUCCEEDED, ids
         except Interrupted:
             # graceful shutdown: back to QUEUED, this attempt does not count
@@ -380,12 +381,6 @@ class JobManager:
     def delete_outputs(self, job_id: str) -> None:
         """Remove a job's output directory (not its row): for housekeeping tools."""
         shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
-
-
-def _to_jsonable(obj: Any) -> Any:
-    from .context import to_jsonable
-
-    return to_jsonable(obj)
 
 
 __all__ = ["JobManager", "RESTART_EXHAUSTED", "dumps"]

@@ -24,10 +24,11 @@ from typing import Any
 
 import grpc
 
-from ...audit.errors import InvalidRequest, LimitExceeded, NotFound
+from ...audit.codec import dumps
+from ...audit.errors import InvalidRequest, NotFound
 from ...audit.judges import Judge
 from ...proto.generated import audit_pb2 as pb
-from .context import dumps
+from ..status import abort_with
 from .manager import JobManager
 from .store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
 
@@ -62,20 +63,6 @@ def artifact_to_pb(rec: Any) -> pb.Artifact:
     except (ImportError, AttributeError, TypeError):  # pragma: no cover - another record type
         return pb.Artifact(id=str(rec.id), kind=str(getattr(rec, "kind", "")), name=str(getattr(rec, "name", "")),
                            source_job_id=str(getattr(rec, "source_job_id", "")))
-
-
-_CODES: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (
-    (InvalidRequest, grpc.StatusCode.INVALID_ARGUMENT),
-    (NotFound, grpc.StatusCode.NOT_FOUND),
-    (LimitExceeded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-)
-
-
-async def _abort_for(context: grpc.aio.ServicerContext, exc: BaseException) -> None:
-    for cls, code in _CODES:
-        if isinstance(exc, cls):
-            await context.abort(code, str(exc))
-    raise exc
 
 
 class JobsService:
@@ -139,14 +126,14 @@ class JobsService:
                 raise InvalidRequest(f"kind: required; known kinds: {', '.join(sorted(self.manager.kinds))}")
             rec = await asyncio.to_thread(self.manager.submit, request.kind, request.config_json)
         except Exception as exc:
-            await _abort_for(context, exc)
+            await abort_with(context, exc, "StartJob")
         return job_to_pb(rec)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         try:
             rec = await asyncio.to_thread(self.manager.get, request.id)
         except Exception as exc:
-            await _abort_for(context, exc)
+            await abort_with(context, exc, "GetJob")
         return job_to_pb(rec)
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
@@ -154,7 +141,7 @@ class JobsService:
         try:
             rec = await asyncio.to_thread(self.manager.cancel, request.id)
         except Exception as exc:
-            await _abort_for(context, exc)
+            await abort_with(context, exc, "CancelJob")
         return job_to_pb(rec)
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
@@ -167,7 +154,7 @@ class JobsService:
                 )
             recs = await asyncio.to_thread(self.manager.list, request.kind, request.limit)
         except Exception as exc:
-            await _abort_for(context, exc)
+            await abort_with(context, exc, "ListJobs")
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in recs])
 
     async def GetJobResult(self, request: pb.GetJobResultRequest, context: grpc.aio.ServicerContext) -> pb.JobResult:
@@ -180,7 +167,7 @@ class JobsService:
             )
             artifacts = await asyncio.to_thread(self._artifacts, rec.artifact_ids)
         except Exception as exc:
-            await _abort_for(context, exc)
+            await abort_with(context, exc, "GetJobResult")
         text = json.dumps(result, separators=(",", ":")) if result is not None else ""
         return pb.JobResult(job=job_to_pb(rec), result_json=text, artifacts=artifacts)
 
@@ -212,7 +199,7 @@ class JobsService:
         try:
             unsubscribe = await asyncio.to_thread(self.manager.subscribe, request.id, on_change)
         except Exception as exc:
-            await _abort_for(context, exc)
+            await abort_with(context, exc, "WatchJob")
         try:
             current = await asyncio.to_thread(self.manager.get, request.id)
             last = _key(current)

@@ -28,6 +28,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from refusal_audit.proto.generated import judge_pb2, judge_pb2_grpc
 
+from ...audit.errors import InvalidRequest, LimitExceeded
+from ..status import abort_with_sync
 from .classifier import DEFAULT_MAX_BATCH_TOKENS, MAX_GENERATION_TOKENS, ClassifierInput, ClassifierOutput
 
 log = logging.getLogger("refusal_audit.judge")
@@ -50,8 +52,8 @@ class Classifier(Protocol):
         ...
 
 
-class QueueFull(Exception):
-    """The batcher's queue cannot take a request's items now."""
+class QueueFull(LimitExceeded):
+    """The batcher's queue cannot take a request's items now (RESOURCE_EXHAUSTED)."""
 
 
 @dataclass(eq=False)
@@ -212,24 +214,23 @@ class JudgeServicer(judge_pb2_grpc.JudgeServiceServicer):
         n = len(request.items)
         if n == 0:
             return judge_pb2.ClassifyResponse()
-        if n > self.batcher.max_queue:
-            context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"request has {n} items; this judge takes at most {self.batcher.max_queue} per request (split it)",
-            )
-        items = []
-        for i, it in enumerate(request.items):
-            if not it.behavior.strip():
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"item {i}: behavior is empty")
-            items.append(ClassifierInput(it.behavior, it.generation, it.context if it.HasField("context") else None))
-        remaining = context.time_remaining()
-        deadline = None if remaining is None else time.monotonic() + remaining
-        work = _Work(items=items, deadline=deadline)
-        context.add_callback(lambda: setattr(work, "cancelled", True))
         try:
+            if n > self.batcher.max_queue:
+                raise InvalidRequest(
+                    f"request has {n} items; this judge takes at most {self.batcher.max_queue} per request (split it)"
+                )
+            items = []
+            for i, it in enumerate(request.items):
+                if not it.behavior.strip():
+                    raise InvalidRequest(f"item {i}: behavior is empty")
+                items.append(ClassifierInput(it.behavior, it.generation, it.context if it.HasField("context") else None))
+            remaining = context.time_remaining()
+            deadline = None if remaining is None else time.monotonic() + remaining
+            work = _Work(items=items, deadline=deadline)
+            context.add_callback(lambda: setattr(work, "cancelled", True))
             self.batcher.submit(work)
-        except QueueFull as exc:
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+        except (InvalidRequest, LimitExceeded) as exc:
+            abort_with_sync(context, exc, "Classify")
         if not work.done.wait(timeout=remaining):
             work.cancelled = True
             self.deadlines_exceeded += 1

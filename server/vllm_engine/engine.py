@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
-from ...audit.engine import Completion, EncodeResult, LossResult, ModelInfo, ScoreResult
+from ...audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
 from ...audit.errors import InvalidRequest
 from ...audit.spec import (
     AblateDirection,
@@ -47,7 +47,7 @@ from ...audit.spec import (
     canonical_spec_json,
     spec_hash,
 )
-from ..hf_engine import EngineLimits, HFEngine, StreamEvent
+from ..hf_engine import HFEngine
 from ..interventions import Resolver, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes, load_sae
 from .worker import EXTRA_ARGS_KEY, VLLMInternalsError, sae_payload
@@ -247,7 +247,7 @@ class VLLMEngine:
         *,
         model_name: str | None = None,
         model_source: str | None = None,
-        limits: EngineLimits | None = None,
+        limits: Limits | None = None,
         resolver: Resolver | None = None,
         dtype: str = "float32",
         hf_device: str = "cpu",
@@ -264,7 +264,7 @@ class VLLMEngine:
         self.model_name = model_name or self.model_source
         self.tokenizer = tokenizer
         self.saes = saes
-        self.limits = limits or EngineLimits()
+        self.limits = limits or Limits()
         self.resolver = resolver or Resolver()
         self.dtype = dtype
         self.hf_device = hf_device
@@ -316,7 +316,7 @@ class VLLMEngine:
         cls,
         model_path: str,
         sae_specs: Sequence[str] | dict[int, SAE],
-        limits: EngineLimits | None = None,
+        limits: Limits | None = None,
         resolver: Resolver | None = None,
         *,
         dtype: str = "float32",
@@ -785,6 +785,4 @@ class VLLMEngine:
 
 def build_engine(config: ServerConfig) -> VLLMEngine:
     """`refusal-audit serve --engine vllm`: the server's config -> a VLLMEngine (called by server.app)."""
-    lim = config.limits
-    limits = EngineLimits(lim.max_prompt_tokens, lim.max_new_tokens, lim.max_batch_items, lim.max_latents_per_request)
-    return VLLMEngine.from_config(config.model, list(config.saes), limits, dtype=config.dtype, hf_device=config.device)
+    return VLLMEngine.from_config(config.model, list(config.saes), config.limits, dtype=config.dtype, hf_device=config.device)
