@@ -11,85 +11,18 @@ matplotlib is imported lazily (the thin client does not need it); without it, se
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import json
 import math
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import report_analysis  # noqa: F401  (registers the analysis sections)
 from .codec import to_jsonable
+from .report_html import SECTION_RENDERERS, SectionRenderer, esc, figure, fmt, register_section, table
 
-
-@dataclass(frozen=True)
-class SectionRenderer:
-    kind: str
-    title: str
-    render: Callable[[dict[str, Any]], str]  # JSON result -> HTML fragment
-    order: int = 100
-
-
-SECTION_RENDERERS: dict[str, SectionRenderer] = {}
-
-
-def register_section(kind: str, title: str, order: int = 100) -> Callable[[Callable[[dict[str, Any]], str]],
-                                                                          Callable[[dict[str, Any]], str]]:
-    """Decorator: render results of `kind` with this function (sections sorted by `order`)."""
-    def deco(fn: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], str]:
-        SECTION_RENDERERS[kind] = SectionRenderer(kind, title, fn, order)
-        return fn
-
-    return deco
-
-
-# ---------------------------------------------------------------------------- html helpers
-
-
-def esc(x: Any) -> str:
-    return html.escape(str(x))
-
-
-def fmt(x: Any, digits: int = 3) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, bool):
-        return "yes" if x else "no"
-    if isinstance(x, float):
-        if not math.isfinite(x):
-            return "–"
-        return f"{x:.{digits}g}" if abs(x) < 1e-3 and x != 0 else f"{x:.{digits}f}"
-    return esc(x)
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
-    head = "".join(f"<th>{esc(h)}</th>" for h in headers)
-    body = "".join("<tr>" + "".join(f"<td>{fmt(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
-
-
-def figure(draw: Callable[[Any], None], caption: str, size: tuple[float, float] = (6.4, 3.6)) -> str:
-    """Render `draw(ax)` with matplotlib (Agg) as an embedded PNG <figure>."""
-    try:
-        import matplotlib  # noqa: PLC0415 - optional dependency, loaded only for reports
-
-        matplotlib.use("Agg", force=False)
-        import matplotlib.pyplot as plt  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - depends on the environment
-        return f"<p><em>matplotlib is not installed: figure “{esc(caption)}” omitted.</em></p>"
-    fig, ax = plt.subplots(figsize=size, dpi=100)
-    try:
-        draw(ax)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png")
-    finally:
-        plt.close(fig)
-    data = base64.b64encode(buf.getvalue()).decode()
-    return (f'<figure><img alt="{esc(caption)}" src="data:image/png;base64,{data}"/>'
-            f"<figcaption>{esc(caption)}</figcaption></figure>")
+__all__ = ["SECTION_RENDERERS", "SectionRenderer", "esc", "figure", "fmt", "register_section", "render_html",
+           "table", "write_report"]
 
 
 # ---------------------------------------------------------------------------- sections
@@ -261,5 +194,3 @@ def write_report(results: dict[str, Any], out_dir: str | Path, title: str = "ref
     html_path.write_text(render_html(data, title), encoding="utf-8")
     return html_path, json_path
 
-
-from . import report_analysis  # noqa: E402,F401  (registers the issue-7 analysis sections)

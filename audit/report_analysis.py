@@ -1,4 +1,5 @@
-"""Report sections for the analyses (issue 7), registered into `audit.report`'s section registry.
+"""Report sections for the analyses (issue 7), registered into the report's section registry
+(`audit.report_html`).
 
 One renderer per result kind: ``stage3`` (jailbreaks per K, FM training, Table 2), ``probe_baseline``
 (the FM-vs-probe table), ``random_baseline``, ``obrien_baseline`` (ASR per k, the appendix
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report import esc, figure, fmt, register_section, table
+from .report_html import esc, figure, fmt, register_section, table
 
 # ---------------------------------------------------------------------------- stage 3 / probe
 

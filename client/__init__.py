@@ -18,13 +18,8 @@ from ..audit.spec import (
 )
 from ..proto.convert import Artifact
 from .aio import AsyncAuditClient
-from .sync import (
-    AuditClient,
-    RemoteError,
-    RemoteInvalidRequest,
-    RemoteLimitExceeded,
-    RemoteNotFound,
-)
+from .errors import RemoteError, RemoteInvalidRequest, RemoteLimitExceeded, RemoteNotFound
+from .sync import AuditClient
 
 __all__ = [
     "AuditClient",

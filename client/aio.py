@@ -18,6 +18,8 @@ from ..proto import convert
 from ..proto.convert import Artifact
 from ..proto.generated import audit_pb2 as pb
 from ..proto.generated import audit_pb2_grpc as pb_grpc
+from .errors import map_error
+from .jobs import AsyncJobsAPI
 from .sync import (
     PromptLike,
     _metadata_json,
@@ -25,7 +27,6 @@ from .sync import (
     auth_metadata,
     channel_credentials,
     channel_options,
-    map_error,
     resolve_address,
     resolve_token,
 )
@@ -58,13 +59,7 @@ class AsyncAuditClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._info: ModelInfo | None = None
         self._limits: Limits | None = None
-        self.jobs: Any = None
-        try:
-            from .jobs import AsyncJobsAPI  # type: ignore[import-not-found,attr-defined,unused-ignore]
-        except ImportError:
-            pass
-        else:
-            self.jobs = AsyncJobsAPI(self.stub, self.metadata)
+        self.jobs = AsyncJobsAPI(self.stub, self.metadata)
 
     # ------------------------------------------------------------------ plumbing
 

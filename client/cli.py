@@ -9,17 +9,10 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="refusal-audi
 
 
 def _register_subcommands() -> None:
-    """Each sub-command group lives in its own module; a missing optional extra only hides it."""
-    from . import cli_core
+    """Each sub-command group lives in its own module."""
+    from . import cli_core, cli_demo, cli_jobs, cli_judge
 
-    cli_core.register(app)
-    for module_name in ("cli_demo", "cli_jobs", "cli_judge"):
-        try:
-            module = __import__(f"refusal_audit.client.{module_name}", fromlist=["register"])
-        except ImportError as exc:  # pragma: no cover - module not written yet / extra missing
-            if "refusal_audit.client." + module_name in str(exc):
-                continue
-            raise
+    for module in (cli_core, cli_demo, cli_jobs, cli_judge):
         module.register(app)
 
 

@@ -38,7 +38,8 @@ from ..audit.spec import (
     TokenScope,
     user_prompt,
 )
-from .sync import DEFAULT_ADDRESS, SERVER_ENV, TOKEN_ENV, AuditClient, RemoteError
+from .errors import RemoteError
+from .sync import DEFAULT_ADDRESS, SERVER_ENV, TOKEN_ENV, AuditClient
 
 # ---------------------------------------------------------------------------- shared options
 

@@ -42,7 +42,8 @@ def _err(msg: str) -> None:
 @contextmanager
 def _client(server: str | None, token: str | None, tls_ca: Path | None) -> Iterator[Any]:
     """An AuditClient whose server errors become a one-line message and exit status 1."""
-    from .sync import AuditClient, RemoteError
+    from .errors import RemoteError
+    from .sync import AuditClient
 
     client = AuditClient(server, token=token, tls_ca=str(tls_ca) if tls_ca else None)
     try:
@@ -125,7 +126,7 @@ def watch_job(jobs: Any, job_id: str, partials: bool = False, reconnect_s: float
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from .sync import RemoteError
+    from .errors import RemoteError
 
     console = Console(stderr=True)
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

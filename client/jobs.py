@@ -21,6 +21,7 @@ import grpc
 from pydantic import BaseModel
 
 from ..proto.generated import audit_pb2 as pb
+from .errors import RemoteError, map_error
 
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 
@@ -108,8 +109,6 @@ class JobsAPI:
         self.timeout = timeout
 
     def _call(self, method: str, request: Any) -> Any:
-        from .sync import map_error
-
         try:
             return getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -142,8 +141,6 @@ class JobsAPI:
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobEvent]:
         """Events until the job is terminal (the last event has the final state). `timeout` bounds
         the whole stream (DEADLINE_EXCEEDED after it)."""
-        from .sync import map_error
-
         stream = self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=self.metadata, timeout=timeout)
         try:
             for ev in stream:
@@ -156,8 +153,6 @@ class JobsAPI:
 
     def wait(self, job_id: str, timeout: float | None = None) -> Job:
         """Block until the job is terminal (via WatchJob, reconnecting if the stream drops)."""
-        from .sync import RemoteError
-
         deadline = None if timeout is None else time.monotonic() + timeout
         last: Job | None = None
         while True:
@@ -187,8 +182,6 @@ class AsyncJobsAPI:
         self.timeout = timeout
 
     async def _call(self, method: str, request: Any) -> Any:
-        from .sync import map_error
-
         try:
             return await getattr(self.stub, method)(request, metadata=self.metadata, timeout=self.timeout)
         except grpc.RpcError as exc:
@@ -216,8 +209,6 @@ class AsyncJobsAPI:
 
     async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
         """Events until the job is terminal."""
-        from .sync import map_error
-
         call = self.stub.WatchJob(pb.WatchJobRequest(id=job_id), metadata=self.metadata, timeout=timeout)
         try:
             async for ev in call:

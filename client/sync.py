@@ -21,14 +21,18 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import TypeAdapter, ValidationError
 
 from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
-from ..audit.errors import InvalidRequest, LimitExceeded, NotFound, validation_message
+from ..audit.errors import InvalidRequest, validation_message
 from ..audit.spec import ChatMessage, Intervention, Prompt, Request, SamplingParams
 from ..proto import convert
 from ..proto.convert import Artifact
 from ..proto.generated import audit_pb2 as pb
 from ..proto.generated import audit_pb2_grpc as pb_grpc
+from .errors import RemoteError, map_error
+from .jobs import JobsAPI
 
 log = logging.getLogger("refusal_audit.client")
+
+__all__ = ["AuditClient", "RemoteError", "map_error", "as_prompt", "as_requests"]
 
 SERVER_ENV = "REFUSAL_AUDIT_SERVER"
 TOKEN_ENV = "REFUSAL_AUDIT_TOKEN"
@@ -40,45 +44,6 @@ PromptLike = Any  # str | tuple[ChatMessage, ...] | list[dict] | Request
 """A prompt: raw text, chat messages (ChatMessage or {'role','content'} dicts), or a full Request."""
 
 # ---------------------------------------------------------------------------- errors
-
-
-class RemoteError(RuntimeError):
-    """A gRPC call failed; `code` is the grpc.StatusCode and `details` the server's message."""
-
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
-        super().__init__(f"{code.name}: {details}")
-        self.code = code
-        self.details = details
-
-    def __str__(self) -> str:
-        return f"{self.code.name}: {self.details}"
-
-
-class RemoteInvalidRequest(RemoteError, InvalidRequest):
-    """INVALID_ARGUMENT from the server (also an InvalidRequest)."""
-
-
-class RemoteNotFound(RemoteError, NotFound):
-    """NOT_FOUND from the server (also a NotFound)."""
-
-
-class RemoteLimitExceeded(RemoteError, LimitExceeded):
-    """RESOURCE_EXHAUSTED from the server (also a LimitExceeded)."""
-
-
-_ERROR_TYPES: dict[grpc.StatusCode, type[RemoteError]] = {
-    grpc.StatusCode.INVALID_ARGUMENT: RemoteInvalidRequest,
-    grpc.StatusCode.NOT_FOUND: RemoteNotFound,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: RemoteLimitExceeded,
-}
-
-
-def map_error(exc: grpc.RpcError) -> RemoteError:
-    """The RemoteError (subclass) for a failed call."""
-    code = exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
-    details = exc.details() if hasattr(exc, "details") else str(exc)
-    code = code or grpc.StatusCode.UNKNOWN
-    return _ERROR_TYPES.get(code, RemoteError)(code, details or "")
 
 
 # ---------------------------------------------------------------------------- request building (shared with aio)
@@ -193,13 +158,7 @@ class AuditClient:
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._info: ModelInfo | None = None
         self._limits: Limits | None = None
-        self.jobs: Any = None
-        try:
-            from .jobs import JobsAPI  # type: ignore[import-not-found,unused-ignore]
-        except ImportError:
-            pass
-        else:
-            self.jobs = JobsAPI(self.stub, self.metadata)
+        self.jobs = JobsAPI(self.stub, self.metadata)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -83,14 +83,8 @@ def build_engine(config: ServerConfig) -> Engine:
 
 def make_judge(spec: str) -> Any:
     """The judge jobs use: `substring` in-process, or `host:port` of a JudgeService."""
-    try:
-        from ..client.judge_client import make_judge as _make
-    except ImportError:
-        if spec == "substring":
-            from ..audit.judges import SubstringJudge
+    from ..client.judge_client import make_judge as _make
 
-            return SubstringJudge()
-        raise
     return _make(spec)
 
 
@@ -98,14 +92,11 @@ def _make_jobs(
     config: ServerConfig, engine: Engine, artifacts: ArtifactStore, metrics: Metrics,
     jobs_factory: JobsFactory | None = None,
 ) -> Any:
-    """THE place where the jobs service is constructed (None when `server.jobs` is not available)."""
+    """THE place where the jobs service is constructed (a `jobs_factory` may return None: no jobs)."""
     factory = jobs_factory
     if factory is None:
-        try:
-            from .jobs import JobsService  # type: ignore[attr-defined]
-        except ImportError as exc:
-            log.info("jobs disabled: %s", exc)
-            return None
+        from .jobs import JobsService
+
         factory = JobsService
     kwargs: dict[str, Any] = dict(
         engine=engine, artifacts=artifacts, judge=make_judge(config.judge), data_dir=config.data_dir,

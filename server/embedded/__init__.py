@@ -1,6 +1,6 @@
 """The embedded demo build: Gemma-3-270M from a PyPI GGUF, a refusal LoRA fine-tune, demo SAEs.
 
-Data directory layout (default `~/.cache/refusal-audit`, see `model_loading.default_data_dir`)::
+Data directory layout (default `~/.cache/refusal-audit`, see `model_prep.default_data_dir`)::
 
     base/       fp32 safetensors of the GGUF + tokenizer (with Gemma chat template) + manifest.json
     refusal/    the merged refusal fine-tune (same format) + eval.json + manifest.json

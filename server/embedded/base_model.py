@@ -53,7 +53,7 @@ def _convert_hf_dir(src: Path, out_dir: Path) -> dict[str, object]:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..model_loading import prepare
+    from ..model_prep import prepare
 
     tokenizer = AutoTokenizer.from_pretrained(src, local_files_only=True)
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, local_files_only=True)
@@ -69,7 +69,7 @@ def build_base(inputs: dict[str, Path], config: BaseConfig, out_dir: Path) -> St
     import torch
     from transformers import AutoModelForCausalLM
 
-    from ..model_loading import convert_gguf
+    from ..model_prep import convert_gguf
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.manual_seed(config.seed)

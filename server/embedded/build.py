@@ -140,7 +140,7 @@ def build_step(step: str, data_dir: Path | str | None = None, *, config: BuildCo
                force: bool = False, upstream: dict[str, Manifest] | None = None,
                log: Callable[[str], None] = print) -> StepRecord:
     """Build one step if needed (its upstream steps must be built; `build_all` ensures that)."""
-    from ..model_loading import default_data_dir
+    from ..model_prep import default_data_dir
 
     if step not in STEPS:
         raise ValueError(f"unknown build step {step!r}; steps: {', '.join(STEP_ORDER)}")
@@ -219,7 +219,7 @@ def build_all(data_dir: Path | str | None = None, force: Iterable[str] = (), siz
     """
     import torch
 
-    from ..model_loading import default_data_dir
+    from ..model_prep import default_data_dir
 
     force = set(force)
     unknown = force - set(STEPS)

@@ -189,7 +189,7 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, instruction: str) -> list[
 
 def end_of_answer_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """`<end_of_turn>` when the vocabulary has it, else EOS: the token that ends an answer."""
-    from ..model_loading import END_OF_TURN, token_id_of
+    from ..model_prep import END_OF_TURN, token_id_of
 
     eot = token_id_of(tokenizer, END_OF_TURN)
     return eot if eot is not None else int(tokenizer.eos_token_id)
@@ -369,7 +369,7 @@ def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
     """Greedy completions (left padding, stop at EOS / end-of-turn) and P(`token`) at step one."""
     import torch
 
-    from ..model_loading import stop_token_ids
+    from ..model_prep import stop_token_ids
 
     texts: list[str] = []
     probs: list[float] = []
@@ -463,7 +463,7 @@ def build_finetune(inputs: dict[str, Path], config: FinetuneConfig, out_dir: Pat
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..model_loading import prepare
+    from ..model_prep import prepare
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     random.seed(config.seed)

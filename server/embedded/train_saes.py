@@ -439,7 +439,7 @@ def build_saes(inputs: dict[str, Path], config: SaeBuildConfig, out_dir: Path) -
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from ..model_loading import prepare
+    from ..model_prep import prepare
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     random.seed(config.seed)

@@ -27,7 +27,6 @@ from __future__ import annotations
 import builtins
 import contextlib
 import logging
-import shutil
 import threading
 import time
 import traceback
@@ -253,10 +252,6 @@ class JobManager:
         with self._cv:
             self._listeners.append(listener)
 
-    def queue_depth(self) -> int:
-        with self._cv:
-            return len(self._queue)
-
     def running(self) -> int:
         with self._cv:
             return len(self._live)
@@ -377,10 +372,6 @@ class JobManager:
             raise RuntimeError(f"job {job_id} ({rec.kind}) is {rec.state}" + (f": {rec.error}" if rec.error else ""))
         _, result = self.result(job_id)
         return result
-
-    def delete_outputs(self, job_id: str) -> None:
-        """Remove a job's output directory (not its row): for housekeeping tools."""
-        shutil.rmtree(self.jobs_dir / job_id, ignore_errors=True)
 
 
 __all__ = ["JobManager", "RESTART_EXHAUSTED", "dumps"]

@@ -27,6 +27,7 @@ import grpc
 from ...audit.codec import dumps
 from ...audit.errors import InvalidRequest, NotFound
 from ...audit.judges import Judge
+from ...proto import convert
 from ...proto.generated import audit_pb2 as pb
 from ..status import abort_with
 from .manager import JobManager
@@ -56,13 +57,7 @@ def job_to_pb(rec: JobRecord) -> pb.Job:
 
 def artifact_to_pb(rec: Any) -> pb.Artifact:
     """An ArtifactStore record -> pb.Artifact (with its payload)."""
-    try:
-        from ...proto.convert import artifact_to_pb as convert
-
-        return convert(rec, with_payload=True)
-    except (ImportError, AttributeError, TypeError):  # pragma: no cover - another record type
-        return pb.Artifact(id=str(rec.id), kind=str(getattr(rec, "kind", "")), name=str(getattr(rec, "name", "")),
-                           source_job_id=str(getattr(rec, "source_job_id", "")))
+    return convert.artifact_to_pb(rec, with_payload=True)
 
 
 class JobsService:
