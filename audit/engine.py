@@ -30,6 +30,7 @@ class Limits(BaseModel):
     max_batch_items: int = Field(default=256, gt=0)
     max_latents_per_request: int = Field(default=65536, gt=0)
     max_concurrent_jobs: int = Field(default=1, gt=0)
+    max_attribution_steps: int = Field(default=128, gt=0)  # Attribute: integrated-gradient steps
 
 
 @dataclass(frozen=True)

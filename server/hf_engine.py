@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from ..audit.attribution import AttributionRequest, AttributionResponse
 from ..audit.engine import (
     Completion,
     EncodeResult,
@@ -565,4 +566,11 @@ class HFEngine:
             out.append(LossResult(float(vals.mean()) if vals.numel() else float("nan"), int(vals.numel())))
         return out
 
+    # ------------------------------------------------------------------ attribution
 
+    def attribute(self, request: AttributionRequest) -> AttributionResponse:
+        """Gradient attribution of a metric to SAE latents (server/attribution.py, docs/attribution.md)."""
+        from .attribution import attribute
+
+        with self._lock:
+            return attribute(self, request, max_steps=self.limits.max_attribution_steps)
