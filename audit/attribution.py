@@ -18,7 +18,6 @@ from pydantic import Field, model_validator
 
 from .spec import Intervention, Prompt, _Frozen
 
-
 DEFAULT_IG_STEPS = 10  # the paper's
 
 

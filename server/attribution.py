@@ -47,7 +47,7 @@ from ..audit.attribution import (
 )
 from ..audit.errors import InvalidRequest, NotFound
 from ..audit.spec import Prompt, Request
-from .interventions import TokenContext, compile_plan
+from .interventions import compile_plan
 from .sae_runtime import LayerSAE
 
 if TYPE_CHECKING:
@@ -145,11 +145,12 @@ class ReferenceMeans:
                 count += int(keep.sum())
                 for ly in missing:
                     sae = engine.saes[ly]
-                    h = resid[ly][keep].to(sae.sae.dtype)
-                    z = sae.encode(h)
-                    e = h - sae.decode(z)
-                    sums_z[ly] = sums_z.get(ly, 0) + z.sum(0)  # type: ignore[assignment]
-                    sums_e[ly] = sums_e.get(ly, 0) + e.sum(0)  # type: ignore[assignment]
+                    with torch.no_grad():
+                        h = resid[ly][keep].to(sae.sae.dtype)
+                        z = sae.encode(h)
+                        e = h - sae.decode(z)
+                    sums_z[ly] = sums_z[ly] + z.sum(0) if ly in sums_z else z.sum(0)
+                    sums_e[ly] = sums_e[ly] + e.sum(0) if ly in sums_e else e.sum(0)
             if count == 0:
                 raise InvalidRequest(f"baseline.reference_set_id: prompt set {set_id!r} has no tokens after BOS")
             for ly in missing:
@@ -423,7 +424,7 @@ def _attribute_chunk(
             st = states[ly]
             assert st.z_base is not None and st.e_base is not None and st.grad_z is not None
             assert st.z_clean is not None and st.e_clean is not None and st.grad_e is not None
-            dz = (st.z_base[b, cols] - st.z_clean[b, cols]).float()
+            dz = (st.z_base[b, cols] - st.z_clean[b, cols]).detach().float()
             attr = dz * (st.grad_z[b, cols].float() / n_steps)  # [P, d_sae]
             de = (st.e_base[b, cols] - st.e_clean[b, cols]).float()
             attr_e = (de * (st.grad_e[b, cols].float() / n_steps)).sum(-1)  # [P]
