@@ -29,3 +29,18 @@ def validation_message(exc: ValidationError, where: str) -> str:
         msg = str(err.get("msg", "invalid")).removeprefix("Value error, ")
         parts.append(f"{name}: {msg}")
     return "; ".join(parts) or f"{where}: invalid"
+
+
+class NonFiniteOutput(RuntimeError):
+    """A forward pass produced NaN/inf for a request without interventions (INTERNAL: a server fault)."""
+
+
+def non_finite(item: int, what: str, has_interventions: bool) -> Exception:
+    """The error for NaN/inf in items[item]'s `what`: InvalidRequest when the item's own interventions
+    can have caused it (a clamp value or coefficient too large for the model), else NonFiniteOutput."""
+    if has_interventions:
+        return InvalidRequest(
+            f"items[{item}].interventions: the {what} became non-finite (NaN/inf) under this item's "
+            "interventions; a clamp value or add_direction coefficient is too large for the model"
+        )
+    return NonFiniteOutput(f"items[{item}]: the {what} became non-finite (NaN/inf) without any intervention")

@@ -8,9 +8,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+from collections.abc import Iterable
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily (argmax), as vLLM does: dividing logits by a smaller T
+overflows float32 and the distribution is a point mass anyway."""
+
+
+def _finite(values: Iterable[float], what: str = "entry") -> None:
+    """Raise (naming the entry's index when there are several) when a value is NaN or infinite."""
+    vals = list(values)
+    for i, v in enumerate(vals):
+        if not math.isfinite(v):
+            raise ValueError(f"{what} {i} must be finite, got {v}" if len(vals) > 1 else f"must be finite, got {v}")
 
 
 class _Frozen(BaseModel):
@@ -44,6 +58,10 @@ class TokenScope(_Frozen):
             raise ValueError("scope.n must be > 0 for kind 'last_n_prompt'")
         if self.kind == "positions" and not self.positions:
             raise ValueError("scope.positions must be non-empty for kind 'positions'")
+        if self.kind != "positions" and self.positions:
+            raise ValueError(f"scope.positions are only read for kind 'positions' (kind is {self.kind!r})")
+        if self.kind != "last_n_prompt" and self.n:
+            raise ValueError(f"scope.n is only read for kind 'last_n_prompt' (kind is {self.kind!r})")
         return self
 
 
@@ -84,6 +102,19 @@ class ClampLatents(_Frozen):
                 raise ValueError(f"clamp_latents.values[{layer}] must align with latents[{layer}]")
         return self
 
+    @field_validator("value")
+    @classmethod
+    def _finite_value(cls, v: float) -> float:
+        _finite([v])
+        return v
+
+    @field_validator("values")
+    @classmethod
+    def _finite_values(cls, v: dict[int, tuple[float, ...]]) -> dict[int, tuple[float, ...]]:
+        for layer, vals in v.items():
+            _finite(vals, f"layer {layer} value")
+        return v
+
     def value_of(self, layer: int, k: int) -> float:
         vals = self.values.get(layer, ())
         return vals[k] if vals else self.value
@@ -104,6 +135,12 @@ class AblateDirection(_Frozen):
             raise ValueError("ablate_direction needs direction or direction_id")
         return self
 
+    @field_validator("direction")
+    @classmethod
+    def _finite_direction(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        _finite(v)
+        return v
+
 
 class AddDirection(_Frozen):
     """Activation addition at the output of one layer: h' = h + coefficient * r."""
@@ -121,6 +158,18 @@ class AddDirection(_Frozen):
             raise ValueError("add_direction needs direction or direction_id")
         return self
 
+    @field_validator("direction")
+    @classmethod
+    def _finite_direction(cls, v: tuple[float, ...]) -> tuple[float, ...]:
+        _finite(v)
+        return v
+
+    @field_validator("coefficient")
+    @classmethod
+    def _finite_coefficient(cls, v: float) -> float:
+        _finite([v])
+        return v
+
 
 Intervention = Annotated[
     AblateLatents | ClampLatents | AblateDirection | AddDirection, Field(discriminator="type")
@@ -129,7 +178,7 @@ Intervention = Annotated[
 
 class SamplingParams(_Frozen):
     max_new_tokens: int = 64
-    temperature: float = 0.0  # 0 = greedy
+    temperature: float = 0.0  # 0 (and anything below GREEDY_TEMPERATURE) = greedy
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
@@ -144,16 +193,22 @@ class SamplingParams(_Frozen):
     @field_validator("temperature")
     @classmethod
     def _temp(cls, v: float) -> float:
+        _finite([v])
         if v < 0:
-            raise ValueError("temperature must be >= 0")
+            raise ValueError(f"temperature must be >= 0, got {v}")
         return v
 
     @field_validator("top_p")
     @classmethod
     def _top_p(cls, v: float) -> float:
-        if not 0 < v <= 1:
-            raise ValueError("top_p must be in (0, 1]")
+        if not 0 < v <= 1:  # also rejects NaN
+            raise ValueError(f"top_p must be in (0, 1], got {v}")
         return v
+
+    @property
+    def greedy(self) -> bool:
+        """Argmax decoding (temperature below GREEDY_TEMPERATURE)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
 
 class Request(_Frozen):

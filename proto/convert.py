@@ -73,12 +73,17 @@ def _build(cls: Any, where: str, **kwargs: Any) -> Any:
         raise InvalidRequest(validation_message(exc, where)) from None
 
 
+def reject_json_constant(constant: str, where: str) -> float:
+    """json.loads' parse_constant: NaN / Infinity are not JSON, and would come back in responses."""
+    raise InvalidRequest(f"{where}: {constant} is not a JSON number (use a finite number or null)")
+
+
 def parse_metadata(text: str, where: str = "metadata_json") -> dict[str, Any]:
     """Parse a metadata JSON object ('' = {})."""
     if not text:
         return {}
     try:
-        value = json.loads(text)
+        value = json.loads(text, parse_constant=lambda c: reject_json_constant(c, where))
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"{where}: not valid JSON ({exc.msg})") from None
     if not isinstance(value, dict):

@@ -29,6 +29,7 @@ from .artifacts import ArtifactStore, ModelValidator
 from .config import ServerConfig
 from .metrics import Metrics
 from .servicer import AuditServicer
+from .undecodable import DecodeErrorInterceptor
 
 log = logging.getLogger("refusal_audit.server")
 
@@ -236,7 +237,8 @@ class ServerHandle:
             await _maybe_call(jobs, "start")
         servicer = AuditServicer(engine, artifacts, config, metrics, jobs, server_version())
 
-        interceptors = [AuthInterceptor(config.auth_token, metrics)] if config.auth_token else []
+        interceptors: list[grpc.aio.ServerInterceptor] = [AuthInterceptor(config.auth_token, metrics)] if config.auth_token else []
+        interceptors.append(DecodeErrorInterceptor())  # last: auth's denial keeps its deserializer
         server = grpc.aio.server(interceptors=interceptors, options=grpc_options(config))
         audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
         health_servicer = health.aio.HealthServicer()

@@ -33,7 +33,7 @@ from ..audit.engine import (
     ScoreResult,
     StreamEvent,
 )
-from ..audit.errors import InvalidRequest, LimitExceeded
+from ..audit.errors import InvalidRequest, LimitExceeded, non_finite
 from ..audit.spec import Prompt, Request
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
@@ -280,7 +280,10 @@ class HFEngine:
                 raise InvalidRequest(f"items[{i}].{exc}") from None
         return out
 
-    def _plan_for(self, requests: Sequence[Request], prompt_lens: Sequence[int]) -> BatchPlan | None:
+    def _plan_for(
+        self, requests: Sequence[Request], prompt_lens: Sequence[int], seq_lens: Sequence[int] | None = None
+    ) -> BatchPlan | None:
+        """The batch's compiled interventions; `seq_lens` (default: the prompts) bounds explicit positions."""
         plan = compile_plan(
             [r.interventions for r in requests],
             prompt_lens,
@@ -290,6 +293,7 @@ class HFEngine:
             self.device,
             self.resolver,
             self.limits.max_latents_per_request,
+            seq_lens=prompt_lens if seq_lens is None else seq_lens,
         )
         return None if plan.empty else plan
 
@@ -332,7 +336,9 @@ class HFEngine:
                 if not 0 <= t < self.vocab_size:
                     raise InvalidRequest(f"items[{i}].sampling.stop_token_ids: unknown token id {t}")
         prompt_lens = [len(x) for x in ids]
-        plan = self._plan_for(requests, prompt_lens)
+        # the model reads the prompt and every generated token but the last one
+        seq_lens = [n + r.sampling.max_new_tokens - 1 for n, r in zip(prompt_lens, requests, strict=True)]
+        plan = self._plan_for(requests, prompt_lens, seq_lens)
         yield from self._generate(requests, ids, plan)
 
     def _generate(self, requests: Sequence[Request], ids: list[list[int]], plan: BatchPlan | None) -> Iterator[StreamEvent]:
@@ -352,6 +358,10 @@ class HFEngine:
             step = 0
             while True:
                 logits = out.logits[:, -1, :].float()
+                finite = torch.isfinite(logits).all(-1).tolist()
+                for b in range(B):
+                    if not done[b] and not finite[b]:
+                        raise non_finite(b, f"logits at generated token {step}", bool(requests[b].interventions))
                 next_ids = [self._pick(logits[b], requests[b], gens[b]) if not done[b] else self.pad_id for b in range(B)]
                 events = []
                 for b in range(B):
@@ -386,7 +396,7 @@ class HFEngine:
                 out = self._forward(nxt, mask, step_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
 
     def _generator(self, r: Request) -> torch.Generator | None:
-        if r.sampling.temperature <= 0:
+        if r.sampling.greedy:
             return None
         g = torch.Generator(device="cpu")
         g.manual_seed(int(r.sampling.seed) if r.sampling.seed is not None else int(torch.seed() % (2**63)))
@@ -394,9 +404,10 @@ class HFEngine:
 
     def _pick(self, logits: torch.Tensor, r: Request, gen: torch.Generator | None) -> int:
         sp = r.sampling
-        if sp.temperature <= 0 or gen is None:
+        if sp.greedy or gen is None:
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.cpu() / sp.temperature, dim=-1)
+        # float64: logits / T cannot overflow for any float32 logit and T >= GREEDY_TEMPERATURE
+        probs = torch.softmax(logits.cpu().double() / sp.temperature, dim=-1)
         if sp.top_p < 1.0:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = (sorted_p.cumsum(-1) - sorted_p) < sp.top_p
@@ -531,10 +542,10 @@ class HFEngine:
         chunk = max(1, int(2e8 // max(1, self.vocab_size * 256)))
         for start in range(0, len(requests), chunk):
             part = list(range(start, min(len(requests), start + chunk)))
-            results.extend(self._loss_chunk([requests[i] for i in part], [completions[i] for i in part]))
+            results.extend(self._loss_chunk([requests[i] for i in part], [completions[i] for i in part], start))
         return results
 
-    def _loss_chunk(self, requests: Sequence[Request], completions: Sequence[str | None]) -> list[LossResult]:
+    def _loss_chunk(self, requests: Sequence[Request], completions: Sequence[str | None], offset: int = 0) -> list[LossResult]:
         prompt_ids = self._batch_ids(requests)
         full, label_from = [], []
         for p, c in zip(prompt_ids, completions, strict=True):
@@ -545,8 +556,14 @@ class HFEngine:
             else:
                 full.append(p)
                 label_from.append(1)
-        # scopes ("prompt") refer to the prompt part only
-        plan = self._plan_for(requests, [len(p) for p in prompt_ids])
+        for b, (seq, lo) in enumerate(zip(full, label_from, strict=True)):
+            if len(seq) <= lo:  # nothing to predict: the mean CE would be NaN
+                raise InvalidRequest(
+                    f"items[{offset + b}].completion: no token to score (the completion tokenizes to nothing)"
+                    if completions[b] else f"items[{offset + b}].prompt: a 1-token prompt has no token to score"
+                )
+        # scopes ("prompt") refer to the prompt part only; explicit positions may point into the completion
+        plan = self._plan_for(requests, [len(p) for p in prompt_ids], [len(f) for f in full])
         input_ids, mask, pos = self._left_pad(full)
         plen = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long, device=self.device)
         T = input_ids.shape[1]

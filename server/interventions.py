@@ -13,6 +13,7 @@ addition  h' = h + a r.  Non-separable SAEs (TopK) go through sae-lens's full en
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -26,6 +27,9 @@ from .sae_runtime import LayerSAE
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED, SCOPE_LAST_N, SCOPE_POSITIONS = range(5)
 _SCOPE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last_n_prompt": 3, "positions": 4}
 _NO_POS = -(10**9)
+OVERFLOW_LIMIT = math.sqrt(float(torch.finfo(torch.float32).max))  # ~1.8e19
+"""A residual-stream entry larger than this overflows float32 when the next RMSNorm/LayerNorm squares
+it, so the forward pass turns to inf/NaN: clamp values and coefficients that add more are rejected."""
 
 
 @dataclass
@@ -236,20 +240,59 @@ class BatchPlan:
 
 
 def _unit(vec: Sequence[float] | np.ndarray, d_model: int, field_name: str) -> torch.Tensor:
-    t = torch.as_tensor(np.asarray(vec, dtype=np.float32))
-    if t.ndim != 1 or t.shape[0] != d_model:
-        raise InvalidRequest(f"{field_name}: direction has dimension {tuple(t.shape)}, expected ({d_model},)")
-    if not torch.isfinite(t).all():
-        raise InvalidRequest(f"{field_name}: direction contains NaN or Inf")
-    norm = t.norm()
-    if norm <= 1e-12:
+    """The unit vector of a direction, normalised in float64 (float32 entries near 3e38 overflow a
+    float32 norm to inf, which would silently turn the direction into a zero vector)."""
+    a = np.asarray(vec, dtype=np.float64)
+    if a.ndim != 1 or a.shape[0] != d_model:
+        raise InvalidRequest(f"{field_name}: direction has dimension {tuple(a.shape)}, expected ({d_model},)")
+    bad = np.flatnonzero(~np.isfinite(a))
+    if bad.size:
+        raise InvalidRequest(f"{field_name}: direction contains NaN or Inf (entry {bad[0]} is {a[bad[0]]})")
+    peak = float(np.abs(a).max())
+    if peak == 0.0:
         raise InvalidRequest(f"{field_name}: direction has zero norm")
-    return t / norm
+    scaled = a / peak  # entries in [-1, 1]: the norm cannot overflow or underflow
+    return torch.from_numpy(scaled / np.linalg.norm(scaled)).to(torch.float32)
+
+
+def _check_overflow(amount: float, field_name: str, what: str) -> None:
+    """Reject an edit that adds `amount` (float64) to some residual entry beyond OVERFLOW_LIMIT."""
+    if not amount <= OVERFLOW_LIMIT:
+        raise InvalidRequest(
+            f"{field_name}: {what} adds up to {amount:.3g} to a residual-stream entry, beyond "
+            f"{OVERFLOW_LIMIT:.3g} where the model's normalisation overflows float32 (the result would be NaN)"
+        )
+
+
+def _check_positions(scope: TokenScope, field_name: str, row: int, prompt_len: int, seq_len: int | None) -> None:
+    """Explicit positions must be ones the model reads: -prompt_len <= p < seq_len (negative = from the prompt end)."""
+    if scope.kind != "positions" or seq_len is None:
+        return
+    for j, p in enumerate(scope.positions):
+        at = p if p >= 0 else prompt_len + p
+        if not 0 <= at < seq_len:
+            extra = f" + {seq_len - prompt_len} generated/completion tokens" if seq_len > prompt_len else ""
+            raise InvalidRequest(
+                f"{field_name}.scope.positions[{j}]: position {p} of items[{row}] is outside the {seq_len} positions "
+                f"the model reads ({prompt_len}-token prompt{extra}); valid: {-prompt_len} to {seq_len - 1}"
+            )
 
 
 def _check_layer(layer: int, n_layers: int, field_name: str) -> None:
     if not 0 <= layer < n_layers:
         raise InvalidRequest(f"{field_name}: layer {layer} out of range [0, {n_layers})")
+
+
+def _check_clamp(vals: Sequence[float], ids: Sequence[int], own: int, sae: LayerSAE, layer: int, where: str) -> None:
+    """Clamp values must be finite and must not push a residual entry past OVERFLOW_LIMIT (|c| * max|W_dec[i]|)."""
+    row_max: np.ndarray | None = None
+    for j, (c, i) in enumerate(zip(vals, ids, strict=True)):
+        name = f"{where}.values[{layer}][{j}]" if j < own else f"{where}.value"
+        if not math.isfinite(c):
+            raise InvalidRequest(f"{name}: clamp value must be finite, got {c}")
+        if abs(c) * sae.max_decoder_entry > OVERFLOW_LIMIT:  # cheap bound first; exact per-row check below
+            row_max = sae.decoder_row_absmax() if row_max is None else row_max
+            _check_overflow(abs(c) * float(row_max[i]), name, f"clamping latent {i} at layer {layer} to {c:g}")
 
 
 def compile_plan(
@@ -262,8 +305,14 @@ def compile_plan(
     resolver: Resolver | None = None,
     max_latents_per_request: int | None = None,
     dtype: torch.dtype = torch.float32,
+    seq_lens: Sequence[int] | None = None,
 ) -> BatchPlan:
-    """Validate and compile per-row interventions (raises InvalidRequest / NotFound, naming the field)."""
+    """Validate and compile per-row interventions (raises InvalidRequest / NotFound, naming the field).
+
+    `seq_lens[row]` is how many positions the model reads for that row (the prompt, plus the
+    generated tokens fed back, or a Loss completion); given, explicit scope positions outside it
+    are rejected. Negative positions count from the prompt end.
+    """
     resolver = resolver or Resolver()
     latent_ops: dict[int, list[tuple[int, TokenScope, list[int], list[float]]]] = {}
     abl: list[tuple[int, TokenScope, torch.Tensor, frozenset[int] | None]] = []
@@ -272,6 +321,7 @@ def compile_plan(
         n_latents = 0
         for k, iv in enumerate(ivs):
             where = f"items[{row}].interventions[{k}]"
+            _check_positions(iv.scope, where, row, prompt_lens[row], seq_lens[row] if seq_lens is not None else None)
             if isinstance(iv, (AblateLatents, ClampLatents)):
                 by_layer = {int(ly): list(ids) for ly, ids in iv.latents.items()}
                 if iv.latent_set_id:
@@ -287,10 +337,9 @@ def compile_plan(
                     if bad:
                         raise InvalidRequest(f"{where}.latents[{layer}]: latent id {bad[0]} out of range [0, {d_sae})")
                     if isinstance(iv, ClampLatents):
-                        vals = [iv.value_of(layer, j) if layer in iv.latents and j < len(iv.latents[layer]) else iv.value
-                                for j in range(len(ids))]
-                        if not all(np.isfinite(vals)):
-                            raise InvalidRequest(f"{where}.values: clamp values must be finite")
+                        own = len(iv.latents.get(layer, ())) if iv.values.get(layer) else 0
+                        vals = [iv.value_of(layer, j) if j < own else iv.value for j in range(len(ids))]
+                        _check_clamp(vals, ids, own, saes[layer], layer, where)
                     else:
                         vals = [0.0] * len(ids)
                     n_latents += len(ids)
@@ -306,7 +355,9 @@ def compile_plan(
                 unit = _unit(vec, d_model, f"{where}.direction")
                 _check_layer(iv.layer, n_layers, f"{where}.layer")
                 if not np.isfinite(iv.coefficient):
-                    raise InvalidRequest(f"{where}.coefficient must be finite")
+                    raise InvalidRequest(f"{where}.coefficient: must be finite, got {iv.coefficient}")
+                _check_overflow(abs(float(iv.coefficient)) * float(unit.abs().max()), f"{where}.coefficient",
+                                f"coefficient {iv.coefficient:g}")
                 add.setdefault(iv.layer, []).append((row, iv.scope, unit * float(iv.coefficient)))
             else:  # pragma: no cover - the discriminated union forbids this
                 raise InvalidRequest(f"{where}: unknown intervention type")

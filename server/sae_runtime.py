@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
@@ -55,10 +56,26 @@ class LayerSAE:
         self._cache_bytes = cache_bytes  # LRU bounded by size, not count: a 3k-latent slice is ~15 MB at d=640
         self._cached_bytes = 0
         self._lock = threading.Lock()
+        self._row_absmax: np.ndarray | None = None
 
     @property
     def info(self) -> SAEInfo:
         return SAEInfo(self.layer, self.source, self.architecture, self.d_in, self.d_sae, self.separable)
+
+    def decoder_row_absmax(self) -> np.ndarray:
+        """max_j |W_dec[i, j]| per latent i (float64, computed once): how much a unit of latent i
+        can add to one residual entry (the interventions' overflow check)."""
+        cached = self._row_absmax
+        if cached is None:
+            with torch.no_grad():
+                cached = self.sae.W_dec.detach().abs().amax(dim=-1).double().cpu().numpy()
+            self._row_absmax = cached
+        return cached
+
+    @property
+    def max_decoder_entry(self) -> float:
+        """max |W_dec| over every latent."""
+        return float(self.decoder_row_absmax().max())
 
     # ------------------------------------------------------------------ sparse path
 

@@ -25,7 +25,7 @@ import grpc
 import numpy as np
 
 from ..audit.engine import Completion, Engine, StreamEvent
-from ..audit.errors import InvalidRequest, LimitExceeded
+from ..audit.errors import InvalidRequest, LimitExceeded, non_finite
 from ..audit.spec import Request
 from ..proto import convert
 from ..proto.generated import audit_pb2 as pb
@@ -80,6 +80,15 @@ class Admission:
         with self._lock:
             self._n = max(0, self._n - 1)
             self.metrics.inflight.set(self._n)
+
+
+def guard_finite(reqs: Sequence[Request], per_item: Sequence[Sequence[Any]], what: str) -> None:
+    """The last line before a response: never answer OK with NaN/inf. InvalidRequest when the item's
+    interventions can have caused it, else NonFiniteOutput (INTERNAL)."""
+    for i, (r, values) in enumerate(zip(reqs, per_item, strict=True)):
+        for v in values:
+            if v is not None and not np.isfinite(np.asarray(v, dtype=np.float64)).all():
+                raise non_finite(i, what, bool(r.interventions))
 
 
 def _context_code(context: grpc.aio.ServicerContext) -> str:
@@ -375,6 +384,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                 lambda _c: self.engine.score(reqs, token_ids, request.top_k, request.return_full_logprobs),
                 context,
             )
+            guard_finite(reqs, [(r.logprobs, r.top_logprobs, r.full_logprobs) for r in results], "log-probs")
             return pb.ScoreResponse(results=[convert.score_result_to_pb(r) for r in results])
 
         return await self._unary("Score", context, body)
@@ -394,6 +404,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             results = await self._in_engine(
                 "Encode", lambda _c: self.engine.encode(reqs, layers, top_k, latents), context
             )
+            guard_finite(reqs, [[v for la in r.layers.values() for v in (la.values, *(la.top_values or ()))]
+                                for r in results], "SAE activations")
             return pb.EncodeResponse(results=[convert.encode_result_to_pb(r) for r in results])
 
         return await self._unary("Encode", context, body)
@@ -407,6 +419,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             arr = await self._in_engine(
                 "Residuals", lambda _c: self.engine.residuals(reqs, layers, positions), context
             )
+            guard_finite(reqs, [(a,) for a in np.asarray(arr)], "residuals")
             return pb.ResidualsResponse(residuals=convert.tensor_to_pb(np.asarray(arr)))
 
         return await self._unary("Residuals", context, body)
@@ -417,6 +430,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             completions: list[str | None] = [it.completion or None for it in request.items]
             self.metrics.items.labels("Loss").inc(len(reqs))
             results = await self._in_engine("Loss", lambda _c: self.engine.loss(reqs, completions), context)
+            guard_finite(reqs, [(r.loss,) for r in results], "loss")
             return pb.LossResponse(results=[convert.loss_result_to_pb(r) for r in results])
 
         return await self._unary("Loss", context, body)

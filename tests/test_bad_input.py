@@ -24,6 +24,7 @@ from refusal_audit.audit.spec import (
     user_prompt,
 )
 from refusal_audit.client import AuditClient, RemoteError
+from refusal_audit.client.sync import map_error
 from refusal_audit.proto.generated import audit_pb2 as pb
 from refusal_audit.server.app import ThreadedServer
 from refusal_audit.server.config import LimitsConfig, ServerConfig
@@ -71,8 +72,29 @@ def _item(text: str = GOOD, **kw: Any) -> pb.GenerateItem:
     return pb.GenerateItem(prompt=pb.Prompt(text=text), **kw)
 
 
+def _ablate_dir(values: list[float], **scope: Any) -> pb.Intervention:
+    return pb.Intervention(ablate_direction=pb.AblateDirection(direction=pb.DirectionRef(values=values)),
+                           scope=pb.TokenScope(**scope) if scope else None)
+
+
 def _dir(values: Any) -> tuple[float, ...]:
     return tuple(float(x) for x in values)
+
+
+NAN, INF, POS = float("nan"), float("inf"), pb.TokenScope.POSITIONS
+
+
+def _raw_stream(client: AuditClient, *items: pb.GenerateItem) -> list[Any]:
+    try:
+        return list(client.stub.GenerateStream(pb.GenerateRequest(items=list(items)), timeout=30))
+    except grpc.RpcError as exc:
+        raise map_error(exc) from None
+
+
+def _raw_score(client: AuditClient, text: str, iv: pb.Intervention | None, *more: tuple[str, pb.Intervention]) -> Any:
+    items = [pb.ScoreItem(prompt=pb.Prompt(text=text), interventions=[iv] if iv else [])]
+    items += [pb.ScoreItem(prompt=pb.Prompt(text=t), interventions=[v]) for t, v in more]
+    return client._call("Score", pb.ScoreRequest(items=items, token_ids=[5]))
 
 
 LONG_PROMPT = " ".join(["the quick brown fox jumps over the lazy dog"] * 10)
@@ -117,8 +139,9 @@ CASES: list[tuple[str, Callable[[AuditClient], Any], grpc.StatusCode, tuple[str,
      INVALID, ("items[0].interventions[0].direction", "dimension (3,)", f"({D},)")),
     ("direction-zero-norm", lambda c: c.generate(GOOD, [AddDirection(direction=(0.0,) * D, layer=1)]),
      INVALID, ("items[0].interventions[0].direction", "zero norm")),
-    ("direction-nan", lambda c: c.score([GOOD, GOOD], [5], interventions=[AblateDirection(direction=(float("nan"),) + (1.0,) * (D - 1))]),
-     INVALID, ("interventions[0].direction", "NaN")),
+    ("direction-nan", lambda c: c._call("Score", pb.ScoreRequest(token_ids=[5], items=[pb.ScoreItem(
+        prompt=pb.Prompt(text=GOOD), interventions=[_ablate_dir([float("nan")] + [1.0] * (D - 1))])])),
+     INVALID, ("items[0].interventions[0].ablate_direction.direction", "entry 0 must be finite, got nan")),
     ("add-direction-bad-layer", lambda c: c.generate(GOOD, [AddDirection(direction=(1.0,) * D, layer=9)]),
      INVALID, ("items[0].interventions[0].layer", "layer 9")),
     ("register-direction-wrong-dim", lambda c: c.register_direction("d", [1.0] * (D + 1)), INVALID, ("values", "dimension")),
@@ -158,6 +181,50 @@ CASES: list[tuple[str, Callable[[AuditClient], Any], grpc.StatusCode, tuple[str,
     ("residual-layer-out-of-range", lambda c: c.residuals(GOOD, layers=[7]), INVALID, ("layers", "layer 7")),
     ("encode-top-k-too-large", lambda c: c.encode(GOOD, top_k=100_000), INVALID, ("top_k",)),
     ("bad-tensor-less-request", lambda c: c._call("GetArtifact", pb.GetArtifactRequest()), INVALID, ("id", "empty")),
+    # issue 11: non-finite sampling parameters (Generate and GenerateStream)
+    ("temperature-nan", lambda c: _raw_generate(c, _item(sampling=pb.SamplingParams(temperature=NAN))),
+     INVALID, ("items[0].sampling.temperature", "finite")),
+    ("temperature-inf", lambda c: _raw_generate(c, _item(), _item(sampling=pb.SamplingParams(temperature=INF))),
+     INVALID, ("items[1].sampling.temperature", "finite")),
+    ("temperature-nan-stream", lambda c: _raw_stream(c, _item(sampling=pb.SamplingParams(temperature=NAN))),
+     INVALID, ("items[0].sampling.temperature",)),
+    ("top-p-nan", lambda c: _raw_generate(c, _item(sampling=pb.SamplingParams(top_p=NAN))),
+     INVALID, ("items[0].sampling.top_p", "nan")),
+    # issue 11: token-scope positions the model never reads ("hi" is 3 tokens with BOS)
+    ("position-before-prompt", lambda c: _raw_score(c, "hi", _ablate_dir([1.0] * D, kind=POS, positions=[-1000])),
+     INVALID, ("items[0].interventions[0].scope.positions[0]", "position -1000", "3-token prompt")),
+    ("position-after-prompt", lambda c: _raw_score(c, "hi", _ablate_dir([1.0] * D, kind=POS, positions=[0, 1000])),
+     INVALID, ("items[0].interventions[0].scope.positions[1]", "position 1000", "valid: -3 to 2")),
+    ("position-second-item", lambda c: _raw_score(c, GOOD, None, ("hi", _ablate_dir([1.0] * D, kind=POS, positions=[3]))),
+     INVALID, ("items[1].interventions[0].scope.positions[0]", "position 3")),
+    ("position-never-generated", lambda c: _raw_generate(c, pb.GenerateItem(
+        prompt=pb.Prompt(text="hi"), sampling=pb.SamplingParams(max_new_tokens=4),
+        interventions=[_ablate_dir([1.0] * D, kind=POS, positions=[6])])),
+     INVALID, ("items[0].interventions[0].scope.positions[0]", "position 6", "3 generated/completion tokens")),
+    ("position-encode", lambda c: c._call("Encode", pb.EncodeRequest(items=[pb.ScoreItem(
+        prompt=pb.Prompt(text="hi"), interventions=[_ablate_dir([1.0] * D, kind=POS, positions=[-4])])])),
+     INVALID, ("items[0].interventions[0].scope.positions[0]", "position -4")),
+    ("positions-with-kind-all", lambda c: _raw_score(c, "hi", _ablate_dir([1.0] * D, positions=[1])),
+     INVALID, ("items[0].interventions[0].scope", "positions are only read for kind 'positions'")),
+    ("n-with-kind-prompt", lambda c: _raw_score(c, "hi", _ablate_dir([1.0] * D, kind=pb.TokenScope.PROMPT, n=2)),
+     INVALID, ("items[0].interventions[0].scope", "scope.n is only read")),
+    # issue 11: values whose effect is non-finite
+    ("clamp-value-huge", lambda c: c.score("hi", [5], interventions=[ClampLatents(latents={1: (3,)}, value=3e38)]),
+     INVALID, ("items[0].interventions[0].value", "clamping latent 3 at layer 1", "overflows float32")),
+    ("clamp-own-value-huge", lambda c: c.generate(GOOD, [ClampLatents(latents={2: (1, 5)}, values={2: (1.0, -3e38)})]),
+     INVALID, ("items[0].interventions[0].values[2][1]", "clamping latent 5")),
+    ("clamp-value-inf", lambda c: _raw_score(c, "hi", pb.Intervention(clamp_latents=pb.ClampLatents(
+        latents=[pb.LayerLatents(layer=1, latents=[3])], value=INF))),
+     INVALID, ("items[0].interventions[0].clamp_latents.value", "finite")),
+    ("add-coefficient-huge", lambda c: c.score("hi", [5], interventions=[AddDirection(direction=(1.0,) * D, layer=1, coefficient=3e38)]),
+     INVALID, ("items[0].interventions[0].coefficient", "overflows float32")),
+    ("add-coefficient-inf", lambda c: _raw_score(c, "hi", pb.Intervention(add_direction=pb.AddDirection(
+        direction=pb.DirectionRef(values=[1.0] * D), layer=1, coefficient=-INF))),
+     INVALID, ("items[0].interventions[0].add_direction.coefficient", "finite")),
+    ("direction-entry-inf", lambda c: _raw_score(c, "hi", _ablate_dir([1.0] * (D - 1) + [INF])),
+     INVALID, ("items[0].interventions[0].ablate_direction.direction", "entry 63 must be finite")),
+    ("register-metadata-nan", lambda c: c._call("RegisterDirection", pb.RegisterDirectionRequest(
+        name="d", values=[1.0] * D, metadata_json='{"x": NaN}')), INVALID, ("metadata_json", "NaN")),
 ]
 
 
@@ -276,3 +343,180 @@ def test_artifact_direction_id_of_wrong_kind(client: AuditClient, tmp_path: Path
     with pytest.raises(RemoteError) as exc:
         client.generate(GOOD, [AblateLatents(latent_set_id=d.id)])
     assert exc.value.code == grpc.StatusCode.NOT_FOUND and "latent_set_id" in exc.value.details
+
+
+# ---------------------------------------------------------------------------- issue 11: edges that are valid
+
+
+def test_tiny_temperature_samples_greedily(client: AuditClient) -> None:
+    """T=1e-40 (below GREEDY_TEMPERATURE) is greedy decoding, not an overflow of logits / T."""
+    greedy = _raw_generate(client, _item(sampling=pb.SamplingParams(max_new_tokens=6)))
+    for t in (1e-40, 1e-6):
+        tiny = _raw_generate(client, _item(sampling=pb.SamplingParams(max_new_tokens=6, temperature=t, seed=3, has_seed=True)))
+        assert list(tiny.completions[0].token_ids) == list(greedy.completions[0].token_ids), t
+    # just above the floor the float64 softmax stays finite: seeded sampling runs and is reproducible
+    runs = [_raw_generate(client, _item(sampling=pb.SamplingParams(max_new_tokens=6, temperature=2e-5, seed=3, has_seed=True)))
+            for _ in range(2)]
+    assert list(runs[0].completions[0].token_ids) == list(runs[1].completions[0].token_ids)
+
+
+def test_huge_direction_entries_normalise_like_small_ones(client: AuditClient) -> None:
+    """Entries of 3e38 overflow a float32 norm; the direction must still be the unit vector (not zero)."""
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal(D)
+    plain = client.score(GOOD, [5], top_k=4, interventions=[AblateDirection(direction=_dir(r))])[0]
+    huge = client.score(GOOD, [5], top_k=4, interventions=[AblateDirection(direction=_dir(r / np.abs(r).max() * 3e38))])[0]
+    none = client.score(GOOD, [5], top_k=4)[0]
+    assert np.allclose(plain.logprobs, huge.logprobs, atol=1e-5)
+    assert not np.allclose(plain.logprobs, none.logprobs, atol=1e-4)  # the ablation did something
+
+
+def test_positions_may_point_at_generated_tokens(client: AuditClient) -> None:
+    """In Generate, position P + k is the k-th generated token; the last one the model reads is
+    P + max_new_tokens - 2 ("hi" has P=3 with BOS)."""
+    item = lambda p: pb.GenerateItem(  # noqa: E731
+        prompt=pb.Prompt(text="hi"), sampling=pb.SamplingParams(max_new_tokens=4),
+        interventions=[pb.Intervention(add_direction=pb.AddDirection(
+            direction=pb.DirectionRef(values=[1.0] * D), layer=1, coefficient=50.0),
+            scope=pb.TokenScope(kind=POS, positions=[p]))])
+    base = _raw_generate(client, pb.GenerateItem(prompt=pb.Prompt(text="hi"), sampling=pb.SamplingParams(max_new_tokens=4)))
+    edited = _raw_generate(client, item(3))  # the first generated token: changes what follows it
+    assert len(edited.completions[0].token_ids) >= 1
+    assert list(edited.completions[0].token_ids)[:1] == list(base.completions[0].token_ids)[:1]
+    _raw_generate(client, item(5))  # the last position the model reads
+    with pytest.raises(RemoteError) as exc:
+        _raw_generate(client, item(6))
+    assert exc.value.code == INVALID and "positions[0]: position 6 of items[0]" in exc.value.details
+
+
+# ---------------------------------------------------------------------------- issue 11: the last-line guard
+
+
+def test_non_finite_results_are_errors_not_ok(client: AuditClient, server: ThreadedServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """NaN in a result: INTERNAL without interventions, INVALID_ARGUMENT naming the item with them."""
+    from refusal_audit.audit.engine import ScoreResult
+
+    assert server.handle is not None
+    engine = server.handle.engine
+    real_score = engine.score
+
+    def nan_score(reqs: Any, *a: Any, **k: Any) -> Any:
+        out = real_score(reqs, *a, **k)
+        return [ScoreResult(logprobs=np.full_like(r.logprobs, np.nan)) if i == len(out) - 1 else r
+                for i, r in enumerate(out)]
+
+    monkeypatch.setattr(engine, "score", nan_score)
+    with pytest.raises(RemoteError) as exc:
+        client.score([GOOD, "hi"], [5])
+    assert exc.value.code == grpc.StatusCode.INTERNAL and "items[1]" in exc.value.details and "non-finite" in exc.value.details
+    with pytest.raises(RemoteError) as exc:
+        client.score([GOOD, "hi"], [5], interventions=[AblateLatents(latents={1: (1,)})])
+    assert exc.value.code == INVALID and "items[1].interventions" in exc.value.details
+    monkeypatch.undo()
+    assert np.isfinite(client.score(GOOD, [5])[0].logprobs).all()
+
+
+def test_non_finite_logits_stop_generation(client: AuditClient, server: ThreadedServer) -> None:
+    """NaN logits while generating (here forced by a hook on the LM head) end the RPC with an error."""
+    assert server.handle is not None
+    engine = server.handle.engine
+    handle = engine.model.get_output_embeddings().register_forward_hook(lambda _m, _a, out: out * float("nan"))
+    try:
+        for call in (lambda: client.generate(GOOD, max_new_tokens=3),
+                     lambda: list(client.generate_stream(GOOD, max_new_tokens=3))):
+            with pytest.raises(RemoteError) as exc:
+                call()
+            assert exc.value.code == grpc.StatusCode.INTERNAL and "items[0]" in exc.value.details
+        with pytest.raises(RemoteError) as exc:
+            client.generate(["hi", GOOD], [AblateLatents(latents={1: (1,)})], max_new_tokens=3)
+        assert exc.value.code == INVALID and "items[0].interventions" in exc.value.details
+    finally:
+        handle.remove()
+    assert len(client.generate(GOOD, max_new_tokens=2)[0].token_ids) <= 2
+
+
+# ---------------------------------------------------------------------------- issue 11: undecodable bytes
+
+
+def _corrupt(msg: Any, good: bytes, bad: bytes) -> bytes:
+    data = msg.SerializeToString()
+    assert good in data and len(good) == len(bad)
+    return data.replace(good, bad)
+
+
+def _raw_unary(address: str, method: str, data: bytes) -> grpc.RpcError:
+    """Send raw bytes (identity serializers) and return the error the server answers with."""
+    with grpc.insecure_channel(address) as ch:
+        call = ch.unary_unary(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+        with pytest.raises(grpc.RpcError) as exc:
+            call(data, timeout=30)
+    return exc.value
+
+
+UNDECODABLE = [
+    ("/refusal_audit.v1.AuditService/Generate",
+     _corrupt(pb.GenerateRequest(items=[_item(GOOD), _item("hello")]), b"hello", b"h\xffllo"),
+     "items[1].prompt.text: invalid UTF-8"),
+    ("/refusal_audit.v1.AuditService/Score",
+     _corrupt(pb.ScoreRequest(items=[pb.ScoreItem(prompt=pb.Prompt(messages=pb.Messages(messages=[
+         pb.ChatMessage(role="user", content="hello")])))], token_ids=[5]), b"hello", b"he\xc3\x28o"),
+     "items[0].prompt.messages.messages[0].content: invalid UTF-8"),
+    ("/refusal_audit.v1.AuditService/StartJob",
+     _corrupt(pb.StartJobRequest(kind="stage1", config_json='{"k": "vv"}'), b"vv", b"\xed\xa0"),
+     "config_json: invalid UTF-8"),
+    ("/refusal_audit.v1.AuditService/GetArtifact", _corrupt(pb.GetArtifactRequest(id="dir_x"), b"dir_x", b"dir_\x80"),
+     "id: invalid UTF-8"),
+    ("/refusal_audit.v1.AuditService/GetInfo", b"\x08", "cannot decode the bytes as GetInfoRequest"),
+    ("/refusal_audit.v1.AuditService/WatchJob", b"\x0a\x05ab", "cannot decode the bytes as WatchJobRequest"),
+]
+
+
+@pytest.mark.parametrize("method,data,needle", UNDECODABLE, ids=[u[0].rsplit("/", 1)[1] for u in UNDECODABLE])
+def test_undecodable_request_is_invalid_argument(server: ThreadedServer, client: AuditClient, method: str, data: bytes, needle: str) -> None:
+    err = _raw_unary(server.address, method, data) if "Watch" not in method else None
+    if err is None:  # server-streaming: the same through unary_stream
+        with grpc.insecure_channel(server.address) as ch:
+            call = ch.unary_stream(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)
+            with pytest.raises(grpc.RpcError) as exc:
+                list(call(data, timeout=30))
+        err = exc.value
+    assert err.code() == INVALID, (err.code(), err.details())
+    assert needle in (err.details() or ""), err.details()
+    assert client.generate(GOOD, max_new_tokens=2)[0].prompt_tokens > 0
+
+
+def test_undecodable_request_to_the_judge_is_invalid_argument() -> None:
+    """The judge sidecar (a thread-pool grpc server) maps undecodable requests the same way."""
+    from refusal_audit.proto.generated import judge_pb2
+    from refusal_audit.server.judge.classifier import ClassifierInput, ClassifierOutput
+    from refusal_audit.server.judge.service import start_judge_server
+
+    class Fake:
+        def classify(self, items: Any) -> list[ClassifierOutput]:
+            return [ClassifierOutput(yes=True, p_yes=0.9, p_no=0.1) for _ in items]
+
+        def info(self) -> dict[str, Any]:
+            return {"judge": "fake", "model": "fake"}
+
+    js = start_judge_server(Fake(), port=0, reflection=False)
+    try:
+        address = f"127.0.0.1:{js.port}"
+        req = judge_pb2.ClassifyRequest(items=[judge_pb2.ClassifyItem(behavior="b", generation="g", context="hello")])
+        err = _raw_unary(address, "/refusal_audit.v1.JudgeService/Classify", _corrupt(req, b"hello", b"hell\xff"))
+        assert err.code() == INVALID and "items[0].context: invalid UTF-8" in (err.details() or ""), err.details()
+        with grpc.insecure_channel(address) as ch:
+            ok = ch.unary_unary("/refusal_audit.v1.JudgeService/Classify", request_serializer=lambda b: b,
+                                response_deserializer=judge_pb2.ClassifyResponse.FromString)(req.SerializeToString(), timeout=30)
+        assert ok.results[0].classification.yes
+        _ = ClassifierInput  # the fake receives these
+    finally:
+        js.stop(grace=0)
+
+
+def test_undecodable_request_without_token_is_unauthenticated(tmp_path: Path) -> None:
+    """With auth on, a client without the token learns nothing about its request's bytes."""
+    cfg = ServerConfig(model="tiny", port=0, data_dir=tmp_path, auth_token="s3cret")
+    with ThreadedServer(cfg, build_engine(), jobs_factory=no_jobs) as srv:
+        err = _raw_unary(srv.address, "/refusal_audit.v1.AuditService/GetArtifact",
+                         _corrupt(pb.GetArtifactRequest(id="dir_x"), b"dir_x", b"dir_\x80"))
+        assert err.code() == grpc.StatusCode.UNAUTHENTICATED

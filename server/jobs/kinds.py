@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from ...audit.errors import InvalidRequest, NotFound, validation_message
 from ...audit.spec import AblateDirection, AblateLatents, Intervention, Request, SamplingParams, user_prompt
+from ...proto.convert import reject_json_constant
 
 Runner = Callable[[Any, Any, Any], "tuple[dict[str, Any], list[str]]"]
 
@@ -65,7 +66,8 @@ class JobKind:
 def validate_config(kind: JobKind, config_json: str) -> BaseModel:
     """Parse and validate a kind's config JSON ('' = defaults). Raises InvalidRequest naming the field."""
     try:
-        raw = json.loads(config_json) if config_json and config_json.strip() else {}
+        raw = (json.loads(config_json, parse_constant=lambda c: reject_json_constant(c, "config_json"))
+               if config_json and config_json.strip() else {})
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"config_json: not valid JSON ({exc.msg} at line {exc.lineno} column {exc.colno})") from None
     if not isinstance(raw, dict):

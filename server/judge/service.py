@@ -30,6 +30,7 @@ from refusal_audit.proto.generated import judge_pb2, judge_pb2_grpc
 
 from ...audit.errors import InvalidRequest, LimitExceeded
 from ..status import abort_with_sync
+from ..undecodable import SyncDecodeErrorInterceptor
 from .classifier import DEFAULT_MAX_BATCH_TOKENS, MAX_GENERATION_TOKENS, ClassifierInput, ClassifierOutput
 
 log = logging.getLogger("refusal_audit.judge")
@@ -269,6 +270,7 @@ def start_judge_server(
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="judge-rpc"),
         maximum_concurrent_rpcs=max_workers,
+        interceptors=[SyncDecodeErrorInterceptor()],
         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)],
     )
     judge_pb2_grpc.add_JudgeServiceServicer_to_server(servicer, server)

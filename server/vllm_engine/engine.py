@@ -481,13 +481,17 @@ class VLLMEngine:
             raise RuntimeError("the sync Engine methods block: call them from a worker thread, not the engine's loop")
         return self._batch_ids(requests)
 
-    def _specs(self, requests: Sequence[Request], ids: list[list[int]]) -> tuple[list[dict[str, Any] | None], list[str | None]]:
-        """extra_args payloads and cache salts, after the HF engine's validation of the interventions."""
+    def _specs(
+        self, requests: Sequence[Request], ids: list[list[int]], generating: bool = False
+    ) -> tuple[list[dict[str, Any] | None], list[str | None]]:
+        """extra_args payloads and cache salts, after the HF engine's validation of the interventions
+        (`generating`: explicit positions may point at generated tokens, as in the HF engine)."""
         prompt_lens = [len(x) for x in ids]
+        seq_lens = [n + (r.sampling.max_new_tokens - 1 if generating else 0) for n, r in zip(prompt_lens, requests, strict=True)]
         # Validation (names the offending field exactly as the HF engine does); the plan is discarded.
         compile_plan(
             [r.interventions for r in requests], prompt_lens, self.saes, self.n_layers, self.d_model,
-            torch.device("cpu"), self.resolver, self.limits.max_latents_per_request,
+            torch.device("cpu"), self.resolver, self.limits.max_latents_per_request, seq_lens=seq_lens,
         )
         payloads: list[dict[str, Any] | None] = []
         salts: list[str | None] = []
@@ -569,7 +573,7 @@ class VLLMEngine:
                 if not 0 <= t < self.vocab_size:
                     raise InvalidRequest(f"items[{i}].sampling.stop_token_ids: unknown token id {t}")
             self._check_length(i, len(ids[i]), r.sampling.max_new_tokens)
-        payloads, salts = self._specs(requests, ids)
+        payloads, salts = self._specs(requests, ids, generating=True)
         stops = [set(self.eos_ids) | set(r.sampling.stop_token_ids) for r in requests]
         params = []
         for r, stop, payload in zip(requests, stops, payloads, strict=True):
