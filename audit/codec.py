@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidRequest
+
 
 def to_jsonable(obj: Any) -> Any:
     """Plain JSON values from nested results: numpy (and torch) scalars and arrays, tuples, sets
@@ -40,6 +42,12 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, np.generic) or (hasattr(obj, "item") and callable(obj.item)):  # numpy / torch scalars
         return to_jsonable(obj.item())
     return obj
+
+
+def reject_json_constant(constant: str, where: str) -> float:
+    """json.loads' parse_constant for request JSON: NaN / Infinity are not JSON (and would come back
+    in responses), so they are InvalidRequest naming the field."""
+    raise InvalidRequest(f"{where}: {constant} is not a JSON number (use a finite number or null)")
 
 
 def dumps(obj: Any, indent: int | None = None) -> str:

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from ..audit.codec import reject_json_constant
 from ..audit.engine import (
     Completion,
     EncodeResult,
@@ -71,11 +72,6 @@ def _build(cls: Any, where: str, **kwargs: Any) -> Any:
         return cls(**kwargs)
     except ValidationError as exc:
         raise InvalidRequest(validation_message(exc, where)) from None
-
-
-def reject_json_constant(constant: str, where: str) -> float:
-    """json.loads' parse_constant: NaN / Infinity are not JSON, and would come back in responses."""
-    raise InvalidRequest(f"{where}: {constant} is not a JSON number (use a finite number or null)")
 
 
 def parse_metadata(text: str, where: str = "metadata_json") -> dict[str, Any]:

@@ -30,9 +30,9 @@ from typing import Any, Literal, cast
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from ...audit.codec import reject_json_constant
 from ...audit.errors import InvalidRequest, NotFound, validation_message
 from ...audit.spec import AblateDirection, AblateLatents, Intervention, Request, SamplingParams, user_prompt
-from ...proto.convert import reject_json_constant
 
 Runner = Callable[[Any, Any, Any], "tuple[dict[str, Any], list[str]]"]
 
