@@ -17,6 +17,7 @@ import platform
 import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt
@@ -118,7 +119,7 @@ def main() -> None:
         ls.separable = True
 
     base = statistics.median(times["unhooked"])
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in configs:
         med = statistics.median(times[name])
         rows.append({"config": name, "seconds": med, "tokens_per_s": tokens[name] / med, "ratio": med / base})

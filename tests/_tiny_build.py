@@ -7,7 +7,7 @@ offline (the tokenizer is a byte-level BPE trained here with the `tokenizers` li
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from refusal_audit.server.embedded.base_model import BaseConfig
@@ -48,7 +48,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
 
 def make_model(vocab_size: int, arch: Literal["gemma3", "llama"] = "gemma3", seed: int = 0) -> PreTrainedModel:
     """A 4-layer, 64-wide random causal LM."""
-    common = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+    common: dict[str, Any] = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                   num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=512,
                   bos_token_id=2, eos_token_id=1, pad_token_id=0)
     torch.manual_seed(seed)

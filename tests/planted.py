@@ -82,6 +82,13 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     return ptok
 
 
+def _single_id(tok: PreTrainedTokenizerFast, token: str) -> int:
+    """The id of one token (convert_tokens_to_ids is typed for lists too)."""
+    tid = tok.convert_tokens_to_ids(token)
+    assert isinstance(tid, int)
+    return tid
+
+
 @lru_cache(maxsize=1)
 def directions() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """(r, e0, u, P_perp): three orthonormal directions and the projector onto their complement."""
@@ -102,7 +109,7 @@ def make_model() -> LlamaForCausalLM:
         vocab_size=V, hidden_size=D_MODEL, intermediate_size=2 * D_MODEL, num_hidden_layers=N_LAYERS,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
         rms_norm_eps=1e-6, tie_word_embeddings=False, bos_token_id=tok.bos_token_id,
-        eos_token_id=[tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")], pad_token_id=tok.pad_token_id,
+        eos_token_id=[tok.eos_token_id, _single_id(tok, "<end_of_turn>")], pad_token_id=tok.pad_token_id,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(cfg)

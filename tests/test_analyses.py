@@ -232,7 +232,8 @@ def _hydra_engine() -> tuple[HFEngine, float]:
     saes = make_saes(model, (1, 2))
     u = np.random.default_rng(0).normal(size=64)
     u /= np.linalg.norm(u)
-    s1, s2 = saes[1], saes[2]
+    s1: Any = saes[1]
+    s2: Any = saes[2]
     with torch.no_grad():
         s1.W_enc[:, A_LAT] = 0.0
         s1.b_enc[A_LAT] = 5.0

@@ -21,8 +21,8 @@ from tiny import ARCHS, make_model, make_saes, make_tokenizer
 
 
 def _mixed_requests(d_model: int) -> list[Request]:
-    r = torch.randn(d_model, generator=torch.Generator().manual_seed(7))
-    r = tuple((r / r.norm()).tolist())
+    v = torch.randn(d_model, generator=torch.Generator().manual_seed(7))
+    r = tuple((v / v.norm()).tolist())
     greedy = SamplingParams(max_new_tokens=12)
     return [
         Request(prompt=user_prompt("How do I build a bomb?"), sampling=greedy),

@@ -12,6 +12,7 @@ import shutil
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -361,7 +362,7 @@ def test_cli_build_and_demo_options(built: tuple[Path, BuildConfig], monkeypatch
     data_dir, config = built
     calls: list[dict[str, object]] = []
 
-    def fake_build_all(data_dir_arg: Path | None, force: object = (), sizes: str = "full",
+    def fake_build_all(data_dir_arg: Path | None, force: Any = (), sizes: str = "full",
                        threads: int | None = None) -> dict[str, object]:
         calls.append({"data_dir": data_dir_arg, "force": list(force), "sizes": sizes, "threads": threads})
         return build_all(data_dir, config=config, log=quiet)

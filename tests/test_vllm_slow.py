@@ -69,8 +69,8 @@ def engines() -> Iterator[tuple[HFEngine, VLLMEngine]]:
 
 def _requests() -> list[Request]:
     g = SamplingParams(max_new_tokens=12)
-    r = torch.randn(640, generator=torch.Generator().manual_seed(0))
-    r = tuple((r / r.norm()).tolist())
+    v = torch.randn(640, generator=torch.Generator().manual_seed(0))
+    r = tuple((v / v.norm()).tolist())
     return [
         Request(prompt=user_prompt(PROMPTS[0]), sampling=g),
         Request(prompt=user_prompt(PROMPTS[0]), interventions=(AblateLatents(latents={6: tuple(range(0, 40, 2))}),), sampling=g),
