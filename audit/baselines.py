@@ -44,7 +44,16 @@ from .stage3 import (
     rankings_to_arrays,
     resolve_layers,
 )
-from .stage_utils import Latent, as_prompt, chunks, fingerprint, latents_to_dict
+from .stage_utils import (
+    Latent,
+    as_prompt,
+    chunks,
+    fingerprint,
+    latents_to_dict,
+    restore_items,
+    resumed,
+    save_fingerprinted,
+)
 
 # ---------------------------------------------------------------------------- shared
 
@@ -298,13 +307,9 @@ def run_random_baseline(engine: Engine, stage2: Any, cfg: RandomConfig, ctx: Sta
     items = Stage2Sets.from_result(stage2).selected(cfg.only_jailbroken, cfg.max_prompts)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     cfg_fp = cfg.model_dump_json(exclude={"stage2_job_id", "batch_size", "max_prompts"})
-    done: dict[int, RandomPrompt] = {}
     fps = {it.index: fingerprint([it.prompt, str(it.pairs()), cfg_fp]) for it in items}
-    for it in items:
-        got = ctx.checkpoint(f"random/prompt/{it.index}")
-        if got is not None and got.get("fingerprint") == fps[it.index]:
-            r = got["result"]
-            done[it.index] = RandomPrompt(r["index"], r["prompt"], r["stage2_size"], r["n_active"], r["draws"])
+    done = restore_items(ctx, "random/prompt", fps, lambda r: RandomPrompt(
+        r["index"], r["prompt"], r["stage2_size"], r["n_active"], r["draws"]))
     pending = [it for it in items if it.index not in done]
     ctx.progress("random_baseline", len(done), len(items))
     for group in chunks(pending, cfg.batch_size):
@@ -330,7 +335,7 @@ def run_random_baseline(engine: Engine, stage2: Any, cfg: RandomConfig, ctx: Sta
                      for (jt, _, s, short), c, b in zip(todo, comps, jb, strict=True) if jt.index == it.index]
             rp = RandomPrompt(it.index, it.prompt, len(it.pairs()), len(counts), draws)
             done[it.index] = rp
-            ctx.save_checkpoint(f"random/prompt/{it.index}", {"fingerprint": fps[it.index], "result": rp.to_json()})
+            save_fingerprinted(ctx, f"random/prompt/{it.index}", fps[it.index], result=rp.to_json())
         ctx.progress("random_baseline", len(done), len(items))
     return RandomResult([done[it.index] for it in items], cfg.n_draws, cfg.model_dump(mode="json"),
                         time.perf_counter() - t0)
@@ -421,8 +426,8 @@ def run_obrien_baseline(engine: Engine, prompts: Sequence[str] | Any, cfg: Obrie
     done: dict[int, dict[str, Any]] = {}
     sat_total = 0
     for i, text in texts:
-        got = ctx.checkpoint(f"obrien/prompt/{i}")
-        if got is not None and got.get("fingerprint") == fingerprint([text, cfg_fp]):
+        got = resumed(ctx, f"obrien/prompt/{i}", fingerprint([text, cfg_fp]))
+        if got is not None:
             done[i] = got["result"]
             sat_total += int(got.get("saturated", 0))
     pending = [(i, t) for i, t in texts if i not in done]
@@ -461,8 +466,7 @@ def run_obrien_baseline(engine: Engine, prompts: Sequence[str] | Any, cfg: Obrie
             if cfg.check_baseline:
                 done[i]["baseline_jailbroken"], done[i]["baseline_completion"] = verdict[(i, ())]
             sat_total += sat
-            ctx.save_checkpoint(f"obrien/prompt/{i}", {"fingerprint": fingerprint([text, cfg_fp]), "result": done[i],
-                                                       "saturated": sat})
+            save_fingerprinted(ctx, f"obrien/prompt/{i}", fingerprint([text, cfg_fp]), result=done[i], saturated=sat)
         ctx.progress("obrien_baseline", len(done), len(texts))
     return ObrienResult([done[i] for i, _ in texts], cfg.ks, layers, sat_total, cfg.model_dump(mode="json"),
                         time.perf_counter() - t0)

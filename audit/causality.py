@@ -29,7 +29,7 @@ from .engine import Engine
 from .judges import JudgeItem
 from .spec import Request, SamplingParams
 from .stage3 import Stage2Sets, SweepPrompt, ablate, chosen_latents, rankings_from
-from .stage_utils import Latent, as_prompt, chunks, fingerprint
+from .stage_utils import Latent, as_prompt, chunks, fingerprint, restore_items, save_fingerprinted
 
 STAGE = "causality"
 
@@ -132,11 +132,7 @@ def run_causality(engine: Engine, stage2: Any, stage3: Any, cfg: CausalityConfig
     thr = cfg.active_threshold
     cfg_fp = cfg.model_dump_json(include={"active_threshold", "chat", "max_new_tokens"})
     fps = {i: fingerprint([s2[i].prompt, str(s2[i].pairs()), str(s3), cfg_fp]) for i, _, s3 in items}
-    done: dict[int, CausalityPrompt] = {}
-    for i, _, _ in items:
-        got = ctx.checkpoint(f"causality/prompt/{i}")
-        if got is not None and got.get("fingerprint") == fps[i]:
-            done[i] = CausalityPrompt.from_json(got["result"])
+    done = restore_items(ctx, "causality/prompt", fps, CausalityPrompt.from_json)
     ctx.progress(STAGE, len(done), len(items))
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     pending = [x for x in items if x[0] not in done]
@@ -169,6 +165,6 @@ def run_causality(engine: Engine, stage2: Any, stage3: Any, cfg: CausalityConfig
                                  len(per) - len(on), float(np.mean([d["drop"] for d in on])) if on else None,
                                  per, c.text)
             done[i] = cp
-            ctx.save_checkpoint(f"causality/prompt/{i}", {"fingerprint": fps[i], "result": cp.to_json()})
+            save_fingerprinted(ctx, f"causality/prompt/{i}", fps[i], result=cp.to_json())
         ctx.progress(STAGE, len(done), len(items))
     return CausalityResult([done[i] for i, _, _ in items], cfg.model_dump(mode="json"), time.perf_counter() - t0)

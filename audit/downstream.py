@@ -35,7 +35,16 @@ from .datasets import DatasetUnavailable, load_prompts
 from .engine import Engine
 from .spec import AblateDirection, Intervention, Request, SamplingParams
 from .stage3 import Stage2Sets, ablate, rankings_from
-from .stage_utils import Latent, as_prompt, chunks, fingerprint, generate_batched, latents_to_dict
+from .stage_utils import (
+    Latent,
+    as_prompt,
+    chunks,
+    fingerprint,
+    generate_batched,
+    latents_to_dict,
+    resumed,
+    save_fingerprinted,
+)
 
 STAGE = "downstream"
 
@@ -189,14 +198,14 @@ def run_downstream(engine: Engine, cfg: DownstreamConfig, ctx: StageContext, dir
         source = "reference"
     else:
         key = fingerprint([*instructions, str(cfg.answer_max_new_tokens), str(cfg.chat)])
-        got = ctx.checkpoint("downstream/answers")
-        if got is not None and got.get("fingerprint") == key:
+        got = resumed(ctx, "downstream/answers", key)
+        if got is not None:
             answers = list(got["answers"])
         else:
             sp = SamplingParams(max_new_tokens=cfg.answer_max_new_tokens)
             comps = generate_batched(engine, [Request(prompt=p, sampling=sp) for p in prompts], cfg.batch_size)
             answers = [c.text for c in comps]
-            ctx.save_checkpoint("downstream/answers", {"fingerprint": key, "answers": answers})
+            save_fingerprinted(ctx, "downstream/answers", key, answers=answers)
         source = "model_greedy"
     # general text sample
     general_note = None
@@ -232,13 +241,12 @@ def run_downstream(engine: Engine, cfg: DownstreamConfig, ctx: StageContext, dir
             ctx.check_cancelled()
             key = f"downstream/{name}/{cond}"
             fp = fingerprint([data_fp, json.dumps([iv.model_dump(mode="json") for iv in ivs], sort_keys=True)])
-            got = ctx.checkpoint(key)
-            if got is not None and got.get("fingerprint") == fp:
+            got = resumed(ctx, key, fp)
+            if got is not None:
                 stats[cond] = CEStats(list(got["per_text"]), list(got["n_tokens"]))
             else:
                 stats[cond] = ce(engine, ps, cs, ivs, cfg.batch_size)
-                ctx.save_checkpoint(key, {"fingerprint": fp, "per_text": stats[cond].per_text,
-                                          "n_tokens": stats[cond].n_tokens})
+                save_fingerprinted(ctx, key, fp, per_text=stats[cond].per_text, n_tokens=stats[cond].n_tokens)
             n_done += 1
             ctx.progress(STAGE, n_done, total, {"sample": name, "condition": cond, "mean": stats[cond].mean})
         set_means = [stats[c].mean for c, _ in conditions if c.startswith("set/")]

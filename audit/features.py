@@ -27,7 +27,7 @@ import numpy as np
 from .engine import Engine
 from .fm import SparseRows
 from .spec import Prompt, Request
-from .stage_utils import chunks, fingerprint
+from .stage_utils import chunks, fingerprint, resumed, save_fingerprinted
 
 Transform = Literal["raw", "maxabs", "log1p", "binary"]
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -95,9 +95,9 @@ def encode_checkpointed(engine: Engine, prompts: Sequence[Prompt], texts: Sequen
     batches = list(chunks(list(range(len(prompts))), batch_size))
     for j, idx in enumerate(batches):
         fp = fingerprint([*(texts[i] for i in idx), str(list(layers)), str(n_positions), str(top_k)])
-        got = ctx.checkpoint(f"{key}/batch/{j}")
+        got = resumed(ctx, f"{key}/batch/{j}", fp)
         loaded = None
-        if got is not None and got.get("fingerprint") == fp and os.path.isfile(got.get("path", "")):
+        if got is not None and os.path.isfile(got.get("path", "")):
             with np.load(got["path"]) as z:
                 lens = z["lens"]
                 bounds = np.concatenate([[0], np.cumsum(lens)])
@@ -111,7 +111,7 @@ def encode_checkpointed(engine: Engine, prompts: Sequence[Prompt], texts: Sequen
                      values=np.concatenate([e.values for e in loaded]),
                      lens=np.array([len(e.keys) for e in loaded], np.int64),
                      saturated=np.array([e.saturated for e in loaded], np.int64))
-            ctx.save_checkpoint(f"{key}/batch/{j}", {"fingerprint": fp, "path": str(path)})
+            save_fingerprinted(ctx, f"{key}/batch/{j}", fp, path=str(path))
         examples.extend(loaded)
         ctx.progress(stage, min(len(prompts), (j + 1) * batch_size), len(prompts))
     return examples

@@ -34,7 +34,16 @@ from .context import StageContext
 from .engine import EncodeResult, Engine
 from .spec import ClampLatents, Request, SamplingParams, TokenScope
 from .stage3 import Stage2Item, Stage2Sets, ablate, chosen_latents, judge_texts
-from .stage_utils import Latent, as_prompt, chunks, fingerprint, latents_to_dict
+from .stage_utils import (
+    Latent,
+    as_prompt,
+    chunks,
+    fingerprint,
+    latents_to_dict,
+    restore_items,
+    resumed,
+    save_fingerprinted,
+)
 
 STAGE = "hydra"
 BENIGN_PROMPTS = [
@@ -247,18 +256,14 @@ def run_hydra(engine: Engine, stage2: Any, cfg: HydraConfig, ctx: StageContext) 
     items = Stage2Sets.from_result(stage2).selected(cfg.only_jailbroken, cfg.max_prompts)
     cfg_fp = cfg.model_dump_json(include={"active_threshold", "chat", "max_new_tokens"})
     fps = {it.index: fingerprint([it.prompt, str(it.pairs()), str(it.jailbroken), cfg_fp]) for it in items}
-    done: dict[int, HydraPrompt] = {}
-    for it in items:
-        got = ctx.checkpoint(f"hydra/prompt/{it.index}")
-        if got is not None and got.get("fingerprint") == fps[it.index]:
-            done[it.index] = HydraPrompt.from_json(got["result"])
+    done = restore_items(ctx, "hydra/prompt", fps, HydraPrompt.from_json)
     ctx.progress(STAGE, len(done), len(items))
     pending = [it for it in items if it.index not in done]
     for group in chunks(pending, cfg.batch_size):
         ctx.check_cancelled()
         for hp in _analyse_group(engine, list(group), cfg, ctx):
             done[hp.index] = hp
-            ctx.save_checkpoint(f"hydra/prompt/{hp.index}", {"fingerprint": fps[hp.index], "result": hp.to_json()})
+            save_fingerprinted(ctx, f"hydra/prompt/{hp.index}", fps[hp.index], result=hp.to_json())
         ctx.progress(STAGE, len(done), len(items))
     result = HydraResult([done[it.index] for it in items], {}, cfg.model_dump(mode="json"))
     if cfg.clamp:
@@ -275,14 +280,14 @@ def run_hydra(engine: Engine, stage2: Any, cfg: HydraConfig, ctx: StageContext) 
         else:
             fp = fingerprint([str(lat), str(cfg.clamp_prompts), str(cfg.clamp_values), str(cfg.clamp_max_new_tokens),
                               str(cfg.chat)])
-            got = ctx.checkpoint("hydra/clamp")
-            if got is not None and got.get("fingerprint") == fp:
+            got = resumed(ctx, "hydra/clamp", fp)
+            if got is not None:
                 clamp["rows"] = got["rows"]
             else:
                 ctx.check_cancelled()
                 clamp["rows"] = clamp_table(engine, lat, cfg.clamp_prompts, cfg.clamp_values, cfg.chat,
                                             cfg.clamp_max_new_tokens, cfg.batch_size)
-                ctx.save_checkpoint("hydra/clamp", {"fingerprint": fp, "rows": clamp["rows"]})
+                save_fingerprinted(ctx, "hydra/clamp", fp, rows=clamp["rows"])
         result.clamp = clamp
     result.wall_s = time.perf_counter() - t0
     return result

@@ -55,6 +55,8 @@ from .stage_utils import (
     refusal_score,
     refusal_token_ids,
     residuals_batched,
+    resumed,
+    save_fingerprinted,
     score_batched,
 )
 
@@ -266,8 +268,8 @@ def _baseline_filter(engine: Engine, sets: dict[str, list[str]], toks: list[int]
     """Arditi's filter: keep harmful prompts with refusal score > 0 and harmless ones with < 0."""
     key = "direction/baseline"
     fp = fingerprint([p for k in sorted(sets) for p in sets[k]])
-    saved = ctx.checkpoint(key)
-    if saved is None or saved.get("fingerprint") != fp:
+    saved = resumed(ctx, key, fp)
+    if saved is None:
         scores: dict[str, list[float]] = {}
         for name, texts in sets.items():
             res = score_batched(engine, [Request(prompt=as_prompt(t, cfg.chat)) for t in texts], toks, cfg.batch_size)
@@ -325,8 +327,8 @@ def compute_refusal_direction(
     fp = fingerprint(sets["harmful_train"] + ["|"] + sets["harmless_train"] + [str(layers), str(positions)])
     means_path = Path(ctx.out_dir) / f"direction_mean_diffs_{fp}.npy"
     rms_path = Path(ctx.out_dir) / f"direction_rms_{fp}.npy"
-    saved = ctx.checkpoint("direction/means")
-    if (saved is not None and saved.get("fingerprint") == fp and Path(saved["path"]).is_file()
+    saved = resumed(ctx, "direction/means", fp)
+    if (saved is not None and Path(saved["path"]).is_file()
             and Path(saved.get("rms_path", "")).is_file()):
         diffs, rms = np.load(saved["path"]), np.load(saved["rms_path"])
     else:
@@ -335,7 +337,7 @@ def compute_refusal_direction(
         means_path.parent.mkdir(parents=True, exist_ok=True)
         np.save(means_path, diffs)
         np.save(rms_path, rms)
-        ctx.save_checkpoint("direction/means", {"fingerprint": fp, "path": str(means_path), "rms_path": str(rms_path)})
+        save_fingerprinted(ctx, "direction/means", fp, path=str(means_path), rms_path=str(rms_path))
     masks = (np.broadcast_to(outlier_mask(rms, cfg.outlier_ratio)[:, None, :], diffs.shape)
              if cfg.outlier_dims == "mask" else np.zeros(diffs.shape, bool))
     diffs = np.where(masks, np.float32(0.0), diffs)
@@ -350,8 +352,8 @@ def compute_refusal_direction(
                         cfg.outlier_dims, str(cfg.outlier_ratio)])
     pending = []
     for li, pi in to_eval:
-        got = ctx.checkpoint(f"direction/candidate/{layers[li]}/{positions[pi]}")
-        if got is not None and got.get("fingerprint") == fp_c:
+        got = resumed(ctx, f"direction/candidate/{layers[li]}/{positions[pi]}", fp_c)
+        if got is not None:
             scores[(li, pi)] = got
         else:
             pending.append((li, pi))

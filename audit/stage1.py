@@ -34,7 +34,7 @@ from .datasets import load_prompts
 from .engine import Engine
 from .judges import JudgeItem
 from .spec import AblateLatents, Request, SamplingParams
-from .stage_utils import as_prompt, fingerprint, generate_batched
+from .stage_utils import as_prompt, fingerprint, generate_batched, restore_items, resumed, save_fingerprinted
 
 STAGE = "stage1"
 
@@ -198,18 +198,14 @@ def run_stage1(
         verdicts = ctx.judge.judge([JudgeItem(behavior=prompts[i], generation=g) for i, g in items])
         return [v.jailbroken for v in verdicts]
 
-    results: dict[int, Stage1Prompt] = {}
-    for i in range(len(prompts)):
-        got = ctx.checkpoint(f"stage1/prompt/{i}")
-        if got is not None and got.get("fingerprint") == fp:
-            results[i] = Stage1Prompt.from_json(got["result"])
+    results = restore_items(ctx, "stage1/prompt", dict.fromkeys(range(len(prompts)), fp), Stage1Prompt.from_json)
 
     def finish(r: Stage1Prompt) -> None:
         results[r.index] = r
-        ctx.save_checkpoint(f"stage1/prompt/{r.index}", {"fingerprint": fp, "result": r.to_json()})
+        save_fingerprinted(ctx, f"stage1/prompt/{r.index}", fp, result=r.to_json())
 
-    state = ctx.checkpoint("stage1/state")
-    if state is None or state.get("fingerprint") != fp:
+    state = resumed(ctx, "stage1/state", fp)
+    if state is None:
         state = {"fingerprint": fp, "next_k": None, "baseline": {}}
     baseline: dict[str, str] = dict(state["baseline"])
     calls: dict[int, int] = {i: 0 for i in range(len(prompts))}

@@ -78,6 +78,8 @@ from .stage_utils import (
     latents_to_dict,
     refusal_prob,
     refusal_token_ids,
+    restore_items,
+    save_fingerprinted,
 )
 
 STAGE = "stage2"
@@ -330,18 +332,14 @@ def run_stage2(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage
     cfg_fp = cfg.model_dump_json(include={"block_size", "taus", "seeds", "reading", "partial_last_block", "selection",
                                           "refusal_token_ids", "chat", "max_new_tokens"})  # what changes results
     fps = {i: fingerprint([text, str(pool), cfg_fp, str(toks)]) for i, text, pool in items}
-    done: dict[int, Stage2Prompt] = {}
-    for i, _, _ in items:
-        got = ctx.checkpoint(f"stage2/prompt/{i}")
-        if got is not None and got.get("fingerprint") == fps[i]:
-            done[i] = Stage2Prompt.from_json(got["result"])
+    done = restore_items(ctx, "stage2/prompt", fps, Stage2Prompt.from_json)
     pending = [it for it in items if it[0] not in done]
     ctx.progress(STAGE, len(done), len(items))
     for group in chunks(pending, cfg.prompts_per_group):
         ctx.check_cancelled()
         for res in _run_group(engine, list(group), cfg, toks, ctx):
             done[res.index] = res
-            ctx.save_checkpoint(f"stage2/prompt/{res.index}", {"fingerprint": fps[res.index], "result": res.to_json()})
+            save_fingerprinted(ctx, f"stage2/prompt/{res.index}", fps[res.index], result=res.to_json())
             ctx.progress(STAGE, len(done), len(items),
                          {"index": res.index, "final_size": len(res.final_latents), "jailbroken": res.jailbroken})
     result = Stage2Result([done[i] for i, _, _ in items], config=cfg.model_dump(mode="json"))

@@ -53,7 +53,17 @@ from .features import (
 from .fm import FactorizationMachine, TrainConfig, TrainResult, train_fm
 from .judges import JudgeItem
 from .spec import AblateLatents, Request, SamplingParams
-from .stage_utils import Latent, as_prompt, chunks, dict_to_latents, fingerprint, latents_to_dict
+from .stage_utils import (
+    Latent,
+    as_prompt,
+    chunks,
+    dict_to_latents,
+    fingerprint,
+    latents_to_dict,
+    restore_items,
+    resumed,
+    save_fingerprinted,
+)
 
 STAGE = "stage3"
 Similarity = Literal["max", "mean", "centroid"]
@@ -210,11 +220,7 @@ def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[i
     sweep_fp = cfg.model_dump_json(exclude={"batch_size", "prompts_per_group"})
     fps = {it.index: fingerprint([it.prompt, str(it.pairs()), str(rankings.get(it.index, [])[: max(cfg.ks)]),
                                   sweep_fp]) for it in items}
-    done: dict[int, SweepPrompt] = {}
-    for it in items:
-        got = ctx.checkpoint(f"{key}/prompt/{it.index}")
-        if got is not None and got.get("fingerprint") == fps[it.index]:
-            done[it.index] = SweepPrompt.from_json(got["result"])
+    done = restore_items(ctx, f"{key}/prompt", fps, SweepPrompt.from_json)
     ctx.progress(stage, len(done), len(items))
     pending = [it for it in items if it.index not in done]
     for group in chunks(pending, cfg.prompts_per_group):
@@ -265,7 +271,7 @@ def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[i
                 outcomes.append(KOutcome(k, n, b, text if cfg.keep_completions else ""))
             res = SweepPrompt(it.index, it.prompt, len(it.pairs()), len(rankings.get(it.index, [])), outcomes)
             done[it.index] = res
-            ctx.save_checkpoint(f"{key}/prompt/{it.index}", {"fingerprint": fps[it.index], "result": res.to_json()})
+            save_fingerprinted(ctx, f"{key}/prompt/{it.index}", fps[it.index], result=res.to_json())
             ctx.progress(stage, len(done), len(items), {"index": it.index, "first_jailbreak_k": res.first_jailbreak_k})
     return {it.index: done[it.index] for it in items}
 
@@ -530,8 +536,8 @@ def rankings_from(obj: Any) -> dict[int, list[Latent]]:
 
 
 def _train_or_restore(ds: FeatureDataset, cfg: Stage3Config, ctx: StageContext, fp: str) -> tuple[TrainResult | None, FactorizationMachine, dict[str, Any]]:
-    got = ctx.checkpoint("stage3/fm")
-    if got is not None and got.get("fingerprint") == fp and Path(got.get("path", "")).is_file():
+    got = resumed(ctx, "stage3/fm", fp)
+    if got is not None and Path(got.get("path", "")).is_file():
         with np.load(got["path"]) as z:
             model = FactorizationMachine(ds.n_features, cfg.embedding_dim)
             model.load_state_dict({"w0": torch.from_numpy(z["w0"]).reshape(()), "w": torch.from_numpy(z["w"]),
@@ -546,7 +552,7 @@ def _train_or_restore(ds: FeatureDataset, cfg: Stage3Config, ctx: StageContext, 
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
     np.savez(path, w0=sd["w0"].reshape(1), w=sd["w"], V=sd["V"])
     metrics = res.metrics()
-    ctx.save_checkpoint("stage3/fm", {"fingerprint": fp, "path": str(path), "metrics": metrics})
+    save_fingerprinted(ctx, "stage3/fm", fp, path=str(path), metrics=metrics)
     return res, model, metrics
 
 

@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 
 from .engine import Completion, Engine, ScoreResult
 from .spec import Prompt, Request, user_prompt
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .context import StageContext
+
+T = TypeVar("T")
 
 Latent = tuple[int, int]  # (layer, latent id)
 EPS = 1e-8
@@ -94,6 +99,33 @@ def fingerprint(texts: Sequence[str]) -> str:
         h.update(t.encode())
         h.update(b"\x00")
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- the fingerprint-checkpoint-resume loop
+# Every stage checkpoints a finished unit of work as {"fingerprint": fp, ...fields} and, on a resume,
+# reuses it only when the fingerprint of its inputs is the same (docs/jobs.md).
+
+
+def resumed(ctx: StageContext, key: str, fp: str) -> dict[str, Any] | None:
+    """The checkpoint under `key` when it was made from the same inputs (fingerprint `fp`), else None."""
+    got = ctx.checkpoint(key)
+    return got if got is not None and got.get("fingerprint") == fp else None
+
+
+def save_fingerprinted(ctx: StageContext, key: str, fp: str, **fields: Any) -> None:
+    """Commit `fields` under `key` with the fingerprint of the inputs they were computed from."""
+    ctx.save_checkpoint(key, {"fingerprint": fp, **fields})
+
+
+def restore_items(ctx: StageContext, prefix: str, fps: Mapping[int, str], load: Callable[[Any], T]) -> dict[int, T]:
+    """Per-item resume: ``load(result)`` for every item i whose checkpoint ``{prefix}/{i}`` has
+    fingerprint ``fps[i]`` (the others are still to do; save them with `save_fingerprinted`)."""
+    done: dict[int, T] = {}
+    for i, fp in fps.items():
+        got = resumed(ctx, f"{prefix}/{i}", fp)
+        if got is not None:
+            done[i] = load(got["result"])
+    return done
 
 
 class Timer:

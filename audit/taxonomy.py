@@ -38,7 +38,7 @@ from .datasets import DatasetUnavailable
 from .engine import Engine
 from .spec import Request
 from .stage3 import Stage2Sets, chosen_latents, rankings_from
-from .stage_utils import Latent, as_prompt, chunks, dict_to_latents, fingerprint
+from .stage_utils import Latent, as_prompt, chunks, dict_to_latents, fingerprint, resumed, save_fingerprinted
 
 STAGE = "taxonomy"
 SAFETY_CATEGORY = "Requests with safety concerns"
@@ -206,8 +206,8 @@ def run_taxonomy(engine: Engine, latents: Sequence[Latent] | dict[int, Sequence[
     cfg_fp = cfg.model_dump_json(include={"active_threshold", "token_scope", "chat"})
     for j, idx in enumerate(batches):
         fp = fingerprint([*(rows[i]["prompt"] for i in idx), str(lat), cfg_fp])
-        got = ctx.checkpoint(f"taxonomy/batch/{j}")
-        if got is not None and got.get("fingerprint") == fp:
+        got = resumed(ctx, f"taxonomy/batch/{j}", fp)
+        if got is not None:
             active_lists = got["active"]
         else:
             ctx.check_cancelled()
@@ -221,7 +221,7 @@ def run_taxonomy(engine: Engine, latents: Sequence[Latent] | dict[int, Sequence[
                 vals = np.concatenate([np.asarray(r.layers[ly].values)[lo:hi] for ly in chosen], axis=1)
                 on = vals.max(axis=0) > cfg.active_threshold
                 active_lists.append([int(x) for x in np.flatnonzero(on[order])])
-            ctx.save_checkpoint(f"taxonomy/batch/{j}", {"fingerprint": fp, "active": active_lists})
+            save_fingerprinted(ctx, f"taxonomy/batch/{j}", fp, active=active_lists)
         for i, act in zip(idx, active_lists, strict=True):
             counts[act, cat_idx[rows[i]["subcategory"]]] += 1
         ctx.progress(STAGE, min(len(rows), (j + 1) * cfg.batch_size), len(rows))
