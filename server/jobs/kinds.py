@@ -102,7 +102,8 @@ def _check_artifact(env: CheckEnv, field_name: str, artifact_id: str | None, kin
         raise InvalidRequest(f"config.{field_name}: artifact {artifact_id!r} is a {rec.kind}, not a {kind}")
 
 
-def _check_job(env: CheckEnv, field_name: str, job_id: str | None, kinds: tuple[str, ...]) -> None:
+def check_job(env: CheckEnv, field_name: str, job_id: str | None, kinds: tuple[str, ...]) -> None:
+    """Submit-time check that `job_id` (when given) names a job of one of `kinds`."""
     if not job_id:
         return
     try:
@@ -240,12 +241,12 @@ def _direction_config() -> type[BaseModel]:
 def _run_direction(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     """`audit.refusal_direction.run_refusal_direction`; its arrays go to safetensors."""
     res = _direction_run(engine, cfg, ctx)
-    out = _result_dict(res)
+    out = result_dict(res)
     ids = [res.direction_id] if getattr(res, "direction_id", None) else []
     return out, ids
 
 
-def _result_dict(res: Any) -> dict[str, Any]:
+def result_dict(res: Any) -> dict[str, Any]:
     """A stage result object -> dict: `to_json()` plus `arrays()` (numpy, stored as safetensors)."""
     out = dict(res.to_json()) if hasattr(res, "to_json") else dict(res)
     if hasattr(res, "arrays"):
@@ -253,7 +254,7 @@ def _result_dict(res: Any) -> dict[str, Any]:
     return out
 
 
-def _part(result: dict[str, Any], name: str) -> dict[str, Any]:
+def part(result: dict[str, Any], name: str) -> dict[str, Any]:
     """One part ("direction", "stage1") of a chain job's result, or a single-stage job's result."""
     if "kind" not in result and isinstance(result.get(name), dict):
         return dict(result[name])
@@ -271,7 +272,7 @@ def _direction_vector(ctx: Any, cfg: Any) -> np.ndarray:
         if getattr(rec, "direction", None) is None:
             raise ValueError(f"direction_id: {cfg.direction_id!r} is not a direction")
         return np.asarray(rec.direction, dtype=np.float32)
-    d = _part(ctx.job_result(cfg.direction_job_id), "direction")
+    d = part(ctx.job_result(cfg.direction_job_id), "direction")
     arrays = d.get("arrays") or {}
     return np.asarray(arrays.get("direction", d["direction"]), dtype=np.float32)
 
@@ -298,7 +299,7 @@ def _stage1_config() -> type[BaseModel]:
 
 def _check_stage1(cfg: Any, env: CheckEnv) -> None:
     _check_artifact(env, "direction_id", cfg.direction_id, "direction")
-    _check_job(env, "direction_job_id", cfg.direction_job_id, ("refusal_direction", "chain"))
+    check_job(env, "direction_job_id", cfg.direction_job_id, ("refusal_direction", "chain"))
     if cfg.direction is not None and env.engine is not None and hasattr(env.engine, "info"):
         d = env.engine.info.d_model
         if len(cfg.direction) != d:
@@ -315,7 +316,7 @@ def _stage1(engine: Any, cfg: Any, direction: np.ndarray, ctx: Any) -> Any:
 
 def _run_stage1(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     res = _stage1(engine, cfg, _direction_vector(ctx, cfg), ctx)
-    return _result_dict(res), []
+    return result_dict(res), []
 
 
 @lru_cache(maxsize=1)
@@ -336,7 +337,7 @@ def _stage2_config() -> type[BaseModel]:
 
 
 def _check_stage2(cfg: Any, env: CheckEnv) -> None:
-    _check_job(env, "stage1_job_id", cfg.stage1_job_id, ("stage1", "chain"))
+    check_job(env, "stage1_job_id", cfg.stage1_job_id, ("stage1", "chain"))
 
 
 def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
@@ -346,9 +347,9 @@ def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
 
 
 def _run_stage2(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    s1 = cfg.stage1_result if cfg.stage1_result is not None else _part(ctx.job_result(cfg.stage1_job_id), "stage1")
+    s1 = cfg.stage1_result if cfg.stage1_result is not None else part(ctx.job_result(cfg.stage1_job_id), "stage1")
     res = _stage2(engine, cfg, s1, ctx)
-    return _result_dict(res), []
+    return result_dict(res), []
 
 
 # ---------------------------------------------------------------------------- chain
@@ -371,7 +372,7 @@ def _run_chain(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
 
     res = run_chain(engine, None, None, cfg, ctx, decoder_weights(engine))
     out = dict(res.to_json())
-    out["direction"] = _result_dict(res.direction)
+    out["direction"] = result_dict(res.direction)
     return out, []
 
 

@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel
 
-from ...audit.errors import InvalidRequest, NotFound
-from .kinds import CheckEnv, JobKind, register_kind
+from ...audit.errors import InvalidRequest
+from .kinds import CheckEnv, JobKind, check_job, part, register_kind, result_dict
 
 STAGE2_KINDS = ("stage2", "chain")
 STAGE3_KINDS = ("stage3",)
@@ -42,37 +42,11 @@ DIRECTION_KINDS = ("refusal_direction", "chain")
 # ---------------------------------------------------------------------------- helpers
 
 
-def result_dict(res: Any) -> dict[str, Any]:
-    """`to_json()` plus `arrays()` (numpy, stored as safetensors) under "arrays"."""
-    out = dict(res.to_json()) if hasattr(res, "to_json") else dict(res)
-    if hasattr(res, "arrays"):
-        out["arrays"] = {k: np.asarray(v) for k, v in res.arrays().items()}
-    return out
-
-
-def part(result: dict[str, Any], name: str) -> dict[str, Any]:
-    """One stage of a chain job's result (no top-level "kind"), or a single-stage result."""
-    if "kind" not in result and isinstance(result.get(name), dict):
-        return dict(result[name])
-    return result
-
-
 def _need(cfg: Any, field: str, why: str) -> str:
     val = getattr(cfg, field, None)
     if not val:
         raise InvalidRequest(f"config.{field}: required ({why})")
     return str(val)
-
-
-def _check_job(env: CheckEnv, field: str, job_id: str | None, kinds: tuple[str, ...]) -> None:
-    if not job_id:
-        return
-    try:
-        got = env.job_kind(job_id)
-    except NotFound:
-        raise InvalidRequest(f"config.{field}: job {job_id!r} not found") from None
-    if got not in kinds:
-        raise InvalidRequest(f"config.{field}: job {job_id!r} is a {got!r} job, expected {' or '.join(kinds)}")
 
 
 def _check_max_new_tokens(env: CheckEnv, *values: int) -> None:
@@ -103,8 +77,8 @@ def _stage3_config() -> type[BaseModel]:
 
 def _check_stage3(cfg: Any, env: CheckEnv) -> None:
     _need(cfg, "stage2_job_id", "the stage-2 sets to extend")
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    _check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
     _check_max_new_tokens(env, cfg.sweep.max_new_tokens)
 
 
@@ -126,9 +100,9 @@ def _probe_config() -> type[BaseModel]:
 
 def _check_probe(cfg: Any, env: CheckEnv) -> None:
     _need(cfg, "stage2_job_id", "the stage-2 sets the top-K latents are added to")
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    _check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
-    _check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+    check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
     _check_max_new_tokens(env, cfg.sweep.max_new_tokens)
 
 
@@ -149,7 +123,7 @@ def _random_config() -> type[BaseModel]:
 
 def _check_random(cfg: Any, env: CheckEnv) -> None:
     _need(cfg, "stage2_job_id", "the set sizes to match")
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
     _check_max_new_tokens(env, cfg.max_new_tokens)
 
 
@@ -166,7 +140,7 @@ def _obrien_config() -> type[BaseModel]:
 
 
 def _check_obrien(cfg: Any, env: CheckEnv) -> None:
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
     _check_max_new_tokens(env, cfg.max_new_tokens)
 
 
@@ -188,7 +162,7 @@ def _hydra_config() -> type[BaseModel]:
 
 def _check_hydra(cfg: Any, env: CheckEnv) -> None:
     _need(cfg, "stage2_job_id", "the stage-2 sets to analyse")
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
     _check_max_new_tokens(env, cfg.max_new_tokens, cfg.clamp_max_new_tokens)
 
 
@@ -207,8 +181,8 @@ def _causality_config() -> type[BaseModel]:
 def _check_causality(cfg: Any, env: CheckEnv) -> None:
     _need(cfg, "stage2_job_id", "the stage-2 sets")
     _need(cfg, "stage3_job_id", "the stage-3 rankings")
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    _check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
     _check_max_new_tokens(env, cfg.max_new_tokens)
 
 
@@ -229,9 +203,9 @@ def _downstream_config() -> type[BaseModel]:
 
 
 def _check_downstream(cfg: Any, env: CheckEnv) -> None:
-    _check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    _check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+    check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
     if cfg.latent_sets_from == "stage3" and not (cfg.stage3_job_id and cfg.stage2_job_id):
         raise InvalidRequest("config.stage3_job_id: latent_sets_from='stage3' needs stage2_job_id and stage3_job_id")
     _check_max_new_tokens(env, cfg.answer_max_new_tokens)
@@ -263,8 +237,8 @@ def _check_taxonomy(cfg: Any, env: CheckEnv) -> None:
         _need(cfg, "stage2_job_id", f"latent_source={cfg.latent_source!r}")
     if cfg.latent_source == "stage3":
         _need(cfg, "stage3_job_id", "latent_source='stage3'")
-    _check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    _check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
 
 
 def _run_taxonomy(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
