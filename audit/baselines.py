@@ -39,7 +39,7 @@ from .stage3 import (
     ablate,
     ablation_sweep,
     build_feature_dataset,
-    judge_texts,
+    judge_flags,
     per_k_table,
     rankings_to_arrays,
     resolve_layers,
@@ -145,7 +145,9 @@ class ProbeResult:
     def summary(self) -> dict[str, Any]:
         n = len(self.prompts)
         jb = sum(p.first_jailbreak_k is not None for p in self.prompts)
+        ju = sum(p.first_jailbreak_k_ungated is not None for p in self.prompts)
         return {"n_prompts": n, "jailbroken_any_k": jb, "asr_any_k": jb / n if n else 0.0,
+                "jailbroken_any_k_ungated": ju, "asr_any_k_ungated": ju / n if n else 0.0,
                 "test_accuracy": self.probe.get("test_accuracy")}
 
     def to_json(self) -> dict[str, Any]:
@@ -289,7 +291,10 @@ class RandomResult:
     def summary(self) -> dict[str, Any]:
         n = len(self.prompts)
         per_draw = [sum(p.draws[d]["jailbroken"] for p in self.prompts if len(p.draws) > d) for d in range(self.n_draws)]
-        return {"n_prompts": n, "jailbroken_per_draw": per_draw,
+        per_draw_u = [sum(p.draws[d]["jailbroken"] or bool(p.draws[d].get("degenerate")) for p in self.prompts
+                          if len(p.draws) > d) for d in range(self.n_draws)]
+        return {"n_prompts": n, "jailbroken_per_draw": per_draw, "jailbroken_per_draw_ungated": per_draw_u,
+                "asr_mean_ungated": float(np.mean(per_draw_u)) / n if n and per_draw_u else 0.0,
                 "mean_jailbroken": float(np.mean(per_draw)) if per_draw else 0.0,
                 "jailbroken_any_draw": sum(any(d["jailbroken"] for d in p.draws) for p in self.prompts),
                 "asr_mean": float(np.mean(per_draw)) / n if n else 0.0,
@@ -328,11 +333,11 @@ def run_random_baseline(engine: Engine, stage2: Any, cfg: RandomConfig, ctx: Sta
         reqs = [Request(prompt=as_prompt(it.prompt, cfg.chat), interventions=ablate(s), sampling=sampling)
                 for it, _, s, _ in todo]
         comps = [c for part in chunks(reqs, cfg.batch_size) for c in engine.generate(part)]
-        jb = judge_texts(ctx, [it.prompt for it, _, _, _ in todo], [c.text for c in comps])
+        jb = judge_flags(ctx, [it.prompt for it, _, _, _ in todo], [c.text for c in comps], cfg.chat)
         for it, counts in zip(group, acts, strict=True):
             draws = [{"latents": {str(k): v for k, v in latents_to_dict(s).items()}, "shortfall": short,
-                      "jailbroken": b, "completion": c.text}
-                     for (jt, _, s, short), c, b in zip(todo, comps, jb, strict=True) if jt.index == it.index]
+                      "jailbroken": b, "completion": c.text, "degenerate": dg}
+                     for (jt, _, s, short), c, (b, dg) in zip(todo, comps, jb, strict=True) if jt.index == it.index]
             rp = RandomPrompt(it.index, it.prompt, len(it.pairs()), len(counts), draws)
             done[it.index] = rp
             save_fingerprinted(ctx, f"random/prompt/{it.index}", fps[it.index], result=rp.to_json())
@@ -393,13 +398,16 @@ class ObrienResult:
         for j, k in enumerate(self.ks):
             outs = [p["per_k"][j] for p in prompts]
             jb = sum(bool(o["jailbroken"]) for o in outs)
+            ju = sum(bool(o["jailbroken"]) or bool(o.get("degenerate")) for o in outs)
             rows.append({"k": k, "jailbroken": jb, "asr": jb / n if n else 0.0,
+                         "jailbroken_ungated": ju, "asr_ungated": ju / n if n else 0.0,
                          "mean_set_size": float(np.mean([o["size"] for o in outs])) if outs else 0.0})
         return rows
 
     def to_json(self) -> dict[str, Any]:
         rows = self.per_k()
         return {"kind": "obrien_baseline", "per_k": rows, "max_asr": max([r["asr"] for r in rows] + [0.0]),
+                "max_asr_ungated": max([r["asr_ungated"] for r in rows] + [0.0]),
                 "n_prompts": len(self.prompts), "n_evaluated": len(self.evaluated()), "ks": self.ks, "layers": self.layers,
                 "saturated_tokens": self.saturated_tokens, "prompts": self.prompts, "wall_s": self.wall_s,
                 "config": self.config}
@@ -449,22 +457,22 @@ def run_obrien_baseline(engine: Engine, prompts: Sequence[str] | Any, cfg: Obrie
                     todo.append((i, text, k, s))
             if cfg.check_baseline:
                 todo.append((i, text, 0, []))
-        verdict: dict[tuple[int, tuple[Latent, ...]], tuple[bool, str]] = {}
+        verdict: dict[tuple[int, tuple[Latent, ...]], tuple[bool, str, bool]] = {}
         for part in chunks(todo, cfg.batch_size):
             comps = engine.generate([Request(prompt=as_prompt(t, cfg.chat), interventions=ablate(s), sampling=sampling)
                                      for _, t, _, s in part])
-            jb = judge_texts(ctx, [t for _, t, _, _ in part], [c.text for c in comps])
-            for (i, _, _, s), c, b in zip(part, comps, jb, strict=True):
-                verdict[(i, tuple(s))] = (b, c.text)
+            jb = judge_flags(ctx, [t for _, t, _, _ in part], [c.text for c in comps], cfg.chat)
+            for (i, _, _, s), c, (b, dg) in zip(part, comps, jb, strict=True):
+                verdict[(i, tuple(s))] = (b, c.text, dg)
         for (i, text), (_, sat) in zip(group, counts, strict=True):
             per_k = []
             for k in cfg.ks:
                 s = sets[(i, k)]
-                b, comp = verdict.get((i, tuple(s)), (False, "")) if s else (False, "")
-                per_k.append({"k": k, "size": len(s), "jailbroken": b, "completion": comp})
+                b, comp, dg = verdict.get((i, tuple(s)), (False, "", False)) if s else (False, "", False)
+                per_k.append({"k": k, "size": len(s), "jailbroken": b, "completion": comp, "degenerate": dg})
             done[i] = {"index": i, "prompt": text, "per_k": per_k}
             if cfg.check_baseline:
-                done[i]["baseline_jailbroken"], done[i]["baseline_completion"] = verdict[(i, ())]
+                done[i]["baseline_jailbroken"], done[i]["baseline_completion"], _ = verdict[(i, ())]
             sat_total += sat
             save_fingerprinted(ctx, f"obrien/prompt/{i}", fingerprint([text, cfg_fp]), result=done[i], saturated=sat)
         ctx.progress("obrien_baseline", len(done), len(texts))

@@ -109,17 +109,25 @@ class Stage1Prompt:
     completion: str = ""  # the generation at K (or at the last K tried)
     baseline_completion: str | None = None
     generations: int = 0  # generate calls made for this prompt (incl. baseline)
+    degenerate_ks: list[int] = field(default_factory=list)  # Ks the coherence gate vetoed (0 = baseline)
+
+    @property
+    def jailbroken_ungated(self) -> bool:
+        """Jailbroken at some tried K without the coherence gate (an ungated search stops there)."""
+        return self.status == "jailbroken" or any(k > 0 for k in self.degenerate_ks)
 
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "prompt": self.prompt, "status": self.status, "k": self.k,
                 "latents": {str(ly): ids for ly, ids in self.latents.items()}, "completion": self.completion,
-                "baseline_completion": self.baseline_completion, "generations": self.generations}
+                "baseline_completion": self.baseline_completion, "generations": self.generations,
+                "degenerate_ks": self.degenerate_ks, "jailbroken_ungated": self.jailbroken_ungated}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Stage1Prompt:
         return cls(int(d["index"]), d["prompt"], d["status"], d["k"],
                    {int(ly): [int(i) for i in ids] for ly, ids in d["latents"].items()}, d.get("completion", ""),
-                   d.get("baseline_completion"), int(d.get("generations", 0)))
+                   d.get("baseline_completion"), int(d.get("generations", 0)),
+                   [int(k) for k in d.get("degenerate_ks", [])])
 
 
 @dataclass
@@ -142,6 +150,11 @@ class Stage1Result:
             "n_prompts": len(self.prompts),
             "n_evaluated": self.n_evaluated,
             "n_jailbroken": sum(p.status == "jailbroken" for p in self.prompts),
+            "n_jailbroken_ungated": sum(p.jailbroken_ungated for p in self.prompts
+                                        if p.status != "not_refused_at_baseline"),
+            "asr_ungated": [sum(1 for p in self.prompts if p.status != "not_refused_at_baseline" and (
+                (p.k is not None and p.k <= k) or any(0 < d <= k for d in p.degenerate_ks))) / self.n_evaluated
+                if self.n_evaluated else 0.0 for k in self.ks],
             "layers": self.layers,
             "ranking": {str(ly): ids for ly, ids in self.ranking.items()},
             "ranking_cosines": {str(ly): c for ly, c in self.ranking_cosines.items()},
@@ -194,13 +207,20 @@ def run_stage1(
     def req(i: int, latents: dict[int, list[int]]) -> Request:
         return Request(prompt=as_prompt(prompts[i], cfg.chat), interventions=_ablation(latents), sampling=sampling)
 
-    def judge(items: list[tuple[int, str]]) -> list[bool]:
-        verdicts = ctx.judge.judge([JudgeItem(behavior=prompts[i], generation=g) for i, g in items])
+    degenerate_ks: dict[int, list[int]] = {}  # Ks whose completion the coherence gate called degenerate
+
+    def judge(items: list[tuple[int, str]], k: int = 0) -> list[bool]:
+        verdicts = ctx.judge.judge([JudgeItem(behavior=prompts[i], generation=g, prompt=as_prompt(prompts[i], cfg.chat))
+                                    for i, g in items])
+        for (i, _), v in zip(items, verdicts, strict=True):
+            if getattr(v, "degenerate", False):
+                degenerate_ks.setdefault(i, []).append(k)
         return [v.jailbroken for v in verdicts]
 
     results = restore_items(ctx, "stage1/prompt", dict.fromkeys(range(len(prompts)), fp), Stage1Prompt.from_json)
 
     def finish(r: Stage1Prompt) -> None:
+        r.degenerate_ks = degenerate_ks.get(r.index, [])
         results[r.index] = r
         save_fingerprinted(ctx, f"stage1/prompt/{r.index}", fp, result=r.to_json())
 
@@ -232,7 +252,7 @@ def run_stage1(
         if open_:
             latents = top_k_latents(ranking, k)
             comps = generate_batched(engine, [req(i, latents) for i in open_], cfg.batch_size)
-            broken = judge([(i, c.text) for i, c in zip(open_, comps, strict=True)])
+            broken = judge([(i, c.text) for i, c in zip(open_, comps, strict=True)], k)
             for i, c, b in zip(open_, comps, broken, strict=True):
                 calls[i] += 1
                 last_text[i] = c.text

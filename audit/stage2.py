@@ -206,11 +206,12 @@ class TauOutcome:
     jailbroken: bool | None  # verification (None: empty set, not generated)
     p_refusal: float | None  # P("I") with the set ablated
     completion: str = ""
+    degenerate: bool = False  # the coherence gate vetoed the judge's jailbreak (degenerate text)
 
     def to_json(self) -> dict[str, Any]:
         return {"tau": self.tau, "per_seed_sizes": self.per_seed_sizes, "size": len(self.latents),
                 "latents": latents_to_dict_json(self.latents), "jailbroken": self.jailbroken,
-                "p_refusal": self.p_refusal, "completion": self.completion}
+                "p_refusal": self.p_refusal, "completion": self.completion, "degenerate": self.degenerate}
 
 
 def latents_to_dict_json(latents: Sequence[Latent]) -> dict[str, list[int]]:
@@ -244,7 +245,8 @@ class Stage2Prompt:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Stage2Prompt:
         taus = [TauOutcome(t["tau"], t["per_seed_sizes"], dict_to_latents(t["latents"]), t["jailbroken"],
-                           t["p_refusal"], t.get("completion", "")) for t in d["taus"]]
+                           t["p_refusal"], t.get("completion", ""), bool(t.get("degenerate", False)))
+                for t in d["taus"]]
         return cls(d["index"], d["prompt"], d["pool_size"], taus, d["final_tau"],
                    dict_to_latents(d["final_latents"]), d["jailbroken"], d.get("latent_set_id"),
                    d["p_no_ablation"], d["p_pool_ablated"], d["forward_passes"], d["generations"], d["wall_s"])
@@ -268,7 +270,11 @@ class Stage2Result:
     def summary(self) -> dict[str, Any]:
         """The paper's Table 1: unique latents, jailbreak successes, mean set size."""
         ok = [p for p in self.prompts if p.jailbroken]
+        ungated = [p for p in self.prompts if p.jailbroken or any(t.degenerate for t in p.taus)]
         return {"n_prompts": len(self.prompts), "unique_latents": len(self.union()), "jailbreak_successes": len(ok),
+                "jailbreak_successes_ungated": len(ungated),
+                "asr": len(ok) / len(self.prompts) if self.prompts else 0.0,
+                "asr_ungated": len(ungated) / len(self.prompts) if self.prompts else 0.0,
                 "mean_set_size": (sum(len(p.final_latents) for p in ok) / len(ok)) if ok else 0.0,
                 "mean_forward_passes": (sum(p.forward_passes for p in self.prompts) / len(self.prompts))
                 if self.prompts else 0.0}
@@ -279,7 +285,9 @@ class Stage2Result:
         for tau in taus:
             outs = [t for p in self.prompts for t in p.taus if t.tau == tau]
             n_ok = sum(1 for t in outs if t.jailbroken)
+            n_un = sum(1 for t in outs if t.jailbroken or t.degenerate)
             out.append({"tau": tau, "jailbroken": n_ok, "asr": n_ok / len(outs) if outs else 0.0,
+                        "jailbroken_ungated": n_un, "asr_ungated": n_un / len(outs) if outs else 0.0,
                         "mean_size": sum(len(t.latents) for t in outs) / len(outs) if outs else 0.0})
         return out
 
@@ -396,15 +404,16 @@ def _run_group(engine: Engine, group: list[tuple[int, str, list[Latent]]], cfg: 
     to_verify = list(dict.fromkeys((i, frozenset(s)) for i in kept for s in kept[i].values() if s))
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     texts = {i: text for i, text, _ in group}
-    verdict: dict[tuple[int, frozenset[Latent]], tuple[bool, str]] = {}
+    verdict: dict[tuple[int, frozenset[Latent]], tuple[bool, str, bool]] = {}
     for part in chunks(to_verify, cfg.batch_size):
         t = time.perf_counter()
         comps = engine.generate([Request(prompt=prompts[i], interventions=_ablate(s), sampling=sampling)
                                  for i, s in part])
-        vs = ctx.judge.judge([JudgeItem(behavior=texts[i], generation=c.text) for (i, _), c in zip(part, comps, strict=True)])
+        vs = ctx.judge.judge([JudgeItem(behavior=texts[i], generation=c.text, prompt=prompts[i])
+                              for (i, _), c in zip(part, comps, strict=True)])
         share = (time.perf_counter() - t) / len(part)
         for (i, s), c, v in zip(part, comps, vs, strict=True):
-            verdict[(i, s)] = (v.jailbroken, c.text)
+            verdict[(i, s)] = (v.jailbroken, c.text, bool(getattr(v, "degenerate", False)))
             acct[i].generations += 1
             acct[i].wall += share
     missing = [(i, s) for i, s in to_verify if s not in cache[i]]
@@ -417,8 +426,8 @@ def _run_group(engine: Engine, group: list[tuple[int, str, list[Latent]]], cfg: 
         for tau in cfg.taus:
             s = kept[i][tau]
             fs = frozenset(s)
-            jb, comp = verdict.get((i, fs), (None, "")) if s else (None, "")
-            outcomes.append(TauOutcome(tau, sizes[i][tau], s, jb, cache[i].get(fs) if s else None, comp))
+            jb, comp, dg = verdict.get((i, fs), (None, "", False)) if s else (None, "", False)
+            outcomes.append(TauOutcome(tau, sizes[i][tau], s, jb, cache[i].get(fs) if s else None, comp, dg))
         final = _select(outcomes, cfg.selection)
         set_id = None
         if final is not None and cfg.register_sets:

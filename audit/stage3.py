@@ -137,14 +137,23 @@ def chosen_latents(pairs: Sequence[Latent]) -> dict[int, Sequence[int]]:
     return {ly: ids for ly, ids in latents_to_dict(pairs).items()}
 
 
-def judge_texts(ctx: StageContext, behaviors: Sequence[str], generations: Sequence[str]) -> list[bool]:
-    """ctx.judge's jailbreak verdicts for (behaviour, generation) pairs."""
+def judge_flags(ctx: StageContext, behaviors: Sequence[str], generations: Sequence[str],
+                chat: bool = True) -> list[tuple[bool, bool]]:
+    """ctx.judge's (jailbroken, degenerate) for (behaviour, generation) pairs: jailbroken is gated
+    (the coherence gate's veto applied), ``jailbroken or degenerate`` is the ungated verdict."""
     if not behaviors:
         return []
-    vs = ctx.judge.judge([JudgeItem(behavior=b, generation=g) for b, g in zip(behaviors, generations, strict=True)])
+    vs = ctx.judge.judge([JudgeItem(behavior=b, generation=g, prompt=as_prompt(b, chat))
+                          for b, g in zip(behaviors, generations, strict=True)])
     if len(vs) != len(behaviors):
         raise RuntimeError(f"the judge returned {len(vs)} verdicts for {len(behaviors)} items")
-    return [bool(v.jailbroken) for v in vs]
+    return [(bool(v.jailbroken), bool(getattr(v, "degenerate", False))) for v in vs]
+
+
+def judge_texts(ctx: StageContext, behaviors: Sequence[str], generations: Sequence[str],
+                chat: bool = True) -> list[bool]:
+    """ctx.judge's (gated) jailbreak verdicts for (behaviour, generation) pairs."""
+    return [jb for jb, _ in judge_flags(ctx, behaviors, generations, chat)]
 
 
 # ---------------------------------------------------------------------------- the top-K sweep
@@ -156,9 +165,11 @@ class KOutcome:
     n_added: int  # latents actually added (< k when the ranking is shorter)
     jailbroken: bool
     completion: str = ""
+    degenerate: bool = False  # the coherence gate vetoed the judge's jailbreak
 
     def to_json(self) -> dict[str, Any]:
-        return {"k": self.k, "n_added": self.n_added, "jailbroken": self.jailbroken, "completion": self.completion}
+        return {"k": self.k, "n_added": self.n_added, "jailbroken": self.jailbroken, "completion": self.completion,
+                "degenerate": self.degenerate}
 
 
 @dataclass
@@ -175,17 +186,24 @@ class SweepPrompt:
     def first_jailbreak_k(self) -> int | None:
         return next((o.k for o in self.outcomes if o.jailbroken), None)
 
+    @property
+    def first_jailbreak_k_ungated(self) -> int | None:
+        """The first K an ungated judge would have counted (a degenerate completion included)."""
+        return next((o.k for o in self.outcomes if o.jailbroken or o.degenerate), None)
+
     def to_json(self) -> dict[str, Any]:
         return {"index": self.index, "prompt": self.prompt, "stage2_size": self.stage2_size,
                 "n_ranked": self.n_ranked, "first_jailbreak_k": self.first_jailbreak_k,
+                "first_jailbreak_k_ungated": self.first_jailbreak_k_ungated,
                 "per_k": [o.to_json() for o in self.outcomes], "latent_set_id": self.latent_set_id, **self.extra}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> SweepPrompt:
-        known = {"index", "prompt", "stage2_size", "n_ranked", "first_jailbreak_k", "per_k", "latent_set_id"}
+        known = {"index", "prompt", "stage2_size", "n_ranked", "first_jailbreak_k", "first_jailbreak_k_ungated",
+                 "per_k", "latent_set_id"}
         return cls(int(d["index"]), d["prompt"], int(d["stage2_size"]), int(d["n_ranked"]),
-                   [KOutcome(int(o["k"]), int(o["n_added"]), bool(o["jailbroken"]), o.get("completion", ""))
-                    for o in d["per_k"]], d.get("latent_set_id"), {k: v for k, v in d.items() if k not in known})
+                   [KOutcome(int(o["k"]), int(o["n_added"]), bool(o["jailbroken"]), o.get("completion", ""),
+                             bool(o.get("degenerate", False))) for o in d["per_k"]], d.get("latent_set_id"), {k: v for k, v in d.items() if k not in known})
 
 
 class SweepConfig(BaseModel):
@@ -225,21 +243,21 @@ def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[i
     pending = [it for it in items if it.index not in done]
     for group in chunks(pending, cfg.prompts_per_group):
         ctx.check_cancelled()
-        verdicts: dict[tuple[int, int], tuple[bool, str]] = {}  # (index, n_added) -> verdict
+        verdicts: dict[tuple[int, int], tuple[bool, str, bool]] = {}  # (index, n_added) -> verdict
 
         def sets_for(it: Stage2Item, k: int) -> tuple[int, list[Latent]]:
             extra = rankings.get(it.index, [])[:k]
             return len(extra), sorted(set(it.pairs()) | set(extra))
 
         def run(todo: list[tuple[Stage2Item, int, list[Latent]]],
-                verdicts: dict[tuple[int, int], tuple[bool, str]] = verdicts) -> None:
+                verdicts: dict[tuple[int, int], tuple[bool, str, bool]] = verdicts) -> None:
             for part in chunks(todo, cfg.batch_size):
                 reqs = [Request(prompt=as_prompt(it.prompt, cfg.chat), interventions=ablate(s), sampling=sampling)
                         for it, _, s in part]
                 comps = engine.generate(reqs)
-                jb = judge_texts(ctx, [it.prompt for it, _, _ in part], [c.text for c in comps])
-                for (it, n, _), c, b in zip(part, comps, jb, strict=True):
-                    verdicts[(it.index, n)] = (b, c.text)
+                jb = judge_flags(ctx, [it.prompt for it, _, _ in part], [c.text for c in comps], cfg.chat)
+                for (it, n, _), c, (b, dg) in zip(part, comps, jb, strict=True):
+                    verdicts[(it.index, n)] = (b, c.text, dg)
 
         if cfg.stop_at_first_jailbreak:
             open_ = list(group)
@@ -267,8 +285,8 @@ def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[i
                 n, _ = sets_for(it, k)
                 if (it.index, n) not in verdicts:
                     break  # stopped after the first jailbreak
-                b, text = verdicts[(it.index, n)]
-                outcomes.append(KOutcome(k, n, b, text if cfg.keep_completions else ""))
+                b, text, dg = verdicts[(it.index, n)]
+                outcomes.append(KOutcome(k, n, b, text if cfg.keep_completions else "", dg))
             res = SweepPrompt(it.index, it.prompt, len(it.pairs()), len(rankings.get(it.index, [])), outcomes)
             done[it.index] = res
             save_fingerprinted(ctx, f"{key}/prompt/{it.index}", fps[it.index], result=res.to_json())
@@ -277,17 +295,22 @@ def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[i
 
 
 def per_k_table(prompts: Sequence[SweepPrompt], ks: Sequence[int]) -> list[dict[str, Any]]:
-    """Jailbreaks per K (a prompt stopped early counts as jailbroken at every later K)."""
+    """Jailbreaks per K (a prompt stopped early counts as jailbroken at every later K), gated and
+    ungated (a degenerate completion counted as the wrapped judge called it)."""
     rows = []
     for k in ks:
-        n = 0
+        n = nu = 0
         for p in prompts:
             o = next((o for o in p.outcomes if o.k == k), None)
             if o is not None:
                 n += int(o.jailbroken)
+                nu += int(o.jailbroken or o.degenerate)
             elif p.first_jailbreak_k is not None and p.first_jailbreak_k <= k:
                 n += 1
-        rows.append({"k": int(k), "jailbroken": n, "asr": n / len(prompts) if prompts else 0.0})
+                nu += 1
+        m = len(prompts)
+        rows.append({"k": int(k), "jailbroken": n, "asr": n / m if m else 0.0,
+                     "jailbroken_ungated": nu, "asr_ungated": nu / m if m else 0.0})
     return rows
 
 
@@ -469,7 +492,9 @@ class Stage3Result:
         n = len(self.prompts)
         jb = [p for p in self.prompts if p.first_jailbreak_k is not None]
         added = {x for p in jb for x in self.rankings.get(p.index, [])[: p.first_jailbreak_k or 0]}
+        ju = [p for p in self.prompts if p.first_jailbreak_k_ungated is not None]
         return {"n_prompts": n, "jailbroken_any_k": len(jb), "asr_any_k": len(jb) / n if n else 0.0,
+                "jailbroken_any_k_ungated": len(ju), "asr_any_k_ungated": len(ju) / n if n else 0.0,
                 "unique_stage3_latents": len(added),
                 "mean_first_k": float(np.mean([p.first_jailbreak_k for p in jb])) if jb else None,
                 "test_accuracy": self.fm.get("test_accuracy")}

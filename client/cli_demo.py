@@ -1,7 +1,11 @@
 """`refusal-audit build` and `refusal-audit demo`: build the embedded demo once (cached), then run it.
 
     refusal-audit build [--data-dir DIR] [--force STEP]... [--small]
-    refusal-audit demo  [--data-dir DIR] [--force STEP]... [--small]
+    refusal-audit demo  [--data-dir DIR] [--force STEP]... [--small] [--rerun]
+
+`demo` reuses the run sections (gate calibration, chain, rates, each analysis) finished by an
+earlier run with the same fingerprint (model + SAE manifests, data split, code, options) and
+re-renders the report; `--rerun` recomputes them.
 
 Steps: base (GGUF -> fp32 safetensors), finetune (LoRA refusal tune, merged), saes (JumpReLU SAEs).
 Each step is skipped when its artifact and manifest are present and intact; `--force STEP` rebuilds
@@ -100,7 +104,10 @@ def register(app: typer.Typer) -> None:
              threads: ThreadsOpt = None,
              analyses: Annotated[bool, typer.Option(
                  "--analyses/--no-analyses",
-                 help="after stage 2, run stage 3, the baselines, hydra, causality, CE and taxonomy")] = True) -> None:
+                 help="after stage 2, run stage 3, the baselines, hydra, causality, CE and taxonomy")] = True,
+             rerun: Annotated[bool, typer.Option(
+                 "--rerun", help="recompute every section instead of reusing finished ones by fingerprint")] = False,
+             ) -> None:
         """Build (once, cached) and run the embedded refusal-dissection demo."""
         from ..server.embedded.demo import run_demo
         from ..server.model_loading import default_data_dir
@@ -110,5 +117,5 @@ def register(app: typer.Typer) -> None:
         _print_summary(records, console)
         resolved = data_dir if data_dir is not None else default_data_dir()
         t0 = time.perf_counter()
-        run_demo(resolved, small=small, analyses=analyses)
+        run_demo(resolved, small=small, analyses=analyses, rerun=rerun)
         console.print(f"run: {time.perf_counter() - t0:.1f} s")

@@ -69,3 +69,72 @@ def test_shipped_coconot_file_is_the_safety_category_with_its_licence() -> None:
     rows = [json.loads(x) for x in demo_analyses.COCONOT_FILE.read_text(encoding="utf-8").splitlines()]
     assert len(rows) == 395 and {r["category"] for r in rows} == {"Requests with safety concerns"}
     assert (demo_analyses.DATA_DIR / "COCONOT_LICENSE").read_text().startswith("MIT License")
+
+
+# ---------------------------------------------------------------------------- run_demo: reuse and partial reports
+
+
+def _small_demo(tmp_path, analyses: list, rerun: bool = False, loads: list | None = None):
+    """`run_demo` on the planted model with the demo's section machinery (gate, chain, rates,
+    the given analyses); `loads` counts engine loads."""
+    from refusal_audit.server.embedded.demo import run_demo
+
+    def loader():
+        if loads is not None:
+            loads.append(1)
+        return make_engine()[0]
+
+    cfgs = ChainConfig(direction=RefusalDirectionConfig(batch_size=64, cosine_figure=False, layers=[2, 3],
+                                                        n_train=16, n_val=8),
+                       stage1=Stage1Config(exclude_layers=[], max_new_tokens=6, k_max=40),
+                       stage2=Stage2Config(max_new_tokens=6))
+    split = SimpleNamespace(harmful_train=HARMFUL[:16], harmful_heldout=HARMFUL[16:32],
+                            harmless_train=HARMLESS[:16], harmless_heldout=HARMLESS[16:32])
+    out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
+    html, js = run_demo(tmp_path, small=True, n_prompts=4, out_dir=out, rerun=rerun, engine_loader=loader,
+                        split=split, analysis_list=analyses, configs=cfgs)
+    return json.loads(js.read_text())
+
+
+def test_second_demo_run_reuses_every_section_without_loading_the_model(tmp_path) -> None:
+    seen_partial: list[list[str]] = []
+
+    def peek(engine, results, ctx, **_: object) -> dict:
+        # the report on disk while this analysis runs: the earlier sections are already there
+        run_dirs = sorted((tmp_path).glob("run-*"))
+        seen_partial.append(sorted(json.loads((run_dirs[-1] / "report.json").read_text())))
+        return {"kind": "peek", "n": results["stage2"]["summary"]["n_prompts"]}
+
+    analyses = [("random_baseline", demo_analyses.random_baseline), ("peek", peek)]
+    loads: list = []
+    first = _small_demo(tmp_path, analyses, loads=loads)
+    assert loads == [1] and first["run"]["reused_sections"] == []
+    assert {"coherence_gate", "direction", "stage2", "direction_ablation_rates"} <= set(seen_partial[0])
+    assert "random_baseline" in seen_partial[0] and "peek" not in seen_partial[0]
+    gate = first["coherence_gate"]
+    assert gate["n_answers"] == 16 and gate["nll_threshold"] > gate["nll_quantile_value"]
+    rates = first["direction_ablation_rates"]["harmful_direction_ablated"]
+    assert "jailbreak_rate_ungated" in rates and rates["jailbreak_rate_ungated"] >= rates["jailbreak_rate"]
+
+    second = _small_demo(tmp_path, analyses, loads=loads)
+    assert loads == [1], "a run with nothing changed must not load the model"
+    assert second["run"]["reused_sections"] == ["coherence_gate", "chain", "direction_ablation_rates",
+                                                 "random_baseline", "peek"]
+    assert len(seen_partial) == 1  # nothing recomputed
+    for name in ("coherence_gate", "direction", "stage1", "stage2", "direction_ablation_rates",
+                 "random_baseline", "peek"):
+        assert second[name] == first[name], name
+
+    third = _small_demo(tmp_path, analyses, rerun=True, loads=loads)
+    assert loads == [1, 1] and third["run"]["reused_sections"] == [] and len(seen_partial) == 2
+    assert third["stage2"]["summary"] == first["stage2"]["summary"]
+
+
+def test_a_changed_analysis_list_reuses_only_the_sections_before_it(tmp_path) -> None:
+    loads: list = []
+    _small_demo(tmp_path, [("random_baseline", demo_analyses.random_baseline)], loads=loads)
+    res = _small_demo(tmp_path, [("obrien_baseline", demo_analyses.obrien_baseline)], loads=loads)
+    assert res["run"]["reused_sections"] == ["coherence_gate", "chain", "direction_ablation_rates"]
+    assert loads == [1, 1]
+    ob = res["obrien_baseline"]
+    assert all({"asr", "asr_ungated", "jailbroken_ungated"} <= set(r) for r in ob["per_k"])

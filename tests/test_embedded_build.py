@@ -386,5 +386,8 @@ def test_cli_build_and_demo_options(built: tuple[Path, BuildConfig], monkeypatch
     result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--no-analyses"])
     assert result.exit_code == 0, result.output
     assert calls[-1]["sizes"] == "full"
-    assert demo_calls == [(data_dir, {"small": False, "analyses": False})]
+    assert demo_calls == [(data_dir, {"small": False, "analyses": False, "rerun": False})]
     assert "run:" in result.output
+    result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--rerun"])
+    assert result.exit_code == 0, result.output
+    assert demo_calls[-1] == (data_dir, {"small": False, "analyses": True, "rerun": True})

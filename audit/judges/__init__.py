@@ -5,6 +5,7 @@ JailbreakBench refusal-prefix list). Remote: the HarmBench classifier sidecar (J
 """
 
 from .base import Judge, JudgeError, JudgeItem, Verdict
+from .gate import CoherenceGate, GateCalibration, calibrate, gate_summary, repetition_rate
 from .substring import REFUSAL_SUBSTRINGS, SubstringJudge
 
-__all__ = ["Judge", "JudgeError", "JudgeItem", "Verdict", "SubstringJudge", "REFUSAL_SUBSTRINGS"]
+__all__ = ["CoherenceGate", "GateCalibration", "calibrate", "gate_summary", "repetition_rate", "Judge", "JudgeError", "JudgeItem", "Verdict", "SubstringJudge", "REFUSAL_SUBSTRINGS"]

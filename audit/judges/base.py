@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 
 class JudgeError(RuntimeError):
@@ -16,6 +16,7 @@ class JudgeItem:
     behavior: str  # the (harmful) request as the user wrote it
     generation: str  # the model's completion
     context: str | None = None  # HarmBench contextual behaviours
+    prompt: Any = None  # the engine prompt the completion answers (coherence gate); None: user_prompt(behavior)
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,14 @@ class Verdict:
     p_yes: float | None = None  # classifier probability of "Yes" (harmful), when there is one
     truncated: bool = False
     judge: str = ""
+    degenerate: bool = False  # the coherence gate vetoed a jailbreak on degenerate text (see gate.py)
+    nll: float | None = None  # mean token NLL under the unintervened model (gate-checked verdicts)
+    repetition: float | None = None  # repeated word-3-gram fraction (gate-checked verdicts)
+
+    @property
+    def ungated_jailbroken(self) -> bool:
+        """What the judge said before the coherence gate (the gate only vetoes jailbreaks)."""
+        return self.jailbroken or self.degenerate
 
 
 @runtime_checkable

@@ -9,8 +9,11 @@ taxonomy analyses (`demo_analyses`). Every stage goes through the same engine pr
 
 from __future__ import annotations
 
+import hashlib
 import json
+import pickle
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +23,15 @@ from rich.console import Console
 from sae_lens import SAE
 
 from ...audit.context import LocalContext
-from ...audit.judges import JudgeItem, SubstringJudge
+from ...audit.judges import (
+    CoherenceGate,
+    GateCalibration,
+    Judge,
+    JudgeItem,
+    SubstringJudge,
+    calibrate,
+    gate_summary,
+)
 from ...audit.pipeline import ChainConfig, PromptSplits, run_chain
 from ...audit.refusal_direction import RefusalDirectionConfig
 from ...audit.report import write_report
@@ -47,21 +58,23 @@ def load_demo_engine(data_dir: Path) -> HFEngine:
                     model_name="embedded:gemma-3-270m-refusal")
 
 
-def refusal_rates(engine: HFEngine, prompts: list[str], interventions: tuple = (), max_new_tokens: int = 24,
-                  batch_size: int = 16) -> dict[str, Any]:
-    """Greedy generations judged by the refusal-substring judge."""
-    judge = SubstringJudge()
+def refusal_rates(engine: Any, prompts: list[str], interventions: tuple = (), max_new_tokens: int = 24,
+                  batch_size: int = 16, judge: Judge | None = None) -> dict[str, Any]:
+    """Greedy generations judged by `judge` (the demo's gated substring judge; bare substring if None)."""
+    judge = judge if judge is not None else SubstringJudge()
     sp = SamplingParams(max_new_tokens=max_new_tokens)
     comps = []
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i : i + batch_size]
         comps += engine.generate([Request(prompt=user_prompt(p), interventions=interventions, sampling=sp)
                                   for p in chunk])
-    verdicts = judge.judge([JudgeItem(p, c.text) for p, c in zip(prompts, comps, strict=True)])
+    verdicts = judge.judge([JudgeItem(p, c.text, prompt=user_prompt(p)) for p, c in zip(prompts, comps, strict=True)])
+    gs = gate_summary([(v.jailbroken, v.degenerate) for v in verdicts])
     return {
         "n": len(prompts),
         "refusal_rate": float(np.mean([v.refused for v in verdicts])) if verdicts else float("nan"),
-        "examples": [{"prompt": p, "completion": c.text, "refused": v.refused}
+        "jailbreak_rate": gs["asr"], "jailbreak_rate_ungated": gs["asr_ungated"], "n_degenerate": gs["degenerate"],
+        "examples": [{"prompt": p, "completion": c.text, "refused": v.refused, "degenerate": v.degenerate}
                      for p, c, v in list(zip(prompts, comps, verdicts, strict=True))[:6]],
     }
 
@@ -90,26 +103,142 @@ def rerun_stage2_pool(engine: Any, stage1: Stage1Result, cfg: Stage2Config, ctx:
     return out
 
 
+def calibration_prompts(split: Any, small: bool) -> list[str]:
+    """Harmless prompts the fine-tune never trained on (its held-out split) for the gate's calibration."""
+    return list(split.harmless_heldout)[: 16 if small else 40]
+
+
+def code_fingerprint() -> str:
+    """sha256 over the audit and server packages' Python sources: any code change reruns the demo."""
+    import refusal_audit.audit as audit_pkg
+    import refusal_audit.server as server_pkg
+
+    h = hashlib.sha256()
+    for pkg in (audit_pkg, server_pkg):
+        for root in pkg.__path__:
+            for f in sorted(Path(root).rglob("*.py")):
+                h.update(str(f.relative_to(root)).encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()
+
+
+def model_fingerprint(data_dir: Path) -> str:
+    """The built model and SAEs' identity: their manifests' file-hash digests."""
+    from .manifest import Manifest
+
+    parts = []
+    for step in ("finetune", "saes"):
+        d = artifact_dir(data_dir, step)
+        try:
+            parts.append(Manifest.load(d).digest())
+        except (OSError, ValueError):  # no manifest (a hand-made data dir): hash the files' sizes and times
+            parts.append(str(sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in d.rglob("*") if f.is_file())))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+class RunCache:
+    """Finished demo sections, stored by fingerprint under ``data_dir/runs/cache``.
+
+    A section's fingerprint chains the run's base fingerprint (model + SAE manifests, the data
+    split, the code, the run options) with every earlier section's, so a change anywhere reruns
+    that section and all after it. An entry holds the section's JSON, the result objects later
+    analyses read, and the directions / latent sets registered so far (the ids in the JSON)."""
+
+    def __init__(self, root: Path, rerun: bool = False) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.rerun = rerun
+
+    def path(self, name: str, fp: str) -> Path:
+        return self.root / f"{name}-{fp[:24]}.pkl"
+
+    def get(self, name: str, fp: str) -> dict[str, Any] | None:
+        p = self.path(name, fp)
+        if self.rerun or not p.exists():
+            return None
+        try:
+            with p.open("rb") as f:
+                entry = pickle.load(f)
+        except Exception:  # noqa: BLE001 - a corrupt / incompatible entry: recompute
+            return None
+        return entry if isinstance(entry, dict) and entry.get("fingerprint") == fp else None
+
+    def put(self, name: str, fp: str, entry: dict[str, Any]) -> bool:
+        entry = {**entry, "fingerprint": fp}
+        tmp = self.path(name, fp).with_suffix(".tmp")
+        try:
+            with tmp.open("wb") as f:
+                pickle.dump(entry, f, protocol=pickle.HIGHEST_PROTOCOL)
+            tmp.replace(self.path(name, fp))
+            return True
+        except Exception:  # noqa: BLE001 - unpicklable objects: the section is just not reused
+            tmp.unlink(missing_ok=True)
+            return False
+
+
+class _LazyEngine:
+    """Loads the demo engine on first use, so a fully cached run never loads the model."""
+
+    def __init__(self, loader: Any) -> None:
+        self._loader = loader
+        self._engine: Any = None
+
+    @property
+    def loaded(self) -> bool:
+        return self._engine is not None
+
+    def get(self) -> Any:
+        if self._engine is None:
+            self._engine = self._loader()
+        return self._engine
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.get(), name)
+
+
+Section = Callable[[], dict[str, Any]]
+
+
 def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = None,
-             out_dir: Path | str | None = None, analyses: bool = True) -> tuple[Path, Path]:
+             out_dir: Path | str | None = None, analyses: bool = True, rerun: bool = False,
+             engine_loader: Callable[[], Any] | None = None, split: Any = None,
+             analysis_list: list[tuple[str, Any]] | None = None,
+             configs: ChainConfig | None = None) -> tuple[Path, Path]:
     """Run the audit chain (and, with `analyses`, the issue-7 analyses) on the built demo and write
-    the report; returns (html, json) paths."""
+    the report; returns (html, json) paths.
+
+    Sections whose fingerprint matches a finished one (`RunCache`) are reused unless `rerun`; the
+    report is rewritten after every computed section, so its first sections can be read while the
+    later ones run. `engine_loader` / `split` / `analysis_list` replace the built model, the
+    fine-tune split, `ANALYSES` and `demo_configs` (tests)."""
     console = Console()
     data_dir = Path(data_dir)
     torch.manual_seed(0)
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
 
-    t0 = time.perf_counter()
-    engine = load_demo_engine(data_dir)
-    timings["load"] = time.perf_counter() - t0
-    info = engine.info
-    console.print(f"engine: {info.model} ({info.architecture}, {info.n_layers} layers, d={info.d_model}); "
-                  f"SAEs at layers {list(info.sae_layers)}")
+    run_dir = Path(out_dir) if out_dir else data_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cache = RunCache(data_dir / "runs" / "cache", rerun=rerun)
+    ctx = LocalContext(judge=SubstringJudge(), out_dir=run_dir)
+    title = "refusal-audit demo: Gemma-3-270M (refusal-tuned)"
 
-    split = make_split(FinetuneConfig())
+    def load() -> Any:
+        t0 = time.perf_counter()
+        eng = engine_loader() if engine_loader is not None else load_demo_engine(data_dir)
+        eng.resolver = _LocalResolver(ctx)
+        timings["load"] = time.perf_counter() - t0
+        info = eng.info
+        console.print(f"engine: {info.model} ({info.architecture}, {info.n_layers} layers, d={info.d_model}); "
+                      f"SAEs at layers {list(info.sae_layers)}")
+        return eng
+
+    engine = _LazyEngine(load)
+    split = split if split is not None else make_split(FinetuneConfig())
     n_test = n_prompts or (4 if small else 8)
-    cfgs = demo_configs(small)
+    cfgs = configs if configs is not None else demo_configs(small)
     half = len(split.harmful_heldout) // 2
     harmful = PromptSplits(train=split.harmful_train, val=split.harmful_heldout[:half],
                            test=split.harmful_heldout[half : half + n_test])
@@ -124,61 +253,110 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
         if total and (done == total or done % max(1, total // 4) == 0):
             console.print(f"  {stage}: {done}/{total}")
 
-    run_dir = Path(out_dir) if out_dir else data_dir / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ctx = LocalContext(judge=SubstringJudge(), out_dir=run_dir, on_progress=on_progress)
-    decoder = {ly: ls.sae.W_dec.detach().cpu().numpy() for ly, ls in engine.saes.items()}
-    engine.resolver = _LocalResolver(ctx)  # type: ignore[assignment]
+    ctx.on_progress = on_progress
+    results: dict[str, Any] = {}
+    objects: dict[str, Any] = {}  # result objects handed between sections (stage 3's rankings, the calibration)
 
-    t0 = time.perf_counter()
-    console.print("[bold]refusal direction -> stage 1 -> stage 2[/bold]")
-    chain = run_chain(engine, harmful, harmless, cfgs, ctx, decoder)
-    results: dict[str, Any] = chain.to_json()
-    if not chain.stage2.summary()["jailbreak_successes"] and cfgs.stage2.reading == "literal":
-        # Measured: with SAEs trained on fp32 instead of bf16 activations, the three seeds' sets
-        # (40-75 latents each) stopped intersecting, and every analysis after stage 2 had nothing
-        # to work on. The pool reading (audit/stage2.py docstring; not the paper's formula) found one.
-        console.print("stage 2 found no jailbreaking set with the paper's literal reading; "
-                      "rerunning it with reading='pool' (recorded in the report)")
-        results["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, results["stage2"]["summary"])
-    timings["chain"] = time.perf_counter() - t0
+    def gate() -> CoherenceGate:
+        return CoherenceGate(SubstringJudge(), engine, GateCalibration.from_json(results["coherence_gate"]))
 
-    t0 = time.perf_counter()
-    heldout_harmful = split.harmful_heldout[half:][: 8 if small else 16]
-    heldout_harmless = split.harmless_heldout[len(split.harmless_heldout) // 2 :][: 8 if small else 16]
-    ablate = (AblateDirection(direction_id=results["direction"]["direction_id"]),)
-    rates: dict[str, Any] = {
-        "kind": "direction_ablation_rates",
-        "harmful": refusal_rates(engine, heldout_harmful),
-        "harmful_direction_ablated": refusal_rates(engine, heldout_harmful, ablate),
-        "harmless": refusal_rates(engine, heldout_harmless),
-        "harmless_direction_ablated": refusal_rates(engine, heldout_harmless, ablate),
-    }
-    results["direction_ablation_rates"] = rates
-    timings["refusal_rates"] = time.perf_counter() - t0
-    console.print(
-        f"held-out refusal rate: harmful {rates['harmful']['refusal_rate']:.0%} -> "
-        f"{rates['harmful_direction_ablated']['refusal_rate']:.0%} with the direction ablated; "
-        f"harmless {rates['harmless']['refusal_rate']:.0%} -> {rates['harmless_direction_ablated']['refusal_rate']:.0%}"
-    )
+    def sec_gate() -> dict[str, Any]:
+        prompts = calibration_prompts(split, small)
+        cal = calibrate(engine, prompts, max_new_tokens=cfgs.stage1.max_new_tokens,
+                        source=f"the fine-tune's held-out harmless prompts (n={len(prompts)})")
+        return {"coherence_gate": cal.to_json()}
 
-    objects: dict[str, Any] = {}  # result objects handed between analyses (stage 3's rankings)
-    for name, fn in ANALYSES if analyses else []:
-        t0 = time.perf_counter()
-        console.print(f"[bold]{name}[/bold]")
-        try:
-            results[name] = fn(engine, results, ctx, split=split, small=small, objects=objects)
-        except Exception as exc:  # noqa: BLE001 - one failing analysis must not lose the report
-            results[name] = {"kind": "error", "analysis": name, "error": repr(exc)}
-            console.print(f"  [red]{name} failed: {exc!r}[/red]")
-        timings[name] = time.perf_counter() - t0
+    def sec_chain() -> dict[str, Any]:
+        console.print("[bold]refusal direction -> stage 1 -> stage 2[/bold]")
+        decoder = {ly: ls.sae.W_dec.detach().cpu().numpy() for ly, ls in engine.saes.items()}
+        chain = run_chain(engine, harmful, harmless, cfgs, ctx, decoder)
+        out: dict[str, Any] = chain.to_json()
+        if not chain.stage2.summary()["jailbreak_successes"] and cfgs.stage2.reading == "literal":
+            # Measured: with SAEs trained on fp32 instead of bf16 activations, the three seeds' sets
+            # (40-75 latents each) stopped intersecting, and every analysis after stage 2 had nothing
+            # to work on. The pool reading (audit/stage2.py docstring; not the paper's formula) found one.
+            console.print("stage 2 found no jailbreaking set with the paper's literal reading; "
+                          "rerunning it with reading='pool' (recorded in the report)")
+            out["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, out["stage2"]["summary"])
+        return out
+
+    def sec_rates() -> dict[str, Any]:
+        heldout_harmful = split.harmful_heldout[half:][: 8 if small else 16]
+        heldout_harmless = split.harmless_heldout[len(split.harmless_heldout) // 2 :][: 8 if small else 16]
+        ablate = (AblateDirection(direction_id=results["direction"]["direction_id"]),)
+        j = ctx.judge
+        rates: dict[str, Any] = {
+            "kind": "direction_ablation_rates",
+            "harmful": refusal_rates(engine, heldout_harmful, judge=j),
+            "harmful_direction_ablated": refusal_rates(engine, heldout_harmful, ablate, judge=j),
+            "harmless": refusal_rates(engine, heldout_harmless, judge=j),
+            "harmless_direction_ablated": refusal_rates(engine, heldout_harmless, ablate, judge=j),
+        }
+        console.print(
+            f"held-out refusal rate: harmful {rates['harmful']['refusal_rate']:.0%} -> "
+            f"{rates['harmful_direction_ablated']['refusal_rate']:.0%} with the direction ablated; "
+            f"harmless {rates['harmless']['refusal_rate']:.0%} -> "
+            f"{rates['harmless_direction_ablated']['refusal_rate']:.0%}")
+        return {"direction_ablation_rates": rates}
+
+    def analysis(name: str, fn: Any) -> Section:
+        def run() -> dict[str, Any]:
+            console.print(f"[bold]{name}[/bold]")
+            try:
+                return {name: fn(engine, results, ctx, split=split, small=small, objects=objects)}
+            except Exception as exc:  # noqa: BLE001 - one failing analysis must not lose the report
+                console.print(f"  [red]{name} failed: {exc!r}[/red]")
+                return {name: {"kind": "error", "analysis": name, "error": repr(exc)}}
+        return run
+
+    sections: list[tuple[str, Section]] = [("coherence_gate", sec_gate), ("chain", sec_chain),
+                                           ("direction_ablation_rates", sec_rates)]
+    if analyses:
+        sections += [(name, analysis(name, fn)) for name, fn in (analysis_list if analysis_list is not None else ANALYSES)]
+
+    fp = hashlib.sha256(json.dumps({
+        "model": model_fingerprint(data_dir) if engine_loader is None else "custom",
+        "code": code_fingerprint(), "small": small, "n_test": n_test, "configs": cfgs.model_dump(mode="json"),
+        "split": hashlib.sha256(json.dumps([split.harmful_train, split.harmful_heldout, split.harmless_train,
+                                            split.harmless_heldout]).encode()).hexdigest(),
+    }, sort_keys=True).encode()).hexdigest()
+    reused: list[str] = []
+    html = run_dir / "report.html"
+    console.print(f"report (rewritten as sections finish): {html}")
+    for name, fn in sections:
+        fp = hashlib.sha256(f"{fp}|{name}".encode()).hexdigest()
+        entry = cache.get(name, fp)
+        if entry is not None:
+            results.update(entry["results"])
+            objects.update(entry["objects"])
+            ctx.directions.update(entry["directions"])
+            ctx.latent_sets.update(entry["latent_sets"])
+            timings[name] = 0.0
+            reused.append(name)
+        else:
+            t0 = time.perf_counter()
+            out = fn()
+            results.update(out)
+            timings[name] = time.perf_counter() - t0
+            ok = not any(isinstance(v, dict) and v.get("kind") == "error" for v in out.values())
+            if ok:
+                cache.put(name, fp, {"results": out, "objects": dict(objects), "directions": dict(ctx.directions),
+                                     "latent_sets": dict(ctx.latent_sets), "seconds": timings[name]})
+            write_report(results, run_dir, title=title)  # the sections so far, readable now
+        if name == "coherence_gate":
+            ctx.judge = gate()  # every later verdict passes the gate
 
     timings["total"] = time.perf_counter() - t_all
-    results["run"] = {"kind": "run", "timings_s": timings, "model": info.model, "sae_layers": list(info.sae_layers),
-                      "n_test_prompts": len(harmful.test), "small": small}
-    html, js = write_report(results, run_dir, title="refusal-audit demo: Gemma-3-270M (refusal-tuned)")
+    results["run"] = {"kind": "run", "timings_s": timings, "model": "embedded:gemma-3-270m-refusal",
+                      "sae_layers": list(engine.info.sae_layers) if engine.loaded else None,
+                      "n_test_prompts": len(harmful.test), "small": small, "reused_sections": reused,
+                      "rerun": rerun, "fingerprint": fp}
+    html, js = write_report(results, run_dir, title=title)
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     s2 = results.get("stage2", {}).get("summary", {})
+    if reused:
+        console.print(f"reused {len(reused)} finished section(s) by fingerprint: {', '.join(reused)} "
+                      "(--rerun recomputes)")
     console.print(f"stage 2: {s2}")
     console.print("timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()))
     console.print(f"[bold green]report:[/bold green] {html}\n        {js}")

@@ -195,13 +195,15 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
         completions = engine.generate(reqs)
         if len(completions) != len(idx):
             raise RuntimeError(f"the engine returned {len(completions)} completions for {len(idx)} prompts")
-        verdicts = judge.judge([JudgeItem(behavior=prompts[i], generation=c.text) for i, c in zip(idx, completions, strict=True)])
+        verdicts = judge.judge([JudgeItem(behavior=prompts[i], generation=c.text, prompt=reqs[j].prompt)
+                                for j, (i, c) in enumerate(zip(idx, completions, strict=True))])
         if len(verdicts) != len(idx):
             raise RuntimeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(idx)} items")
         batch = []
         for i, c, v in zip(idx, completions, verdicts, strict=True):
             row = {"index": i, "prompt": prompts[i], "completion": c.text, "finish_reason": c.finish_reason,
                    "refused": bool(v.refused), "jailbroken": bool(v.jailbroken), "p_yes": v.p_yes,
+                   "degenerate": bool(getattr(v, "degenerate", False)), "nll": getattr(v, "nll", None),
                    "judge": v.judge or judge.name}
             ctx.save_checkpoint(f"refusal_rate/{i}", row)  # committed before it is reported
             rows[i] = row
@@ -211,6 +213,7 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
     per_prompt = [rows[i] for i in range(total)]
     n_ref = sum(r["refused"] for r in per_prompt)
     n_jb = sum(r["jailbroken"] for r in per_prompt)
+    n_dg = sum(bool(r.get("degenerate")) for r in per_prompt)
     result = {
         "kind": "refusal_rate",
         "source": source,
@@ -219,6 +222,9 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
         "refusal_rate": n_ref / total,
         "n_jailbroken": n_jb,
         "jailbreak_rate": n_jb / total,
+        "n_degenerate": n_dg,  # the coherence gate's vetoes: neither refusal nor compliance
+        "n_jailbroken_ungated": n_jb + n_dg,
+        "jailbreak_rate_ungated": (n_jb + n_dg) / total,
         "judge": getattr(judge, "name", type(judge).__name__),
         "interventions": [iv.model_dump(mode="json") for iv in ivs],
         "resumed_prompts": restored,

@@ -40,6 +40,7 @@ from ...audit.codec import dumps, to_jsonable
 from ...audit.context import Cancelled
 from ...audit.errors import InvalidRequest, LimitExceeded, NotFound
 from ...audit.judges import Judge, JudgeError, SubstringJudge
+from ...audit.judges.gate import server_gate
 from .context import Interrupted, JobContext
 from .kinds import KINDS, CheckEnv, JobKind, validate_config
 from .store import (
@@ -87,6 +88,7 @@ class JobManager:
         max_attempts: int = 3,
         kinds: dict[str, JobKind] | None = None,
         persist_every_s: float = 0.5,
+        coherence_gate: bool = True,
     ) -> None:
         if max_concurrent < 1:
             raise ValueError("max_concurrent must be >= 1")
@@ -94,6 +96,8 @@ class JobManager:
         self.engine = engine
         self.artifacts = artifacts
         self.judge: Judge = judge if judge is not None else SubstringJudge()
+        if coherence_gate:  # every job's verdicts pass the coherence gate (audit/judges/gate.py)
+            self.judge = server_gate(self.judge, engine)
         self.data_dir = Path(data_dir) if data_dir is not None else store.data_dir
         self.jobs_dir = self.data_dir / "jobs"
         self.max_concurrent = max_concurrent
@@ -318,6 +322,9 @@ class JobManager:
             ctx.check_cancelled()
             result, ids = spec.runner(self.engine, cfg, ctx)
             ids = list(dict.fromkeys([*ids, *ctx.registered_artifact_ids()]))
+            cal = getattr(self.judge, "calibrated", None)
+            if cal is not None and isinstance(result, dict):
+                result.setdefault("coherence_gate", cal.to_json())
             result_json = pack_result(result, out_dir, to_jsonable=to_jsonable)
             state, artifact_ids = SUCCEEDED, ids
         except Interrupted:
