@@ -63,6 +63,7 @@ class CausalityPrompt:
     mean_drop_still_on: float | None  # mean over still-active stage-2 latents of 1 - after/before
     per_latent: list[dict[str, Any]] = field(default_factory=list)
     completion: str = ""
+    degenerate: bool = False  # the coherence gate vetoed the judge's jailbreak
 
     @property
     def fraction_off(self) -> float | None:
@@ -73,13 +74,13 @@ class CausalityPrompt:
                 "jailbroken_stage3_only": self.jailbroken_stage3_only, "n_stage2": self.n_stage2,
                 "n_stage2_active": self.n_stage2_active, "n_switched_off": self.n_switched_off,
                 "fraction_off": self.fraction_off, "mean_drop_still_on": self.mean_drop_still_on,
-                "per_latent": self.per_latent, "completion": self.completion}
+                "per_latent": self.per_latent, "completion": self.completion, "degenerate": self.degenerate}
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> CausalityPrompt:
         return cls(d["index"], d["prompt"], d["k"], d["stage3_size"], d["jailbroken_stage3_only"], d["n_stage2"],
                    d["n_stage2_active"], d["n_switched_off"], d["mean_drop_still_on"], d.get("per_latent", []),
-                   d.get("completion", ""))
+                   d.get("completion", ""), bool(d.get("degenerate", False)))
 
 
 @dataclass
@@ -94,7 +95,9 @@ class CausalityResult:
         drops = [d["drop"] for p in self.prompts for d in p.per_latent if d["still_on"]]
         per_prompt_drop = [p.mean_drop_still_on for p in self.prompts if p.mean_drop_still_on is not None]
         jb = sum(p.jailbroken_stage3_only for p in self.prompts)
+        ju = sum(p.jailbroken_stage3_only or p.degenerate for p in self.prompts)
         return {"n_prompts": n, "jailbroken_stage3_only": jb, "fraction_jailbroken": jb / n if n else 0.0,
+                "jailbroken_stage3_only_ungated": ju, "fraction_jailbroken_ungated": ju / n if n else 0.0,
                 "mean_fraction_off": float(np.mean(fr)) if fr else None,
                 "max_fraction_off": float(np.max(fr)) if fr else None,
                 "mean_drop_still_on": float(np.mean(drops)) if drops else None,
@@ -142,7 +145,8 @@ def run_causality(engine: Engine, stage2: Any, stage3: Any, cfg: CausalityConfig
         prompts = [as_prompt(s2[i].prompt, cfg.chat) for i, _, _ in group]
         comps = engine.generate([Request(prompt=p, interventions=ablate(s3), sampling=sampling)
                                  for p, (_, _, s3) in zip(prompts, group, strict=True)])
-        vs = ctx.judge.judge([JudgeItem(behavior=s2[i].prompt, generation=c.text) for (i, _, _), c in zip(group, comps, strict=True)])
+        vs = ctx.judge.judge([JudgeItem(behavior=s2[i].prompt, generation=c.text, prompt=p)
+                              for (i, _, _), c, p in zip(group, comps, prompts, strict=True)])
         chosen = chosen_latents(sorted({x for i, _, _ in group for x in s2[i].pairs()}))
         col = {(ly, lat): j for ly, ids in chosen.items() for j, lat in enumerate(ids)}
         before = engine.encode([Request(prompt=p) for p in prompts], latents=chosen)
@@ -163,7 +167,7 @@ def run_causality(engine: Engine, stage2: Any, stage3: Any, cfg: CausalityConfig
             on = [d for d in per if d["still_on"]]
             cp = CausalityPrompt(i, s2[i].prompt, k, len(s3), bool(v.jailbroken), len(s2[i].pairs()), len(per),
                                  len(per) - len(on), float(np.mean([d["drop"] for d in on])) if on else None,
-                                 per, c.text)
+                                 per, c.text, bool(getattr(v, "degenerate", False)))
             done[i] = cp
             save_fingerprinted(ctx, f"causality/prompt/{i}", fps[i], result=cp.to_json())
         ctx.progress(STAGE, len(done), len(items))

@@ -82,8 +82,9 @@ def render_direction(d: dict[str, Any]) -> str:
 def render_stage1(d: dict[str, Any]) -> str:
     parts = [f"<p>{fmt(d.get('n_jailbroken'))} of {fmt(d.get('n_evaluated'))} prompts refused at baseline were "
              f"jailbroken by ablating the top-K latents per layer (layers {esc(d.get('layers'))}); "
-             f"{fmt(d.get('n_prompts'))} prompts in all.</p>"]
+             f"{fmt(d.get('n_prompts'))} prompts in all. {gated_note(d.get('n_jailbroken_ungated'))}</p>"]
     ks, asr = d.get("ks") or [], d.get("asr") or []
+    asr_u = d.get("asr_ungated") or [None] * len(ks)
     if ks:
         def draw(ax: Any) -> None:
             ax.plot(ks, asr, marker="o", ms=3)
@@ -92,7 +93,7 @@ def render_stage1(d: dict[str, Any]) -> str:
             ax.set_ylim(-0.02, 1.02)
 
         parts.append(figure(draw, "Stage 1: attack success rate vs K"))
-        parts.append(table(["K", "ASR"], list(zip(ks, asr, strict=False))))
+        parts.append(table(["K", "ASR (gated)", "ASR ungated"], [list(r) for r in zip(ks, asr, asr_u, strict=False)]))
     ranking, cosines = d.get("ranking") or {}, d.get("ranking_cosines") or {}
     rows = [[ly, ids[j], cosines.get(ly, [None] * (j + 1))[j]] for ly, ids in ranking.items() for j in range(min(5, len(ids)))]
     if rows:
@@ -103,10 +104,11 @@ def render_stage1(d: dict[str, Any]) -> str:
 @register_section("stage2", "Stage 2: greedy pruning to a faithful set", order=30)
 def render_stage2(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
-    parts = ["<h3>Table 1</h3>", table(["prompts", "unique latents", "jailbreak successes", "mean set size",
-                                        "mean forward passes / prompt"],
+    parts = ["<h3>Table 1</h3>", table(["prompts", "unique latents", "jailbreak successes (gated)",
+                                        "jailbreak successes ungated", "mean set size", "mean forward passes / prompt"],
                                        [[s.get("n_prompts"), s.get("unique_latents"), s.get("jailbreak_successes"),
-                                         s.get("mean_set_size"), s.get("mean_forward_passes")]], "table1")]
+                                         s.get("jailbreak_successes_ungated"), s.get("mean_set_size"),
+                                         s.get("mean_forward_passes")]], "table1")]
     fb = d.get("reading_fallback")
     if fb:
         lit = fb.get("literal_summary") or {}
@@ -128,8 +130,9 @@ def render_stage2(d: dict[str, Any]) -> str:
             ax2.legend(loc="upper right", fontsize=8)
 
         parts.append(figure(draw, "Stage 2 by threshold: jailbreaks and size of the seed-intersection set"))
-        parts.append(table(["tau", "jailbroken", "ASR", "mean size"],
-                           [[t["tau"], t["jailbroken"], t["asr"], t["mean_size"]] for t in per_tau]))
+        parts.append(table(["tau", "jailbroken (gated)", "ASR (gated)", "ASR ungated", "mean size"],
+                           [[t["tau"], t["jailbroken"], t["asr"], t.get("asr_ungated"), t["mean_size"]]
+                            for t in per_tau]))
     top = d.get("top_latents") or []
     if top:
         parts.append("<h3>Top latents</h3>" + table(["layer", "latent", "prompts"],
@@ -140,6 +143,48 @@ def render_stage2(d: dict[str, Any]) -> str:
             ["#", "prompt", "pool", "final tau", "set size", "jailbroken", "forward passes", "wall s"],
             [[p["index"], p["prompt"][:80], p["pool_size"], p.get("final_tau"), p.get("final_size"), p["jailbroken"],
               p["forward_passes"], p["wall_s"]] for p in prompts]))
+    return "".join(parts)
+
+
+def gated_note(ungated: Any) -> str:
+    """'(N without the coherence gate)' for a count the gate may have lowered."""
+    return "" if ungated is None else f"({fmt(ungated)} without the coherence gate.)"
+
+
+@register_section("coherence_gate", "Coherence gate: degenerate text is not a jailbreak", order=5)
+def render_coherence_gate(d: dict[str, Any]) -> str:
+    """How every jailbreak verdict in this report was gated, and the calibration numbers."""
+    return (
+        "<p>Every completion the judge calls a jailbreak is re-checked: it is <b>degenerate</b> (neither refusal "
+        "nor compliance, not counted as a jailbreak) when its mean token NLL under the unintervened model, or "
+        "its fraction of repeated word 3-grams, exceeds what the model's own greedy answers to harmless prompts "
+        "show. Thresholds: the quantile below of those answers' values plus a margin. Searches (stage 1's K, "
+        "stage 2's verification, the top-K sweeps) use the gated verdict, so a degenerate completion never "
+        "stops them. Every ASR is reported gated, with the ungated number (what the bare judge said) beside "
+        "it.</p>"
+        + table(["calibration answers", "source", "max tokens", "quantile", "NLL median", "NLL quantile",
+                 "NLL threshold", "repetition median", "repetition quantile", "repetition threshold"],
+                [[d.get("n_answers"), d.get("source"), d.get("max_new_tokens"), d.get("quantile"),
+                  d.get("nll_median"), d.get("nll_quantile_value"), d.get("nll_threshold"),
+                  d.get("repetition_median"), d.get("repetition_quantile_value"), d.get("repetition_threshold")]])
+    )
+
+
+@register_section("direction_ablation_rates", "Held-out refusal and jailbreak rates, direction ablated", order=35)
+def render_rates(d: dict[str, Any]) -> str:
+    """Refusal rate and (gated / ungated) jailbreak rate per prompt set and condition."""
+    rows = []
+    for key in ("harmful", "harmful_direction_ablated", "harmless", "harmless_direction_ablated"):
+        r = d.get(key) or {}
+        rows.append([key.replace("_", " "), r.get("n"), r.get("refusal_rate"), r.get("jailbreak_rate"),
+                     r.get("jailbreak_rate_ungated"), r.get("n_degenerate")])
+    parts = [table(["prompts", "n", "refusal rate", "jailbreak rate (gated)", "jailbreak rate ungated",
+                    "degenerate"], rows)]
+    ex = (d.get("harmful_direction_ablated") or {}).get("examples") or []
+    if ex:
+        parts.append("<h3>Examples (harmful, direction ablated)</h3>" + table(
+            ["prompt", "completion", "refused", "degenerate"],
+            [[e["prompt"][:60], e["completion"][:120], e["refused"], e.get("degenerate")] for e in ex]))
     return "".join(parts)
 
 

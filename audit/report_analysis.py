@@ -34,8 +34,10 @@ def render_stage3(d: dict[str, Any]) -> str:
     s, fm, f, t = d.get("summary") or {}, d.get("fm") or {}, d.get("features") or {}, d.get("timings") or {}
     parts = [
         "<h3>Table 2 (stage 3)</h3>",
-        table(["prompts", "jailbroken (any K)", "ASR", "unique stage-3 latents", "mean first K", "FM test accuracy"],
-              [[s.get("n_prompts"), s.get("jailbroken_any_k"), s.get("asr_any_k"), s.get("unique_stage3_latents"),
+        table(["prompts", "jailbroken (any K)", "ASR (gated)", "ASR ungated", "unique stage-3 latents", "mean first K",
+               "FM test accuracy"],
+              [[s.get("n_prompts"), s.get("jailbroken_any_k"), s.get("asr_any_k"), s.get("asr_any_k_ungated"),
+                s.get("unique_stage3_latents"),
                 s.get("mean_first_k"), s.get("test_accuracy")]]),
         f"<p>FM: embedding size {fmt(fm.get('embedding_dim'))}, best epoch {fmt(fm.get('best_epoch'))} "
         f"(val accuracy {fmt(fm.get('val_accuracy'))}), {fmt(fm.get('latents_embedded'))} latents embedded. "
@@ -51,7 +53,8 @@ def render_stage3(d: dict[str, Any]) -> str:
     per_k = d.get("per_k") or []
     if per_k:
         parts.append(_per_k_figure({"FM (stage 3)": per_k}, "Stage 3: jailbreaks per K (stage-2 set + top-K FM latents)"))
-        parts.append(table(["K", "jailbroken", "ASR"], [[r["k"], r["jailbroken"], r["asr"]] for r in per_k]))
+        parts.append(table(["K", "jailbroken (gated)", "ASR (gated)", "ASR ungated"],
+                           [[r["k"], r["jailbroken"], r["asr"], r.get("asr_ungated")] for r in per_k]))
     hist = fm.get("history") or []
     if hist:
         def draw(ax: Any) -> None:
@@ -96,7 +99,8 @@ def render_probe(d: dict[str, Any]) -> str:
         parts.append(_per_k_figure(series, "Jailbreaks per K: FM-ranked vs probe-ranked latents"))
     else:
         per_k = d.get("per_k") or []
-        parts.append(table(["K", "jailbroken", "ASR"], [[r["k"], r["jailbroken"], r["asr"]] for r in per_k]))
+        parts.append(table(["K", "jailbroken (gated)", "ASR (gated)", "ASR ungated"],
+                           [[r["k"], r["jailbroken"], r["asr"], r.get("asr_ungated")] for r in per_k]))
     top = d.get("top_latents") or []
     if top:
         parts.append("<h3>Largest |w|</h3>" + table(["layer", "latent", "|w|"],
@@ -109,9 +113,11 @@ def render_probe(d: dict[str, Any]) -> str:
 
 def render_random(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
-    parts = [table(["prompts", "draws", "jailbroken per draw", "mean", "any draw", "mean set size", "shortfall"],
+    parts = [table(["prompts", "draws", "jailbroken per draw (gated)", "ungated", "mean ASR (gated)",
+                    "mean ASR ungated", "any draw", "mean set size", "shortfall"],
                    [[s.get("n_prompts"), len(s.get("jailbroken_per_draw") or []), s.get("jailbroken_per_draw"),
-                     s.get("mean_jailbroken"), s.get("jailbroken_any_draw"), s.get("mean_set_size"),
+                     s.get("jailbroken_per_draw_ungated"), s.get("asr_mean"), s.get("asr_mean_ungated"),
+                     s.get("jailbroken_any_draw"), s.get("mean_set_size"),
                      s.get("total_shortfall")]]),
              "<p>Each prompt's stage-2 set replaced by as many randomly chosen latents active on that prompt "
              "(per layer); shortfall = latents that could not be drawn (too few active).</p>"]
@@ -126,18 +132,24 @@ def render_random(d: dict[str, Any]) -> str:
 def render_obrien(d: dict[str, Any]) -> str:
     rows = d.get("per_k") or []
     parts = [f"<p>O'Brien et al.: per prompt, the latents active on at least k prompt tokens (layers "
-             f"{esc(d.get('layers'))}) ablated. Max ASR {fmt(d.get('max_asr'))} over {fmt(d.get('n_evaluated'))} "
+             f"{esc(d.get('layers'))}) ablated. Max ASR {fmt(d.get('max_asr'))} (ungated: {fmt(d.get('max_asr_ungated'))}) "
+             f"over {fmt(d.get('n_evaluated'))} "
              f"prompts ({fmt(d.get('n_prompts'))} run; those not refused without ablation left out when checked).</p>"]
     if rows:
         def draw(ax: Any) -> None:
-            ax.plot([r["k"] for r in rows], [r["asr"] for r in rows], marker="o", ms=3)
+            ax.plot([r["k"] for r in rows], [r["asr"] for r in rows], marker="o", ms=3, label="gated")
+            if all(r.get("asr_ungated") is not None for r in rows):
+                ax.plot([r["k"] for r in rows], [r["asr_ungated"] for r in rows], marker="x", ms=3, ls="--",
+                        label="ungated")
+                ax.legend(fontsize=8)
             ax.set_xlabel("k (minimum active tokens)")
             ax.set_ylabel("ASR")
             ax.set_ylim(-0.02, 1.02)
 
         parts.append(figure(draw, "Baseline: latents active on at least k tokens, ablated — ASR per k"))
-        parts.append(table(["k", "jailbroken", "ASR", "mean set size"],
-                           [[r["k"], r["jailbroken"], r["asr"], r["mean_set_size"]] for r in rows]))
+        parts.append(table(["k", "jailbroken (gated)", "ASR (gated)", "ASR ungated", "mean set size"],
+                           [[r["k"], r["jailbroken"], r["asr"], r.get("asr_ungated"), r["mean_set_size"]]
+                            for r in rows]))
     return "".join(parts)
 
 
@@ -185,9 +197,11 @@ def render_hydra(d: dict[str, Any]) -> str:
 
 def render_causality(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
-    parts = [table(["prompts", "jailbroken by stage-3 latents only", "fraction", "mean fraction of active stage-2 "
-                    "latents switched off", "max fraction off", "mean activation drop (still on)"],
+    parts = [table(["prompts", "jailbroken by stage-3 latents only (gated)", "fraction (gated)", "fraction ungated",
+                    "mean fraction of active stage-2 latents switched off", "max fraction off",
+                    "mean activation drop (still on)"],
                    [[s.get("n_prompts"), s.get("jailbroken_stage3_only"), s.get("fraction_jailbroken"),
+                     s.get("fraction_jailbroken_ungated"),
                      s.get("mean_fraction_off"), s.get("max_fraction_off"), s.get("mean_drop_still_on")]])]
     prompts = d.get("prompts") or []
     fr = [p["fraction_off"] for p in prompts if p.get("fraction_off") is not None]
