@@ -11,6 +11,7 @@ matplotlib is imported lazily (the thin client does not need it); without it, se
 
 from __future__ import annotations
 
+import hashlib
 import html
 import json
 import math
@@ -206,6 +207,11 @@ img{max-width:100%} pre{background:#f7f7f7;padding:.5em;overflow:auto;font-size:
 """
 
 
+# Rendered sections by (kind, JSON) hash: a report rewritten after every finished section (the demo)
+# renders each section's figures once, not once per rewrite.
+_RENDERED: dict[str, str] = {}
+
+
 def render_html(results: dict[str, Any], title: str = "refusal-audit report") -> str:
     """The HTML of a report over JSON-able results (see the module docstring)."""
     items = []
@@ -219,10 +225,16 @@ def render_html(results: dict[str, Any], title: str = "refusal-audit report") ->
         heading = r.title if r else kind
         if name != kind:
             heading += f" ({name})"
-        try:
-            content = r.render(res) if r else render_generic(res)
-        except Exception as exc:  # noqa: BLE001 - one broken section must not lose the report
-            content = f"<p><b>could not render this section:</b> {esc(repr(exc))}</p>" + render_generic(res)
+        key = hashlib.sha256(f"{kind}|{json.dumps(res, sort_keys=True, default=str)}".encode()).hexdigest()
+        content = _RENDERED.get(key, "")
+        if not content:
+            try:
+                content = r.render(res) if r else render_generic(res)
+                _RENDERED[key] = content
+                while len(_RENDERED) > 64:
+                    _RENDERED.pop(next(iter(_RENDERED)))
+            except Exception as exc:  # noqa: BLE001 - one broken section must not lose the report
+                content = f"<p><b>could not render this section:</b> {esc(repr(exc))}</p>" + render_generic(res)
         body.append(f'<section id="{esc(name)}"><h2>{esc(heading)}</h2>{content}</section>')
     return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{esc(title)}</title>"
             f"<style>{CSS}</style></head><body><h1>{esc(title)}</h1>{''.join(body)}</body></html>")

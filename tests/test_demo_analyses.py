@@ -96,45 +96,58 @@ def _small_demo(tmp_path, analyses: list, rerun: bool = False, loads: list | Non
     return json.loads(js.read_text())
 
 
-def test_second_demo_run_reuses_every_section_without_loading_the_model(tmp_path) -> None:
+@pytest.fixture(scope="module")
+def first_demo(tmp_path_factory: pytest.TempPathFactory):
+    """One computed run (gate, chain, rates, random baseline, `peek`); later tests run against its cache."""
+    root = tmp_path_factory.mktemp("demo-cache")
     seen_partial: list[list[str]] = []
 
     def peek(engine, results, ctx, **_: object) -> dict:
         # the report on disk while this analysis runs: the earlier sections are already there
-        run_dirs = sorted((tmp_path).glob("run-*"))
+        run_dirs = sorted(root.glob("run-*"))
         seen_partial.append(sorted(json.loads((run_dirs[-1] / "report.json").read_text())))
         return {"kind": "peek", "n": results["stage2"]["summary"]["n_prompts"]}
 
     analyses = [("random_baseline", demo_analyses.random_baseline), ("peek", peek)]
     loads: list = []
-    first = _small_demo(tmp_path, analyses, loads=loads)
-    assert loads == [1] and first["run"]["reused_sections"] == []
-    assert {"coherence_gate", "direction", "stage2", "direction_ablation_rates"} <= set(seen_partial[0])
-    assert "random_baseline" in seen_partial[0] and "peek" not in seen_partial[0]
+    first = _small_demo(root, analyses, loads=loads)
+    return SimpleNamespace(root=root, first=first, loads=loads, seen_partial=seen_partial, analyses=analyses)
+
+
+def test_first_demo_run_writes_sections_as_they_finish_and_gates_every_rate(first_demo) -> None:
+    first, seen = first_demo.first, first_demo.seen_partial
+    assert first_demo.loads == [1] and first["run"]["reused_sections"] == []
+    assert {"coherence_gate", "direction", "stage2", "direction_ablation_rates", "random_baseline"} <= set(seen[0])
+    assert "peek" not in seen[0]
     gate = first["coherence_gate"]
     assert gate["n_answers"] == 16 and gate["nll_threshold"] > gate["nll_quantile_value"]
     rates = first["direction_ablation_rates"]["harmful_direction_ablated"]
-    assert "jailbreak_rate_ungated" in rates and rates["jailbreak_rate_ungated"] >= rates["jailbreak_rate"]
+    assert rates["jailbreak_rate_ungated"] >= rates["jailbreak_rate"]
+    assert "asr_ungated" in first["stage2"]["summary"] and "asr_mean_ungated" in first["random_baseline"]["summary"]
 
-    second = _small_demo(tmp_path, analyses, loads=loads)
-    assert loads == [1], "a run with nothing changed must not load the model"
+
+def test_second_demo_run_reuses_every_section_without_loading_the_model(first_demo) -> None:
+    loads: list = []
+    second = _small_demo(first_demo.root, first_demo.analyses, loads=loads)
+    assert loads == [], "a run with nothing changed must not load the model"
     assert second["run"]["reused_sections"] == ["coherence_gate", "chain", "direction_ablation_rates",
                                                  "random_baseline", "peek"]
-    assert len(seen_partial) == 1  # nothing recomputed
+    assert len(first_demo.seen_partial) == 1  # nothing recomputed
     for name in ("coherence_gate", "direction", "stage1", "stage2", "direction_ablation_rates",
                  "random_baseline", "peek"):
-        assert second[name] == first[name], name
-
-    third = _small_demo(tmp_path, analyses, rerun=True, loads=loads)
-    assert loads == [1, 1] and third["run"]["reused_sections"] == [] and len(seen_partial) == 2
-    assert third["stage2"]["summary"] == first["stage2"]["summary"]
+        assert second[name] == first_demo.first[name], name
 
 
-def test_a_changed_analysis_list_reuses_only_the_sections_before_it(tmp_path) -> None:
+def test_a_changed_analysis_list_reuses_only_the_sections_before_it(first_demo) -> None:
     loads: list = []
-    _small_demo(tmp_path, [("random_baseline", demo_analyses.random_baseline)], loads=loads)
-    res = _small_demo(tmp_path, [("obrien_baseline", demo_analyses.obrien_baseline)], loads=loads)
+    res = _small_demo(first_demo.root, [("obrien_baseline", demo_analyses.obrien_baseline)], loads=loads)
     assert res["run"]["reused_sections"] == ["coherence_gate", "chain", "direction_ablation_rates"]
-    assert loads == [1, 1]
-    ob = res["obrien_baseline"]
-    assert all({"asr", "asr_ungated", "jailbroken_ungated"} <= set(r) for r in ob["per_k"])
+    assert loads == [1]
+    assert all({"asr", "asr_ungated", "jailbroken_ungated"} <= set(r) for r in res["obrien_baseline"]["per_k"])
+
+
+def test_rerun_recomputes_every_section(first_demo) -> None:
+    loads: list = []
+    res = _small_demo(first_demo.root, [], rerun=True, loads=loads)
+    assert loads == [1] and res["run"]["reused_sections"] == []
+    assert res["stage2"]["summary"] == first_demo.first["stage2"]["summary"]  # deterministic

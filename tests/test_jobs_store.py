@@ -326,7 +326,11 @@ def test_refusal_rate_kind_with_artifacts(tmp_path: Path, tiny_engine: Any) -> N
         done = mgr.wait(job.id, timeout=60)
         assert done.state == SUCCEEDED, done.error
         _, res = mgr.result(job.id)
-        assert res["n"] == 3 and len(res["per_prompt"]) == 3 and res["judge"] == "substring"
+        assert res["n"] == 3 and len(res["per_prompt"]) == 3 and res["judge"] == "substring+coherence"
+        # every job's verdicts pass the coherence gate: gated and ungated rates side by side
+        assert res["n_jailbroken_ungated"] == res["n_jailbroken"] + res["n_degenerate"]
+        if res["n_jailbroken_ungated"]:
+            assert res["coherence_gate"]["nll_threshold"] > res["coherence_gate"]["nll_quantile_value"]
         assert 0.0 <= res["refusal_rate"] <= 1.0
         assert res["interventions"][0]["latent_set_id"] == fs.id
         assert mgr.store.count_checkpoints(job.id) == 3
@@ -384,7 +388,7 @@ def test_stage_kinds_chained_by_job_id_and_chain(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequest, match="exactly one of direction_id, direction_job_id, direction"):
             mgr.submit("stage1", json.dumps(s1cfg))
         ch, chres = run("chain", {"direction": dcfg, "stage1": s1cfg, "stage2": s2cfg})
-        assert sorted(chres) == ["direction", "stage1", "stage2"]
+        assert sorted(chres) == ["coherence_gate", "direction", "stage1", "stage2"]  # the gate that judged it
         assert isinstance(chres["direction"]["arrays"]["direction"], np.ndarray)
         assert chres["stage2"]["summary"] == s2res["summary"]
         _, from_chain = run("stage1", {**s1cfg, "direction_job_id": ch.id})  # a chain's direction feeds stage 1
