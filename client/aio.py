@@ -12,8 +12,17 @@ from typing import Any
 import grpc
 import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from pydantic import ValidationError
 
+from ..audit.attribution import (
+    AttributionRequest,
+    AttributionResponse,
+    LogitDiff,
+    LogProb,
+    attribution_request,
+)
 from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
+from ..audit.errors import InvalidRequest, validation_message
 from ..proto import convert
 from ..proto.convert import Artifact
 from ..proto.generated import audit_pb2 as pb
@@ -23,6 +32,8 @@ from .jobs import AsyncJobsAPI
 from .sync import (
     PromptLike,
     _metadata_json,
+    as_prompt,
+    as_prompts,
     as_requests,
     auth_metadata,
     channel_credentials,
@@ -190,6 +201,28 @@ class AsyncAuditClient:
         resp = await self._call("Loss", convert.loss_request_to_pb(reqs, completions), timeout)
         return [convert.loss_result_from_pb(r) for r in resp.results]
 
+    async def attribute(
+        self, prompts: PromptLike | Sequence[PromptLike] | AttributionRequest,
+        metric: LogitDiff | LogProb | Sequence[LogitDiff | LogProb] | None = None, *,
+        timeout: float | None = None, **options: Any,
+    ) -> AttributionResponse:
+        """Attribute a metric to SAE latents (AtP / integrated gradients, docs/attribution.md).
+
+        Either a ready AttributionRequest, or prompts + a metric (one, or one per prompt) + the
+        request's options (method, n_steps, rule, baseline, layers, scope, top_k, latents, per_position).
+        """
+        if isinstance(prompts, AttributionRequest):
+            req = prompts
+        else:
+            if metric is None:
+                raise ValueError("metric is required (LogitDiff or LogProb)")
+            try:
+                req = attribution_request(as_prompts(prompts), metric, **options)
+            except ValidationError as exc:
+                raise InvalidRequest(validation_message(exc, "request")) from None
+        resp = await self._call("Attribute", convert.attribute_request_to_pb(req), timeout)
+        return convert.attribute_response_from_pb(resp)
+
     # ------------------------------------------------------------------ artifacts
 
     async def register_direction(
@@ -211,6 +244,16 @@ class AsyncAuditClient:
             name=name, latents=convert.latents_to_pb(latents), metadata_json=_metadata_json(metadata)
         )
         return convert.artifact_from_pb(await self._call("RegisterLatentSet", msg))
+
+    async def register_prompt_set(
+        self, name: str, prompts: Sequence[PromptLike], metadata: Mapping[str, Any] | None = None
+    ) -> Artifact:
+        """Register a prompt set (e.g. a mean attribution baseline's reference set); use `.id`."""
+        msg = pb.RegisterPromptSetRequest(
+            name=name, prompts=[convert.prompt_to_pb(as_prompt(p)) for p in prompts],
+            metadata_json=_metadata_json(metadata),
+        )
+        return convert.artifact_from_pb(await self._call("RegisterPromptSet", msg))
 
     async def artifact(self, artifact_id: str) -> Artifact:
         """One artifact with its payload."""

@@ -1,4 +1,4 @@
-"""`refusal-audit` command line: serve, info, generate, score, activations, and the sub-commands
+"""`refusal-audit` command line: serve, info, generate, score, activations, attribute, and the sub-commands
 (demo/build, job, report, judge) that live in their own modules."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help="refusal-audi
 
 def _register_subcommands() -> None:
     """Each sub-command group lives in its own module."""
-    from . import cli_core, cli_demo, cli_jobs, cli_judge
+    from . import cli_attribute, cli_core, cli_demo, cli_jobs, cli_judge
 
-    for module in (cli_core, cli_demo, cli_jobs, cli_judge):
+    for module in (cli_core, cli_attribute, cli_demo, cli_jobs, cli_judge):
         module.register(app)
 
 

@@ -20,6 +20,13 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import TypeAdapter, ValidationError
 
+from ..audit.attribution import (
+    AttributionRequest,
+    AttributionResponse,
+    LogitDiff,
+    LogProb,
+    attribution_request,
+)
 from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
 from ..audit.errors import InvalidRequest, validation_message
 from ..audit.spec import ChatMessage, Intervention, Prompt, Request, SamplingParams
@@ -62,6 +69,13 @@ def as_prompt(p: Any) -> Prompt:
     if _is_messages(p):
         return tuple(m if isinstance(m, ChatMessage) else ChatMessage(**m) for m in p)
     raise TypeError(f"not a prompt: {p!r}")
+
+
+def as_prompts(prompts: Any) -> list[Prompt]:
+    """One prompt or a list of prompts, normalised."""
+    if isinstance(prompts, str) or _is_messages(prompts):
+        return [as_prompt(prompts)]
+    return [as_prompt(p) for p in prompts]
 
 
 def as_interventions(interventions: Sequence[Any]) -> tuple[Intervention, ...]:
@@ -304,6 +318,28 @@ class AuditClient:
         resp = self._call("Loss", convert.loss_request_to_pb(reqs, completions), timeout)
         return [convert.loss_result_from_pb(r) for r in resp.results]
 
+    def attribute(
+        self, prompts: PromptLike | Sequence[PromptLike] | AttributionRequest,
+        metric: LogitDiff | LogProb | Sequence[LogitDiff | LogProb] | None = None, *,
+        timeout: float | None = None, **options: Any,
+    ) -> AttributionResponse:
+        """Attribute a metric to SAE latents (AtP / integrated gradients, docs/attribution.md).
+
+        Either a ready AttributionRequest, or prompts + a metric (one, or one per prompt) + the
+        request's options (method, n_steps, rule, baseline, layers, scope, top_k, latents, per_position).
+        """
+        if isinstance(prompts, AttributionRequest):
+            req = prompts
+        else:
+            if metric is None:
+                raise ValueError("metric is required (LogitDiff or LogProb)")
+            try:
+                req = attribution_request(as_prompts(prompts), metric, **options)
+            except ValidationError as exc:
+                raise InvalidRequest(validation_message(exc, "request")) from None
+        resp = self._call("Attribute", convert.attribute_request_to_pb(req), timeout)
+        return convert.attribute_response_from_pb(resp)
+
     # ------------------------------------------------------------------ artifacts
 
     def register_direction(
@@ -325,6 +361,16 @@ class AuditClient:
             name=name, latents=convert.latents_to_pb(latents), metadata_json=_metadata_json(metadata)
         )
         return convert.artifact_from_pb(self._call("RegisterLatentSet", msg))
+
+    def register_prompt_set(
+        self, name: str, prompts: Sequence[PromptLike], metadata: Mapping[str, Any] | None = None
+    ) -> Artifact:
+        """Register a prompt set (e.g. a mean attribution baseline's reference set); use `.id`."""
+        msg = pb.RegisterPromptSetRequest(
+            name=name, prompts=[convert.prompt_to_pb(as_prompt(p)) for p in prompts],
+            metadata_json=_metadata_json(metadata),
+        )
+        return convert.artifact_from_pb(self._call("RegisterPromptSet", msg))
 
     def artifact(self, artifact_id: str) -> Artifact:
         """One artifact with its payload."""

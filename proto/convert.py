@@ -16,6 +16,17 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from ..audit.attribution import (
+    AttributionItem,
+    AttributionRequest,
+    AttributionResponse,
+    AttributionResult,
+    AttributionScope,
+    Baseline,
+    LayerAttribution,
+    LogitDiff,
+    LogProb,
+)
 from ..audit.codec import reject_json_constant
 from ..audit.engine import (
     Completion,
@@ -50,7 +61,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 @dataclass
 class Artifact:
-    """A registered direction or latent set (payload absent in listings)."""
+    """A registered direction, latent set or prompt set (payload absent in listings)."""
 
     id: str
     kind: str  # "direction" | "latent_set"
@@ -61,6 +72,7 @@ class Artifact:
     latents: dict[int, list[int]] | None = None
     metadata: dict[str, Any] = field(default_factory=dict)
     source_job_id: str = ""
+    prompts: list[Prompt] | None = None  # kind "prompt_set"
 
 
 # ---------------------------------------------------------------- helpers
@@ -494,6 +506,7 @@ def limits_to_pb(lim: Limits) -> pb.Limits:
         max_batch_items=lim.max_batch_items,
         max_latents_per_request=lim.max_latents_per_request,
         max_concurrent_jobs=lim.max_concurrent_jobs,
+        max_attribution_steps=lim.max_attribution_steps,
     )
 
 
@@ -501,7 +514,8 @@ def limits_from_pb(m: pb.Limits) -> Limits:
     # not re-validated: what the server reports is what it enforces
     return Limits.model_construct(max_prompt_tokens=m.max_prompt_tokens, max_new_tokens=m.max_new_tokens,
                   max_batch_items=m.max_batch_items, max_latents_per_request=m.max_latents_per_request,
-                  max_concurrent_jobs=m.max_concurrent_jobs)
+                  max_concurrent_jobs=m.max_concurrent_jobs,
+                  max_attribution_steps=m.max_attribution_steps or Limits().max_attribution_steps)
 
 
 def model_info_to_pb(info: ModelInfo, limits: Limits | None = None, server_version: str = "") -> pb.ModelInfo:
@@ -579,6 +593,8 @@ def artifact_to_pb(a: Artifact, with_payload: bool = True) -> pb.Artifact:
             msg.direction.extend(float(x) for x in np.asarray(a.direction, dtype=np.float32).ravel())
         if a.latents is not None:
             msg.latents.extend(latents_to_pb(a.latents))
+        if a.prompts is not None:
+            msg.prompts.extend(prompt_to_pb(p) for p in a.prompts)
     return msg
 
 
@@ -593,4 +609,148 @@ def artifact_from_pb(m: pb.Artifact) -> Artifact:
         latents=latents_from_pb(m.latents) if m.latents else None,
         metadata=json.loads(m.metadata_json) if m.metadata_json else {},
         source_job_id=m.source_job_id,
+        prompts=[prompt_from_pb(p, f"prompts[{i}]") for i, p in enumerate(m.prompts)] if m.prompts else None,
     )
+
+
+# ---------------------------------------------------------------- attribution
+
+_ASCOPE_TO_PB = {
+    "after_bos": pb.AttributionScope.AFTER_BOS,
+    "all": pb.AttributionScope.ALL,
+    "last_n": pb.AttributionScope.LAST_N,
+    "positions": pb.AttributionScope.POSITIONS,
+}
+_ASCOPE_FROM_PB = {v: k for k, v in _ASCOPE_TO_PB.items()}
+_BASELINE_TO_PB = {
+    "zero": pb.AttributionBaseline.ZERO,
+    "mean": pb.AttributionBaseline.MEAN,
+    "interventions": pb.AttributionBaseline.INTERVENTIONS,
+}
+_BASELINE_FROM_PB = {v: k for k, v in _BASELINE_TO_PB.items()}
+
+
+def metric_to_pb(m: LogitDiff | LogProb) -> pb.AttributionMetric:
+    """An attribution metric as a message."""
+    if isinstance(m, LogitDiff):
+        return pb.AttributionMetric(logit_diff=pb.LogitDiffMetric(positive=m.positive, negative=m.negative))
+    return pb.AttributionMetric(logprob=pb.LogProbMetric(token=m.token))
+
+
+def metric_from_pb(msg: pb.AttributionMetric, where: str) -> LogitDiff | LogProb | None:
+    """Message -> metric (None when unset)."""
+    kind = msg.WhichOneof("kind")
+    if kind == "logit_diff":
+        return _build(LogitDiff, where, positive=msg.logit_diff.positive, negative=msg.logit_diff.negative)  # type: ignore[no-any-return]
+    if kind == "logprob":
+        return _build(LogProb, where, token=msg.logprob.token)  # type: ignore[no-any-return]
+    return None
+
+
+def attribute_request_to_pb(req: AttributionRequest) -> pb.AttributeRequest:
+    """AttributionRequest -> message."""
+    items = []
+    for it in req.items:
+        item = pb.AttributeItem(prompt=prompt_to_pb(it.prompt))
+        if it.metric is not None:
+            item.metric.CopyFrom(metric_to_pb(it.metric))
+        items.append(item)
+    msg = pb.AttributeRequest(
+        items=items, method=req.method, n_steps=req.n_steps, rule=req.rule, layers=list(req.layers),
+        scope=pb.AttributionScope(kind=_ASCOPE_TO_PB[req.scope.kind], n=req.scope.n, positions=list(req.scope.positions)),
+        baseline=pb.AttributionBaseline(
+            kind=_BASELINE_TO_PB[req.baseline.kind], reference_set_id=req.baseline.reference_set_id,
+            interventions=[intervention_to_pb(iv) for iv in req.baseline.interventions],
+        ),
+        top_k=req.top_k, latents=_layer_latents_to_pb(req.latents), per_position=req.per_position,
+    )
+    if req.top_k == 0 and not req.latents:
+        raise InvalidRequest("top_k: 0 and no latents chosen (nothing to return)")
+    if req.metric is not None:
+        msg.metric.CopyFrom(metric_to_pb(req.metric))
+    return msg
+
+
+def attribute_request_from_pb(msg: pb.AttributeRequest) -> AttributionRequest:
+    """Message -> AttributionRequest (validated; errors name the field)."""
+    if not msg.items:
+        raise InvalidRequest("items: empty request")
+    items = []
+    for i, it in enumerate(msg.items):
+        where = f"items[{i}]"
+        prompt = prompt_from_pb(it.prompt, f"{where}.prompt")
+        metric = metric_from_pb(it.metric, f"{where}.metric") if it.HasField("metric") else None
+        items.append(_build(AttributionItem, where, prompt=prompt, metric=metric))
+    scope_kind = _ASCOPE_FROM_PB.get(msg.scope.kind)
+    if scope_kind is None:
+        raise InvalidRequest(f"scope.kind: unknown attribution scope kind {msg.scope.kind}")
+    scope = _build(AttributionScope, "scope", kind=scope_kind, n=msg.scope.n, positions=tuple(msg.scope.positions))
+    base_kind = _BASELINE_FROM_PB.get(msg.baseline.kind)
+    if base_kind is None:
+        raise InvalidRequest(f"baseline.kind: unknown baseline kind {msg.baseline.kind}")
+    if base_kind == "mean" and not msg.baseline.reference_set_id:
+        raise InvalidRequest("baseline.reference_set_id: required for a mean baseline (a registered prompt set)")
+    if base_kind == "interventions" and not msg.baseline.interventions:
+        raise InvalidRequest("baseline.interventions: empty (an interventions baseline needs at least one)")
+    baseline = _build(
+        Baseline, "baseline", kind=base_kind, reference_set_id=msg.baseline.reference_set_id,
+        interventions=_interventions_from_pb(msg.baseline.interventions, "baseline"),
+    )
+    latents, values = _layer_latents_from_pb(msg.latents, "latents")
+    if values:
+        raise InvalidRequest("latents.values: chosen latents have no values")
+    metric = metric_from_pb(msg.metric, "metric") if msg.HasField("metric") else None
+    if msg.top_k < 0:
+        raise InvalidRequest(f"top_k: must be >= 0, got {msg.top_k}")
+    top_k = msg.top_k or (0 if latents else AttributionRequest.model_fields["top_k"].default)
+    return _build(  # type: ignore[no-any-return]
+        AttributionRequest, "request", items=tuple(items), metric=metric, method=msg.method or "ig",
+        n_steps=msg.n_steps, rule=msg.rule or "left", baseline=baseline, layers=tuple(msg.layers), scope=scope,
+        top_k=top_k, latents=latents, per_position=msg.per_position,
+    )
+
+
+def layer_attribution_to_pb(la: LayerAttribution) -> pb.LayerAttribution:
+    msg = pb.LayerAttribution(
+        layer=la.layer, latents=[int(i) for i in la.latents], scores=[float(v) for v in la.scores],
+        error=la.error, total=la.total,
+    )
+    if la.per_position is not None:
+        msg.per_position.CopyFrom(tensor_to_pb(np.asarray(la.per_position, dtype=np.float32)))
+    if la.error_per_position is not None:
+        msg.error_per_position.extend(float(v) for v in la.error_per_position)
+    return msg
+
+
+def attribute_response_to_pb(resp: AttributionResponse) -> pb.AttributeResponse:
+    """AttributionResponse -> message."""
+    return pb.AttributeResponse(
+        results=[
+            pb.AttributionResult(
+                metric_clean=r.metric_clean, metric_baseline=r.metric_baseline, metric_patched=r.metric_patched,
+                positions=r.positions, token_ids=r.token_ids,
+                layers=[layer_attribution_to_pb(r.layers[ly]) for ly in sorted(r.layers)],
+            )
+            for r in resp.results
+        ],
+        forward_passes=resp.forward_passes, backward_passes=resp.backward_passes, wall_s=resp.wall_s,
+    )
+
+
+def attribute_response_from_pb(msg: pb.AttributeResponse) -> AttributionResponse:
+    """Message -> AttributionResponse."""
+    results = []
+    for r in msg.results:
+        layers = {}
+        for la in r.layers:
+            layers[la.layer] = LayerAttribution(
+                layer=la.layer, latents=np.asarray(la.latents, dtype=np.int64),
+                scores=np.asarray(la.scores, dtype=np.float32), error=la.error, total=la.total,
+                per_position=tensor_from_pb(la.per_position, "per_position") if la.HasField("per_position") else None,
+                error_per_position=np.asarray(la.error_per_position, dtype=np.float32) if la.error_per_position else None,
+            )
+        results.append(AttributionResult(
+            metric_clean=r.metric_clean, metric_baseline=r.metric_baseline, metric_patched=r.metric_patched,
+            positions=list(r.positions), token_ids=list(r.token_ids), layers=layers,
+        ))
+    return AttributionResponse(results, int(msg.forward_passes), int(msg.backward_passes), float(msg.wall_s))

@@ -25,13 +25,15 @@ from safetensors.numpy import load_file, save_file
 
 from ..audit.engine import ModelInfo
 from ..audit.errors import InvalidRequest, NotFound
+from ..audit.spec import ChatMessage, Prompt
 from ..proto.convert import Artifact
 from .interventions import Resolver
 
 ArtifactRecord = Artifact
 """The store's record type (the wire-neutral `Artifact` of proto.convert)."""
 
-KINDS = ("direction", "latent_set")
+KINDS = ("direction", "latent_set", "prompt_set")
+MAX_PROMPT_SET = 10000  # prompts per registered prompt set
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts (
@@ -94,7 +96,16 @@ class ModelValidator:
 
 
 def _new_id(kind: str) -> str:
-    return ("dir_" if kind == "direction" else "fs_") + uuid.uuid4().hex[:12]
+    prefix = {"direction": "dir_", "latent_set": "fs_", "prompt_set": "ps_"}[kind]
+    return prefix + uuid.uuid4().hex[:12]
+
+
+def _prompt_json(p: Prompt) -> Any:
+    return p if isinstance(p, str) else [{"role": m.role, "content": m.content} for m in p]
+
+
+def _prompt_from_json(v: Any) -> Prompt:
+    return v if isinstance(v, str) else tuple(ChatMessage(**m) for m in v)
 
 
 class ArtifactStore(Resolver):
@@ -154,6 +165,31 @@ class ArtifactStore(Resolver):
         self._insert(rec)
         return rec
 
+    def register_prompt_set(
+        self, name: str, prompts: Sequence[Prompt], metadata: dict[str, Any] | None = None, source_job_id: str = ""
+    ) -> Artifact:
+        """Persist a set of prompts (e.g. a mean attribution baseline's reference set); id `ps_<12 hex>`."""
+        prompts = list(prompts)
+        if not prompts:
+            raise InvalidRequest("prompts: empty prompt set")
+        if len(prompts) > MAX_PROMPT_SET:
+            raise InvalidRequest(f"prompts: {len(prompts)} prompts exceed the limit of {MAX_PROMPT_SET}")
+        for i, p in enumerate(prompts):
+            if (isinstance(p, str) and not p) or (not isinstance(p, str) and not any(m.content for m in p)):
+                raise InvalidRequest(f"prompts[{i}]: empty prompt")
+        aid = _new_id("prompt_set")
+        final = self.blob_dir / f"{aid}.json"
+        tmp = final.with_suffix(".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump([_prompt_json(p) for p in prompts], f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+        rec = Artifact(aid, "prompt_set", name, time.time(), metadata=dict(metadata or {}), source_job_id=source_job_id,
+                       prompts=prompts)
+        self._insert(rec)
+        return rec
+
     def _write_blob(self, aid: str, tensors: dict[str, np.ndarray]) -> None:
         final = self.blob_dir / f"{aid}.safetensors"
         tmp = final.with_suffix(".tmp")
@@ -203,6 +239,12 @@ class ArtifactStore(Resolver):
         if row is None:
             raise NotFound(f"id: artifact {artifact_id!r} is not registered")
         rec = self._row_to_record(row)
+        if rec.kind == "prompt_set":
+            with open(self.blob_dir / f"{rec.id}.json", encoding="utf-8") as f:
+                rec.prompts = [_prompt_from_json(v) for v in json.load(f)]
+            with self._lock:
+                self._remember(rec)
+            return rec
         tensors = load_file(str(self.blob_dir / f"{rec.id}.safetensors"))
         if rec.kind == "direction":
             rec.direction = tensors["direction"].astype(np.float32)
@@ -248,3 +290,13 @@ class ArtifactStore(Resolver):
         if rec.kind != "direction" or rec.direction is None:
             raise NotFound(f"direction_id: {direction_id!r} is a {rec.kind}, not a direction")
         return rec.direction
+
+    def prompt_set(self, set_id: str) -> builtins.list[Prompt]:
+        """Resolver: the prompts of a registered prompt set."""
+        try:
+            rec = self.get(set_id)
+        except NotFound:
+            raise NotFound(f"{set_id!r} is not registered") from None
+        if rec.kind != "prompt_set" or rec.prompts is None:
+            raise NotFound(f"{set_id!r} is a {rec.kind}, not a prompt set")
+        return rec.prompts

@@ -435,6 +435,19 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
         return await self._unary("Loss", context, body)
 
+    async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
+        async def body() -> pb.AttributeResponse:
+            self._check_items(len(request.items))
+            req = convert.attribute_request_from_pb(request)
+            fn = getattr(self.engine, "attribute", None)
+            if fn is None:
+                raise NotImplementedError("this engine cannot attribute (no gradients)")
+            self.metrics.items.labels("Attribute").inc(len(req.items))
+            resp = await self._in_engine("Attribute", lambda _c: fn(req), context)
+            return convert.attribute_response_to_pb(resp)
+
+        return await self._unary("Attribute", context, body)
+
     # ------------------------------------------------------------------ artifacts
 
     async def RegisterDirection(self, request: pb.RegisterDirectionRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
@@ -458,6 +471,15 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             return convert.artifact_to_pb(rec)
 
         return await self._unary("RegisterLatentSet", context, body)
+
+    async def RegisterPromptSet(self, request: pb.RegisterPromptSetRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
+        async def body() -> pb.Artifact:
+            prompts = [convert.prompt_from_pb(p, f"prompts[{i}]") for i, p in enumerate(request.prompts)]
+            meta = convert.parse_metadata(request.metadata_json)
+            rec = await asyncio.to_thread(self.artifacts.register_prompt_set, request.name, prompts, meta)
+            return convert.artifact_to_pb(rec, with_payload=False)
+
+        return await self._unary("RegisterPromptSet", context, body)
 
     async def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
         async def body() -> pb.Artifact:

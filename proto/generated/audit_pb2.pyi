@@ -181,18 +181,20 @@ class ModelInfo(_message.Message):
     def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SAEInfo, _Mapping]]] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., n_post_instruction_tokens: _Optional[int] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., special_token_ids: _Optional[_Mapping[str, int]] = ..., server_version: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_batch_items", "max_latents_per_request", "max_concurrent_jobs")
+    __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_batch_items", "max_latents_per_request", "max_concurrent_jobs", "max_attribution_steps")
     MAX_PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_ITEMS_FIELD_NUMBER: _ClassVar[int]
     MAX_LATENTS_PER_REQUEST_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_JOBS_FIELD_NUMBER: _ClassVar[int]
+    MAX_ATTRIBUTION_STEPS_FIELD_NUMBER: _ClassVar[int]
     max_prompt_tokens: int
     max_new_tokens: int
     max_batch_items: int
     max_latents_per_request: int
     max_concurrent_jobs: int
-    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_latents_per_request: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ...) -> None: ...
+    max_attribution_steps: int
+    def __init__(self, max_prompt_tokens: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_batch_items: _Optional[int] = ..., max_latents_per_request: _Optional[int] = ..., max_concurrent_jobs: _Optional[int] = ..., max_attribution_steps: _Optional[int] = ...) -> None: ...
 
 class SamplingParams(_message.Message):
     __slots__ = ("max_new_tokens", "temperature", "top_p", "seed", "has_seed", "stop_token_ids")
@@ -400,8 +402,148 @@ class LossResponse(_message.Message):
     results: _containers.RepeatedCompositeFieldContainer[LossResult]
     def __init__(self, results: _Optional[_Iterable[_Union[LossResult, _Mapping]]] = ...) -> None: ...
 
+class LogitDiffMetric(_message.Message):
+    __slots__ = ("positive", "negative")
+    POSITIVE_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_FIELD_NUMBER: _ClassVar[int]
+    positive: int
+    negative: int
+    def __init__(self, positive: _Optional[int] = ..., negative: _Optional[int] = ...) -> None: ...
+
+class LogProbMetric(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: int
+    def __init__(self, token: _Optional[int] = ...) -> None: ...
+
+class AttributionMetric(_message.Message):
+    __slots__ = ("logit_diff", "logprob")
+    LOGIT_DIFF_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    logit_diff: LogitDiffMetric
+    logprob: LogProbMetric
+    def __init__(self, logit_diff: _Optional[_Union[LogitDiffMetric, _Mapping]] = ..., logprob: _Optional[_Union[LogProbMetric, _Mapping]] = ...) -> None: ...
+
+class AttributionScope(_message.Message):
+    __slots__ = ("kind", "n", "positions")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        AFTER_BOS: _ClassVar[AttributionScope.Kind]
+        ALL: _ClassVar[AttributionScope.Kind]
+        LAST_N: _ClassVar[AttributionScope.Kind]
+        POSITIONS: _ClassVar[AttributionScope.Kind]
+    AFTER_BOS: AttributionScope.Kind
+    ALL: AttributionScope.Kind
+    LAST_N: AttributionScope.Kind
+    POSITIONS: AttributionScope.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    N_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    kind: AttributionScope.Kind
+    n: int
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, kind: _Optional[_Union[AttributionScope.Kind, str]] = ..., n: _Optional[int] = ..., positions: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class AttributionBaseline(_message.Message):
+    __slots__ = ("kind", "reference_set_id", "interventions")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ZERO: _ClassVar[AttributionBaseline.Kind]
+        MEAN: _ClassVar[AttributionBaseline.Kind]
+        INTERVENTIONS: _ClassVar[AttributionBaseline.Kind]
+    ZERO: AttributionBaseline.Kind
+    MEAN: AttributionBaseline.Kind
+    INTERVENTIONS: AttributionBaseline.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTIONS_FIELD_NUMBER: _ClassVar[int]
+    kind: AttributionBaseline.Kind
+    reference_set_id: str
+    interventions: _containers.RepeatedCompositeFieldContainer[Intervention]
+    def __init__(self, kind: _Optional[_Union[AttributionBaseline.Kind, str]] = ..., reference_set_id: _Optional[str] = ..., interventions: _Optional[_Iterable[_Union[Intervention, _Mapping]]] = ...) -> None: ...
+
+class AttributeItem(_message.Message):
+    __slots__ = ("prompt", "metric")
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    prompt: Prompt
+    metric: AttributionMetric
+    def __init__(self, prompt: _Optional[_Union[Prompt, _Mapping]] = ..., metric: _Optional[_Union[AttributionMetric, _Mapping]] = ...) -> None: ...
+
+class AttributeRequest(_message.Message):
+    __slots__ = ("items", "metric", "method", "n_steps", "rule", "baseline", "layers", "scope", "top_k", "latents", "per_position")
+    ITEMS_FIELD_NUMBER: _ClassVar[int]
+    METRIC_FIELD_NUMBER: _ClassVar[int]
+    METHOD_FIELD_NUMBER: _ClassVar[int]
+    N_STEPS_FIELD_NUMBER: _ClassVar[int]
+    RULE_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    items: _containers.RepeatedCompositeFieldContainer[AttributeItem]
+    metric: AttributionMetric
+    method: str
+    n_steps: int
+    rule: str
+    baseline: AttributionBaseline
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    scope: AttributionScope
+    top_k: int
+    latents: _containers.RepeatedCompositeFieldContainer[LayerLatents]
+    per_position: bool
+    def __init__(self, items: _Optional[_Iterable[_Union[AttributeItem, _Mapping]]] = ..., metric: _Optional[_Union[AttributionMetric, _Mapping]] = ..., method: _Optional[str] = ..., n_steps: _Optional[int] = ..., rule: _Optional[str] = ..., baseline: _Optional[_Union[AttributionBaseline, _Mapping]] = ..., layers: _Optional[_Iterable[int]] = ..., scope: _Optional[_Union[AttributionScope, _Mapping]] = ..., top_k: _Optional[int] = ..., latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., per_position: _Optional[bool] = ...) -> None: ...
+
+class LayerAttribution(_message.Message):
+    __slots__ = ("layer", "latents", "scores", "error", "total", "per_position", "error_per_position")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    SCORES_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_PER_POSITION_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    latents: _containers.RepeatedScalarFieldContainer[int]
+    scores: _containers.RepeatedScalarFieldContainer[float]
+    error: float
+    total: float
+    per_position: Tensor
+    error_per_position: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, layer: _Optional[int] = ..., latents: _Optional[_Iterable[int]] = ..., scores: _Optional[_Iterable[float]] = ..., error: _Optional[float] = ..., total: _Optional[float] = ..., per_position: _Optional[_Union[Tensor, _Mapping]] = ..., error_per_position: _Optional[_Iterable[float]] = ...) -> None: ...
+
+class AttributionResult(_message.Message):
+    __slots__ = ("metric_clean", "metric_baseline", "metric_patched", "positions", "token_ids", "layers")
+    METRIC_CLEAN_FIELD_NUMBER: _ClassVar[int]
+    METRIC_BASELINE_FIELD_NUMBER: _ClassVar[int]
+    METRIC_PATCHED_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    metric_clean: float
+    metric_baseline: float
+    metric_patched: float
+    positions: _containers.RepeatedScalarFieldContainer[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    layers: _containers.RepeatedCompositeFieldContainer[LayerAttribution]
+    def __init__(self, metric_clean: _Optional[float] = ..., metric_baseline: _Optional[float] = ..., metric_patched: _Optional[float] = ..., positions: _Optional[_Iterable[int]] = ..., token_ids: _Optional[_Iterable[int]] = ..., layers: _Optional[_Iterable[_Union[LayerAttribution, _Mapping]]] = ...) -> None: ...
+
+class AttributeResponse(_message.Message):
+    __slots__ = ("results", "forward_passes", "backward_passes", "wall_s")
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    BACKWARD_PASSES_FIELD_NUMBER: _ClassVar[int]
+    WALL_S_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[AttributionResult]
+    forward_passes: int
+    backward_passes: int
+    wall_s: float
+    def __init__(self, results: _Optional[_Iterable[_Union[AttributionResult, _Mapping]]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_s: _Optional[float] = ...) -> None: ...
+
 class Artifact(_message.Message):
-    __slots__ = ("id", "kind", "name", "created_at", "direction", "direction_layer", "latents", "metadata_json", "source_job_id")
+    __slots__ = ("id", "kind", "name", "created_at", "direction", "direction_layer", "latents", "metadata_json", "source_job_id", "prompts")
     ID_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
@@ -411,6 +553,7 @@ class Artifact(_message.Message):
     LATENTS_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
     SOURCE_JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
     id: str
     kind: str
     name: str
@@ -420,7 +563,8 @@ class Artifact(_message.Message):
     latents: _containers.RepeatedCompositeFieldContainer[LayerLatents]
     metadata_json: str
     source_job_id: str
-    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., created_at: _Optional[float] = ..., direction: _Optional[_Iterable[float]] = ..., direction_layer: _Optional[int] = ..., latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., metadata_json: _Optional[str] = ..., source_job_id: _Optional[str] = ...) -> None: ...
+    prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
+    def __init__(self, id: _Optional[str] = ..., kind: _Optional[str] = ..., name: _Optional[str] = ..., created_at: _Optional[float] = ..., direction: _Optional[_Iterable[float]] = ..., direction_layer: _Optional[int] = ..., latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., metadata_json: _Optional[str] = ..., source_job_id: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ...) -> None: ...
 
 class RegisterDirectionRequest(_message.Message):
     __slots__ = ("name", "values", "layer", "metadata_json")
@@ -443,6 +587,16 @@ class RegisterLatentSetRequest(_message.Message):
     latents: _containers.RepeatedCompositeFieldContainer[LayerLatents]
     metadata_json: str
     def __init__(self, name: _Optional[str] = ..., latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+
+class RegisterPromptSetRequest(_message.Message):
+    __slots__ = ("name", "prompts", "metadata_json")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
+    metadata_json: str
+    def __init__(self, name: _Optional[str] = ..., prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class GetArtifactRequest(_message.Message):
     __slots__ = ("id",)

@@ -69,6 +69,11 @@ class AuditServiceStub:
                 request_serializer=refusal__audit_dot_v1_dot_audit__pb2.LossRequest.SerializeToString,
                 response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.LossResponse.FromString,
                 _registered_method=True)
+        self.Attribute = channel.unary_unary(
+                '/refusal_audit.v1.AuditService/Attribute',
+                request_serializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeRequest.SerializeToString,
+                response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeResponse.FromString,
+                _registered_method=True)
         self.RegisterDirection = channel.unary_unary(
                 '/refusal_audit.v1.AuditService/RegisterDirection',
                 request_serializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterDirectionRequest.SerializeToString,
@@ -77,6 +82,11 @@ class AuditServiceStub:
         self.RegisterLatentSet = channel.unary_unary(
                 '/refusal_audit.v1.AuditService/RegisterLatentSet',
                 request_serializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterLatentSetRequest.SerializeToString,
+                response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.Artifact.FromString,
+                _registered_method=True)
+        self.RegisterPromptSet = channel.unary_unary(
+                '/refusal_audit.v1.AuditService/RegisterPromptSet',
+                request_serializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterPromptSetRequest.SerializeToString,
                 response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.Artifact.FromString,
                 _registered_method=True)
         self.GetArtifact = channel.unary_unary(
@@ -173,6 +183,14 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Attribute(self, request, context):
+        """Gradient attribution of a metric to SAE latents: attribution patching or integrated gradients
+        in SAE space (latents and error term) between the clean and a baseline state (docs/attribution.md).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterDirection(self, request, context):
         """Directions and latent sets registered once, referenced by id afterwards.
         """
@@ -182,6 +200,13 @@ class AuditServiceServicer:
 
     def RegisterLatentSet(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RegisterPromptSet(self, request, context):
+        """A set of prompts (e.g. the reference set of a mean attribution baseline).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -273,6 +298,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.LossRequest.FromString,
                     response_serializer=refusal__audit_dot_v1_dot_audit__pb2.LossResponse.SerializeToString,
             ),
+            'Attribute': grpc.unary_unary_rpc_method_handler(
+                    servicer.Attribute,
+                    request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeRequest.FromString,
+                    response_serializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeResponse.SerializeToString,
+            ),
             'RegisterDirection': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDirection,
                     request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterDirectionRequest.FromString,
@@ -281,6 +311,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
             'RegisterLatentSet': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterLatentSet,
                     request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterLatentSetRequest.FromString,
+                    response_serializer=refusal__audit_dot_v1_dot_audit__pb2.Artifact.SerializeToString,
+            ),
+            'RegisterPromptSet': grpc.unary_unary_rpc_method_handler(
+                    servicer.RegisterPromptSet,
+                    request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterPromptSetRequest.FromString,
                     response_serializer=refusal__audit_dot_v1_dot_audit__pb2.Artifact.SerializeToString,
             ),
             'GetArtifact': grpc.unary_unary_rpc_method_handler(
@@ -524,6 +559,33 @@ class AuditService:
             _registered_method=True)
 
     @staticmethod
+    def Attribute(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refusal_audit.v1.AuditService/Attribute',
+            refusal__audit_dot_v1_dot_audit__pb2.AttributeRequest.SerializeToString,
+            refusal__audit_dot_v1_dot_audit__pb2.AttributeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
     def RegisterDirection(request,
             target,
             options=(),
@@ -566,6 +628,33 @@ class AuditService:
             target,
             '/refusal_audit.v1.AuditService/RegisterLatentSet',
             refusal__audit_dot_v1_dot_audit__pb2.RegisterLatentSetRequest.SerializeToString,
+            refusal__audit_dot_v1_dot_audit__pb2.Artifact.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RegisterPromptSet(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refusal_audit.v1.AuditService/RegisterPromptSet',
+            refusal__audit_dot_v1_dot_audit__pb2.RegisterPromptSetRequest.SerializeToString,
             refusal__audit_dot_v1_dot_audit__pb2.Artifact.FromString,
             options,
             channel_credentials,

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import numpy as np
 import torch
 
+from ...audit.attribution import AttributionRequest, AttributionResponse
 from ...audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
 from ...audit.errors import InvalidRequest
 from ...audit.spec import (
@@ -785,6 +786,10 @@ class VLLMEngine:
 
     def loss(self, requests: Sequence[Request], completions: Sequence[str | None]) -> list[LossResult]:
         return self.hf_engine().loss(requests, completions)
+
+    def attribute(self, request: AttributionRequest) -> AttributionResponse:
+        """Gradient attribution runs on the HF engine (gradients), like Encode/Residuals/Loss."""
+        return self.hf_engine().attribute(request)
 
 
 def build_engine(config: ServerConfig) -> VLLMEngine:
