@@ -120,6 +120,31 @@ class ClampLatents(_Frozen):
         return vals[k] if vals else self.value
 
 
+class ScaleLatents(_Frozen):
+    """Scale SAE latents by a factor, keeping the error term: z_i <- factor * z_i, i.e.
+    h' = h + sum_i (factor - 1) z_i W_dec[i]. factor 0 is an ablation; a negative factor flips
+    the latents' contribution (x-3 is the steering of "Understanding Refusal in Language Models
+    with Sparse Autoencoders")."""
+
+    type: Literal["scale_latents"] = "scale_latents"
+    latents: dict[int, tuple[int, ...]] = Field(default_factory=dict)  # layer -> latent ids
+    factor: float
+    latent_set_id: str | None = None
+    scope: TokenScope = ALL_TOKENS
+
+    @model_validator(mode="after")
+    def _check(self) -> ScaleLatents:
+        if not self.latents and not self.latent_set_id:
+            raise ValueError("scale_latents needs latents or latent_set_id")
+        return self
+
+    @field_validator("factor")
+    @classmethod
+    def _finite_factor(cls, v: float) -> float:
+        _finite([v])
+        return v
+
+
 class AblateDirection(_Frozen):
     """Arditi et al.: h' = h - (h.r)r at every layer input and attention/MLP output."""
 
@@ -172,7 +197,7 @@ class AddDirection(_Frozen):
 
 
 Intervention = Annotated[
-    AblateLatents | ClampLatents | AblateDirection | AddDirection, Field(discriminator="type")
+    AblateLatents | ClampLatents | ScaleLatents | AblateDirection | AddDirection, Field(discriminator="type")
 ]
 
 

@@ -13,6 +13,7 @@ from ..audit.spec import (
     ClampLatents,
     Request,
     SamplingParams,
+    ScaleLatents,
     TokenScope,
     user_prompt,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "StreamEvent",
     "AblateLatents",
     "ClampLatents",
+    "ScaleLatents",
     "AblateDirection",
     "AddDirection",
     "TokenScope",

@@ -7,6 +7,8 @@ score, activations):
   --ablate LAYER:ID,ID,...          zero-ablate SAE latents (repeatable)
   --latent-set fs_...               ablate a registered latent set (repeatable)
   --clamp LAYER:ID=VALUE[,ID=VALUE] clamp SAE latents (repeatable)
+  --scale LAYER:ID,ID,...@FACTOR    scale SAE latents by FACTOR (0 ablates, -3 flips; repeatable);
+                                    SET_ID@FACTOR scales a registered latent set
   --ablate-direction ID[@L,L,...]   directional ablation (a registered id or a .npy file)
   --add-direction ID@LAYER[*COEF]   activation addition
   --scope all|prompt|generated|last:N|pos:P,P,...   token scope of every intervention above
@@ -35,6 +37,7 @@ from ..audit.spec import (
     ClampLatents,
     Intervention,
     Prompt,
+    ScaleLatents,
     TokenScope,
     user_prompt,
 )
@@ -56,6 +59,7 @@ ChatOpt = Annotated[bool, typer.Option("--chat/--raw", help="wrap prompts in the
 AblateOpt = Annotated[list[str] | None, typer.Option("--ablate", help="LAYER:ID,ID,... zero-ablate SAE latents")]
 LatentSetOpt = Annotated[list[str] | None, typer.Option("--latent-set", help="ablate a registered latent set")]
 ClampOpt = Annotated[list[str] | None, typer.Option("--clamp", help="LAYER:ID=VALUE or LAYER:ID=VALUE,ID=VALUE,...: clamp SAE latents")]
+ScaleOpt = Annotated[list[str] | None, typer.Option("--scale", help="LAYER:ID,ID,...@FACTOR or SET_ID@FACTOR: multiply SAE latents by FACTOR (0 ablates, -3 flips)")]
 AblateDirOpt = Annotated[list[str] | None, typer.Option("--ablate-direction", help="ID or ID@L,L,...: directional ablation at all (or these) layers; ID may be a .npy file")]
 AddDirOpt = Annotated[list[str] | None, typer.Option("--add-direction", help="ID@LAYER or ID@LAYER*COEF: add a direction; ID may be a .npy file")]
 ScopeOpt = Annotated[str, typer.Option("--scope", help="all | prompt | generated | last:N | pos:P,P,...")]
@@ -138,6 +142,23 @@ def parse_clamp(text: str) -> tuple[int, list[tuple[int, float]]]:
     return _int(layer_s.strip(), "--clamp", text), pairs
 
 
+def parse_scale(text: str, scope: TokenScope) -> ScaleLatents:
+    """'LAYER:ID,ID,...@FACTOR' or 'SET_ID@FACTOR' -> ScaleLatents."""
+    target, sep, factor_s = text.rpartition("@")
+    if not sep or not target.strip():
+        raise typer.BadParameter(f"--scale expects LAYER:ID,ID,...@FACTOR or SET_ID@FACTOR, got {text!r}")
+    try:
+        factor = float(factor_s)
+    except ValueError:
+        raise typer.BadParameter(f"--scale {text!r}: {factor_s!r} is not a number") from None
+    if not np.isfinite(factor):
+        raise typer.BadParameter(f"--scale {text!r}: the factor must be finite")
+    if ":" in target:
+        layer, ids = parse_layer_ids(target, "--scale")
+        return ScaleLatents(latents={layer: tuple(ids)}, factor=factor, scope=scope)
+    return ScaleLatents(latent_set_id=target.strip(), factor=factor, scope=scope)
+
+
 def _direction_ref(ref: str) -> dict[str, Any]:
     """A registered id, or a .npy file of d_model floats sent inline."""
     if ref.endswith(".npy"):
@@ -175,8 +196,10 @@ def build_interventions(
     ablate_direction: Sequence[str] | None = None,
     add_direction: Sequence[str] | None = None,
     scope: str = "all",
+    scale: Sequence[str] | None = None,
 ) -> list[Intervention]:
-    """The intervention list the CLI options describe (one ablation and one clamp op, merged per layer)."""
+    """The intervention list the CLI options describe (one ablation and one clamp op, merged per layer;
+    one scale op per factor, explicit latents merged per layer)."""
     sc = parse_scope(scope)
     out: list[Intervention] = []
     latents: dict[int, list[int]] = {}
@@ -196,6 +219,17 @@ def build_interventions(
     if c_ids:
         out.append(ClampLatents(latents={k: tuple(v) for k, v in c_ids.items()},
                                 values={k: tuple(v) for k, v in c_vals.items()}, scope=sc))
+    s_ids: dict[float, dict[int, list[int]]] = {}
+    for text in scale or ():
+        op = parse_scale(text, sc)
+        if op.latent_set_id:
+            out.append(op)
+            continue
+        merged = s_ids.setdefault(op.factor, {})
+        for layer, ids in op.latents.items():
+            merged.setdefault(layer, []).extend(ids)
+    for factor, by_layer in s_ids.items():
+        out.append(ScaleLatents(latents={k: tuple(v) for k, v in by_layer.items()}, factor=factor, scope=sc))
     out.extend(parse_ablate_direction(d, sc) for d in ablate_direction or ())
     out.extend(parse_add_direction(d, sc) for d in add_direction or ())
     return out
@@ -324,7 +358,7 @@ def register(app: typer.Typer) -> None:
     @app.command("generate")
     def generate_cmd(
         prompts: PromptsArg = None, file: FileOpt = None, chat: ChatOpt = True,
-        ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None,
+        ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None, scale: ScaleOpt = None,
         ablate_direction: AblateDirOpt = None, add_direction: AddDirOpt = None, scope: ScopeOpt = "all",
         max_new_tokens: Annotated[int | None, typer.Option("--max-new-tokens", "-n", help="default: the server's")] = None,
         temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.0,
@@ -337,7 +371,7 @@ def register(app: typer.Typer) -> None:
         """Generate completions under interventions."""
         texts, ps = read_prompts(prompts, file, chat)
         with _errors():
-            ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope)
+            ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope, scale)
             sampling: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                             seed=seed)
             with _client(server, token, tls_ca, timeout) as c:
@@ -364,7 +398,7 @@ def register(app: typer.Typer) -> None:
         token_id: Annotated[list[int] | None, typer.Option("--token-id", help="token id to score (repeatable)")] = None,
         token_text: Annotated[list[str] | None, typer.Option("--token", help="token text to score, e.g. I (repeatable)")] = None,
         top_k: Annotated[int, typer.Option("--top-k", help="also show the k most likely next tokens")] = 0,
-        ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None,
+        ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None, scale: ScaleOpt = None,
         ablate_direction: AblateDirOpt = None, add_direction: AddDirOpt = None, scope: ScopeOpt = "all",
         server: ServerOpt = DEFAULT_ADDRESS, auth_token: AuthTokenOpt = None, tls_ca: TlsCaOpt = None,
         timeout: TimeoutOpt = None, as_json: JsonOpt = False,
@@ -372,7 +406,7 @@ def register(app: typer.Typer) -> None:
         """Next-token log-probabilities after each prompt (default: the token "I", the refusal score)."""
         texts, ps = read_prompts(prompts, file, chat)
         with _errors(), _client(server, auth_token, tls_ca, timeout) as c:
-            ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope)
+            ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope, scale)
             info = c.info
             named: list[tuple[str, int]] = []
             for tt in token_text or ():
@@ -421,7 +455,7 @@ def register(app: typer.Typer) -> None:
         layer: Annotated[list[int] | None, typer.Option("--layer", "-l", help="SAE layer (repeatable; default all)")] = None,
         top_k: Annotated[int, typer.Option("--top-k", "-k", help="top latents per token")] = 8,
         latent: Annotated[list[str] | None, typer.Option("--latent", help="LAYER:ID,ID these latents' activations instead")] = None,
-        ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None,
+        ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None, scale: ScaleOpt = None,
         ablate_direction: AblateDirOpt = None, add_direction: AddDirOpt = None, scope: ScopeOpt = "all",
         server: ServerOpt = DEFAULT_ADDRESS, token: TokenOpt = None, tls_ca: TlsCaOpt = None,
         timeout: TimeoutOpt = None, as_json: JsonOpt = False,
@@ -433,7 +467,7 @@ def register(app: typer.Typer) -> None:
             ly, ids = parse_layer_ids(spec, "--latent")
             chosen.setdefault(ly, []).extend(ids)
         with _errors(), _client(server, token, tls_ca, timeout) as c:
-            ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope)
+            ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope, scale)
             results = c.encode(ps, layers=layer or None, top_k=top_k, latents=chosen or None, interventions=ivs)
         out = []
         for t, r in zip(texts, results, strict=True):

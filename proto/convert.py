@@ -50,6 +50,7 @@ from ..audit.spec import (
     Prompt,
     Request,
     SamplingParams,
+    ScaleLatents,
     TokenScope,
 )
 from .generated import audit_pb2 as pb
@@ -224,6 +225,13 @@ def intervention_to_pb(iv: Intervention) -> pb.Intervention:
             ),
             scope=scope,
         )
+    if isinstance(iv, ScaleLatents):
+        return pb.Intervention(
+            scale_latents=pb.ScaleLatents(
+                latents=_layer_latents_to_pb(iv.latents), factor=iv.factor, latent_set_id=iv.latent_set_id or ""
+            ),
+            scope=scope,
+        )
     if isinstance(iv, AblateDirection):
         ref = pb.DirectionRef(values=list(iv.direction), direction_id=iv.direction_id or "")
         return pb.Intervention(ablate_direction=pb.AblateDirection(direction=ref, layers=list(iv.layers)), scope=scope)
@@ -253,6 +261,17 @@ def intervention_from_pb(msg: pb.Intervention, where: str = "intervention") -> I
         latents, values = _layer_latents_from_pb(m.latents, f"{where}.clamp_latents.latents")
         return _build(  # type: ignore[no-any-return]
             ClampLatents, f"{where}.clamp_latents", latents=latents, values=values, value=m.value,
+            latent_set_id=m.latent_set_id or None, scope=scope,
+        )
+    if kind == "scale_latents":
+        m = msg.scale_latents
+        latents, values = _layer_latents_from_pb(m.latents, f"{where}.scale_latents.latents")
+        if values:
+            raise InvalidRequest(f"{where}.scale_latents.latents.values: only clamp_latents takes values")
+        if not m.HasField("factor"):
+            raise InvalidRequest(f"{where}.scale_latents.factor must be set (0 ablates; it is not a default)")
+        return _build(  # type: ignore[no-any-return]
+            ScaleLatents, f"{where}.scale_latents", latents=latents, factor=m.factor,
             latent_set_id=m.latent_set_id or None, scope=scope,
         )
     if kind == "ablate_direction":

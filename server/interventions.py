@@ -7,7 +7,7 @@ latent) membership weight — no Python loop over requests in the hot path. Toke
 evaluated from a `TokenContext` the engine sets before each forward call.
 
 Math (docs/interventions.md): ablate  h' = h - sum_{i in S} z_i W_dec[i]  (error term kept);
-clamp  h' = h + sum_i (c_i - z_i) W_dec[i];  direction ablation  h' = h - (h.r) r;
+clamp  h' = h + sum_i (c_i - z_i) W_dec[i];  scale  h' = h + sum_i (alpha - 1) z_i W_dec[i];  direction ablation  h' = h - (h.r) r;
 addition  h' = h + a r.  Non-separable SAEs (TopK) go through sae-lens's full encode/decode.
 """
 
@@ -21,7 +21,15 @@ import numpy as np
 import torch
 
 from ..audit.errors import InvalidRequest, NotFound
-from ..audit.spec import AblateDirection, AblateLatents, AddDirection, ClampLatents, Intervention, TokenScope
+from ..audit.spec import (
+    AblateDirection,
+    AblateLatents,
+    AddDirection,
+    ClampLatents,
+    Intervention,
+    ScaleLatents,
+    TokenScope,
+)
 from .sae_runtime import LayerSAE
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED, SCOPE_LAST_N, SCOPE_POSITIONS = range(5)
@@ -132,13 +140,17 @@ def _scope_table(entries: list[tuple[int, TokenScope]], prompt_lens: Sequence[in
 
 @dataclass
 class LatentLayerPlan:
-    """All latent ablations/clamps of a batch at one SAE layer."""
+    """All latent ablations/clamps/scalings of a batch at one SAE layer.
+
+    Each op sets its latents to z' = a z + b: ablation (a, b) = (0, 0), clamp (0, c), scale (alpha, 0).
+    """
 
     sae: LayerSAE
     union: torch.Tensor  # [U] long, sorted latent ids
     scopes: _ScopeTable  # one entry per op
     membership: torch.Tensor  # [O, U] float (1 where op touches the latent)
-    targets: torch.Tensor  # [O, U] float (0 for ablation, c for clamp)
+    targets: torch.Tensor  # [O, U] float: b (0 for ablation and scaling, c for clamp)
+    scales: torch.Tensor  # [O, U] float: a (0 for ablation and clamp, alpha for scaling)
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [B, T, d] -> h' with every row's ops at this layer applied (exact, error term kept)."""
@@ -149,31 +161,33 @@ class LatentLayerPlan:
         # weight[b, t, u] = 1 where some op of row b touches latent u at token t
         weight = torch.einsum("ob,ot,ou->btu", row_onehot, scope, self.membership).clamp_(max=1.0)
         target = torch.einsum("ob,ot,ou->btu", row_onehot, scope, self.targets * self.membership)
+        mul = torch.einsum("ob,ot,ou->btu", row_onehot, scope, self.scales * self.membership)
         if not torch.any(weight):
             return h
         if ctx.row is not None:
             # Packed: only the tokens some op touches go through the SAE (the others are unchanged).
             active = weight[0].any(-1).nonzero().squeeze(-1)  # [A]
             x = h[0].index_select(0, active)
-            delta = self._delta(x, weight[0].index_select(0, active), target[0].index_select(0, active))
+            delta = self._delta(x, weight[0].index_select(0, active), target[0].index_select(0, active),
+                                mul[0].index_select(0, active))
             return h[0].index_copy(0, active, x + delta.to(h.dtype)).unsqueeze(0)
-        delta = self._delta(h, weight, target)
+        delta = self._delta(h, weight, target, mul)
         valid = ctx.valid.unsqueeze(-1)
         return torch.where(valid, h + delta.to(h.dtype), h)
 
-    def _delta(self, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """The change to h [..., d] that sets the weighted latents to their targets (weight, target [..., U])."""
+    def _delta(self, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, mul: torch.Tensor) -> torch.Tensor:
+        """The change to h [..., d] that sets the weighted latents to mul * z + target (all [..., U])."""
         sae = self.sae
         if sae.separable:
             sl = sae.slices(self.union.tolist())
             x_in, scale = sae.normalise_in(h)
             z = sae.sparse_acts(x_in, sl)  # [..., U]
-            coeff = (target - z) * weight
+            coeff = (mul - weight) * z + target  # z' - z where weighted, 0 elsewhere
             return (coeff @ sl.W_dec) * scale
         z_full = sae.encode(h)
         z_sel = z_full[..., self.union]
         z_new = z_full.clone()
-        z_new[..., self.union] = torch.where(weight > 0, target, z_sel)
+        z_new[..., self.union] = torch.where(weight > 0, mul * z_sel + target, z_sel)
         recon_new = sae.decode(z_new)
         sae.encode(h)  # sae-lens run-time normalisation is stateful: each decode needs its encode
         return recon_new - sae.decode(z_full)
@@ -314,7 +328,8 @@ def compile_plan(
     are rejected. Negative positions count from the prompt end.
     """
     resolver = resolver or Resolver()
-    latent_ops: dict[int, list[tuple[int, TokenScope, list[int], list[float]]]] = {}
+    # per layer: (row, scope, latent ids, a, b) with z' = a z + b for each listed latent
+    latent_ops: dict[int, list[tuple[int, TokenScope, list[int], list[float], list[float]]]] = {}
     abl: list[tuple[int, TokenScope, torch.Tensor, frozenset[int] | None]] = []
     add: dict[int, list[tuple[int, TokenScope, torch.Tensor]]] = {}
     for row, ivs in enumerate(rows):
@@ -322,7 +337,7 @@ def compile_plan(
         for k, iv in enumerate(ivs):
             where = f"items[{row}].interventions[{k}]"
             _check_positions(iv.scope, where, row, prompt_lens[row], seq_lens[row] if seq_lens is not None else None)
-            if isinstance(iv, (AblateLatents, ClampLatents)):
+            if isinstance(iv, (AblateLatents, ClampLatents, ScaleLatents)):
                 by_layer = {int(ly): list(ids) for ly, ids in iv.latents.items()}
                 if iv.latent_set_id:
                     for ly, ids in resolver.latent_set(iv.latent_set_id).items():
@@ -336,14 +351,19 @@ def compile_plan(
                     bad = [i for i in ids if not 0 <= i < d_sae]
                     if bad:
                         raise InvalidRequest(f"{where}.latents[{layer}]: latent id {bad[0]} out of range [0, {d_sae})")
+                    muls = [0.0] * len(ids)
                     if isinstance(iv, ClampLatents):
                         own = len(iv.latents.get(layer, ())) if iv.values.get(layer) else 0
                         vals = [iv.value_of(layer, j) if j < own else iv.value for j in range(len(ids))]
                         _check_clamp(vals, ids, own, saes[layer], layer, where)
                     else:
                         vals = [0.0] * len(ids)
+                    if isinstance(iv, ScaleLatents):
+                        if not np.isfinite(iv.factor):
+                            raise InvalidRequest(f"{where}.factor: the scale factor must be finite")
+                        muls = [float(iv.factor)] * len(ids)
                     n_latents += len(ids)
-                    latent_ops.setdefault(layer, []).append((row, iv.scope, ids, vals))
+                    latent_ops.setdefault(layer, []).append((row, iv.scope, ids, muls, vals))
             elif isinstance(iv, AblateDirection):
                 vec = iv.direction if iv.direction else resolver.direction(iv.direction_id or "")
                 unit = _unit(vec, d_model, f"{where}.direction")
@@ -368,20 +388,23 @@ def compile_plan(
 
     plan = BatchPlan()
     for layer, ops in sorted(latent_ops.items()):
-        union = np.unique(np.fromiter((i for _, _, ids, _ in ops for i in ids), dtype=np.int64))
+        union = np.unique(np.fromiter((i for _, _, ids, _, _ in ops for i in ids), dtype=np.int64))
         membership = np.zeros((len(ops), len(union)), dtype=np.float64)
         targets = np.zeros((len(ops), len(union)), dtype=np.float64)
-        for o, (_, _, ids, vals) in enumerate(ops):
-            last = dict(zip(ids, vals, strict=True))  # a latent listed twice keeps its last value
+        scales = np.zeros((len(ops), len(union)), dtype=np.float64)
+        for o, (_, _, ids, muls, vals) in enumerate(ops):
+            last = {i: (a, b) for i, a, b in zip(ids, muls, vals, strict=True)}  # a latent listed twice keeps its last
             cols = np.searchsorted(union, np.fromiter(last.keys(), dtype=np.int64, count=len(last)))
             membership[o, cols] = 1.0
-            targets[o, cols] = np.fromiter(last.values(), dtype=np.float64, count=len(last))
+            scales[o, cols] = np.fromiter((a for a, _ in last.values()), dtype=np.float64, count=len(last))
+            targets[o, cols] = np.fromiter((b for _, b in last.values()), dtype=np.float64, count=len(last))
         plan.latent_layers[layer] = LatentLayerPlan(
             sae=saes[layer],
             union=torch.from_numpy(union).to(device),
-            scopes=_scope_table([(r, s) for r, s, _, _ in ops], prompt_lens, device),
+            scopes=_scope_table([(r, s) for r, s, _, _, _ in ops], prompt_lens, device),
             membership=torch.from_numpy(membership).to(device=device, dtype=dtype),
             targets=torch.from_numpy(targets).to(device=device, dtype=dtype),
+            scales=torch.from_numpy(scales).to(device=device, dtype=dtype),
         )
     if abl:
         plan.ablations = DirectionPlan(

@@ -21,6 +21,7 @@ from refusal_audit.audit.spec import (
     ClampLatents,
     Request,
     SamplingParams,
+    ScaleLatents,
     user_prompt,
 )
 from refusal_audit.client import AuditClient, RemoteError
@@ -176,6 +177,22 @@ CASES: list[tuple[str, Callable[[AuditClient], Any], grpc.StatusCode, tuple[str,
     ("clamp-values-misaligned", lambda c: _raw_generate(c, _item(interventions=[pb.Intervention(
         clamp_latents=pb.ClampLatents(latents=[pb.LayerLatents(layer=1, latents=[1, 2], values=[1.0])]))])),
      INVALID, ("items[0].interventions[0].clamp_latents.latents[0].values",)),
+    ("scale-without-factor", lambda c: _raw_generate(c, _item(interventions=[pb.Intervention(
+        scale_latents=pb.ScaleLatents(latents=[pb.LayerLatents(layer=1, latents=[1])]))])),
+     INVALID, ("items[0].interventions[0].scale_latents.factor", "must be set")),
+    ("scale-nan-factor", lambda c: _raw_generate(c, _item(interventions=[pb.Intervention(
+        scale_latents=pb.ScaleLatents(latents=[pb.LayerLatents(layer=1, latents=[1])], factor=float("inf")))])),
+     INVALID, ("items[0].interventions[0].scale_latents", "finite")),
+    ("scale-with-values", lambda c: _raw_generate(c, _item(interventions=[pb.Intervention(
+        scale_latents=pb.ScaleLatents(latents=[pb.LayerLatents(layer=1, latents=[1], values=[2.0])], factor=2.0))])),
+     INVALID, ("items[0].interventions[0].scale_latents.latents.values", "only clamp_latents")),
+    ("scale-without-latents", lambda c: _raw_generate(c, _item(interventions=[pb.Intervention(
+        scale_latents=pb.ScaleLatents(factor=-3.0))])),
+     INVALID, ("items[0].interventions[0].scale_latents", "needs latents or latent_set_id")),
+    ("scale-latent-too-large", lambda c: c.generate(GOOD, [ScaleLatents(latents={2: (128,)}, factor=-3.0)]),
+     INVALID, ("items[0].interventions[0].latents[2]", "latent id 128")),
+    ("scale-unknown-latent-set-id", lambda c: c.generate(GOOD, [ScaleLatents(latent_set_id="fs_nope", factor=0.5)]),
+     NOT_FOUND, ("latent_set_id", "fs_nope")),
     ("residual-position-out-of-range", lambda c: c.residuals(GOOD, layers=[1], positions=[100]),
      INVALID, ("positions", "100")),
     ("residual-layer-out-of-range", lambda c: c.residuals(GOOD, layers=[7]), INVALID, ("layers", "layer 7")),

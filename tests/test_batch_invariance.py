@@ -12,6 +12,7 @@ from refusal_audit.audit.spec import (
     ClampLatents,
     Request,
     SamplingParams,
+    ScaleLatents,
     TokenScope,
     user_prompt,
 )
@@ -38,6 +39,10 @@ def _mixed_requests(d_model: int) -> list[Request]:
                 interventions=(AddDirection(direction=r, layer=2, coefficient=4.0, scope=TokenScope(kind="generated")),
                                AblateLatents(latents={1: (7,)}, scope=TokenScope(kind="positions", positions=(0,)))),
                 sampling=SamplingParams(max_new_tokens=10, temperature=0.8, top_p=0.9, seed=123)),
+        Request(prompt=user_prompt("Name three rivers"),
+                interventions=(ScaleLatents(latents={1: tuple(range(1, 96, 3)), 2: (4, 5, 6)}, factor=-3.0),
+                               ScaleLatents(latents={2: (20, 21)}, factor=2.0, scope=TokenScope(kind="generated"))),
+                sampling=greedy),
     ]
 
 

@@ -12,6 +12,7 @@ from refusal_audit.audit.spec import (
     AddDirection,
     ClampLatents,
     Request,
+    ScaleLatents,
     TokenScope,
     user_prompt,
 )
@@ -111,6 +112,53 @@ def test_clamp_equals_closed_form(arch):
         expected = saes[1].decode(z2) + (base[1] - saes[1].decode(z))
     assert _rel(hooked[1], expected) <= 1e-5
     assert _rel(hooked[1], base[1]) > 1e-4
+
+
+def _closed_form_scale(sae, h: torch.Tensor, S: list[int], factor: float) -> torch.Tensor:
+    """W_dec z' + b_dec + (h - sae(h)) with z'_S = factor * z_S, via sae-lens's own encode/decode."""
+    with torch.no_grad():
+        z = sae.encode(h)
+        recon = sae.decode(z)
+        z2 = z.clone()
+        z2[..., S] = factor * z[..., S]
+        sae.encode(h)  # sae-lens's run-time normalisation is stateful: decode needs a fresh encode
+        return sae.decode(z2) + (h - recon)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("factor", [-3.0, 0.5, 2.0])
+def test_scale_equals_closed_form(arch, factor):
+    engine, saes = _engine(arch)
+    prompt = PROMPTS[0]
+    base = _hidden(engine, prompt)
+    S = torch.nonzero(saes[1].encode(base[1]).sum(0) > 0).flatten().tolist()[:10] + [3, 40]
+    S = sorted(set(S))
+    hooked = _hidden(engine, prompt, [ScaleLatents(latents={1: tuple(S)}, factor=factor)])
+    assert _rel(hooked[1], _closed_form_scale(saes[1], base[1], S, factor)) <= 1e-5
+    assert _rel(hooked[1], base[1]) > 1e-4, "the scaling must change the residual"
+    assert torch.equal(hooked[0], base[0]), "upstream layers are untouched"
+
+
+@pytest.mark.parametrize("sae_arch,norm", [("jumprelu", "none"), ("standard", "layer_norm"), ("topk", "none")])
+def test_scale_other_architectures_and_zero_is_ablation_exactly(sae_arch, norm):
+    engine, saes = _engine("llama", sae_arch=sae_arch, normalize_activations=norm)
+    base = _hidden(engine, PROMPTS[1])
+    S = torch.nonzero(saes[1].encode(base[1]).sum(0) > 0).flatten().tolist()[:12]
+    flipped = _hidden(engine, PROMPTS[1], [ScaleLatents(latents={1: tuple(S)}, factor=-3.0)])
+    assert _rel(flipped[1], _closed_form_scale(saes[1], base[1], S, -3.0)) <= 1e-5
+    zero = _hidden(engine, PROMPTS[1], [ScaleLatents(latents={1: tuple(S)}, factor=0.0)])
+    ablated = _hidden(engine, PROMPTS[1], [AblateLatents(latents={1: tuple(S)})])
+    assert all(torch.equal(a, b) for a, b in zip(zero, ablated, strict=True)), "factor 0 must be the ablation, bit for bit"
+    assert _rel(zero[1], base[1]) > 1e-4
+    one = _hidden(engine, PROMPTS[1], [ScaleLatents(latents={1: tuple(S)}, factor=1.0)])
+    assert _rel(one[1], base[1]) <= 1e-6, "factor 1 leaves the stream as it is"
+
+
+def test_scale_factor_must_be_finite():
+    with pytest.raises(ValueError, match="finite"):
+        ScaleLatents(latents={1: (1,)}, factor=float("nan"))
+    with pytest.raises(ValueError, match="needs latents or latent_set_id"):
+        ScaleLatents(factor=-3.0)
 
 
 def _unit(d: int, seed: int = 0) -> torch.Tensor:

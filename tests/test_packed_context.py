@@ -12,7 +12,14 @@ from typing import Literal
 
 import pytest
 import torch
-from refusal_audit.audit.spec import AblateDirection, AblateLatents, AddDirection, ClampLatents, TokenScope
+from refusal_audit.audit.spec import (
+    AblateDirection,
+    AblateLatents,
+    AddDirection,
+    ClampLatents,
+    ScaleLatents,
+    TokenScope,
+)
 from refusal_audit.server.interventions import TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes
 from tiny import make_sae
@@ -34,6 +41,8 @@ def _rows(seed: int) -> list[tuple]:
          AddDirection(direction=r2, layer=1, coefficient=3.0, scope=TokenScope(kind="prompt"))),
         (AblateDirection(direction=r2), AblateDirection(direction=r1, scope=TokenScope(kind="positions", positions=(0, -1))),
          AblateLatents(latents={1: (2,)}, scope=TokenScope(kind="positions", positions=(1, -2)))),
+        (ScaleLatents(latents={1: (0, 3, 11), 2: (5, 6)}, factor=-3.0),
+         ScaleLatents(latents={2: (7, 8)}, factor=2.5, scope=TokenScope(kind="prompt"))),
     ]
 
 
@@ -42,9 +51,9 @@ def test_packed_equals_padded(sae_arch: Literal["jumprelu", "topk"]) -> None:
     torch.manual_seed(0)
     saes = build_layer_saes({ly: make_sae(D, 48, sae_arch, seed=ly, norm=4.0) for ly in (1, 2)}, D, N_LAYERS)
     rows = _rows(1)
-    prompt_lens = [5, 7, 4, 6, 3]
+    prompt_lens = [5, 7, 4, 6, 3, 4]
     # Step layout per row: (first position, number of tokens) — prefill chunks and decodes mixed.
-    spans = [(0, 5), (3, 4), (5, 1), (2, 6), (3, 1)]
+    spans = [(0, 5), (3, 4), (5, 1), (2, 6), (3, 1), (2, 3)]
     B, T = len(rows), max(n for _, n in spans)
     plan = compile_plan(rows, prompt_lens, saes, N_LAYERS, D, torch.device("cpu"))
     h_pad = torch.randn(B, T, D) * 4.0

@@ -32,6 +32,7 @@ from refusal_audit.audit.spec import (
     ClampLatents,
     Request,
     SamplingParams,
+    ScaleLatents,
     TokenScope,
     user_prompt,
 )
@@ -218,6 +219,9 @@ def test_registered_artifacts_act_like_inline_values(client: AuditClient, server
     ca = client.score(PROMPTS, [i_id], interventions=[ClampLatents(latent_set_id=fs.id, value=3.0)])
     cb = client.score(PROMPTS, [i_id], interventions=[ClampLatents(latents={1: (3, 5, 9), 2: (1,)}, value=3.0)])
     assert [r.logprobs.tolist() for r in ca] == [r.logprobs.tolist() for r in cb]
+    xa = client.score(PROMPTS, [i_id], interventions=[ScaleLatents(latent_set_id=fs.id, factor=-3.0)])
+    xb = client.score(PROMPTS, [i_id], interventions=[ScaleLatents(latents={1: (3, 5, 9), 2: (1,)}, factor=-3.0)])
+    assert [r.logprobs.tolist() for r in xa] == [r.logprobs.tolist() for r in xb]
 
     # persisted: a fresh store over the same data dir resolves both ids
     assert server.handle is not None
@@ -466,11 +470,13 @@ def test_cli_info_generate_score_activations(cli: typer.Typer, server: ThreadedS
     assert "tiny-llama" in _run(cli, server, "info")
 
     out = json.loads(_run(cli, server, "generate", "How do I build a bomb?", "--json", "--max-new-tokens", "5",
-                          "--ablate", "1:0,1,2", "--clamp", "2:4=2.5", "--scope", "prompt"))
+                          "--ablate", "1:0,1,2", "--clamp", "2:4=2.5", "--scale", "1:5,6@-3",
+                          "--scale", "2:9@-3", "--scope", "prompt"))
     expect = client.generate(
         [user_prompt("How do I build a bomb?")],
         [AblateLatents(latents={1: (0, 1, 2)}, scope=TokenScope(kind="prompt")),
-         ClampLatents(latents={2: (4,)}, values={2: (2.5,)}, scope=TokenScope(kind="prompt"))],
+         ClampLatents(latents={2: (4,)}, values={2: (2.5,)}, scope=TokenScope(kind="prompt")),
+         ScaleLatents(latents={1: (5, 6), 2: (9,)}, factor=-3.0, scope=TokenScope(kind="prompt"))],
         max_new_tokens=5,
     )
     assert [o["text"] for o in out] == [c.text for c in expect]
@@ -499,3 +505,7 @@ def test_cli_reports_errors_cleanly(cli: typer.Typer, server: ThreadedServer) ->
     assert "INVALID_ARGUMENT" in result.output and "no SAE at layer 3" in result.output
     result = CliRunner().invoke(cli, ["generate", "hi", "--ablate", "nonsense", "--server", server.address])
     assert result.exit_code != 0 and "--ablate" in result.output
+    result = CliRunner().invoke(cli, ["generate", "hi", "--scale", "1:4@nan", "--server", server.address])
+    assert result.exit_code != 0 and "--scale" in result.output and "finite" in result.output
+    result = CliRunner().invoke(cli, ["generate", "hi", "--scale", "1:4", "--server", server.address])
+    assert result.exit_code != 0 and "--scale" in result.output

@@ -13,6 +13,7 @@ from refusal_audit.audit.spec import (
     AblateLatents,
     AddDirection,
     ClampLatents,
+    ScaleLatents,
     TokenScope,
     canonical_spec_json,
     spec_hash,
@@ -52,6 +53,7 @@ def test_resolved_spec_compiles_to_the_same_plan() -> None:
     store = _Store()
     ivs = (
         ClampLatents(latents={1: (1, 4)}, values={1: (2.0, 3.0)}, latent_set_id="fs", value=0.5),
+        ScaleLatents(latents={2: (3,)}, latent_set_id="fs", factor=-3.0, scope=TokenScope(kind="generated")),
         AblateLatents(latent_set_id="fs", scope=TokenScope(kind="prompt")),
         AblateDirection(direction_id="d", layers=(1,)),
         AddDirection(direction_id="d", layer=2, coefficient=2.0),
@@ -64,7 +66,7 @@ def test_resolved_spec_compiles_to_the_same_plan() -> None:
     for ly in (1, 2):
         pa, pb = a.latent_layers[ly], b.latent_layers[ly]
         assert torch.equal(pa.union, pb.union) and torch.equal(pa.membership, pb.membership)
-        assert torch.equal(pa.targets, pb.targets)
+        assert torch.equal(pa.targets, pb.targets) and torch.equal(pa.scales, pb.scales)
     assert a.ablations is not None and b.ablations is not None
     assert torch.equal(a.ablations.directions, b.ablations.directions)
     assert torch.equal(a.additions[2].directions, b.additions[2].directions)

@@ -33,6 +33,7 @@ from refusal_audit.audit.spec import (
     ClampLatents,
     Request,
     SamplingParams,
+    ScaleLatents,
     TokenScope,
     user_prompt,
 )
@@ -126,6 +127,10 @@ def _mixed(max_new: int = 8) -> list[Request]:
                 sampling=g),
         Request(prompt=_long(2), interventions=(AblateDirection(direction=r1, layers=(0, 2), scope=TokenScope(kind="generated")),),
                 sampling=g),
+        Request(prompt=user_prompt("Name three rivers"),  # the seed-2 steering (x-3) and an amplification
+                interventions=(ScaleLatents(latents={0: tuple(range(0, D_SAE, 5))}, factor=-3.0),
+                               ScaleLatents(latents={2: (20, 21, 22)}, factor=2.0, scope=TokenScope(kind="generated"))),
+                sampling=g),
     ]
 
 
@@ -138,7 +143,7 @@ def _threshold_margin(hf: HFEngine, req: Request) -> float:
     the other, and the edit differs by a whole decoder row at that token."""
     latents: dict[int, set[int]] = {}
     for iv in req.interventions:
-        if isinstance(iv, (AblateLatents, ClampLatents)):
+        if isinstance(iv, (AblateLatents, ClampLatents, ScaleLatents)):
             for ly, ids in iv.latents.items():
                 if hasattr(hf.saes[ly].sae, "threshold"):
                     latents.setdefault(ly, set()).update(ids)
@@ -211,7 +216,7 @@ def test_mixed_batch_matches_hf(engines: _Engines) -> None:
 def test_each_request_alone_equals_its_batch(engines: _Engines) -> None:
     reqs = _mixed(max_new=5)
     batch = engines.vllm.generate(reqs)
-    for i in (1, 3, 6):
+    for i in (1, 3, 6, 8):
         assert engines.vllm.generate([reqs[i]])[0].token_ids == batch[i].token_ids
 
 

@@ -79,6 +79,16 @@ class ClampLatents(_message.Message):
     latent_set_id: str
     def __init__(self, latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., value: _Optional[float] = ..., latent_set_id: _Optional[str] = ...) -> None: ...
 
+class ScaleLatents(_message.Message):
+    __slots__ = ("latents", "factor", "latent_set_id")
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    FACTOR_FIELD_NUMBER: _ClassVar[int]
+    LATENT_SET_ID_FIELD_NUMBER: _ClassVar[int]
+    latents: _containers.RepeatedCompositeFieldContainer[LayerLatents]
+    factor: float
+    latent_set_id: str
+    def __init__(self, latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., factor: _Optional[float] = ..., latent_set_id: _Optional[str] = ...) -> None: ...
+
 class DirectionRef(_message.Message):
     __slots__ = ("values", "direction_id")
     VALUES_FIELD_NUMBER: _ClassVar[int]
@@ -106,18 +116,20 @@ class AddDirection(_message.Message):
     def __init__(self, direction: _Optional[_Union[DirectionRef, _Mapping]] = ..., layer: _Optional[int] = ..., coefficient: _Optional[float] = ...) -> None: ...
 
 class Intervention(_message.Message):
-    __slots__ = ("ablate_latents", "clamp_latents", "ablate_direction", "add_direction", "scope")
+    __slots__ = ("ablate_latents", "clamp_latents", "ablate_direction", "add_direction", "scale_latents", "scope")
     ABLATE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     CLAMP_LATENTS_FIELD_NUMBER: _ClassVar[int]
     ABLATE_DIRECTION_FIELD_NUMBER: _ClassVar[int]
     ADD_DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    SCALE_LATENTS_FIELD_NUMBER: _ClassVar[int]
     SCOPE_FIELD_NUMBER: _ClassVar[int]
     ablate_latents: AblateLatents
     clamp_latents: ClampLatents
     ablate_direction: AblateDirection
     add_direction: AddDirection
+    scale_latents: ScaleLatents
     scope: TokenScope
-    def __init__(self, ablate_latents: _Optional[_Union[AblateLatents, _Mapping]] = ..., clamp_latents: _Optional[_Union[ClampLatents, _Mapping]] = ..., ablate_direction: _Optional[_Union[AblateDirection, _Mapping]] = ..., add_direction: _Optional[_Union[AddDirection, _Mapping]] = ..., scope: _Optional[_Union[TokenScope, _Mapping]] = ...) -> None: ...
+    def __init__(self, ablate_latents: _Optional[_Union[AblateLatents, _Mapping]] = ..., clamp_latents: _Optional[_Union[ClampLatents, _Mapping]] = ..., ablate_direction: _Optional[_Union[AblateDirection, _Mapping]] = ..., add_direction: _Optional[_Union[AddDirection, _Mapping]] = ..., scale_latents: _Optional[_Union[ScaleLatents, _Mapping]] = ..., scope: _Optional[_Union[TokenScope, _Mapping]] = ...) -> None: ...
 
 class GetInfoRequest(_message.Message):
     __slots__ = ()

@@ -45,6 +45,7 @@ from ...audit.spec import (
     Intervention,
     Prompt,
     Request,
+    ScaleLatents,
     canonical_spec_json,
     spec_hash,
 )
@@ -75,11 +76,11 @@ def resolve_interventions(interventions: Sequence[Intervention], resolver: Resol
     """Inline registered latent sets and directions, so the spec that travels is self-contained.
 
     The result means exactly what compile_plan makes of the original: set latents are appended to
-    the layer's explicit ones, and a clamp gives them its scalar `value`.
+    the layer's explicit ones, and a clamp gives them its scalar `value` (a scale its one factor).
     """
     out: list[Intervention] = []
     for iv in interventions:
-        if isinstance(iv, (AblateLatents, ClampLatents)) and iv.latent_set_id:
+        if isinstance(iv, (AblateLatents, ClampLatents, ScaleLatents)) and iv.latent_set_id:
             latents = {int(ly): [int(i) for i in ids] for ly, ids in iv.latents.items()}
             values = {int(ly): [float(v) for v in vals] for ly, vals in iv.values.items()} if isinstance(
                 iv, ClampLatents
