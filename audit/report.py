@@ -212,6 +212,32 @@ img{max-width:100%} pre{background:#f7f7f7;padding:.5em;overflow:auto;font-size:
 _RENDERED: dict[str, str] = {}
 
 
+def load_render_cache(path: str | Path) -> int:
+    """Add the rendered sections saved by `save_render_cache` (a later run re-renders nothing it has
+    rendered before); returns how many were loaded. A missing or unreadable file loads none."""
+    try:
+        got = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    if not isinstance(got, dict):
+        return 0
+    _RENDERED.update({str(k): str(v) for k, v in got.items()})
+    return len(got)
+
+
+def save_render_cache(path: str | Path, keys: set[str] | None = None) -> None:
+    """Save the rendered sections (only `keys`, when given) as JSON."""
+    keep = {k: v for k, v in _RENDERED.items() if keys is None or k in keys}
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(keep), encoding="utf-8")
+    tmp.replace(path)
+
+
+def section_key(kind: str, res: Any) -> str:
+    """The rendered-section cache key: the kind and the section's JSON."""
+    return hashlib.sha256(f"{kind}|{json.dumps(res, sort_keys=True, default=str)}".encode()).hexdigest()
+
+
 def render_html(results: dict[str, Any], title: str = "refusal-audit report") -> str:
     """The HTML of a report over JSON-able results (see the module docstring)."""
     items = []
@@ -225,13 +251,13 @@ def render_html(results: dict[str, Any], title: str = "refusal-audit report") ->
         heading = r.title if r else kind
         if name != kind:
             heading += f" ({name})"
-        key = hashlib.sha256(f"{kind}|{json.dumps(res, sort_keys=True, default=str)}".encode()).hexdigest()
+        key = section_key(kind, res)
         content = _RENDERED.get(key, "")
         if not content:
             try:
                 content = r.render(res) if r else render_generic(res)
                 _RENDERED[key] = content
-                while len(_RENDERED) > 64:
+                while len(_RENDERED) > 256:
                     _RENDERED.pop(next(iter(_RENDERED)))
             except Exception as exc:  # noqa: BLE001 - one broken section must not lose the report
                 content = f"<p><b>could not render this section:</b> {esc(repr(exc))}</p>" + render_generic(res)

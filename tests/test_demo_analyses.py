@@ -133,6 +133,11 @@ def test_second_demo_run_reuses_every_section_without_loading_the_model(first_de
     assert second["run"]["reused_sections"] == ["coherence_gate", "chain", "direction_ablation_rates",
                                                  "random_baseline", "peek"]
     assert len(first_demo.seen_partial) == 1  # nothing recomputed
+    # the rendered sections are saved too: a fresh process re-renders no figure it has drawn before
+    from refusal_audit.audit import report
+
+    saved = json.loads((first_demo.root / "runs" / "cache" / "rendered.json").read_text())
+    assert report.section_key("stage2", second["stage2"]) in saved
     for name in ("coherence_gate", "direction", "stage1", "stage2", "direction_ablation_rates",
                  "random_baseline", "peek"):
         assert second[name] == first_demo.first[name], name

@@ -22,6 +22,7 @@ import torch
 from rich.console import Console
 from sae_lens import SAE
 
+from ...audit.codec import to_jsonable
 from ...audit.context import LocalContext
 from ...audit.judges import (
     CoherenceGate,
@@ -34,7 +35,7 @@ from ...audit.judges import (
 )
 from ...audit.pipeline import ChainConfig, PromptSplits, run_chain
 from ...audit.refusal_direction import RefusalDirectionConfig
-from ...audit.report import write_report
+from ...audit.report import load_render_cache, save_render_cache, section_key, write_report
 from ...audit.spec import AblateDirection, Request, SamplingParams, user_prompt
 from ...audit.stage1 import Stage1Config, Stage1Result
 from ...audit.stage2 import Stage2Config, run_stage2
@@ -323,6 +324,9 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     reused: list[str] = []
     html = run_dir / "report.html"
     console.print(f"report (rewritten as sections finish): {html}")
+    render_cache = cache.root / "rendered.json"
+    if not rerun:
+        load_render_cache(render_cache)
     for name, fn in sections:
         fp = hashlib.sha256(f"{fp}|{name}".encode()).hexdigest()
         entry = cache.get(name, fp)
@@ -352,6 +356,8 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
                       "n_test_prompts": len(harmful.test), "small": small, "reused_sections": reused,
                       "rerun": rerun, "fingerprint": fp}
     html, js = write_report(results, run_dir, title=title)
+    save_render_cache(render_cache, {section_key(v.get("kind", k), v) for k, v in to_jsonable(results).items()
+                                     if isinstance(v, dict) and k != "run"})
     (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
     s2 = results.get("stage2", {}).get("summary", {})
     if reused:
