@@ -275,3 +275,26 @@ def test_bad_input_names_field(tiny_engine: HFEngine, change: dict, field: str) 
     req = base.model_copy(update=change)
     with pytest.raises(InvalidRequest, match=field.replace("[", r"\[").replace("]", r"\]")):
         tiny_engine.attribute(req)
+
+
+def test_refusal_features_selection_on_planted(planted_engine: HFEngine) -> None:
+    """Cos-sim candidates include the never-firing decoys; IG attribution ranks the planted latents first."""
+    from refusal_audit.audit.refusal_features import select_refusal_features
+    from refusal_audit.audit.stage1 import decoder_direction_cosines
+
+    eng = planted_engine
+    saes = {ly: s.sae for ly, s in eng.saes.items()}
+    cos = decoder_direction_cosines(planted.decoder_weights(saes), planted.directions()[0])
+    tok = eng.tokenizer
+    i_tok, sure = tok.convert_tokens_to_ids("I"), tok.convert_tokens_to_ids("Sure")
+    prompts = [user_prompt(t) for t in planted.HARMFUL[:3]]
+    out = select_refusal_features(eng, prompts, planted.directions()[0], cos, i_tok, sure, candidates_per_layer=10,
+                                  per_prompt_k=5, global_k=5, n_steps=4, batch_size=2)
+    assert set(planted.DECOYS) <= set(out.candidates[planted.PLANTED_LAYER])
+    assert {(ly, i) for ly, i, _ in out.global_set[:3]} == {(planted.PLANTED_LAYER, i) for i in planted.PLANTED}
+    for p in out.per_prompt:
+        assert {(ly, i) for ly, i, _ in p[:3]} == {(planted.PLANTED_LAYER, i) for i in planted.PLANTED}
+    assert all(t == sure for t in out.jailbreak_token_ids)  # the argmax under direction ablation
+    assert all(b > c for b, c in zip(out.metric_baseline, out.metric_clean, strict=True))
+    n = len(prompts)
+    assert out.forward_passes == n + n * (4 + 1 + 1) and out.backward_passes == n * 4

@@ -1,0 +1,131 @@
+"""The selection half of the second seed paper's pipeline (Yeo et al.): refusal latents found by
+integrated-gradient attribution instead of per-latent forward passes (docs/attribution.md).
+
+1. candidates: the top `candidates_per_layer` latents of every SAE layer by cos(W_dec row, refusal
+   direction) (stage 1's ranking, `stage1.latent_ranking`);
+2. the jailbreak token of each prompt: the argmax first token with the direction ablated
+   (`AblateDirection` at every layer), or the fallback token ("Here") when that argmax is the
+   refusal token "I" itself;
+3. IG attribution (10 steps, the paper's left rule) of logit(jailbreak token) - logit("I") at the
+   last prompt token, baseline = the direction-ablated state, summed over the positions after BOS,
+   reading the candidates' scores;
+4. per prompt the top `per_prompt_k` candidates by attribution, and a global top `global_k` by the
+   mean attribution over prompts.
+
+Compute is counted per prompt row: forward passes (the jailbreak-token scoring and the attribution's
+forward passes) and backward passes, plus `forward_equivalents` (a backward counted as two forwards),
+so it compares with stage 2's forward-pass counts. The steering validation (ScaleLatents sweep) is
+not part of this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
+from .spec import AblateDirection, Prompt, Request
+from .stage1 import latent_ranking
+from .stage_utils import chunks
+
+
+@dataclass
+class RefusalFeatures:
+    """Candidates, per-prompt jailbreak tokens and top sets, the global set and the compute spent."""
+
+    candidates: dict[int, list[int]]
+    jailbreak_token_ids: list[int]
+    per_prompt: list[list[tuple[int, int, float]]]  # per prompt: (layer, latent, attribution), best first
+    global_set: list[tuple[int, int, float]]  # (layer, latent, mean attribution), best first
+    metric_clean: list[float] = field(default_factory=list)
+    metric_baseline: list[float] = field(default_factory=list)
+    forward_passes: int = 0
+    backward_passes: int = 0
+    wall_s: float = 0.0
+
+    @property
+    def forward_equivalents(self) -> float:
+        return float(self.forward_passes + 2 * self.backward_passes)
+
+    def global_latents(self, k: int | None = None) -> dict[int, list[int]]:
+        """The global top-k as {layer: latent ids}."""
+        out: dict[int, list[int]] = {}
+        for ly, i, _ in self.global_set[: k if k is not None else len(self.global_set)]:
+            out.setdefault(ly, []).append(i)
+        return out
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "candidates": {str(k): v for k, v in self.candidates.items()},
+            "jailbreak_token_ids": self.jailbreak_token_ids,
+            "per_prompt": [[list(t) for t in p] for p in self.per_prompt],
+            "global_set": [list(t) for t in self.global_set],
+            "metric_clean": self.metric_clean, "metric_baseline": self.metric_baseline,
+            "forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
+            "forward_equivalents": self.forward_equivalents, "wall_s": self.wall_s,
+        }
+
+
+def select_refusal_features(
+    engine: Any,
+    prompts: Sequence[Prompt],
+    direction: np.ndarray,
+    decoder_cosines: dict[int, np.ndarray],
+    refusal_token_id: int,
+    fallback_token_id: int,
+    candidates_per_layer: int = 10,
+    per_prompt_k: int = 20,
+    global_k: int = 20,
+    n_steps: int = 10,
+    rule: str = "left",
+    batch_size: int = 8,
+) -> RefusalFeatures:
+    """Run steps 1-4 of the module docstring on an engine with `score` and `attribute`."""
+    t0 = time.perf_counter()
+    layers = sorted(decoder_cosines)
+    candidates = latent_ranking(decoder_cosines, layers, candidates_per_layer)
+    ablate = AblateDirection(direction=tuple(float(x) for x in np.asarray(direction).ravel()))
+    jb: list[int] = []
+    fwd = bwd = 0
+    for part in chunks(list(prompts), batch_size):
+        res = engine.score([Request(prompt=p, interventions=(ablate,)) for p in part], [refusal_token_id], top_k=1)
+        fwd += len(part)
+        for r in res:
+            top = int(r.top_token_ids[0]) if r.top_token_ids is not None and len(r.top_token_ids) else fallback_token_id
+            jb.append(fallback_token_id if top == refusal_token_id else top)
+    scores = np.zeros((len(prompts), sum(len(v) for v in candidates.values())))
+    keys = [(ly, i) for ly in layers for i in candidates[ly]]
+    col = {k: j for j, k in enumerate(keys)}
+    m_clean: list[float] = []
+    m_base: list[float] = []
+    row = 0
+    for part_idx in chunks(list(range(len(prompts))), batch_size):
+        items = tuple(AttributionItem(prompt=prompts[i], metric=LogitDiff(positive=jb[i], negative=refusal_token_id))
+                      for i in part_idx)
+        req = AttributionRequest(
+            items=items, method="ig", n_steps=n_steps, rule=rule,  # type: ignore[arg-type]
+            baseline=Baseline(kind="interventions", interventions=(ablate,)), layers=tuple(layers), top_k=0,
+            latents={ly: tuple(ids) for ly, ids in candidates.items()},
+        )
+        resp = engine.attribute(req)
+        fwd += resp.forward_passes
+        bwd += resp.backward_passes
+        for res in resp.results:
+            for ly, la in res.layers.items():
+                for i, v in zip(la.latents.tolist(), la.scores.tolist(), strict=True):
+                    scores[row, col[(ly, int(i))]] = v
+            m_clean.append(res.metric_clean)
+            m_base.append(res.metric_baseline)
+            row += 1
+
+    def ranked(vals: np.ndarray, k: int) -> list[tuple[int, int, float]]:
+        order = np.lexsort((np.arange(len(vals)), -vals))[:k]
+        return [(keys[j][0], keys[j][1], float(vals[j])) for j in order]
+
+    per_prompt = [ranked(scores[p], per_prompt_k) for p in range(len(prompts))]
+    global_set = ranked(scores.mean(0), global_k) if len(prompts) else []
+    return RefusalFeatures(candidates, jb, per_prompt, global_set, m_clean, m_base, fwd, bwd, time.perf_counter() - t0)
