@@ -328,10 +328,10 @@ def _select(outcomes: list[TauOutcome], rule: str) -> TauOutcome | None:
     return max(ok, key=lambda t: t.tau)
 
 
-def run_stage2(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage2Config,
-               ctx: StageContext) -> Stage2Result:
-    """Algorithm 1 for every stage-1-jailbroken prompt, all (prompt, tau, seed) in lockstep."""
-    t0 = time.perf_counter()
+def stage2_items(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage2Config
+                 ) -> tuple[list[tuple[int, str, list[Latent]]], list[int], dict[int, str]]:
+    """(index, prompt, pool) of every stage-1-jailbroken prompt, the refusal token ids, and each
+    prompt's checkpoint fingerprint (what changes its result)."""
     s1 = Stage1Result.from_json(stage1) if isinstance(stage1, dict) else stage1
     toks = refusal_token_ids(engine, cfg.refusal_token_ids)
     items = [(p.index, p.prompt, dict_to_latents(p.latents)) for p in s1.prompts if p.status == "jailbroken"]
@@ -340,6 +340,14 @@ def run_stage2(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage
     cfg_fp = cfg.model_dump_json(include={"block_size", "taus", "seeds", "reading", "partial_last_block", "selection",
                                           "refusal_token_ids", "chat", "max_new_tokens"})  # what changes results
     fps = {i: fingerprint([text, str(pool), cfg_fp, str(toks)]) for i, text, pool in items}
+    return items, toks, fps
+
+
+def run_stage2(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage2Config,
+               ctx: StageContext) -> Stage2Result:
+    """Algorithm 1 for every stage-1-jailbroken prompt, all (prompt, tau, seed) in lockstep."""
+    t0 = time.perf_counter()
+    items, toks, fps = stage2_items(engine, stage1, cfg)
     done = restore_items(ctx, "stage2/prompt", fps, Stage2Prompt.from_json)
     pending = [it for it in items if it[0] not in done]
     ctx.progress(STAGE, len(done), len(items))
@@ -360,11 +368,9 @@ def run_stage2(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage
     return result
 
 
-def _run_group(engine: Engine, group: list[tuple[int, str, list[Latent]]], cfg: Stage2Config, toks: list[int],
-               ctx: StageContext) -> list[Stage2Prompt]:
-    prompts = {i: as_prompt(text, cfg.chat) for i, text, _ in group}
-    acct = {i: _Acct() for i, _, _ in group}
-    cache: dict[int, dict[frozenset[Latent], float]] = {i: {} for i, _, _ in group}
+def _scorer(engine: Engine, prompts: dict[int, Any], cache: dict[int, dict[frozenset[Latent], float]],
+            acct: dict[int, _Acct], cfg: Stage2Config, toks: list[int]) -> Callable[[list[tuple[int, frozenset[Latent]]]], None]:
+    """score(needed): P("I") of each (prompt, ablation set) into the cache, in chunks of batch_size."""
 
     def score(needed: list[tuple[int, frozenset[Latent]]]) -> None:
         for part in chunks(needed, cfg.batch_size):
@@ -376,13 +382,15 @@ def _run_group(engine: Engine, group: list[tuple[int, str, list[Latent]]], cfg: 
                 acct[i].forward += 1
                 acct[i].wall += share
 
-    # reference points: no ablation, whole pool ablated
-    score([(i, s) for i, _, pool in group for s in (frozenset(), frozenset(pool))])
-    runs = [(i, GreedyRun(list(pool), cfg.block_size, tau, seed, cfg.reading, rng_key=f"{seed}/{i}",
-                          partial_last_block=cfg.partial_last_block))
-            for i, _, pool in group for tau in cfg.taus for seed in cfg.seeds]
+    return score
+
+
+def greedy_lockstep(runs: list[tuple[int, GreedyRun]], cache: dict[int, dict[frozenset[Latent], float]],
+                    score: Callable[[list[tuple[int, frozenset[Latent]]]], None],
+                    check_cancelled: Callable[[], None] = lambda: None) -> None:
+    """Advance every (prompt, GreedyRun) in lockstep; each step's uncached sets go to one `score`."""
     while True:
-        ctx.check_cancelled()
+        check_cancelled()
         active = [(i, run) for i, run in runs if not run.done]
         if not active:
             break
@@ -393,12 +401,38 @@ def _run_group(engine: Engine, group: list[tuple[int, str, list[Latent]]], cfg: 
         for i, run, (base, test) in queries:
             run.update(cache[i][base], cache[i][test])
 
+
+def _run_group(engine: Engine, group: list[tuple[int, str, list[Latent]]], cfg: Stage2Config, toks: list[int],
+               ctx: StageContext) -> list[Stage2Prompt]:
+    prompts = {i: as_prompt(text, cfg.chat) for i, text, _ in group}
+    acct = {i: _Acct() for i, _, _ in group}
+    cache: dict[int, dict[frozenset[Latent], float]] = {i: {} for i, _, _ in group}
+    score = _scorer(engine, prompts, cache, acct, cfg, toks)
+
+    # reference points: no ablation, whole pool ablated
+    score([(i, s) for i, _, pool in group for s in (frozenset(), frozenset(pool))])
+    runs = [(i, GreedyRun(list(pool), cfg.block_size, tau, seed, cfg.reading, rng_key=f"{seed}/{i}",
+                          partial_last_block=cfg.partial_last_block))
+            for i, _, pool in group for tau in cfg.taus for seed in cfg.seeds]
+    greedy_lockstep(runs, cache, score, ctx.check_cancelled)
+    accepted = {(i, run.tau, run.seed): list(run.accepted) for i, run in runs}
+    return finish_group(engine, group, accepted, cache, acct, score, cfg, ctx)
+
+
+def finish_group(engine: Engine, group: list[tuple[int, str, list[Latent]]],
+                 accepted: dict[tuple[int, float, int], list[Latent]],
+                 cache: dict[int, dict[frozenset[Latent], float]], acct: dict[int, _Acct],
+                 score: Callable[[list[tuple[int, frozenset[Latent]]]], None], cfg: Stage2Config,
+                 ctx: StageContext) -> list[Stage2Prompt]:
+    """Per tau: intersect the seeds' accepted sets, verify each distinct set (generate + judge),
+    register the final sets; `accepted[(prompt, tau, seed)]` is Algorithm 1's K."""
+    prompts = {i: as_prompt(text, cfg.chat) for i, text, _ in group}
     # per tau: intersection over seeds; verify each distinct non-empty set once per prompt
     kept: dict[int, dict[float, list[Latent]]] = {i: {} for i, _, _ in group}
     sizes: dict[int, dict[float, list[int]]] = {i: {} for i, _, _ in group}
     for i, _, _ in group:
         for tau in cfg.taus:
-            sets = [set(run.accepted) for j, run in runs if j == i and run.tau == tau]
+            sets = [set(accepted[(i, tau, seed)]) for seed in cfg.seeds]
             kept[i][tau] = sorted(set.intersection(*sets)) if sets else []
             sizes[i][tau] = [len(s) for s in sets]
     to_verify = list(dict.fromkeys((i, frozenset(s)) for i in kept for s in kept[i].values() if s))

@@ -121,6 +121,18 @@ def _summary(result: dict[str, Any], limit: int = 12) -> list[tuple[str, str]]:
     return rows[:limit]
 
 
+def placement_lines(placement: Any) -> list[str]:
+    """'replicas:' then one line per engine replica with the units it ran (jobs fanned out on Ray)."""
+    if not isinstance(placement, dict) or not placement:
+        return []
+    ran: dict[str, list[str]] = {}
+    for unit, where in placement.items():
+        names = where.items() if isinstance(where, dict) else [("", where)]
+        for part, replica in names:
+            ran.setdefault(str(replica), []).append(f"{unit} {part}".strip())
+    return ["replicas:"] + [f"  {r}: {len(units)} units: {', '.join(sorted(units))}" for r, units in sorted(ran.items())]
+
+
 def watch_job(jobs: Any, job_id: str, partials: bool = False, reconnect_s: float = 60.0) -> Any:
     """Live rich progress bar until the job is terminal; reconnects while the server restarts."""
     from rich.console import Console
@@ -304,6 +316,8 @@ def register(app: typer.Typer) -> None:
             typer.echo("result:")
             for k, v in _summary(res.result):
                 typer.echo(f"  {k}: {v}")
+            for line in placement_lines(res.result.get("placement")):
+                typer.echo(line)
 
     app.add_typer(job_app, name="job")
 

@@ -58,8 +58,14 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
 
 def build_engine(config: ServerConfig) -> Engine:
     """Load the model and SAEs named in the config into the configured engine."""
-    if not config.model:
+    if not config.model and not (config.ray is not None and config.ray.engine_factory):
         raise ValueError("--model is required (a hub id or a local path)")
+    if config.ray is not None:  # N engine replicas as Ray actors (the optional `ray` extra)
+        try:
+            replicas = importlib.import_module("refusal_audit.server.ray_replicas")
+        except ImportError as exc:
+            raise RuntimeError(f"--ray needs Ray: pip install 'refusal-audit[ray]' ({exc})") from exc
+        return replicas.build_replicas(config)  # type: ignore[no-any-return]
     if config.engine == "vllm":
         try:
             mod = importlib.import_module("refusal_audit.server.vllm_engine")
@@ -225,6 +231,8 @@ class ServerHandle:
             built: Engine = await asyncio.to_thread(build_engine, config)
             engine = built
         metrics = Metrics()
+        if callable(getattr(engine, "register_metrics", None)):
+            engine.register_metrics(metrics)  # type: ignore[attr-defined]  # per-replica series (Ray)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         artifacts = ArtifactStore(
             config.data_dir, validator=ModelValidator(engine.info, config.limits.max_latents_per_request)

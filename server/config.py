@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -18,6 +18,27 @@ class LimitsConfig(Limits):
     says max_new_tokens = 0. `max_concurrent_jobs` mirrors `ServerConfig.max_concurrent_jobs`."""
 
     default_max_new_tokens: int = Field(default=64, gt=0)  # when a request says 0
+
+
+class RayConfig(BaseModel):
+    """Engine replicas as Ray actors (the optional `ray` extra): `serve --ray ADDRESS --replicas N`.
+
+    Each replica loads the model and SAEs on its own resources; the server's gRPC front end, job
+    store and artifact store stay in the head process (see `server/ray_replicas.py`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    address: str = "auto"  # "auto" (a running cluster), "local" (start one here), "ray://host:10001", host:port
+    replicas: int = Field(default=2, ge=1)
+    num_cpus: float = Field(default=1.0, ge=0)  # per replica
+    num_gpus: float = Field(default=0.0, ge=0)  # per replica (1 on a GPU cluster)
+    torch_threads: int | None = Field(default=None, ge=1)  # per replica; None = num_cpus (at least 1)
+    max_restarts: int = Field(default=3, ge=-1)  # Ray restarts a dead replica this often (-1: always)
+    max_retries: int = Field(default=3, ge=0)  # re-runs of one call / job unit after its replica died
+    max_concurrency: int = Field(default=4, ge=1)  # calls one replica accepts at once (interactive + job units)
+    unit_window: int = Field(default=1, ge=1)  # job units in flight per replica (the rest wait at the head)
+    init_kwargs: dict[str, Any] = Field(default_factory=dict)  # extra ray.init arguments (e.g. num_cpus)
+    engine_factory: str | None = None  # "module:function(config) -> Engine" instead of the built-in loader
 
 
 class ServerConfig(BaseModel):
@@ -44,6 +65,7 @@ class ServerConfig(BaseModel):
     max_concurrent_jobs: int = Field(default=1, gt=0)
     grace_s: float = Field(default=10.0, ge=0)  # drain period on SIGTERM
     max_message_mb: int = Field(default=256, gt=0)
+    ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

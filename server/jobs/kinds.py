@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from ...audit.codec import reject_json_constant
 from ...audit.errors import InvalidRequest, NotFound, validation_message
 from ...audit.spec import AblateDirection, AblateLatents, Intervention, Request, SamplingParams, user_prompt
+from . import fanout
 
 Runner = Callable[[Any, Any, Any], "tuple[dict[str, Any], list[str]]"]
 
@@ -84,7 +85,11 @@ def validate_config(kind: JobKind, config_json: str) -> BaseModel:
 
 def decoder_weights(engine: Any) -> dict[int, np.ndarray]:
     """{layer: W_dec [d_sae, d_model]} of the in-process engine's SAEs (for stage 1's cosine
-    pre-filter). Only in-process engines have them (HFEngine.saes: dict[int, LayerSAE])."""
+    pre-filter). In-process engines have them (HFEngine.saes: dict[int, LayerSAE]); engine replicas
+    (server/ray_replicas.py) fetch them from a replica (`engine.decoder_weights()`)."""
+    fetch = getattr(engine, "decoder_weights", None)
+    if callable(fetch):
+        return {int(k): np.asarray(v) for k, v in fetch().items()}
     saes = getattr(engine, "saes", None)
     if not saes:
         raise RuntimeError("this engine exposes no SAE weights (engine.saes): stage 1 needs W_dec")
@@ -187,16 +192,16 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
     ctx.progress(stage, restored, total)
     pending = [i for i in range(total) if i not in rows]
     judge = ctx.judge
-    for start in range(0, len(pending), cfg.batch_size):
-        ctx.check_cancelled()
-        idx = pending[start : start + cfg.batch_size]
-        reqs = [Request(prompt=user_prompt(prompts[i]) if cfg.chat else prompts[i], interventions=tuple(ivs),
-                        sampling=sampling) for i in idx]
-        completions = engine.generate(reqs)
+
+    def request_prompt(i: int) -> Any:
+        return user_prompt(prompts[i]) if cfg.chat else prompts[i]
+
+    def handle(idx: list[int], completions: list[Any]) -> None:
+        """Judge one batch's completions and checkpoint each prompt (on the job's thread)."""
         if len(completions) != len(idx):
             raise RuntimeError(f"the engine returned {len(completions)} completions for {len(idx)} prompts")
-        verdicts = judge.judge([JudgeItem(behavior=prompts[i], generation=c.text, prompt=reqs[j].prompt)
-                                for j, (i, c) in enumerate(zip(idx, completions, strict=True))])
+        verdicts = judge.judge([JudgeItem(behavior=prompts[i], generation=c.text, prompt=request_prompt(i))
+                                for i, c in zip(idx, completions, strict=True)])
         if len(verdicts) != len(idx):
             raise RuntimeError(f"judge {judge.name!r} returned {len(verdicts)} verdicts for {len(idx)} items")
         batch = []
@@ -209,6 +214,20 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
             rows[i] = row
             batch.append({"index": i, "refused": row["refused"], "jailbroken": row["jailbroken"]})
         ctx.progress(stage, len(rows), total, {"items": batch})
+
+    def batch_requests(idx: list[int]) -> list[Request]:
+        return [Request(prompt=request_prompt(i), interventions=tuple(ivs), sampling=sampling) for i in idx]
+
+    batches = [pending[s : s + cfg.batch_size] for s in range(0, len(pending), cfg.batch_size)]
+    placement: dict[str, Any] | None = None
+    if fanout.can_fan_out(engine):  # engine replicas (Ray): the batches run concurrently on them
+        placement = fanout.saved_placement(ctx, stage)
+        placement.update(fanout.generate_batches(engine, [(idx, batch_requests(idx)) for idx in batches],
+                                                 handle, ctx, stage))
+    else:
+        for idx in batches:
+            ctx.check_cancelled()
+            handle(idx, engine.generate(batch_requests(idx)))
 
     per_prompt = [rows[i] for i in range(total)]
     n_ref = sum(r["refused"] for r in per_prompt)
@@ -231,6 +250,8 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
         "config": cfg.model_dump(mode="json"),
         "per_prompt": per_prompt,
     }
+    if placement is not None:
+        result["placement"] = placement  # which engine replica generated each prompt
     return result, []
 
 
@@ -347,6 +368,8 @@ def _check_stage2(cfg: Any, env: CheckEnv) -> None:
 
 
 def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
+    if fanout.can_fan_out(engine):  # engine replicas (Ray): (prompt, seed) units on the replicas
+        return fanout.run_stage2(engine, stage1, cfg, ctx)
     from ...audit.stage2 import run_stage2
 
     return run_stage2(engine, stage1, cfg, ctx)
@@ -355,7 +378,10 @@ def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
 def _run_stage2(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     s1 = cfg.stage1_result if cfg.stage1_result is not None else part(ctx.job_result(cfg.stage1_job_id), "stage1")
     res = _stage2(engine, cfg, s1, ctx)
-    return result_dict(res), []
+    out = result_dict(res)
+    if getattr(res, "placement", None) is not None:
+        out["placement"] = res.placement  # which engine replica ran each (prompt, seed)
+    return out, []
 
 
 # ---------------------------------------------------------------------------- chain
