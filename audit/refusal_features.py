@@ -14,8 +14,13 @@ integrated-gradient attribution instead of per-latent forward passes (docs/attri
 
 Compute is counted per prompt row: forward passes (the jailbreak-token scoring and the attribution's
 forward passes) and backward passes, plus `forward_equivalents` (a backward counted as two forwards),
-so it compares with stage 2's forward-pass counts. The steering validation (ScaleLatents sweep) is
-not part of this module.
+so it compares with stage 2's forward-pass counts.
+
+`steering_sweep` is the paper's validation: the global top-k latents scaled by a factor alpha
+(`ScaleLatents`, z_i <- alpha z_i at every position, generated tokens included; the paper uses -3 on
+Gemma-2-2B and -1 on Llama-3.1-8B) over a grid of (alpha, k): the judged refusal rate of greedy
+generations and the cross-entropy cost on given (prompt, completion) pairs, next to the unsteered
+run. The job wrapper (`refusal_features` kind, resumable) is not written yet.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ from typing import Any
 import numpy as np
 
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
-from .spec import AblateDirection, Prompt, Request
+from .judges import JudgeItem
+from .spec import AblateDirection, Intervention, Prompt, Request, SamplingParams, ScaleLatents
 from .stage1 import latent_ranking
 from .stage_utils import chunks
 
@@ -129,3 +135,58 @@ def select_refusal_features(
     per_prompt = [ranked(scores[p], per_prompt_k) for p in range(len(prompts))]
     global_set = ranked(scores.mean(0), global_k) if len(prompts) else []
     return RefusalFeatures(candidates, jb, per_prompt, global_set, m_clean, m_base, fwd, bwd, time.perf_counter() - t0)
+
+
+def steering_sweep(
+    engine: Any,
+    prompts: Sequence[Prompt],
+    behaviors: Sequence[str],
+    features: RefusalFeatures,
+    judge: Any,
+    alphas: Sequence[float] = (-3.0, -1.0, 0.0),
+    ks: Sequence[int] = (5, 10, 20),
+    max_new_tokens: int = 64,
+    ce_prompts: Sequence[Prompt] = (),
+    ce_completions: Sequence[str | None] = (),
+    batch_size: int = 8,
+) -> list[dict[str, Any]]:
+    """One row per (alpha, k) plus the unsteered row (alpha None): refusal / jailbreak rates, CE and its delta."""
+    if len(behaviors) != len(prompts):
+        raise ValueError("one behavior (the request text the judge reads) per prompt")
+
+    def run(ivs: tuple[Intervention, ...]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        sp = SamplingParams(max_new_tokens=max_new_tokens)
+        comps = []
+        for part in chunks([Request(prompt=p, interventions=ivs, sampling=sp) for p in prompts], batch_size):
+            comps.extend(engine.generate(part))
+        verdicts = judge.judge([JudgeItem(behavior=b, generation=c.text, prompt=p)
+                                for b, c, p in zip(behaviors, comps, prompts, strict=True)])
+        n = max(1, len(verdicts))
+        row: dict[str, Any] = {
+            "refusal_rate": sum(bool(v.refused) for v in verdicts) / n,
+            "jailbreak_rate": sum(bool(v.jailbroken) for v in verdicts) / n,
+            "generations": len(comps),
+        }
+        if ce_prompts:
+            losses = []
+            for part_idx in chunks(list(range(len(ce_prompts))), batch_size):
+                losses.extend(engine.loss([Request(prompt=ce_prompts[i], interventions=ivs) for i in part_idx],
+                                          [ce_completions[i] if ce_completions else None for i in part_idx]))
+            row["ce"] = float(np.mean([r.loss for r in losses]))
+        row["wall_s"] = time.perf_counter() - t0
+        return row
+
+    base = {"alpha": None, "k": 0, **run(())}
+    rows = [base]
+    for k in ks:
+        latents = features.global_latents(k)
+        if not latents:
+            continue
+        for alpha in alphas:
+            iv = ScaleLatents(latents={ly: tuple(ids) for ly, ids in latents.items()}, factor=float(alpha))
+            row = {"alpha": float(alpha), "k": int(k), **run((iv,))}
+            if "ce" in row and "ce" in base:
+                row["ce_delta"] = row["ce"] - base["ce"]
+            rows.append(row)
+    return rows

@@ -298,3 +298,22 @@ def test_refusal_features_selection_on_planted(planted_engine: HFEngine) -> None
     assert all(b > c for b, c in zip(out.metric_baseline, out.metric_clean, strict=True))
     n = len(prompts)
     assert out.forward_passes == n + n * (4 + 1 + 1) and out.backward_passes == n * 4
+
+
+def test_steering_sweep_on_planted(planted_engine: HFEngine) -> None:
+    """Scaling the planted latents by alpha <= 0 (all three) stops the refusal; one latent alone does not."""
+    from refusal_audit.audit.judges import SubstringJudge
+    from refusal_audit.audit.refusal_features import RefusalFeatures, steering_sweep
+
+    layer = planted.PLANTED_LAYER
+    feats = RefusalFeatures(candidates={}, jailbreak_token_ids=[], per_prompt=[],
+                            global_set=[(layer, i, 1.0) for i in planted.PLANTED])
+    texts = planted.HARMFUL[:3]
+    rows = steering_sweep(planted_engine, [user_prompt(t) for t in texts], texts, feats, SubstringJudge(),
+                          alphas=(-1.0, 0.0), ks=(1, 3), max_new_tokens=4,
+                          ce_prompts=[user_prompt(t) for t in planted.HARMLESS[:2]], ce_completions=["Sure", "Sure"])
+    by = {(r["alpha"], r["k"]): r for r in rows}
+    assert by[(None, 0)]["refusal_rate"] == 1.0
+    assert by[(0.0, 1)]["refusal_rate"] == 1.0  # any planted latent left keeps the refusal
+    assert by[(0.0, 3)]["refusal_rate"] == 0.0 and by[(-1.0, 3)]["refusal_rate"] == 0.0
+    assert all("ce_delta" in r for r in rows[1:])
