@@ -23,10 +23,11 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from ..audit.engine import Engine, Limits
+from ..audit.engine import Limits
 from ..proto.generated import audit_pb2, audit_pb2_grpc
 from .artifacts import ArtifactStore, ModelValidator
 from .config import ServerConfig
+from .engine_base import ServingEngine
 from .metrics import Metrics
 from .servicer import AuditServicer
 from .undecodable import DecodeErrorInterceptor
@@ -56,7 +57,7 @@ def grpc_options(config: ServerConfig) -> list[tuple[str, Any]]:
 # ---------------------------------------------------------------------------- engine / judge / jobs
 
 
-def build_engine(config: ServerConfig) -> Engine:
+def build_engine(config: ServerConfig) -> ServingEngine:
     """Load the model and SAEs named in the config into the configured engine."""
     if not config.model and not (config.ray is not None and config.ray.engine_factory):
         raise ValueError("--model is required (a hub id or a local path)")
@@ -96,7 +97,7 @@ def make_judge(spec: str) -> Any:
 
 
 def _make_jobs(
-    config: ServerConfig, engine: Engine, artifacts: ArtifactStore, metrics: Metrics,
+    config: ServerConfig, engine: ServingEngine, artifacts: ArtifactStore, metrics: Metrics,
     jobs_factory: JobsFactory | None = None,
 ) -> Any:
     """THE place where the jobs service is constructed (a `jobs_factory` may return None: no jobs)."""
@@ -116,10 +117,10 @@ def _make_jobs(
     return factory(**kwargs)
 
 
-def _apply_limits(engine: Engine, config: ServerConfig) -> None:
+def _apply_limits(engine: ServingEngine, config: ServerConfig) -> None:
     """Make the engine enforce the server's configured limits (the config is the one source of truth)."""
     if isinstance(getattr(engine, "limits", None), Limits):
-        engine.limits = config.limits  # type: ignore[attr-defined]
+        engine.limits = config.limits
 
 
 async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:
@@ -218,17 +219,17 @@ class ServerHandle:
         return _bind_address(host, self.port)
 
     @property
-    def engine(self) -> Engine:
+    def engine(self) -> ServingEngine:
         return self.servicer.engine
 
     @classmethod
     async def start(
-        cls, config: ServerConfig, engine: Engine | None = None, jobs_factory: JobsFactory | None = None
+        cls, config: ServerConfig, engine: ServingEngine | None = None, jobs_factory: JobsFactory | None = None
     ) -> ServerHandle:
         """Build (or take) the engine, bind, start serving; returns once the port is bound."""
         owns_engine = engine is None
         if engine is None:
-            built: Engine = await asyncio.to_thread(build_engine, config)
+            built: ServingEngine = await asyncio.to_thread(build_engine, config)
             engine = built
         metrics = Metrics()
         if callable(getattr(engine, "register_metrics", None)):
@@ -311,7 +312,7 @@ class ServerHandle:
 
 
 async def serve(
-    config: ServerConfig, engine: Engine | None = None, jobs_factory: JobsFactory | None = None,
+    config: ServerConfig, engine: ServingEngine | None = None, jobs_factory: JobsFactory | None = None,
     ready: Callable[[ServerHandle], None] | None = None,
 ) -> None:
     """Serve until SIGTERM/SIGINT, then drain gracefully (`refusal-audit serve`)."""
@@ -339,7 +340,7 @@ async def serve(
 class ThreadedServer:
     """A server on its own event loop in a background thread, for synchronous code and tests."""
 
-    def __init__(self, config: ServerConfig, engine: Engine | None = None, jobs_factory: JobsFactory | None = None) -> None:
+    def __init__(self, config: ServerConfig, engine: ServingEngine | None = None, jobs_factory: JobsFactory | None = None) -> None:
         self.config = config
         self._engine = engine
         self._jobs_factory = jobs_factory

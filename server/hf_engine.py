@@ -29,12 +29,12 @@ from ..audit.engine import (
     LayerActivations,
     Limits,
     LossResult,
-    ModelInfo,
     ScoreResult,
     StreamEvent,
 )
-from ..audit.errors import InvalidRequest, LimitExceeded, non_finite
-from ..audit.spec import Prompt, Request
+from ..audit.errors import InvalidRequest, non_finite
+from ..audit.spec import Request
+from .engine_base import EngineBase
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
 
@@ -74,8 +74,10 @@ class _Capture:
     resid: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
-class HFEngine:
+class HFEngine(EngineBase):
     """Engine protocol over a transformers causal LM with SAEs on the residual stream."""
+
+    engine_name = "hf"
 
     def __init__(
         self,
@@ -90,6 +92,7 @@ class HFEngine:
         self.tokenizer = tokenizer
         self.saes = saes
         self.model_name = model_name
+        self.architecture = type(model).__name__
         self.limits = limits or Limits()
         self.resolver = resolver or Resolver()
         self.layers = decoder_layers(model)
@@ -102,74 +105,13 @@ class HFEngine:
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_ids = self._eos_ids()
+        self.eos_ids = self.stop_ids(getattr(model.generation_config, "eos_token_id", None))
         self._lock = threading.RLock()
         self._plan: BatchPlan | None = None
         self._ctx: TokenContext | None = None
         self._capture: _Capture | None = None
         self._register_hooks()
         self._info = self._build_info()
-
-    # ------------------------------------------------------------------ info
-
-    def _eos_ids(self) -> tuple[int, ...]:
-        ids: set[int] = set()
-        gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
-        if isinstance(gen_eos, int):
-            ids.add(gen_eos)
-        elif gen_eos:
-            ids.update(int(i) for i in gen_eos)
-        if self.tokenizer.eos_token_id is not None:
-            ids.add(int(self.tokenizer.eos_token_id))
-        for tok in ("<end_of_turn>", "<|eot_id|>", "<|end_of_text|>"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid != self.tokenizer.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return tuple(sorted(ids))
-
-    def _post_instruction_tokens(self) -> int:
-        """How many chat-template tokens follow the user instruction (Arditi's 'eoi' tokens)."""
-        if not getattr(self.tokenizer, "chat_template", None):
-            return 0
-        marker = "XQZMARKERXQZ"
-        text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-        )
-        suffix = str(text).split(marker, 1)[1]
-        return len(self.tokenizer(suffix, add_special_tokens=False)["input_ids"])
-
-    def _build_info(self) -> ModelInfo:
-        special = {}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            tok = getattr(self.tokenizer, name, None)
-            if tok is not None:
-                tid0 = self.tokenizer.convert_tokens_to_ids(tok)
-                if isinstance(tid0, int):
-                    special[tok] = tid0
-        for tok in ("<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>", "<|eot_id|>", "I"):
-            tid = self.tokenizer.convert_tokens_to_ids(tok)
-            if isinstance(tid, int) and tid >= 0 and tid != self.tokenizer.unk_token_id:
-                special[tok] = tid
-        bos = self.tokenizer.bos_token_id
-        return ModelInfo(
-            model=self.model_name,
-            architecture=type(self.model).__name__,
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            vocab_size=self.vocab_size,
-            saes=tuple(self.saes[layer].info for layer in sorted(self.saes)),
-            bos_token_id=int(bos) if bos is not None else -1,
-            eos_token_ids=self.eos_ids,
-            pad_token_id=self.pad_id,
-            n_post_instruction_tokens=self._post_instruction_tokens(),
-            engine="hf",
-            dtype=str(self.dtype).removeprefix("torch."),
-            special_token_ids=special,
-        )
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
 
     # ------------------------------------------------------------------ hooks
 
@@ -246,40 +188,6 @@ class HFEngine:
 
     # ------------------------------------------------------------------ tokenization
 
-    def render(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: chat template for messages, raw text (with BOS) otherwise."""
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidRequest("prompt: empty prompt")
-            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
-            bos = self.tokenizer.bos_token_id
-            if bos is not None and (not ids or ids[0] != bos):
-                ids = [int(bos), *ids]
-        else:
-            if not prompt or not any(m.content for m in prompt):
-                raise InvalidRequest("prompt: empty messages")
-            msgs = [{"role": m.role, "content": m.content} for m in prompt]
-            text = self.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(str(text), add_special_tokens=False)["input_ids"]
-        if len(ids) > self.limits.max_prompt_tokens:
-            raise InvalidRequest(
-                f"prompt: {len(ids)} tokens exceed max_prompt_tokens={self.limits.max_prompt_tokens}"
-            )
-        return [int(i) for i in ids]
-
-    def _batch_ids(self, requests: Sequence[Request]) -> list[list[int]]:
-        if not requests:
-            raise InvalidRequest("items: empty request")
-        if len(requests) > self.limits.max_batch_items:
-            raise LimitExceeded(f"items: {len(requests)} items exceed max_batch_items={self.limits.max_batch_items}")
-        out = []
-        for i, r in enumerate(requests):
-            try:
-                out.append(self.render(r.prompt))
-            except InvalidRequest as exc:
-                raise InvalidRequest(f"items[{i}].{exc}") from None
-        return out
-
     def _plan_for(
         self, requests: Sequence[Request], prompt_lens: Sequence[int], seq_lens: Sequence[int] | None = None
     ) -> BatchPlan | None:
@@ -317,24 +225,10 @@ class HFEngine:
 
     # ------------------------------------------------------------------ generate
 
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        for event in self.generate_iter(requests):
-            if event.finished:
-                results[event.index] = event.completion
-        return [r for r in results if r is not None]
-
     def generate_iter(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
         """Yields one event per new token per row, and a final event per row with its Completion."""
         ids = self._batch_ids(requests)
-        for i, r in enumerate(requests):
-            if r.sampling.max_new_tokens > self.limits.max_new_tokens:
-                raise InvalidRequest(
-                    f"items[{i}].sampling.max_new_tokens={r.sampling.max_new_tokens} exceeds the limit {self.limits.max_new_tokens}"
-                )
-            for t in r.sampling.stop_token_ids:
-                if not 0 <= t < self.vocab_size:
-                    raise InvalidRequest(f"items[{i}].sampling.stop_token_ids: unknown token id {t}")
+        self._check_sampling(requests)
         prompt_lens = [len(x) for x in ids]
         # the model reads the prompt and every generated token but the last one
         seq_lens = [n + r.sampling.max_new_tokens - 1 for n, r in zip(prompt_lens, requests, strict=True)]
@@ -435,11 +329,7 @@ class HFEngine:
         top_k: int = 0,
         return_full_logprobs: bool = False,
     ) -> list[ScoreResult]:
-        for t in token_ids:
-            if not 0 <= int(t) < self.vocab_size:
-                raise InvalidRequest(f"token_ids: unknown token id {t} (vocab size {self.vocab_size})")
-        if top_k < 0 or top_k > self.vocab_size:
-            raise InvalidRequest(f"top_k must be in [0, {self.vocab_size}]")
+        self._check_score_args(token_ids, top_k)
         out, _, _ = self._prefill(requests, logits_to_keep=1)
         logprobs = torch.log_softmax(out.logits[:, -1, :].float(), dim=-1)
         idx = torch.tensor([int(t) for t in token_ids], dtype=torch.long, device=logprobs.device)

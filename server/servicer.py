@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 import numpy as np
 
-from ..audit.engine import Completion, Engine, StreamEvent
+from ..audit.engine import Completion, StreamEvent
 from ..audit.errors import InvalidRequest, LimitExceeded, non_finite
 from ..audit.spec import Request
 from ..proto import convert
@@ -32,6 +32,7 @@ from ..proto.generated import audit_pb2 as pb
 from ..proto.generated import audit_pb2_grpc as pb_grpc
 from .artifacts import ArtifactStore
 from .config import ServerConfig
+from .engine_base import ServingEngine
 from .metrics import Metrics
 from .status import RpcCancelled, status_for
 
@@ -106,7 +107,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
     def __init__(
         self,
-        engine: Engine,
+        engine: ServingEngine,
         artifacts: ArtifactStore,
         config: ServerConfig,
         metrics: Metrics | None = None,

@@ -29,13 +29,13 @@ import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ...audit.attribution import AttributionRequest, AttributionResponse
-from ...audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
+from ...audit.engine import Completion, EncodeResult, Limits, LossResult, ScoreResult, StreamEvent
 from ...audit.errors import InvalidRequest
 from ...audit.spec import (
     AblateDirection,
@@ -43,12 +43,12 @@ from ...audit.spec import (
     AddDirection,
     ClampLatents,
     Intervention,
-    Prompt,
     Request,
     ScaleLatents,
     canonical_spec_json,
     spec_hash,
 )
+from ..engine_base import EngineBase
 from ..hf_engine import HFEngine
 from ..interventions import Resolver, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes, load_sae
@@ -224,22 +224,11 @@ class _Failure:
 # ------------------------------------------------------------------------------------- engine
 
 
-class VLLMEngine:
+class VLLMEngine(EngineBase):
     """Engine protocol on vLLM: generate / generate_iter / score in vLLM with the SAE worker
     extension; encode / residuals / loss on a lazily built HFEngine over the same weights."""
 
-    # How prompts become token ids is defined once, by the HF engine's own methods (they only use
-    # `tokenizer`, `limits` and `render`, which this class has too).
-
-    def render(self, prompt: Prompt) -> list[int]:
-        """Token ids of a prompt: chat template for messages, raw text (with BOS) otherwise."""
-        return HFEngine.render(cast(Any, self), prompt)
-
-    def _batch_ids(self, requests: Sequence[Request]) -> list[list[int]]:
-        return HFEngine._batch_ids(cast(Any, self), requests)
-
-    def _post_instruction_tokens(self) -> int:
-        return HFEngine._post_instruction_tokens(cast(Any, self))
+    engine_name = "vllm"
 
     def __init__(
         self,
@@ -286,7 +275,10 @@ class VLLMEngine:
         except OSError:
             gen_cfg = None
         self.pad_id = int(tokenizer.pad_token_id)
-        self.eos_ids = self._eos_ids(gen_cfg)
+        from ..model_prep import stop_token_ids
+
+        stops = stop_token_ids(tokenizer)  # the HF engine's stop set after model_prep.prepare
+        self.eos_ids = self.stop_ids(stops or (getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None))
         max_pos = int(getattr(text_cfg, "max_position_embeddings", 0) or 0)
         want = self.limits.max_prompt_tokens + self.limits.max_new_tokens
         self.max_model_len = int(vllm_kwargs.pop("max_model_len", min(want, max_pos) if max_pos else want))
@@ -411,58 +403,6 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ info
 
-    def _eos_ids(self, gen_cfg: Any) -> tuple[int, ...]:
-        """The HF engine's stop set for the same checkpoint after model_loading.prepare."""
-        from ..model_loading import stop_token_ids
-
-        tok = self.tokenizer
-        ids: set[int] = set()
-        stops = stop_token_ids(tok)
-        gen_eos = stops or (getattr(gen_cfg, "eos_token_id", None) if gen_cfg is not None else None)
-        if isinstance(gen_eos, int):
-            ids.add(gen_eos)
-        elif gen_eos:
-            ids.update(int(i) for i in gen_eos)
-        if tok.eos_token_id is not None:
-            ids.add(int(tok.eos_token_id))
-        for name in ("<end_of_turn>", "<|eot_id|>", "<|end_of_text|>"):
-            tid = tok.convert_tokens_to_ids(name)
-            if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
-                ids.add(tid)
-        return tuple(sorted(ids))
-
-    def _build_info(self) -> ModelInfo:
-        tok = self.tokenizer
-        special: dict[str, int] = {}
-        for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
-            t = getattr(tok, name, None)
-            if t is not None:
-                special[t] = int(cast(int, tok.convert_tokens_to_ids(t)))
-        for t in ("<start_of_turn>", "<end_of_turn>", "<|begin_of_text|>", "<|eot_id|>", "I"):
-            tid = tok.convert_tokens_to_ids(t)
-            if isinstance(tid, int) and tid >= 0 and tid != tok.unk_token_id:
-                special[t] = tid
-        bos = tok.bos_token_id
-        return ModelInfo(
-            model=self.model_name,
-            architecture=self.architecture,
-            n_layers=self.n_layers,
-            d_model=self.d_model,
-            vocab_size=self.vocab_size,
-            saes=tuple(self.saes[layer].info for layer in sorted(self.saes)),
-            bos_token_id=int(bos) if bos is not None else -1,
-            eos_token_ids=self.eos_ids,
-            pad_token_id=self.pad_id,
-            n_post_instruction_tokens=self._post_instruction_tokens(),
-            engine="vllm",
-            dtype=self.dtype.removeprefix("torch."),
-            special_token_ids=special,
-        )
-
-    @property
-    def info(self) -> ModelInfo:
-        return self._info
-
     def hook_stats(self, reset: bool = False) -> dict[str, Any]:
         """The worker's hook counters (steps, hooked steps, plan compiles, seconds in hooks)."""
         if not self.hooks:
@@ -552,13 +492,6 @@ class VLLMEngine:
 
     # ------------------------------------------------------------------ generate
 
-    def generate(self, requests: Sequence[Request]) -> list[Completion]:
-        results: list[Completion | None] = [None] * len(requests)
-        for event in self.generate_iter(requests):
-            if event.finished:
-                results[event.index] = event.completion
-        return [r for r in results if r is not None]
-
     def generate_iter(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
         """One event per new token per row and a final event per row with its Completion (HF semantics:
         a stop token ends the row with an empty event and is not part of the completion)."""
@@ -566,14 +499,8 @@ class VLLMEngine:
         from vllm.sampling_params import RequestOutputKind
 
         ids = self._render_all(requests)
+        self._check_sampling(requests)
         for i, r in enumerate(requests):
-            if r.sampling.max_new_tokens > self.limits.max_new_tokens:
-                raise InvalidRequest(
-                    f"items[{i}].sampling.max_new_tokens={r.sampling.max_new_tokens} exceeds the limit {self.limits.max_new_tokens}"
-                )
-            for t in r.sampling.stop_token_ids:
-                if not 0 <= t < self.vocab_size:
-                    raise InvalidRequest(f"items[{i}].sampling.stop_token_ids: unknown token id {t}")
             self._check_length(i, len(ids[i]), r.sampling.max_new_tokens)
         payloads, salts = self._specs(requests, ids, generating=True)
         stops = [set(self.eos_ids) | set(r.sampling.stop_token_ids) for r in requests]
@@ -670,11 +597,7 @@ class VLLMEngine:
         from vllm import SamplingParams
         from vllm.sampling_params import RequestOutputKind
 
-        for t in token_ids:
-            if not 0 <= int(t) < self.vocab_size:
-                raise InvalidRequest(f"token_ids: unknown token id {t} (vocab size {self.vocab_size})")
-        if top_k < 0 or top_k > self.vocab_size:
-            raise InvalidRequest(f"top_k must be in [0, {self.vocab_size}]")
+        self._check_score_args(token_ids, top_k)
         ids = self._render_all(requests)
         payloads, salts = self._specs(requests, ids)
         for i, x in enumerate(ids):
