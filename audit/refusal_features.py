@@ -20,7 +20,10 @@ so it compares with stage 2's forward-pass counts.
 (`ScaleLatents`, z_i <- alpha z_i at every position, generated tokens included; the paper uses -3 on
 Gemma-2-2B and -1 on Llama-3.1-8B) over a grid of (alpha, k): the judged refusal rate of greedy
 generations and the cross-entropy cost on given (prompt, completion) pairs, next to the unsteered
-run. The job wrapper (`refusal_features` kind, resumable) is not written yet.
+run. `run_refusal_features` chains both with checkpoints (the `refusal_features` job kind):
+``refusal_features/selection`` once the sets are found, ``refusal_features/sweep/{alpha}/{k}`` per
+sweep point (``.../base`` for the unsteered run), each fingerprinted by the prompts and config, so a
+restarted job redoes nothing it finished.
 """
 
 from __future__ import annotations
@@ -31,12 +34,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
 from .judges import JudgeItem
 from .spec import AblateDirection, Intervention, Prompt, Request, SamplingParams, ScaleLatents
 from .stage1 import latent_ranking
-from .stage_utils import chunks
+from .stage_utils import chunks, fingerprint, resumed, save_fingerprinted
 
 
 @dataclass
@@ -155,27 +159,8 @@ def steering_sweep(
         raise ValueError("one behavior (the request text the judge reads) per prompt")
 
     def run(ivs: tuple[Intervention, ...]) -> dict[str, Any]:
-        t0 = time.perf_counter()
-        sp = SamplingParams(max_new_tokens=max_new_tokens)
-        comps = []
-        for part in chunks([Request(prompt=p, interventions=ivs, sampling=sp) for p in prompts], batch_size):
-            comps.extend(engine.generate(part))
-        verdicts = judge.judge([JudgeItem(behavior=b, generation=c.text, prompt=p)
-                                for b, c, p in zip(behaviors, comps, prompts, strict=True)])
-        n = max(1, len(verdicts))
-        row: dict[str, Any] = {
-            "refusal_rate": sum(bool(v.refused) for v in verdicts) / n,
-            "jailbreak_rate": sum(bool(v.jailbroken) for v in verdicts) / n,
-            "generations": len(comps),
-        }
-        if ce_prompts:
-            losses = []
-            for part_idx in chunks(list(range(len(ce_prompts))), batch_size):
-                losses.extend(engine.loss([Request(prompt=ce_prompts[i], interventions=ivs) for i in part_idx],
-                                          [ce_completions[i] if ce_completions else None for i in part_idx]))
-            row["ce"] = float(np.mean([r.loss for r in losses]))
-        row["wall_s"] = time.perf_counter() - t0
-        return row
+        return steering_row(engine, prompts, behaviors, ivs, judge, max_new_tokens, ce_prompts, ce_completions,
+                            batch_size)
 
     base = {"alpha": None, "k": 0, **run(())}
     rows = [base]
@@ -184,9 +169,124 @@ def steering_sweep(
         if not latents:
             continue
         for alpha in alphas:
-            iv = ScaleLatents(latents={ly: tuple(ids) for ly, ids in latents.items()}, factor=float(alpha))
-            row = {"alpha": float(alpha), "k": int(k), **run((iv,))}
+            row = {"alpha": float(alpha), "k": int(k), **run((scale(latents, alpha),))}
             if "ce" in row and "ce" in base:
                 row["ce_delta"] = row["ce"] - base["ce"]
             rows.append(row)
     return rows
+
+
+def scale(latents: dict[int, list[int]], alpha: float) -> ScaleLatents:
+    """z_i <- alpha z_i for the latents, at every position (generated tokens included)."""
+    return ScaleLatents(latents={ly: tuple(ids) for ly, ids in latents.items()}, factor=float(alpha))
+
+
+def steering_row(
+    engine: Any, prompts: Sequence[Prompt], behaviors: Sequence[str], ivs: tuple[Intervention, ...], judge: Any,
+    max_new_tokens: int, ce_prompts: Sequence[Prompt] = (), ce_completions: Sequence[str | None] = (),
+    batch_size: int = 8,
+) -> dict[str, Any]:
+    """Greedy generations under `ivs`, judged (refusal / jailbreak rates), and the mean CE on the CE pairs."""
+    t0 = time.perf_counter()
+    sp = SamplingParams(max_new_tokens=max_new_tokens)
+    comps = []
+    for part in chunks([Request(prompt=p, interventions=ivs, sampling=sp) for p in prompts], batch_size):
+        comps.extend(engine.generate(part))
+    verdicts = judge.judge([JudgeItem(behavior=b, generation=c.text, prompt=p)
+                            for b, c, p in zip(behaviors, comps, prompts, strict=True)])
+    n = max(1, len(verdicts))
+    row: dict[str, Any] = {
+        "refusal_rate": sum(bool(v.refused) for v in verdicts) / n,
+        "jailbreak_rate": sum(bool(v.jailbroken) for v in verdicts) / n,
+        "generations": len(comps),
+    }
+    if ce_prompts:
+        losses = []
+        for part_idx in chunks(list(range(len(ce_prompts))), batch_size):
+            losses.extend(engine.loss([Request(prompt=ce_prompts[i], interventions=ivs) for i in part_idx],
+                                      [ce_completions[i] if ce_completions else None for i in part_idx]))
+        row["ce"] = float(np.mean([r.loss for r in losses]))
+    row["wall_s"] = time.perf_counter() - t0
+    return row
+
+
+class RefusalFeaturesConfig(BaseModel):
+    """The `refusal_features` job: selection (attribution) then steering validation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = "temaq-abliterated:harmful"
+    split: str = "test"
+    n: int | None = Field(default=32, ge=1)
+    harmless_dataset: str = "temaq-abliterated:harmless"  # CE cost: LM loss of these prompts
+    n_harmless: int = Field(default=16, ge=0)
+    seed: int = 0
+    chat: bool = True
+    direction_id: str | None = None
+    direction_job_id: str | None = None
+    direction: list[float] | None = None
+    candidates_per_layer: int = Field(default=10, ge=1)
+    per_prompt_k: int = Field(default=20, ge=1)
+    global_k: int = Field(default=20, ge=1)
+    n_steps: int = Field(default=10, ge=1)
+    rule: str = "left"
+    fallback_token: str = "Here"
+    alphas: list[float] = Field(default_factory=lambda: [-3.0, -1.0, 0.0])
+    ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    max_new_tokens: int = Field(default=64, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+
+
+def run_refusal_features(
+    engine: Any, cfg: RefusalFeaturesConfig, ctx: Any, direction: np.ndarray, decoder_cosines: dict[int, np.ndarray],
+    prompts: Sequence[str], harmless: Sequence[str] = (), refusal_token_id: int | None = None,
+    fallback_token_id: int | None = None,
+) -> dict[str, Any]:
+    """Selection then the sweep, checkpointed (module docstring); registers the global set as a latent set."""
+    from .stage_utils import as_prompt
+
+    t0 = time.perf_counter()
+    eps = [as_prompt(t, cfg.chat) for t in prompts]
+    ref = refusal_token_id if refusal_token_id is not None else engine.info.special_token_ids.get("I")
+    if ref is None:
+        raise ValueError("the engine reports no 'I' token id; pass refusal_token_id")
+    fb = fallback_token_id if fallback_token_id is not None else engine.info.special_token_ids.get(cfg.fallback_token, ref)
+    fp = fingerprint([*prompts, cfg.model_dump_json(exclude={"alphas", "ks", "max_new_tokens"})])
+    sel_key = "refusal_features/selection"
+    got = resumed(ctx, sel_key, fp)
+    if got is not None:
+        sel = got["selection"]
+    else:
+        ctx.progress("refusal_features: attribution", 0, len(prompts))
+        feats = select_refusal_features(engine, eps, direction, decoder_cosines, int(ref), int(fb),
+                                        cfg.candidates_per_layer, cfg.per_prompt_k, cfg.global_k, cfg.n_steps,
+                                        cfg.rule, cfg.batch_size)
+        sel = feats.to_json()
+        save_fingerprinted(ctx, sel_key, fp, selection=sel)
+        ctx.progress("refusal_features: attribution", len(prompts), len(prompts))
+    global_set = [(int(a), int(b), float(c)) for a, b, c in sel["global_set"]]
+    feats = RefusalFeatures({int(k): v for k, v in sel["candidates"].items()}, sel["jailbreak_token_ids"],
+                            [[tuple(t) for t in p] for p in sel["per_prompt"]], global_set)  # type: ignore[misc]
+    set_id = ctx.register_latent_set("refusal_features_global", feats.global_latents(),
+                                     {"source": "refusal_features", "k": len(global_set)})
+    harmless_p = [as_prompt(t, cfg.chat) for t in harmless]
+    points: list[tuple[float | None, int]] = [(None, 0)] + [(float(a), int(k)) for k in cfg.ks for a in cfg.alphas]
+    rows = []
+    for n_done, (alpha, k) in enumerate(points):
+        key = f"refusal_features/sweep/{'base' if alpha is None else f'{alpha}/{k}'}"
+        row_fp = fingerprint([fp, str(cfg.max_new_tokens), *harmless])
+        got = resumed(ctx, key, row_fp)
+        if got is not None:
+            rows.append(got["row"])
+            continue
+        ctx.check_cancelled()
+        ivs: tuple[Intervention, ...] = () if alpha is None else (scale(feats.global_latents(k), alpha),)
+        row = {"alpha": alpha, "k": k, **steering_row(engine, eps, list(prompts), ivs, ctx.judge, cfg.max_new_tokens,
+                                                      harmless_p, [None] * len(harmless_p), cfg.batch_size)}
+        if alpha is not None and "ce" in row and "ce" in rows[0]:
+            row["ce_delta"] = row["ce"] - rows[0]["ce"]
+        save_fingerprinted(ctx, key, row_fp, row=row)
+        rows.append(row)
+        ctx.progress("refusal_features: steering", n_done + 1, len(points))
+    return {"kind": "refusal_features", "selection": sel, "latent_set_id": set_id, "sweep": rows,
+            "wall_s": time.perf_counter() - t0}

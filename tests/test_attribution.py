@@ -317,3 +317,45 @@ def test_steering_sweep_on_planted(planted_engine: HFEngine) -> None:
     assert by[(0.0, 1)]["refusal_rate"] == 1.0  # any planted latent left keeps the refusal
     assert by[(0.0, 3)]["refusal_rate"] == 0.0 and by[(-1.0, 3)]["refusal_rate"] == 0.0
     assert all("ce_delta" in r for r in rows[1:])
+
+
+def test_run_refusal_features_resumes(planted_engine: HFEngine) -> None:
+    """The job body on the planted model: the global set holds the planted latents, steering them stops the
+    refusal, and a rerun on the same checkpoints calls neither attribute nor generate again."""
+    from refusal_audit.audit.context import LocalContext
+    from refusal_audit.audit.refusal_features import RefusalFeaturesConfig, run_refusal_features
+    from refusal_audit.audit.stage1 import decoder_direction_cosines
+    from refusal_audit.server.jobs import KINDS
+
+    assert "refusal_features" in KINDS
+    eng = planted_engine
+    calls: list[str] = []
+
+    class Counting:
+        info = eng.info
+
+        def __getattr__(self, name: str):
+            fn = getattr(eng, name)
+            if name in ("attribute", "generate", "score", "loss"):
+                def wrapped(*a, **k):
+                    calls.append(name)
+                    return fn(*a, **k)
+                return wrapped
+            return fn
+
+    saes = {ly: s.sae for ly, s in eng.saes.items()}
+    r = planted.directions()[0]
+    cos = decoder_direction_cosines(planted.decoder_weights(saes), r)
+    cfg = RefusalFeaturesConfig(direction=r.tolist(), global_k=3, per_prompt_k=3, n_steps=2, alphas=[-1.0], ks=[3],
+                                max_new_tokens=3, batch_size=4)
+    ctx = LocalContext()
+    sure = eng.tokenizer.convert_tokens_to_ids("Sure")
+    out = run_refusal_features(Counting(), cfg, ctx, r, cos, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
+    assert {(ly, i) for ly, i, _ in out["selection"]["global_set"]} == {(planted.PLANTED_LAYER, i) for i in planted.PLANTED}
+    base, steered = out["sweep"]
+    assert base["refusal_rate"] == 1.0 and steered["refusal_rate"] == 0.0 and "ce_delta" in steered
+    assert out["selection"]["forward_equivalents"] == out["selection"]["forward_passes"] + 2 * out["selection"]["backward_passes"]
+    assert "attribute" in calls and "generate" in calls
+    calls.clear()
+    again = run_refusal_features(Counting(), cfg, ctx, r, cos, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
+    assert calls == [] and again["sweep"] == out["sweep"]

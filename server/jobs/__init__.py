@@ -2,7 +2,10 @@
 per-prompt checkpoints in SQLite (WAL) so a killed server resumes them (docs/jobs.md).
 `JobsService` is what `AuditServicer` delegates the six job RPCs to."""
 
-from . import kinds_analysis  # noqa: F401  (registers the issue-7 analysis kinds)
+from . import (
+    kinds_analysis,  # noqa: F401  (registers the issue-7 analysis kinds)
+    kinds_attribution,  # noqa: F401  (registers refusal_features, issue 13)
+)
 from .kinds import KINDS, JobKind, register_kind
 from .manager import JobManager
 from .service import JobsService
