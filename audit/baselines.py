@@ -36,7 +36,6 @@ from .stage3 import (
     Stage2Sets,
     SweepConfig,
     SweepPrompt,
-    ablate,
     ablation_sweep,
     build_feature_dataset,
     judge_flags,
@@ -46,6 +45,7 @@ from .stage3 import (
 )
 from .stage_utils import (
     Latent,
+    ablate,
     as_prompt,
     chunks,
     fingerprint,

@@ -34,9 +34,10 @@ from .context import StageContext
 from .datasets import DatasetUnavailable, load_prompts
 from .engine import Engine
 from .spec import AblateDirection, Intervention, Request, SamplingParams
-from .stage3 import Stage2Sets, ablate, rankings_from
+from .stage3 import Stage2Sets, rankings_from
 from .stage_utils import (
     Latent,
+    ablate,
     as_prompt,
     chunks,
     fingerprint,

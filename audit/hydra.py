@@ -33,9 +33,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from .context import StageContext
 from .engine import EncodeResult, Engine
 from .spec import ClampLatents, Request, SamplingParams, TokenScope
-from .stage3 import Stage2Item, Stage2Sets, ablate, chosen_latents, judge_texts
+from .stage3 import Stage2Item, Stage2Sets, chosen_latents, judge_texts
 from .stage_utils import (
     Latent,
+    ablate,
     as_prompt,
     chunks,
     fingerprint,

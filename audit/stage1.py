@@ -33,8 +33,16 @@ from .context import StageContext
 from .datasets import load_prompts
 from .engine import Engine
 from .judges import JudgeItem
-from .spec import AblateLatents, Request, SamplingParams
-from .stage_utils import as_prompt, fingerprint, generate_batched, restore_items, resumed, save_fingerprinted
+from .spec import Request, SamplingParams
+from .stage_utils import (
+    ablate,
+    as_prompt,
+    fingerprint,
+    generate_batched,
+    restore_items,
+    resumed,
+    save_fingerprinted,
+)
 
 STAGE = "stage1"
 
@@ -178,10 +186,6 @@ class Stage1Result:
         return {p.index: p.latents for p in self.prompts if p.status == "jailbroken"}
 
 
-def _ablation(latents: dict[int, list[int]]) -> tuple[AblateLatents, ...]:
-    lat = {ly: tuple(ids) for ly, ids in latents.items() if ids}
-    return (AblateLatents(latents=lat),) if lat else ()
-
 
 def run_stage1(
     engine: Engine,
@@ -205,7 +209,7 @@ def run_stage1(
         "chat", "k_start", "k_step", "k_max", "exclude_layers", "rank_by", "max_new_tokens", "check_baseline"})])
 
     def req(i: int, latents: dict[int, list[int]]) -> Request:
-        return Request(prompt=as_prompt(prompts[i], cfg.chat), interventions=_ablation(latents), sampling=sampling)
+        return Request(prompt=as_prompt(prompts[i], cfg.chat), interventions=ablate(latents), sampling=sampling)
 
     degenerate_ks: dict[int, list[int]] = {}  # Ks whose completion the coherence gate called degenerate
 

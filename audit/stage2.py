@@ -67,10 +67,11 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .context import StageContext
 from .engine import Engine
 from .judges import JudgeItem
-from .spec import AblateLatents, Request, SamplingParams
+from .spec import Request, SamplingParams
 from .stage1 import Stage1Result
 from .stage_utils import (
     Latent,
+    ablate,
     as_prompt,
     chunks,
     dict_to_latents,
@@ -306,11 +307,6 @@ class Stage2Result:
 # ---------------------------------------------------------------------------- the batched driver
 
 
-def _ablate(latents: frozenset[Latent] | Sequence[Latent]) -> tuple[AblateLatents, ...]:
-    if not latents:
-        return ()
-    return (AblateLatents(latents={ly: tuple(ids) for ly, ids in latents_to_dict(latents).items()}),)
-
 
 @dataclass
 class _Acct:
@@ -375,7 +371,7 @@ def _scorer(engine: Engine, prompts: dict[int, Any], cache: dict[int, dict[froze
     def score(needed: list[tuple[int, frozenset[Latent]]]) -> None:
         for part in chunks(needed, cfg.batch_size):
             t = time.perf_counter()
-            res = engine.score([Request(prompt=prompts[i], interventions=_ablate(s)) for i, s in part], toks)
+            res = engine.score([Request(prompt=prompts[i], interventions=ablate(s)) for i, s in part], toks)
             share = (time.perf_counter() - t) / len(part)
             for (i, s), r in zip(part, res, strict=True):
                 cache[i][s] = refusal_prob(r)
@@ -441,7 +437,7 @@ def finish_group(engine: Engine, group: list[tuple[int, str, list[Latent]]],
     verdict: dict[tuple[int, frozenset[Latent]], tuple[bool, str, bool]] = {}
     for part in chunks(to_verify, cfg.batch_size):
         t = time.perf_counter()
-        comps = engine.generate([Request(prompt=prompts[i], interventions=_ablate(s), sampling=sampling)
+        comps = engine.generate([Request(prompt=prompts[i], interventions=ablate(s), sampling=sampling)
                                  for i, s in part])
         vs = ctx.judge.judge([JudgeItem(behavior=texts[i], generation=c.text, prompt=prompts[i])
                               for (i, _), c in zip(part, comps, strict=True)])

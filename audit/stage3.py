@@ -52,9 +52,10 @@ from .features import (
 )
 from .fm import FactorizationMachine, TrainConfig, TrainResult, train_fm
 from .judges import JudgeItem
-from .spec import AblateLatents, Request, SamplingParams
+from .spec import Request, SamplingParams
 from .stage_utils import (
     Latent,
+    ablate,
     as_prompt,
     chunks,
     dict_to_latents,
@@ -123,13 +124,6 @@ class Stage2Sets:
         """Items with a non-empty set (and a verified jailbreak, by default), at most `max_prompts`."""
         out = [it for it in self.items if it.latents and (it.jailbroken or not only_jailbroken)]
         return out[:max_prompts] if max_prompts is not None else out
-
-
-def ablate(latents: Sequence[Latent] | dict[int, Sequence[int]]) -> tuple[AblateLatents, ...]:
-    """Zero-ablate a latent set at all tokens (error term kept); () for an empty set."""
-    d = latents_to_dict(dict_to_latents(latents) if isinstance(latents, dict) else latents)
-    d = {ly: ids for ly, ids in d.items() if ids}
-    return (AblateLatents(latents={ly: tuple(ids) for ly, ids in d.items()}),) if d else ()
 
 
 def chosen_latents(pairs: Sequence[Latent]) -> dict[int, Sequence[int]]:

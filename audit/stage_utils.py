@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import numpy as np
 
 from .engine import Completion, Engine, ScoreResult
-from .spec import Prompt, Request, user_prompt
+from .spec import AblateLatents, Prompt, Request, user_prompt
 
 if TYPE_CHECKING:  # pragma: no cover
     from .context import StageContext
@@ -85,6 +85,14 @@ def latents_to_dict(latents: Iterable[Latent]) -> dict[int, list[int]]:
     for layer, i in latents:
         out.setdefault(int(layer), []).append(int(i))
     return {ly: sorted(set(ids)) for ly, ids in sorted(out.items())}
+
+
+def ablate(latents: Iterable[Latent] | Mapping[Any, Sequence[int]]) -> tuple[AblateLatents, ...]:
+    """The one latents -> intervention helper of the stages: zero-ablate a latent set ((layer, id)
+    pairs or {layer: ids}) at all tokens, error term kept; () for an empty set."""
+    pairs = dict_to_latents(latents) if isinstance(latents, Mapping) else latents
+    d = {ly: ids for ly, ids in latents_to_dict(pairs).items() if ids}
+    return (AblateLatents(latents={ly: tuple(ids) for ly, ids in d.items()}),) if d else ()
 
 
 def dict_to_latents(d: Mapping[Any, Sequence[int]]) -> list[Latent]:
