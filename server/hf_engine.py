@@ -346,14 +346,16 @@ class HFEngine(EngineBase):
             results.append(res)
         return results
 
-    def _check_layers(self, layers: Sequence[int], allow_embed: bool = False, need_sae: bool = False) -> None:
+    def _check_layers(
+        self, layers: Sequence[int], allow_embed: bool = False, need_sae: bool = False, where: str = "layers"
+    ) -> None:
         for ly in layers:
             if allow_embed and ly == -1:
                 continue
             if not 0 <= ly < self.n_layers:
-                raise InvalidRequest(f"layers: layer {ly} out of range [0, {self.n_layers})")
+                raise InvalidRequest(f"{where}: layer {ly} out of range [0, {self.n_layers})")
             if need_sae and ly not in self.saes:
-                raise InvalidRequest(f"layers: no SAE at layer {ly} (SAE layers: {sorted(self.saes)})")
+                raise InvalidRequest(f"{where}: no SAE at layer {ly} (SAE layers: {sorted(self.saes)})")
 
     def encode(
         self,
@@ -363,9 +365,10 @@ class HFEngine(EngineBase):
         latents: dict[int, Sequence[int]] | None = None,
     ) -> list[EncodeResult]:
         layers = sorted(set(layers if layers else (latents.keys() if latents else self.saes)))
+        if latents:
+            self._check_layers(list(latents), need_sae=True, where="latents")
         self._check_layers(layers, need_sae=True)
         if latents:
-            self._check_layers(list(latents), need_sae=True)
             for ly, ids in latents.items():
                 bad = [i for i in ids if not 0 <= int(i) < self.saes[ly].d_sae]
                 if bad:
@@ -446,7 +449,13 @@ class HFEngine(EngineBase):
             else:
                 full.append(p)
                 label_from.append(1)
+        longest = self.limits.max_prompt_tokens + self.limits.max_new_tokens  # Generate's longest sequence
         for b, (seq, lo) in enumerate(zip(full, label_from, strict=True)):
+            if len(seq) > longest:
+                raise InvalidRequest(
+                    f"items[{offset + b}].completion: {len(seq)} prompt+completion tokens exceed "
+                    f"max_prompt_tokens + max_new_tokens = {longest}"
+                )
             if len(seq) <= lo:  # nothing to predict: the mean CE would be NaN
                 raise InvalidRequest(
                     f"items[{offset + b}].completion: no token to score (the completion tokenizes to nothing)"

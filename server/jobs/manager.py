@@ -237,7 +237,7 @@ class JobManager:
     def subscribe(self, job_id: str, watcher: Watcher) -> Callable[[], None]:
         """Call `watcher(record, partial)` on every change of the job; returns an unsubscribe function."""
         if not self.store.exists(job_id):
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"id: job {job_id!r} not found")
         with self._cv:
             self._watchers.setdefault(job_id, []).append(watcher)
 

@@ -177,7 +177,7 @@ class JobStore:
     def get(self, job_id: str) -> JobRecord:
         rows = self._query(f"SELECT {_COLUMNS} FROM jobs WHERE id=?", (job_id,))
         if not rows:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"id: job {job_id!r} not found")
         return _row_to_record(rows[0])
 
     def exists(self, job_id: str) -> bool:
@@ -220,7 +220,7 @@ class JobStore:
         with self._tx() as c:
             cur = c.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
             if cur.rowcount == 0:
-                raise NotFound(f"job {job_id!r} not found")
+                raise NotFound(f"id: job {job_id!r} not found")
 
     def transition(self, job_id: str, from_states: tuple[str, ...], **fields: Any) -> bool:
         """Compare-and-set: update only if the job is in one of `from_states`. True if it was."""
@@ -252,7 +252,7 @@ class JobStore:
     def result_json(self, job_id: str) -> str | None:
         rows = self._query("SELECT result_json FROM jobs WHERE id=?", (job_id,))
         if not rows:
-            raise NotFound(f"job {job_id!r} not found")
+            raise NotFound(f"id: job {job_id!r} not found")
         return rows[0][0]
 
     # ------------------------------------------------------------------ checkpoints
