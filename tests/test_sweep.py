@@ -402,7 +402,7 @@ def _code_tuple(number: int) -> tuple[int, str]:
 
 def _json_stream(text: str) -> list[Any]:
     """The JSON values grpcurl printed one after another (a stream prints several)."""
-    dec, out, i = json.JSONDecoder(), [], 0
+    dec, out, i = json.JSONDecoder(), list[Any](), 0
     while True:
         while i < len(text) and text[i].isspace():
             i += 1
