@@ -50,6 +50,15 @@ class AttributionScope(_Frozen):
     n: int = 0
     positions: tuple[int, ...] = ()
 
+    @model_validator(mode="after")
+    def _unread(self) -> AttributionScope:
+        """A field the kind does not read is a mistake, not something to ignore silently."""
+        if self.kind != "last_n" and self.n:
+            raise ValueError(f"n is only read for kind 'last_n' (kind is {self.kind!r})")
+        if self.kind != "positions" and self.positions:
+            raise ValueError(f"positions are only read for kind 'positions' (kind is {self.kind!r})")
+        return self
+
 
 class Baseline(_Frozen):
     """The patched state the path ends at.
@@ -70,6 +79,10 @@ class Baseline(_Frozen):
             raise ValueError("reference_set_id is required for a mean baseline")
         if self.kind == "interventions" and not self.interventions:
             raise ValueError("interventions: empty (an interventions baseline needs at least one)")
+        if self.kind != "mean" and self.reference_set_id:
+            raise ValueError(f"reference_set_id is only read for a mean baseline (kind is {self.kind!r})")
+        if self.kind != "interventions" and self.interventions:
+            raise ValueError(f"interventions are only read for an interventions baseline (kind is {self.kind!r})")
         return self
 
 

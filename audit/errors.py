@@ -41,6 +41,6 @@ def non_finite(item: int, what: str, has_interventions: bool) -> Exception:
     if has_interventions:
         return InvalidRequest(
             f"items[{item}].interventions: the {what} became non-finite (NaN/inf) under this item's "
-            "interventions; a clamp value or add_direction coefficient is too large for the model"
+            "interventions; a clamp value, scale factor or add_direction coefficient is too large for the model"
         )
     return NonFiniteOutput(f"items[{item}]: the {what} became non-finite (NaN/inf) without any intervention")

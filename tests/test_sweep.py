@@ -74,6 +74,14 @@ def score(*items: dict[str, Any], **kw: Any) -> dict[str, Any]:
     return {"items": [{"prompt": HI, **it} for it in items or ({},)], "token_ids": [5], **kw}
 
 
+LOGP = {"logprob": {"token": 5}}
+
+
+def attr(*items: dict[str, Any], **kw: Any) -> dict[str, Any]:
+    """An AttributeRequest JSON (log P(token 5); one item "hi" when none is given)."""
+    return {"items": [{"prompt": HI, **it} for it in items or ({},)], "metric": LOGP, **kw}
+
+
 def smp(**kw: Any) -> dict[str, Any]:
     return {"sampling": {"max_new_tokens": 2, **kw}}
 
@@ -97,6 +105,7 @@ POS_AT = lambda *p: {"kind": "POSITIONS", "positions": list(p)}  # noqa: E731
 POS_DIR = lambda *p: iv("ablate_direction", {"direction": {"values": ONES}}, **POS_AT(*p))  # noqa: E731
 
 G, GS, S, E, R, L = "Audit/Generate", "Audit/GenerateStream", "Audit/Score", "Audit/Encode", "Audit/Residuals", "Audit/Loss"
+A = "Audit/Attribute"
 CASES: list[Case] = [
     # ---- Generate: items and prompts
     C("gen-no-items", G, {}, INV, "items"),
@@ -218,7 +227,59 @@ CASES: list[Case] = [
     C("loss-add-3e38", L, {"items": [{"prompt": HI, **with_iv(iv("add_direction", {"direction": {"values": ONES}, "layer": 2,
                                                                                   "coefficient": -3e38}))}]},
       INV, "interventions[0].coefficient"),
+    # ---- Generate: scale_latents
+    C("gen-scale-no-factor", G, gen(with_iv(iv("scale_latents", ablate()))), INV, "scale_latents.factor"),
+    C("gen-scale-empty", G, gen(with_iv(iv("scale_latents", {"factor": 2}))), INV, "items[0].interventions[0].scale_latents"),
+    C("gen-scale-factor-nan", G, gen(with_iv(iv("scale_latents", ablate(factor="NaN")))), INV, "scale_latents.factor"),
+    C("gen-scale-factor-1e300", G, gen(with_iv(iv("scale_latents", ablate(factor=1e300)))), INV, "items[0].interventions"),
+    C("gen-scale-values", G, gen(with_iv(iv("scale_latents", {"latents": [{"layer": 1, "latents": [1], "values": [1.0]}],
+                                                             "factor": 2}))), INV, "scale_latents.latents.values"),
+    C("gen-scale-set-unknown", G, gen(with_iv(iv("scale_latents", {"latent_set_id": "fs_nope", "factor": 2}))), NF, "latent_set_id"),
+    C("gen-scale-id-too-large", G, gen(with_iv(iv("scale_latents", ablate(1, 900, factor=2)))), INV, "interventions[0].latents[1]"),
+    # ---- Attribute
+    C("attr-no-items", A, {"metric": LOGP}, INV, "items"),
+    C("attr-too-many-items", A, attr({}, {}, {}, {}, {}), EXH, "max_batch_items"),
+    C("attr-prompt-unset", A, {"items": [{}], "metric": LOGP}, INV, "items[0].prompt"),
+    C("attr-no-metric", A, {"items": [{"prompt": HI}]}, INV, "metric"),
+    C("attr-metric-token", A, {"items": [{"prompt": HI}], "metric": {"logprob": {"token": VOCAB}}}, INV, "metric.token"),
+    C("attr-metric-negative", A, {"items": [{"prompt": HI}], "metric": {"logit_diff": {"positive": 5, "negative": -1}}},
+      INV, "metric.negative"),
+    C("attr-metric-positive", A, {"items": [{"prompt": HI}], "metric": {"logit_diff": {"positive": VOCAB + 3, "negative": 1}}},
+      INV, "metric.positive"),
+    C("attr-item-metric", A, {"items": [{"prompt": HI, "metric": {"logprob": {"token": -2}}}], "metric": LOGP},
+      INV, "items[0].metric.token"),
+    C("attr-method", A, attr(method="nope"), INV, "method"),
+    C("attr-n-steps-negative", A, attr(n_steps=-1), INV, "n_steps"),
+    C("attr-n-steps-huge", A, attr(n_steps=100000), INV, "n_steps"),
+    C("attr-n-steps-atp", A, attr(method="atp", n_steps=5), INV, "n_steps"),
+    C("attr-rule", A, attr(rule="right"), INV, "rule"),
+    C("attr-baseline-kind", A, attr(baseline={"kind": 7}), INV, "baseline.kind"),
+    C("attr-baseline-mean-no-set", A, attr(baseline={"kind": "MEAN"}), INV, "baseline.reference_set_id"),
+    C("attr-baseline-mean-unknown", A, attr(baseline={"kind": "MEAN", "reference_set_id": "ps_nope"}), NF, "reference_set_id"),
+    C("attr-baseline-set-unread", A, attr(baseline={"reference_set_id": "ps_x"}), INV, "reference_set_id"),
+    C("attr-baseline-ivs-empty", A, attr(baseline={"kind": "INTERVENTIONS"}), INV, "baseline.interventions"),
+    C("attr-baseline-ivs-3e38", A, attr(baseline={"kind": "INTERVENTIONS", "interventions": [
+        iv("clamp_latents", ablate(1, 1, value=3e38))]}), INV, "baseline.interventions[0].value"),
+    C("attr-baseline-ivs-unread", A, attr(baseline={"kind": "MEAN", "reference_set_id": "ps_x", "interventions": [
+        iv("ablate_latents", ablate())]}), INV, "interventions"),
+    C("attr-layer-no-sae", A, attr(layers=[3]), INV, "layers"),
+    C("attr-layer-negative", A, attr(layers=[-1]), INV, "layers"),
+    C("attr-scope-kind", A, attr(scope={"kind": 9}), INV, "scope.kind"),
+    C("attr-scope-last-n-zero", A, attr(scope={"kind": "LAST_N"}), INV, "scope.n"),
+    C("attr-scope-n-unread", A, attr(scope={"kind": "ALL", "n": 3}), INV, "scope"),
+    C("attr-scope-positions-empty", A, attr(scope={"kind": "POSITIONS"}), INV, "scope.positions"),
+    C("attr-scope-position-after", A, attr(scope={"kind": "POSITIONS", "positions": [100]}), INV, "scope.positions"),
+    C("attr-top-k-negative", A, attr(top_k=-1), INV, "top_k"),
+    C("attr-top-k-huge", A, attr(top_k=100000), INV, "top_k"),
+    C("attr-latent-too-large", A, attr(latents=[{"layer": 1, "latents": [500]}]), INV, "latents[1]"),
+    C("attr-latents-layer", A, attr(latents=[{"layer": 0, "latents": [1]}]), INV, "latents"),
+    C("attr-latents-values", A, attr(latents=[{"layer": 1, "latents": [1], "values": [2.0]}]), INV, "latents.values"),
     # ---- artifacts
+    C("regprompts-empty", "Audit/RegisterPromptSet", {"name": "p"}, INV, "prompts"),
+    C("regprompts-unset", "Audit/RegisterPromptSet", {"prompts": [HI, {}]}, INV, "prompts[1]"),
+    C("regprompts-empty-text", "Audit/RegisterPromptSet", {"prompts": [{"text": ""}]}, INV, "prompts[0]"),
+    C("regprompts-too-many", "Audit/RegisterPromptSet", {"prompts": [HI] * 10001}, INV, "prompts"),
+    C("regprompts-metadata", "Audit/RegisterPromptSet", {"prompts": [HI], "metadata_json": "x"}, INV, "metadata_json"),
     C("regdir-empty", "Audit/RegisterDirection", {"name": "d"}, INV, "values"),
     C("regdir-wrong-dim", "Audit/RegisterDirection", {"values": [1.0, 2.0]}, INV, "values"),
     C("regdir-nan", "Audit/RegisterDirection", {"values": ONES[1:] + ["NaN"]}, INV, "values"),
@@ -269,6 +330,8 @@ ALWAYS_VALID = {
     "refusal_audit.v1.ScoreRequest.return_full_logprobs": "a bool",
     "refusal_audit.v1.RegisterDirectionRequest.name": "any label, empty included",
     "refusal_audit.v1.RegisterLatentSetRequest.name": "any label, empty included",
+    "refusal_audit.v1.RegisterPromptSetRequest.name": "any label, empty included",
+    "refusal_audit.v1.AttributeRequest.per_position": "a bool",
     "refusal_audit.v1.ClassifyItem.context": "any text (HarmBench contextual behaviours)",
 }
 
@@ -281,6 +344,8 @@ EDGES: list[tuple[str, str, dict[str, Any]]] = [
     ("residuals", R, {"items": [{"prompt": HI}], "layers": [-1, 3], "positions": [0, -1]}),
     ("loss-into-completion", L, {"items": [{"prompt": HI, "completion": "ab", **with_iv(POS_DIR(4))}]}),
     ("encode", E, {"items": [{"prompt": HI}], "top_k": 3}),
+    ("attribute-atp", A, attr(method="atp", top_k=3, per_position=True)),
+    ("scale-latents", G, gen({**with_iv(iv("scale_latents", ablate(2, 4, 5, factor=-2))), **smp()})),
 ]
 BASELINE: list[tuple[str, dict[str, Any]]] = [
     (G, gen(smp(max_new_tokens=6))),
