@@ -27,22 +27,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from .context import StageContext
 from .datasets import load_prompts
 from .engine import Engine
-from .features import FeatureDataset, latent_groups
-from .fm import TrainConfig, train_logistic
+from .features import FeatureConfig, FeatureDataset, build_feature_dataset, latent_groups, resolve_layers
 from .spec import Request, SamplingParams
-from .stage3 import (
-    FeatureConfig,
-    Stage2Item,
-    Stage2Sets,
-    SweepConfig,
-    SweepPrompt,
-    ablation_sweep,
-    build_feature_dataset,
-    judge_flags,
-    per_k_table,
-    rankings_to_arrays,
-    resolve_layers,
-)
 from .stage_utils import (
     Latent,
     ablate,
@@ -53,6 +39,16 @@ from .stage_utils import (
     restore_items,
     resumed,
     save_fingerprinted,
+)
+from .sweep import (
+    Stage2Item,
+    Stage2Sets,
+    SweepConfig,
+    SweepPrompt,
+    ablation_sweep,
+    judge_flags,
+    per_k_table,
+    rankings_to_arrays,
 )
 
 # ---------------------------------------------------------------------------- shared
@@ -199,6 +195,8 @@ def run_probe_baseline(engine: Engine, stage2: Any, cfg: ProbeConfig, ctx: Stage
     transform = (s3_json or {}).get("features", {}).get("transform", cfg.features.transform) if s3_json else \
         cfg.features.transform
     ds = raw.transformed(transform)
+    from .fm import TrainConfig, train_logistic  # torch: only the probe trains a model
+
     t = time.perf_counter()
     tc = TrainConfig(lr=cfg.lr, epochs=cfg.epochs, batch_size=cfg.train_batch_size, weight_decay=cfg.weight_decay,
                      seed=cfg.seed, num_threads=cfg.train_threads)

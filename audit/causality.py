@@ -28,8 +28,8 @@ from .context import StageContext
 from .engine import Engine
 from .judges import JudgeItem
 from .spec import Request, SamplingParams
-from .stage3 import Stage2Sets, SweepPrompt, chosen_latents, rankings_from
 from .stage_utils import Latent, ablate, as_prompt, chunks, fingerprint, restore_items, save_fingerprinted
+from .sweep import Stage2Sets, SweepPrompt, chosen_latents, rankings_from
 
 STAGE = "causality"
 

@@ -34,7 +34,6 @@ from .context import StageContext
 from .datasets import DatasetUnavailable, load_prompts
 from .engine import Engine
 from .spec import AblateDirection, Intervention, Request, SamplingParams
-from .stage3 import Stage2Sets, rankings_from
 from .stage_utils import (
     Latent,
     ablate,
@@ -46,6 +45,7 @@ from .stage_utils import (
     resumed,
     save_fingerprinted,
 )
+from .sweep import Stage2Sets, rankings_from
 
 STAGE = "downstream"
 

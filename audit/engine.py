@@ -7,9 +7,9 @@ server job or from a notebook. Arrays are numpy so no torch is needed on the cli
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -122,9 +122,24 @@ class LossResult:
     n_tokens: int
 
 
+RankBy = Literal["cosine", "abs_cosine"]
+
+
+@dataclass
+class SAERows:
+    """Weights of some latents of one SAE layer (`Engine.sae_rows`)."""
+
+    layer: int
+    latents: np.ndarray  # [k] int64: the chosen latents in their order, or the top k best first (ties by id)
+    cosines: np.ndarray | None = None  # [k] float32 cos(direction, W_dec[i]), when a direction was given
+    decoder: np.ndarray | None = None  # [k, d_model] float32 W_dec rows
+    encoder: np.ndarray | None = None  # [k, d_model] float32 W_enc columns (as rows)
+
+
 @runtime_checkable
 class Engine(Protocol):
-    """generate / score / encode / residuals / loss, every request under its own interventions."""
+    """generate / score / encode / residuals / loss, every request under its own interventions;
+    tokenize and sae_rows expose the tokenizer and the SAE weights (torch-free, as numpy)."""
 
     @property
     def info(self) -> ModelInfo: ...
@@ -157,6 +172,25 @@ class Engine(Protocol):
     def loss(
         self, requests: Sequence[Request], completions: Sequence[str | None]
     ) -> list[LossResult]: ...
+
+    def tokenize(self, prompts: Sequence[Prompt], raw: bool = False) -> list[list[int]]:
+        """Token ids per prompt as the engine runs it (raw=False: BOS / chat template, the positions a
+        TokenScope counts), or raw text without special tokens (raw=True)."""
+        ...
+
+    def sae_rows(
+        self,
+        layers: Sequence[int] | None = None,
+        latents: Mapping[int, Sequence[int]] | None = None,
+        direction: Sequence[float] | np.ndarray | None = None,
+        top_k: int = 0,
+        rank_by: RankBy = "cosine",
+        decoder: bool = True,
+        encoder: bool = False,
+    ) -> dict[int, SAERows]:
+        """Per SAE layer, the chosen `latents`' rows, or (with `direction` and no latents) the `top_k`
+        latents (0 = all) ranked by cos(direction, W_dec[i]); cosines whenever a direction is given."""
+        ...
 
 
 def requests_for(

@@ -23,16 +23,83 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
+from .context import StageContext
+from .datasets import load_prompts
 from .engine import Engine
-from .fm import SparseRows
 from .spec import Prompt, Request
-from .stage_utils import chunks, fingerprint, resumed, save_fingerprinted
+from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
 
 Transform = Literal["raw", "maxabs", "log1p", "binary"]
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
 
 _LAYER_SHIFT, _LATENT_SHIFT = 40, 8  # key = layer << 40 | latent << 8 | (-position)
+
+
+@dataclass
+class SparseRows:
+    """A batch of sparse examples in CSR layout.
+
+    indices: [nnz] int64 feature ids; values: [nnz] float32; offsets: [n + 1] int64 row pointers
+    (row r owns entries offsets[r]:offsets[r + 1]); labels: [n] float32 (0/1) or None.
+    A feature appears at most once per row (the identity would otherwise count a self-interaction).
+    """
+
+    indices: np.ndarray
+    values: np.ndarray
+    offsets: np.ndarray
+    labels: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.indices = np.asarray(self.indices, dtype=np.int64)
+        self.values = np.asarray(self.values, dtype=np.float32)
+        self.offsets = np.asarray(self.offsets, dtype=np.int64)
+        if self.labels is not None:
+            self.labels = np.asarray(self.labels, dtype=np.float32)
+        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0:
+            raise ValueError("offsets must be a 1-d row-pointer array starting at 0")
+        if self.offsets[-1] != len(self.indices) or len(self.indices) != len(self.values):
+            raise ValueError("offsets[-1], len(indices) and len(values) must agree")
+        if self.labels is not None and len(self.labels) != self.n:
+            raise ValueError("labels must have one entry per row")
+
+    @property
+    def n(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def nnz(self) -> int:
+        return len(self.indices)
+
+    def rows(self, which: np.ndarray | list[int]) -> SparseRows:
+        """The sub-batch of the given row numbers (in that order)."""
+        which = np.asarray(which, dtype=np.int64)
+        starts, ends = self.offsets[which], self.offsets[which + 1]
+        lens = ends - starts
+        if len(which) == 0:
+            return SparseRows(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(1, np.int64),
+                              None if self.labels is None else np.zeros(0, np.float32))
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        take = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lens)
+        return SparseRows(self.indices[take], self.values[take], offsets,
+                          None if self.labels is None else self.labels[which])
+
+    def to_dense(self, n_features: int) -> np.ndarray:
+        """[n, n_features] dense copy (tests and tiny data only)."""
+        out = np.zeros((self.n, n_features), dtype=np.float32)
+        for r in range(self.n):
+            s, e = self.offsets[r], self.offsets[r + 1]
+            np.add.at(out[r], self.indices[s:e], self.values[s:e])
+        return out
+
+    @classmethod
+    def from_dense(cls, x: np.ndarray, labels: np.ndarray | None = None) -> SparseRows:
+        """CSR rows of the non-zero entries of a dense [n, d] array."""
+        x = np.asarray(x, dtype=np.float32)
+        rows, cols = np.nonzero(x)
+        counts = np.bincount(rows, minlength=x.shape[0])
+        return cls(cols.astype(np.int64), x[rows, cols], np.concatenate([[0], np.cumsum(counts)]), labels)
 
 
 def pack_keys(layer: np.ndarray, latent: np.ndarray, position: np.ndarray) -> np.ndarray:
@@ -234,3 +301,75 @@ def latent_groups(keys: np.ndarray, usable: np.ndarray | None = None) -> tuple[n
     group[np.flatnonzero(mask)] = inv.reshape(-1)
     latent_keys = np.stack([uniq >> 32, uniq & ((1 << 32) - 1)], axis=1) if len(uniq) else np.zeros((0, 2), np.int64)
     return latent_keys, group
+
+
+# ---------------------------------------------------------------------------- the stage-3 / probe dataset
+
+
+class FeatureConfig(BaseModel):
+    """How the FM / probe dataset is built (shared by stage 3 and the linear-probe baseline)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    harmful_dataset: str = "temaq-abliterated:harmful"
+    harmless_dataset: str = "temaq-abliterated:harmless"
+    split: str = "all"  # which split of each named set to draw from (then 80/10/10 here)
+    n_per_class: int | None = Field(None, ge=2)  # None: min(#harmful, #harmless) ("an equal number")
+    seed: int = 0
+    chat: bool = True
+    layers: list[int] | None = None  # explicit SAE layers; None: SAE layers in [min_layer, steering_layer]
+    min_layer: int = 2
+    steering_layer: int | None = None  # None: the direction job's layer, else every SAE layer >= min_layer
+    n_positions: int = Field(4, ge=1, le=255)
+    encode_top_k: int = Field(256, ge=1, le=4096)
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)
+    transform: Transform = "maxabs"
+    batch_size: int = Field(16, ge=1)
+
+
+def resolve_layers(engine: Engine, fc: FeatureConfig, steering_layer: int | None) -> tuple[list[int], str]:
+    """Feature layers and a note of how they were chosen."""
+    sae_layers = sorted(engine.info.sae_layers)
+    if fc.layers:
+        bad = [ly for ly in fc.layers if ly not in sae_layers]
+        if bad:
+            raise ValueError(f"features.layers: no SAE at layer(s) {bad} (SAE layers: {sae_layers})")
+        return sorted(set(fc.layers)), "explicit"
+    top = fc.steering_layer if fc.steering_layer is not None else steering_layer
+    layers = [ly for ly in sae_layers if ly >= fc.min_layer and (top is None or ly <= top)]
+    if not layers:
+        raise ValueError(f"no SAE layer in [{fc.min_layer}, {top}] (SAE layers: {sae_layers})")
+    how = f"SAE layers in [{fc.min_layer}, {top}] (steering layer)" if top is not None else \
+        f"SAE layers >= {fc.min_layer} (no steering layer given)"
+    return layers, how
+
+
+def load_fm_prompts(fc: FeatureConfig) -> tuple[list[str], list[str]]:
+    """Harmful and harmless prompts, equal numbers (seeded sample of the larger set)."""
+    harmful = load_prompts(fc.harmful_dataset, fc.split, None, fc.seed)
+    harmless = load_prompts(fc.harmless_dataset, fc.split, None, fc.seed)
+    n = min(len(harmful), len(harmless))
+    if fc.n_per_class is not None:
+        n = min(n, fc.n_per_class)
+    rng = np.random.default_rng(fc.seed)
+    pick = lambda xs: [xs[i] for i in np.sort(rng.permutation(len(xs))[:n])]  # noqa: E731
+    return pick(harmful), pick(harmless)
+
+
+def build_feature_dataset(engine: Engine, fc: FeatureConfig, layers: Sequence[int], ctx: StageContext,
+                          harmful: Sequence[str] | None = None, harmless: Sequence[str] | None = None,
+                          key: str = "stage3/features", stage: str = "stage3/features") -> FeatureDataset:
+    """Encode harmful (1) + harmless (0) prompts into a `FeatureDataset` with a stratified split."""
+    if harmful is None or harmless is None:
+        harmful, harmless = load_fm_prompts(fc)
+    texts = [*harmful, *harmless]
+    labels = [1] * len(harmful) + [0] * len(harmless)
+    if len(harmful) < 2 or len(harmless) < 2:
+        raise ValueError("the FM dataset needs at least 2 harmful and 2 harmless prompts")
+    prompts = [as_prompt(t, fc.chat) for t in texts]
+    examples = encode_checkpointed(engine, prompts, texts, layers, fc.n_positions, fc.encode_top_k, fc.batch_size,
+                                   ctx, key, stage)
+    split = stratified_split(labels, fc.split_fractions, fc.seed)
+    ds = FeatureDataset.build(examples, labels, split, layers, fc.n_positions)
+    ds.meta["texts"] = texts
+    return ds

@@ -31,70 +31,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-
-@dataclass
-class SparseRows:
-    """A batch of sparse examples in CSR layout.
-
-    indices: [nnz] int64 feature ids; values: [nnz] float32; offsets: [n + 1] int64 row pointers
-    (row r owns entries offsets[r]:offsets[r + 1]); labels: [n] float32 (0/1) or None.
-    A feature appears at most once per row (the identity would otherwise count a self-interaction).
-    """
-
-    indices: np.ndarray
-    values: np.ndarray
-    offsets: np.ndarray
-    labels: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.indices = np.asarray(self.indices, dtype=np.int64)
-        self.values = np.asarray(self.values, dtype=np.float32)
-        self.offsets = np.asarray(self.offsets, dtype=np.int64)
-        if self.labels is not None:
-            self.labels = np.asarray(self.labels, dtype=np.float32)
-        if self.offsets.ndim != 1 or len(self.offsets) < 1 or self.offsets[0] != 0:
-            raise ValueError("offsets must be a 1-d row-pointer array starting at 0")
-        if self.offsets[-1] != len(self.indices) or len(self.indices) != len(self.values):
-            raise ValueError("offsets[-1], len(indices) and len(values) must agree")
-        if self.labels is not None and len(self.labels) != self.n:
-            raise ValueError("labels must have one entry per row")
-
-    @property
-    def n(self) -> int:
-        return len(self.offsets) - 1
-
-    @property
-    def nnz(self) -> int:
-        return len(self.indices)
-
-    def rows(self, which: np.ndarray | list[int]) -> SparseRows:
-        """The sub-batch of the given row numbers (in that order)."""
-        which = np.asarray(which, dtype=np.int64)
-        starts, ends = self.offsets[which], self.offsets[which + 1]
-        lens = ends - starts
-        if len(which) == 0:
-            return SparseRows(np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(1, np.int64),
-                              None if self.labels is None else np.zeros(0, np.float32))
-        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
-        take = np.arange(offsets[-1], dtype=np.int64) + np.repeat(starts - offsets[:-1], lens)
-        return SparseRows(self.indices[take], self.values[take], offsets,
-                          None if self.labels is None else self.labels[which])
-
-    def to_dense(self, n_features: int) -> np.ndarray:
-        """[n, n_features] dense copy (tests and tiny data only)."""
-        out = np.zeros((self.n, n_features), dtype=np.float32)
-        for r in range(self.n):
-            s, e = self.offsets[r], self.offsets[r + 1]
-            np.add.at(out[r], self.indices[s:e], self.values[s:e])
-        return out
-
-    @classmethod
-    def from_dense(cls, x: np.ndarray, labels: np.ndarray | None = None) -> SparseRows:
-        """CSR rows of the non-zero entries of a dense [n, d] array."""
-        x = np.asarray(x, dtype=np.float32)
-        rows, cols = np.nonzero(x)
-        counts = np.bincount(rows, minlength=x.shape[0])
-        return cls(cols.astype(np.int64), x[rows, cols], np.concatenate([[0], np.cumsum(counts)]), labels)
+from .features import SparseRows
 
 
 def _row_ids(offsets: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from .context import StageContext
 from .engine import EncodeResult, Engine
 from .spec import ClampLatents, Request, SamplingParams, TokenScope
-from .stage3 import Stage2Item, Stage2Sets, chosen_latents, judge_texts
 from .stage_utils import (
     Latent,
     ablate,
@@ -45,6 +44,7 @@ from .stage_utils import (
     resumed,
     save_fingerprinted,
 )
+from .sweep import Stage2Item, Stage2Sets, chosen_latents, judge_texts
 
 STAGE = "hydra"
 BENIGN_PROMPTS = [

@@ -8,14 +8,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .context import StageContext
 from .datasets import load_prompts
 from .engine import Engine
 from .refusal_direction import RefusalDirectionConfig, RefusalDirectionResult, compute_refusal_direction
-from .stage1 import Stage1Config, Stage1Result, decoder_direction_cosines, run_stage1
+from .stage1 import Stage1Config, Stage1Result, run_stage1
 from .stage2 import Stage2Config, Stage2Result, run_stage2
 
 
@@ -56,14 +55,13 @@ def run_chain(
     harmless: PromptSplits | None,
     cfgs: ChainConfig,
     ctx: StageContext,
-    decoder_weights: dict[int, np.ndarray],
 ) -> ChainResult:
     """Direction on harmful/harmless train+val, then stages 1 and 2 on the harmful test prompts.
 
     `harmful` / `harmless` of None load the sets named in the configs (direction: train/val splits;
     stage 1: its dataset, split and n). When `harmful` is given, stages 1-2 use `harmful.test`
-    (falling back to stage 1's configured dataset when it is empty). `decoder_weights` maps SAE
-    layer -> W_dec [d_sae, d_model] (the caller extracts them from its SAEs).
+    (falling back to stage 1's configured dataset when it is empty). Stage 1 ranks latents through
+    `engine.sae_rows`, so the chain runs in-process or against a remote server alike.
     """
     dc = cfgs.direction
     if harmful is None:
@@ -75,7 +73,6 @@ def run_chain(
     direction = compute_refusal_direction(engine, harmful.train, harmless.train, harmful.val, harmless.val, dc, ctx)
     s1c = cfgs.stage1
     prompts = harmful.test or load_prompts(s1c.dataset, s1c.split, s1c.n, s1c.seed)
-    cosines = decoder_direction_cosines(decoder_weights, direction.direction)
-    stage1 = run_stage1(engine, prompts, cosines, s1c, ctx)
+    stage1 = run_stage1(engine, prompts, direction.direction, s1c, ctx)
     stage2 = run_stage2(engine, stage1, cfgs.stage2, ctx)
     return ChainResult(direction, stage1, stage2)

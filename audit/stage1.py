@@ -10,8 +10,9 @@ ablating them makes the output degenerate).
 The ranking is global (it depends on the direction and the decoders, not on the prompt); what is
 per prompt is the K at which the prompt breaks, hence its candidate pool for stage 2.
 
-Decoder rows are not part of the Engine protocol: the job runner (server side) extracts W_dec from
-the engine's SAEs and calls `decoder_direction_cosines`, a pure function kept here.
+The ranking comes from `engine.sae_rows(direction=v, top_k=k_max)`: the engine ranks its decoder
+rows where the weights live (in-process, or server-side through the SAERows RPC), so a notebook
+runs stage 1 against a remote server without fetching any W_dec.
 
 Batching: at each K, the still-unbroken prompts are generated in one call (chunked to batch_size).
 Checkpoints: ``stage1/prompt/{i}`` once a prompt is resolved (jailbroken, not jailbroken by k_max,
@@ -75,31 +76,6 @@ class Stage1Config(BaseModel):
 
     def ks(self) -> list[int]:
         return list(range(self.k_start, self.k_max + 1, self.k_step))
-
-
-def decoder_direction_cosines(saes_W_dec: dict[int, np.ndarray], direction: np.ndarray) -> dict[int, np.ndarray]:
-    """Per SAE layer, cos(direction, W_dec[i]) for every latent i ([d_sae] float32 arrays)."""
-    v = np.asarray(direction, dtype=np.float64).reshape(-1)
-    v = v / max(float(np.linalg.norm(v)), 1e-12)
-    out: dict[int, np.ndarray] = {}
-    for layer, W in saes_W_dec.items():
-        W = np.asarray(W, dtype=np.float64)
-        if W.ndim != 2 or W.shape[1] != v.shape[0]:
-            raise ValueError(f"W_dec of layer {layer} has shape {W.shape}, expected [d_sae, {v.shape[0]}]")
-        out[int(layer)] = ((W @ v) / np.maximum(np.linalg.norm(W, axis=1), 1e-12)).astype(np.float32)
-    return out
-
-
-def latent_ranking(decoder_cosines: dict[int, np.ndarray], layers: Sequence[int], k_max: int,
-                   rank_by: str = "cosine") -> dict[int, list[int]]:
-    """Per layer, the `k_max` latent ids with the highest (abs) cosine, best first (ties by id)."""
-    out = {}
-    for layer in layers:
-        c = np.asarray(decoder_cosines[layer], dtype=np.float64)
-        key = np.abs(c) if rank_by == "abs_cosine" else c
-        order = np.lexsort((np.arange(len(key)), -key))  # descending key, then ascending id
-        out[int(layer)] = [int(i) for i in order[:k_max]]
-    return out
 
 
 def top_k_latents(ranking: dict[int, list[int]], k: int) -> dict[int, list[int]]:
@@ -186,23 +162,27 @@ class Stage1Result:
         return {p.index: p.latents for p in self.prompts if p.status == "jailbroken"}
 
 
-
 def run_stage1(
     engine: Engine,
     prompts: Sequence[str],
-    decoder_cosines: dict[int, np.ndarray],
+    direction: np.ndarray | Sequence[float],
     cfg: Stage1Config,
     ctx: StageContext,
 ) -> Stage1Result:
-    """Grow K until ablating the top-K latents per layer jailbreaks each prompt (see module doc)."""
+    """Grow K until ablating the top-K latents per layer jailbreaks each prompt (see module doc).
+
+    `direction` is the refusal direction (d_model floats); the engine ranks its SAE latents by
+    the cosine of their decoder rows with it."""
     t0 = time.perf_counter()
     prompts = list(prompts)
-    sae_layers = set(engine.info.sae_layers)
-    layers = sorted(ly for ly in decoder_cosines if ly in sae_layers and ly not in set(cfg.exclude_layers))
+    sae_layers = sorted(engine.info.sae_layers)
+    layers = [ly for ly in sae_layers if ly not in set(cfg.exclude_layers)]
     if not layers:
-        raise ValueError(f"no SAE layer left: SAE layers {sorted(sae_layers)}, cosines for {sorted(decoder_cosines)}, "
-                         f"excluded {cfg.exclude_layers}")
-    ranking = latent_ranking(decoder_cosines, layers, cfg.k_max, cfg.rank_by)
+        raise ValueError(f"no SAE layer left: SAE layers {sae_layers}, excluded {cfg.exclude_layers}")
+    rows = engine.sae_rows(layers, direction=np.asarray(direction, dtype=np.float32), top_k=cfg.k_max,
+                           rank_by=cfg.rank_by, decoder=False)
+    ranking = {ly: [int(i) for i in rows[ly].latents] for ly in layers}
+    ranking_cosines = {ly: [float(c) for c in np.asarray(rows[ly].cosines)] for ly in layers}
     ks = cfg.ks()
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     fp = fingerprint([*prompts, str(ranking), cfg.model_dump_json(include={
@@ -278,12 +258,12 @@ def run_stage1(
     asr = [sum(1 for p in evaluated if p.k is not None and p.k <= k) / n_eval if n_eval else 0.0 for k in ks]
     return Stage1Result(
         prompts=ordered, ks=ks, asr=asr, n_evaluated=n_eval, layers=layers, ranking=ranking,
-        ranking_cosines={ly: [float(decoder_cosines[ly][i]) for i in ids] for ly, ids in ranking.items()},
+        ranking_cosines=ranking_cosines,
         wall_s=time.perf_counter() - t0, config=cfg.model_dump(mode="json"),
     )
 
 
-def run_stage1_from_config(engine: Engine, cfg: Stage1Config, decoder_cosines: dict[int, np.ndarray],
+def run_stage1_from_config(engine: Engine, cfg: Stage1Config, direction: np.ndarray | Sequence[float],
                            ctx: StageContext) -> Stage1Result:
-    """Load the configured prompts and run stage 1 (the job runner supplies the cosines)."""
-    return run_stage1(engine, load_prompts(cfg.dataset, cfg.split, cfg.n, cfg.seed), decoder_cosines, cfg, ctx)
+    """Load the configured prompts and run stage 1 against `direction`."""
+    return run_stage1(engine, load_prompts(cfg.dataset, cfg.split, cfg.n, cfg.seed), direction, cfg, ctx)

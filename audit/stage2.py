@@ -307,7 +307,6 @@ class Stage2Result:
 # ---------------------------------------------------------------------------- the batched driver
 
 
-
 @dataclass
 class _Acct:
     forward: int = 0

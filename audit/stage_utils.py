@@ -1,5 +1,6 @@
 """Helpers shared by the pipeline stages: prompt wrapping, refusal-token ids, batched engine calls,
-Arditi's refusal score, latent-set conversions, JSON conversion and prompt fingerprints."""
+Arditi's refusal score, latent-set conversions and ablations, latent ranking, JSON conversion and
+prompt fingerprints. Torch-free."""
 
 from __future__ import annotations
 
@@ -87,17 +88,31 @@ def latents_to_dict(latents: Iterable[Latent]) -> dict[int, list[int]]:
     return {ly: sorted(set(ids)) for ly, ids in sorted(out.items())}
 
 
-def ablate(latents: Iterable[Latent] | Mapping[Any, Sequence[int]]) -> tuple[AblateLatents, ...]:
-    """The one latents -> intervention helper of the stages: zero-ablate a latent set ((layer, id)
-    pairs or {layer: ids}) at all tokens, error term kept; () for an empty set."""
-    pairs = dict_to_latents(latents) if isinstance(latents, Mapping) else latents
-    d = {ly: ids for ly, ids in latents_to_dict(pairs).items() if ids}
-    return (AblateLatents(latents={ly: tuple(ids) for ly, ids in d.items()}),) if d else ()
-
-
 def dict_to_latents(d: Mapping[Any, Sequence[int]]) -> list[Latent]:
     """(layer, id) pairs from a {layer: ids} mapping (JSON keys may be strings)."""
     return sorted((int(ly), int(i)) for ly, ids in d.items() for i in ids)
+
+
+def ablate(latents: Iterable[Latent] | Mapping[Any, Sequence[int]]) -> tuple[AblateLatents, ...]:
+    """The one latents -> intervention helper of the stages and analyses: zero-ablate a latent set
+    at all tokens, error term kept; one AblateLatents, or () when empty.
+
+    `latents` is (layer, id) pairs or a {layer: ids} mapping (JSON keys may be strings). Ids are
+    sorted and deduplicated, so the same set always makes the same intervention (and spec hash)."""
+    d = latents_to_dict(dict_to_latents(latents) if isinstance(latents, Mapping) else latents)
+    lat = {ly: tuple(ids) for ly, ids in d.items() if ids}
+    return (AblateLatents(latents=lat),) if lat else ()
+
+
+def rank_latents(cosines: np.ndarray, k: int = 0, rank_by: str = "cosine") -> np.ndarray:
+    """Indices of the `k` (0 = all) highest cosines (|cosine| for rank_by="abs_cosine"), best first,
+    ties by ascending index: the stage-1 order, shared by every engine's `sae_rows`."""
+    if rank_by not in ("cosine", "abs_cosine"):
+        raise ValueError(f"rank_by: expected 'cosine' or 'abs_cosine', got {rank_by!r}")
+    c = np.asarray(cosines, dtype=np.float64)
+    key = np.abs(c) if rank_by == "abs_cosine" else c
+    order = np.lexsort((np.arange(len(key)), -key))
+    return order[:k] if k > 0 else order
 
 
 def fingerprint(texts: Sequence[str]) -> str:

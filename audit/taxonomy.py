@@ -37,8 +37,8 @@ from .context import StageContext
 from .datasets import DatasetUnavailable
 from .engine import Engine
 from .spec import Request
-from .stage3 import Stage2Sets, chosen_latents, rankings_from
 from .stage_utils import Latent, as_prompt, chunks, dict_to_latents, fingerprint, resumed, save_fingerprinted
+from .sweep import Stage2Sets, chosen_latents, rankings_from
 
 STAGE = "taxonomy"
 SAFETY_CATEGORY = "Requests with safety concerns"

@@ -21,7 +21,17 @@ from ..audit.attribution import (
     LogProb,
     attribution_request,
 )
-from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
+from ..audit.engine import (
+    Completion,
+    EncodeResult,
+    Limits,
+    LossResult,
+    ModelInfo,
+    RankBy,
+    SAERows,
+    ScoreResult,
+    StreamEvent,
+)
 from ..audit.errors import InvalidRequest, validation_message
 from ..proto import convert
 from ..proto.convert import Artifact
@@ -130,7 +140,8 @@ class AsyncAuditClient:
         self, prompts: PromptLike | Sequence[PromptLike], interventions: Sequence[Any] = (), *,
         timeout: float | None = None, **sampling: Any,
     ) -> list[Completion]:
-        """Completions, one per prompt/Request."""
+        """Completions, one per prompt/Request; interventions/sampling given alongside are per-call
+        defaults that a Request's own fields override (precedence: `sync.as_requests`)."""
         reqs = as_requests(prompts, interventions, **sampling)
         resp = await self._call("Generate", convert.generate_request_to_pb(reqs), timeout)
         return [convert.completion_from_pb(c) for c in resp.completions]
@@ -172,6 +183,23 @@ class AsyncAuditClient:
         """P(next token = token_id) per prompt."""
         res = await self.score(prompts, [token_id], interventions=interventions, timeout=timeout)
         return np.exp(np.array([float(r.logprobs[0]) for r in res], dtype=np.float64))
+
+    async def tokenize(
+        self, prompts: PromptLike | Sequence[PromptLike], raw: bool = False, *, timeout: float | None = None
+    ) -> list[list[int]]:
+        """Token ids per prompt as the engine runs it, or (raw) text without special tokens."""
+        resp = await self._call("Tokenize", convert.tokenize_request_to_pb(as_prompts(prompts), raw), timeout)
+        return [list(r.token_ids) for r in resp.results]
+
+    async def sae_rows(
+        self, layers: Sequence[int] | None = None, latents: Mapping[int, Sequence[int]] | None = None,
+        direction: Sequence[float] | np.ndarray | None = None, top_k: int = 0, rank_by: RankBy = "cosine",
+        decoder: bool = True, encoder: bool = False, *, direction_id: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[int, SAERows]:
+        """SAE weights per layer, or the top-k latents by decoder cosine with a direction (see AuditClient)."""
+        msg = convert.sae_rows_request_to_pb(layers, latents, direction, direction_id, top_k, rank_by, decoder, encoder)
+        return convert.sae_rows_from_pb(await self._call("SAERows", msg, timeout))
 
     async def encode(
         self, prompts: PromptLike | Sequence[PromptLike], layers: Sequence[int] | None = None, top_k: int = 16,

@@ -42,7 +42,7 @@ def token_id(c: AuditClient, text: str, opt: str) -> int:
     info = c.info
     if text in info.special_token_ids:
         return info.special_token_ids[text]
-    ids = c.tokenize(text)
+    ids = c.tokenize(text, raw=True)[0]
     if len(ids) != 1:
         raise typer.BadParameter(f"{opt} {text!r} is {len(ids)} tokens {ids}; use {opt} '#ID'")
     return ids[0]

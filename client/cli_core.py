@@ -48,8 +48,6 @@ from .sync import DEFAULT_ADDRESS, SERVER_ENV, TOKEN_ENV, AuditClient
 
 ServerOpt = Annotated[str, typer.Option("--server", envvar=SERVER_ENV, help="server host:port")]
 TokenOpt = Annotated[str | None, typer.Option("--token", "--auth-token", envvar=TOKEN_ENV, help="bearer token")]
-# `score` uses --token for the token text to score, so its bearer token is --auth-token (or the env var).
-AuthTokenOpt = Annotated[str | None, typer.Option("--auth-token", envvar=TOKEN_ENV, help="bearer token")]
 TlsCaOpt = Annotated[Path | None, typer.Option("--tls-ca", help="CA certificate (PEM) for a TLS server")]
 TimeoutOpt = Annotated[float | None, typer.Option("--timeout", help="per-call deadline in seconds")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="machine-readable JSON output")]
@@ -396,31 +394,32 @@ def register(app: typer.Typer) -> None:
     def score_cmd(
         prompts: PromptsArg = None, file: FileOpt = None, chat: ChatOpt = True,
         token_id: Annotated[list[int] | None, typer.Option("--token-id", help="token id to score (repeatable)")] = None,
-        token_text: Annotated[list[str] | None, typer.Option("--token", help="token text to score, e.g. I (repeatable)")] = None,
+        target_token: Annotated[list[str] | None, typer.Option(
+            "--target-token", help="token text to score, e.g. I (repeatable); --token is the bearer token")] = None,
         top_k: Annotated[int, typer.Option("--top-k", help="also show the k most likely next tokens")] = 0,
         ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None, scale: ScaleOpt = None,
         ablate_direction: AblateDirOpt = None, add_direction: AddDirOpt = None, scope: ScopeOpt = "all",
-        server: ServerOpt = DEFAULT_ADDRESS, auth_token: AuthTokenOpt = None, tls_ca: TlsCaOpt = None,
+        server: ServerOpt = DEFAULT_ADDRESS, token: TokenOpt = None, tls_ca: TlsCaOpt = None,
         timeout: TimeoutOpt = None, as_json: JsonOpt = False,
     ) -> None:
         """Next-token log-probabilities after each prompt (default: the token "I", the refusal score)."""
         texts, ps = read_prompts(prompts, file, chat)
-        with _errors(), _client(server, auth_token, tls_ca, timeout) as c:
+        with _errors(), _client(server, token, tls_ca, timeout) as c:
             ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope, scale)
             info = c.info
             named: list[tuple[str, int]] = []
-            for tt in token_text or ():
+            for tt in target_token or ():
                 if tt in info.special_token_ids:
                     named.append((tt, info.special_token_ids[tt]))
                     continue
-                ids = c.tokenize(tt)
+                ids = c.tokenize(tt, raw=True)[0]
                 if len(ids) != 1:
-                    raise typer.BadParameter(f"--token {tt!r} is {len(ids)} tokens {ids}; use --token-id")
+                    raise typer.BadParameter(f"--target-token {tt!r} is {len(ids)} tokens {ids}; use --token-id")
                 named.append((tt, ids[0]))
             named.extend((f"#{i}", int(i)) for i in token_id or ())
             if not named:
                 if "I" not in info.special_token_ids:
-                    raise typer.BadParameter("give --token or --token-id (this model has no 'I' token)")
+                    raise typer.BadParameter("give --target-token or --token-id (this model has no 'I' token)")
                 named.append(("I", info.special_token_ids["I"]))
             results = c.score(ps, [i for _, i in named], top_k=top_k, interventions=ivs)
         rows = []

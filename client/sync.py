@@ -27,7 +27,17 @@ from ..audit.attribution import (
     LogProb,
     attribution_request,
 )
-from ..audit.engine import Completion, EncodeResult, Limits, LossResult, ModelInfo, ScoreResult, StreamEvent
+from ..audit.engine import (
+    Completion,
+    EncodeResult,
+    Limits,
+    LossResult,
+    ModelInfo,
+    RankBy,
+    SAERows,
+    ScoreResult,
+    StreamEvent,
+)
 from ..audit.errors import InvalidRequest, validation_message
 from ..audit.spec import ChatMessage, Intervention, Prompt, Request, SamplingParams
 from ..proto import convert
@@ -72,10 +82,10 @@ def as_prompt(p: Any) -> Prompt:
 
 
 def as_prompts(prompts: Any) -> list[Prompt]:
-    """One prompt or a list of prompts, normalised."""
-    if isinstance(prompts, str) or _is_messages(prompts):
-        return [as_prompt(prompts)]
-    return [as_prompt(p) for p in prompts]
+    """One prompt or a list of prompts (text, messages, or Requests, whose prompt is taken)."""
+    if isinstance(prompts, (str, Request)) or _is_messages(prompts):
+        prompts = [prompts]
+    return [p.prompt if isinstance(p, Request) else as_prompt(p) for p in prompts]
 
 
 def as_interventions(interventions: Sequence[Any]) -> tuple[Intervention, ...]:
@@ -86,24 +96,60 @@ def as_interventions(interventions: Sequence[Any]) -> tuple[Intervention, ...]:
         raise InvalidRequest(validation_message(exc, "interventions")) from None
 
 
-def as_requests(prompts: Any, interventions: Sequence[Any] = (), **sampling: Any) -> list[Request]:
-    """Requests from one prompt, a list of prompts, or Requests (which carry their own interventions)."""
+def _sampling_defaults(sampling: dict[str, Any]) -> dict[str, Any]:
+    """The per-call sampling fields: `sampling=SamplingParams(...)|dict` (its set fields), then the
+    keyword fields (max_new_tokens=..., temperature=...), which win; None values are dropped."""
+    out: dict[str, Any] = {}
+    base = sampling.pop("sampling", None)
+    if isinstance(base, SamplingParams):
+        out.update(base.model_dump(include=base.model_fields_set))
+    elif isinstance(base, Mapping):
+        out.update(base)
+    elif base is not None:
+        raise InvalidRequest(f"sampling: expected SamplingParams or a dict, got {type(base).__name__}")
+    out.update({k: v for k, v in sampling.items() if v is not None})
+    unknown = sorted(set(out) - set(SamplingParams.model_fields))
+    if unknown:
+        raise InvalidRequest(f"sampling: unknown field(s) {unknown}; known: {sorted(SamplingParams.model_fields)}")
+    return out
+
+
+def _sampling(defaults: dict[str, Any], own: SamplingParams | None, where: str) -> SamplingParams:
+    try:
+        if own is None:
+            return SamplingParams(**defaults)
+        return SamplingParams(**{**defaults, **own.model_dump(include=own.model_fields_set)})
+    except ValidationError as exc:
+        raise InvalidRequest(validation_message(exc, where)) from None
+
+
+def as_requests(prompts: Any, interventions: Sequence[Any] | None = None, **sampling: Any) -> list[Request]:
+    """Requests from one prompt, a list of prompts, or Requests (mixed freely).
+
+    `interventions` and the sampling keywords (`max_new_tokens=`, `temperature=`, `top_p=`, `seed=`,
+    `stop_token_ids=`, or a whole `sampling=SamplingParams(...)`) given alongside are per-call
+    defaults. Precedence, most specific first:
+
+    * interventions: a Request that sets `interventions` itself (even to `()`, i.e. none) keeps
+      its own; a plain prompt, or a Request that leaves the field unset, gets the call's.
+    * sampling, field by field: a field set in the Request's own `SamplingParams` wins over the
+      call's keyword, which wins over `SamplingParams`'s default. E.g.
+      `generate([Request(prompt=p, sampling=SamplingParams(temperature=0.7))], max_new_tokens=64)`
+      samples at temperature 0.7 for 64 tokens.
+    """
     if isinstance(prompts, (str, Request)) or _is_messages(prompts):
         prompts = [prompts]
     ivs = as_interventions(interventions) if interventions else ()
-    sampling = {k: v for k, v in sampling.items() if v is not None}
-    try:
-        sp = SamplingParams(**sampling) if sampling else SamplingParams()
-    except ValidationError as exc:
-        raise InvalidRequest(validation_message(exc, "sampling")) from None
+    defaults = _sampling_defaults(dict(sampling))
     out = []
-    for p in prompts:
+    for i, p in enumerate(prompts):
         if isinstance(p, Request):
-            if ivs or sampling:
-                raise ValueError("pass interventions/sampling inside the Requests, not alongside them")
-            out.append(p)
+            own_ivs = p.interventions if "interventions" in p.model_fields_set else ivs
+            own_sp = p.sampling if "sampling" in p.model_fields_set else None
+            out.append(Request(prompt=p.prompt, interventions=own_ivs,
+                               sampling=_sampling(defaults, own_sp, f"items[{i}].sampling")))
         else:
-            out.append(Request(prompt=as_prompt(p), interventions=ivs, sampling=sp))
+            out.append(Request(prompt=as_prompt(p), interventions=ivs, sampling=_sampling(defaults, None, "sampling")))
     return out
 
 
@@ -238,7 +284,9 @@ class AuditClient:
         self, prompts: PromptLike | Sequence[PromptLike], interventions: Sequence[Any] = (), *,
         timeout: float | None = None, **sampling: Any,
     ) -> list[Completion]:
-        """Completions, one per prompt/Request (sampling: max_new_tokens, temperature, top_p, seed, stop_token_ids)."""
+        """Completions, one per prompt/Request. `interventions` and the sampling keywords (max_new_tokens,
+        temperature, top_p, seed, stop_token_ids, or sampling=SamplingParams) are per-call defaults
+        that a Request's own fields override (precedence: `as_requests`)."""
         reqs = as_requests(prompts, interventions, **sampling)
         resp = self._call("Generate", convert.generate_request_to_pb(reqs), timeout)
         return [convert.completion_from_pb(c) for c in resp.completions]
@@ -281,14 +329,25 @@ class AuditClient:
         res = self.score(prompts, [token_id], interventions=interventions, timeout=timeout)
         return np.exp(np.array([float(r.logprobs[0]) for r in res], dtype=np.float64))
 
-    def tokenize(self, text: str, timeout: float | None = None) -> list[int]:
-        """Token ids of raw text, without BOS (via Encode; costs one forward pass)."""
-        res = self.encode([text], top_k=1, timeout=timeout)[0]
-        ids = list(res.token_ids)
-        bos = self.info.bos_token_id
-        if ids and ids[0] == bos and bos >= 0:
-            ids = ids[1:]
-        return ids
+    def tokenize(
+        self, prompts: PromptLike | Sequence[PromptLike], raw: bool = False, *, timeout: float | None = None
+    ) -> list[list[int]]:
+        """Token ids per prompt as the engine runs it (BOS / chat template: the positions a TokenScope
+        counts); `raw=True`: text without BOS or special tokens (e.g. the id of "I")."""
+        resp = self._call("Tokenize", convert.tokenize_request_to_pb(as_prompts(prompts), raw), timeout)
+        return [list(r.token_ids) for r in resp.results]
+
+    def sae_rows(
+        self, layers: Sequence[int] | None = None, latents: Mapping[int, Sequence[int]] | None = None,
+        direction: Sequence[float] | np.ndarray | None = None, top_k: int = 0, rank_by: RankBy = "cosine",
+        decoder: bool = True, encoder: bool = False, *, direction_id: str | None = None,
+        timeout: float | None = None,
+    ) -> dict[int, SAERows]:
+        """SAE weights per layer: the chosen `latents`' W_dec rows (and W_enc columns), or the `top_k`
+        latents ranked server-side by cos(direction, W_dec[i]) (`direction` or a registered
+        `direction_id`); `decoder=False` returns ids and cosines only (stage 1's ranking)."""
+        msg = convert.sae_rows_request_to_pb(layers, latents, direction, direction_id, top_k, rank_by, decoder, encoder)
+        return convert.sae_rows_from_pb(self._call("SAERows", msg, timeout))
 
     def encode(
         self, prompts: PromptLike | Sequence[PromptLike], layers: Sequence[int] | None = None, top_k: int = 16,

@@ -35,7 +35,9 @@ from ..audit.engine import (
     Limits,
     LossResult,
     ModelInfo,
+    RankBy,
     SAEInfo,
+    SAERows,
     ScoreResult,
     StreamEvent,
 )
@@ -579,6 +581,58 @@ def model_info_from_pb(m: pb.ModelInfo) -> ModelInfo:
         dtype=m.dtype,
         special_token_ids=dict(m.special_token_ids),
     )
+
+
+# ---------------------------------------------------------------- tokenize / SAE rows
+
+
+def tokenize_request_to_pb(prompts: Sequence[Prompt], raw: bool = False) -> pb.TokenizeRequest:
+    return pb.TokenizeRequest(prompts=[prompt_to_pb(p) for p in prompts], raw=raw)
+
+
+def tokenize_prompts_from_pb(msg: pb.TokenizeRequest) -> list[Prompt]:
+    return [prompt_from_pb(p, f"prompts[{i}]") for i, p in enumerate(msg.prompts)]
+
+
+def sae_rows_request_to_pb(
+    layers: Sequence[int] | None, latents: Mapping[int, Sequence[int]] | None,
+    direction: Sequence[float] | np.ndarray | None, direction_id: str | None, top_k: int, rank_by: RankBy,
+    decoder: bool, encoder: bool,
+) -> pb.SAERowsRequest:
+    ref = None
+    if direction is not None or direction_id:
+        vals = [] if direction is None else [float(x) for x in np.asarray(direction, dtype=np.float32).ravel()]
+        ref = pb.DirectionRef(values=vals, direction_id=direction_id or "")
+    return pb.SAERowsRequest(
+        layers=[int(ly) for ly in layers or ()], latents=latents_to_pb(latents) if latents else [], direction=ref,
+        top_k=int(top_k), abs_cosine=rank_by == "abs_cosine", decoder=decoder, encoder=encoder,
+    )
+
+
+def sae_rows_to_pb(rows: Mapping[int, SAERows]) -> pb.SAERowsResponse:
+    out = []
+    for ly in sorted(rows):
+        r = rows[ly]
+        m = pb.SAERows(layer=int(ly), latents=[int(i) for i in r.latents],
+                       cosines=[] if r.cosines is None else [float(c) for c in r.cosines])
+        if r.decoder is not None:
+            m.decoder.CopyFrom(tensor_to_pb(r.decoder))
+        if r.encoder is not None:
+            m.encoder.CopyFrom(tensor_to_pb(r.encoder))
+        out.append(m)
+    return pb.SAERowsResponse(layers=out)
+
+
+def sae_rows_from_pb(msg: pb.SAERowsResponse) -> dict[int, SAERows]:
+    out = {}
+    for m in msg.layers:
+        out[int(m.layer)] = SAERows(
+            int(m.layer), np.asarray(m.latents, dtype=np.int64),
+            np.asarray(m.cosines, dtype=np.float32) if len(m.cosines) else None,
+            tensor_from_pb(m.decoder, "decoder") if m.HasField("decoder") else None,
+            tensor_from_pb(m.encoder, "encoder") if m.HasField("encoder") else None,
+        )
+    return out
 
 
 # ---------------------------------------------------------------- artifacts

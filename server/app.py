@@ -134,6 +134,18 @@ async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:
             return
 
 
+async def _close_engine(engine: ServingEngine) -> None:
+    """Release an engine the server built (the vLLM engine's `close` shuts its engine-core process
+    and shared memory down); best effort, shutdown goes on whatever happens."""
+    close = getattr(engine, "close", None) or getattr(engine, "shutdown", None)
+    if not callable(close):
+        return
+    try:
+        await asyncio.to_thread(close)
+    except Exception:  # noqa: BLE001 - shutdown must go on
+        log.exception("closing the engine failed")
+
+
 # ---------------------------------------------------------------------------- auth
 
 
@@ -231,6 +243,17 @@ class ServerHandle:
         if engine is None:
             built: ServingEngine = await asyncio.to_thread(build_engine, config)
             engine = built
+        try:
+            handle = await cls._start(config, engine, jobs_factory)
+        except BaseException:
+            if owns_engine:  # built here and never served: release it (vLLM's engine core, shared memory)
+                await _close_engine(engine)
+            raise
+        handle.owns_engine = owns_engine
+        return handle
+
+    @classmethod
+    async def _start(cls, config: ServerConfig, engine: ServingEngine, jobs_factory: JobsFactory | None) -> ServerHandle:
         metrics = Metrics()
         if callable(getattr(engine, "register_metrics", None)):
             engine.register_metrics(metrics)  # type: ignore[attr-defined]  # per-replica series (Ray)
@@ -279,9 +302,7 @@ class ServerHandle:
             "serving %s on %s (%s, TLS %s, auth %s, metrics %s)", engine.info.model, addr, engine.info.engine,
             "on" if config.tls_cert else "off", "on" if config.auth_token else "off", metrics_port,
         )
-        handle = cls(config, server, port, servicer, health_servicer, artifacts, metrics, jobs, metrics_port)
-        handle.owns_engine = owns_engine
-        return handle
+        return cls(config, server, port, servicer, health_servicer, artifacts, metrics, jobs, metrics_port)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: NOT_SERVING, refuse new RPCs, let in-flight ones finish within `grace`, stop jobs."""
@@ -298,11 +319,8 @@ class ServerHandle:
                 await _maybe_call(self.jobs, "aclose", "shutdown", "stop", "close")
             except Exception:  # noqa: BLE001 - shutdown must go on
                 log.exception("stopping the jobs service failed")
-        if self.owns_engine and callable(getattr(self.engine, "close", None)):
-            try:
-                await asyncio.to_thread(self.engine.close)  # type: ignore[attr-defined]
-            except Exception:  # noqa: BLE001 - shutdown must go on
-                log.exception("closing the engine failed")
+        if self.owns_engine:
+            await _close_engine(self.engine)
         self.metrics.stop_http()
         self.artifacts.close()
 
@@ -322,18 +340,20 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(NotImplementedError, RuntimeError):  # not the main thread / not Unix
             loop.add_signal_handler(sig, stop.set)
-    if ready is not None:
-        ready(handle)
     waiter = asyncio.ensure_future(handle.wait_for_termination())
     stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    log.info("draining (grace %.1fs)", config.grace_s)
-    await handle.stop()
-    for task in (waiter, stopper):
-        task.cancel()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.remove_signal_handler(sig)
+    try:
+        if ready is not None:
+            ready(handle)
+        await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        log.info("draining (grace %.1fs)", config.grace_s)
+    finally:  # also when cancelled (asyncio.run interrupted) or `ready` fails: the engine is closed
+        await asyncio.shield(handle.stop())
+        for task in (waiter, stopper):
+            task.cancel()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(NotImplementedError, RuntimeError):
+                loop.remove_signal_handler(sig)
     log.info("stopped")
 
 

@@ -6,10 +6,12 @@ vLLM engines as subclasses, and `ServingEngine`, the protocol the servicer, app 
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
-from ..audit.engine import Completion, Engine, Limits, ModelInfo, StreamEvent
+import numpy as np
+
+from ..audit.engine import Completion, Engine, Limits, ModelInfo, RankBy, SAERows, StreamEvent
 from ..audit.errors import InvalidRequest, LimitExceeded
 from ..audit.spec import Prompt, Request
 
@@ -159,6 +161,40 @@ class EngineBase:
             except InvalidRequest as exc:
                 raise InvalidRequest(f"items[{i}].{exc}") from None
         return out
+
+    def tokenize(self, prompts: Sequence[Prompt], raw: bool = False) -> list[list[int]]:
+        """Engine protocol: `render` per prompt, or (raw) text without any special token."""
+        out = []
+        for i, p in enumerate(prompts):
+            try:
+                if not raw:
+                    out.append(self.render(p))
+                    continue
+                if not isinstance(p, str) or not p:
+                    raise InvalidRequest("prompt: raw tokenization needs a non-empty text prompt")
+                ids = [int(t) for t in self.tokenizer(p, add_special_tokens=False)["input_ids"]]
+                if len(ids) > self.limits.max_prompt_tokens:
+                    raise InvalidRequest(
+                        f"prompt: {len(ids)} tokens exceed max_prompt_tokens={self.limits.max_prompt_tokens}")
+                out.append(ids)
+            except InvalidRequest as exc:
+                raise InvalidRequest(f"prompts[{i}].{exc}") from None
+        return out
+
+    def sae_rows(
+        self,
+        layers: Sequence[int] | None = None,
+        latents: Mapping[int, Sequence[int]] | None = None,
+        direction: Sequence[float] | np.ndarray | None = None,
+        top_k: int = 0,
+        rank_by: RankBy = "cosine",
+        decoder: bool = True,
+        encoder: bool = False,
+    ) -> dict[int, SAERows]:
+        """Engine protocol: SAE weights / the decoder-cosine ranking, read from this process's SAEs."""
+        from .sae_runtime import sae_rows  # torch: imported when used
+
+        return sae_rows(self.saes, layers, latents, direction, top_k, rank_by, decoder, encoder)
 
     def _check_sampling(self, requests: Sequence[Request]) -> None:
         """max_new_tokens within the limit and stop ids inside the vocabulary, per item."""

@@ -29,7 +29,7 @@ import logging
 import os
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +38,18 @@ import numpy as np
 import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
-from ..audit.engine import Completion, EncodeResult, Engine, LossResult, ModelInfo, ScoreResult
+from ..audit.engine import (
+    Completion,
+    EncodeResult,
+    Engine,
+    LossResult,
+    ModelInfo,
+    RankBy,
+    SAERows,
+    ScoreResult,
+)
 from ..audit.errors import NotFound
-from ..audit.spec import Request
+from ..audit.spec import Prompt, Request
 from .config import RayConfig, ServerConfig
 from .jobs.fanout import ReplicaLost
 
@@ -130,11 +139,6 @@ class EngineReplica:
     def limits(self) -> Any:
         return getattr(self.engine, "limits", None)
 
-    def decoder_weights(self) -> dict[int, np.ndarray]:
-        from .jobs.kinds import decoder_weights
-
-        return decoder_weights(self.engine)
-
     def run_unit(self, fn: str, payload: dict[str, Any], artifacts: dict[tuple[str, str], Any]) -> tuple[Any, float]:
         """An engine method (`fn` = its name) or `module:function(engine, **payload)`; (result, seconds)."""
         self.artifacts.add(artifacts)
@@ -220,7 +224,6 @@ class ReplicaSet:
         self._info = infos[0]
         self._limits = ray.get(self._actors[0].limits.remote())
         self.resolver = resolver
-        self._decoder_weights: dict[int, np.ndarray] | None = None
         log.info("%d engine replicas on Ray (%s): pids %s", len(self._actors), self.rc.address,
                  [s.pid for s in self._stats.values()])
 
@@ -261,11 +264,16 @@ class ReplicaSet:
     def loss(self, requests: Sequence[Request], completions: Sequence[str | None]) -> list[LossResult]:
         return self.call("loss", requests=list(requests), completions=list(completions))  # type: ignore[no-any-return]
 
-    def decoder_weights(self) -> dict[int, np.ndarray]:
-        """{layer: W_dec} of the replicas' SAEs (stage 1's cosine pre-filter), fetched once."""
-        if self._decoder_weights is None:
-            self._decoder_weights = self.call("decoder_weights", _method=True)
-        return self._decoder_weights
+    def tokenize(self, prompts: Sequence[Prompt], raw: bool = False) -> list[list[int]]:
+        return self.call("tokenize", prompts=list(prompts), raw=raw)  # type: ignore[no-any-return]
+
+    def sae_rows(self, layers: Sequence[int] | None = None, latents: Mapping[int, Sequence[int]] | None = None,
+                 direction: Sequence[float] | np.ndarray | None = None, top_k: int = 0, rank_by: RankBy = "cosine",
+                 decoder: bool = True, encoder: bool = False) -> dict[int, SAERows]:
+        return self.call("sae_rows", layers=None if layers is None else list(layers),  # type: ignore[no-any-return]
+                         latents=None if latents is None else {int(k): list(v) for k, v in latents.items()},
+                         direction=None if direction is None else np.asarray(direction), top_k=top_k,
+                         rank_by=rank_by, decoder=decoder, encoder=encoder)
 
     # ------------------------------------------------------------------ dispatch
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +20,9 @@ from sae_lens import SAE
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE
 from sae_lens.saes.standard_sae import StandardSAE
 
-from ..audit.engine import SAEInfo
+from ..audit.engine import SAEInfo, SAERows
 from ..audit.errors import InvalidRequest
+from ..audit.stage_utils import rank_latents
 
 _SEPARABLE_NORMS = {"none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"}
 
@@ -178,4 +179,74 @@ def build_layer_saes(
         if layer in out:
             raise InvalidRequest(f"two SAEs for layer {layer}")
         out[layer] = LayerSAE(layer, sae, source)
+    return out
+
+
+def sae_rows(
+    saes: Mapping[int, LayerSAE],
+    layers: Sequence[int] | None = None,
+    latents: Mapping[int, Sequence[int]] | None = None,
+    direction: Sequence[float] | np.ndarray | None = None,
+    top_k: int = 0,
+    rank_by: str = "cosine",
+    decoder: bool = True,
+    encoder: bool = False,
+    chunk: int = 8192,
+) -> dict[int, SAERows]:
+    """`Engine.sae_rows` for every engine that holds `LayerSAE`s (see audit/engine.py).
+
+    Cosines are computed in float64, `chunk` decoder rows at a time on the SAE's device, and ranked
+    with `audit.stage_utils.rank_latents` (ties by id), so in-process and remote rankings agree."""
+    if rank_by not in ("cosine", "abs_cosine"):
+        raise InvalidRequest(f"rank_by: expected 'cosine' or 'abs_cosine', got {rank_by!r}")
+    if latents is None and direction is None:
+        raise InvalidRequest("latents: give chosen latents or a direction to rank by")
+    if top_k < 0:
+        raise InvalidRequest(f"top_k: must be >= 0, got {top_k}")
+    if latents is not None and top_k:
+        raise InvalidRequest("top_k: ranks by a direction, so it cannot be combined with chosen latents")
+    chosen = {int(ly): [int(i) for i in ids] for ly, ids in (latents or {}).items()}
+    wanted = [int(ly) for ly in layers] if layers else (sorted(chosen) if chosen else sorted(saes))
+    for ly in [*wanted, *chosen]:
+        if ly not in saes:
+            raise InvalidRequest(f"layers: no SAE at layer {ly} (SAE layers: {sorted(saes)})")
+    v: np.ndarray | None = None
+    if direction is not None:
+        v = np.asarray(direction, dtype=np.float64).reshape(-1)
+        d_in = next(iter(saes.values())).d_in if saes else 0
+        if v.shape[0] != d_in:
+            raise InvalidRequest(f"direction: {v.shape[0]} values, expected d_model={d_in}")
+        norm = float(np.linalg.norm(v))
+        if not np.isfinite(norm) or norm == 0.0:
+            raise InvalidRequest("direction: must be a finite, nonzero vector")
+        v = v / norm
+    out: dict[int, SAERows] = {}
+    for ly in sorted(set(wanted)):
+        s = saes[ly]
+        W_dec = s.sae.W_dec
+        ids: np.ndarray | None = None
+        if ly in chosen or latents is not None:
+            ids = np.asarray(chosen.get(ly, []), dtype=np.int64)
+            bad = ids[(ids < 0) | (ids >= s.d_sae)]
+            if bad.size:
+                raise InvalidRequest(f"latents[{ly}]: latent {int(bad[0])} out of range [0, {s.d_sae})")
+        cos: np.ndarray | None = None
+        with torch.no_grad():
+            if v is not None:
+                vt = torch.as_tensor(v, dtype=torch.float64, device=W_dec.device)
+                idx = None if ids is None else torch.as_tensor(ids, device=W_dec.device)
+                n = W_dec.shape[0] if idx is None else len(idx)
+                parts = []
+                for a in range(0, n, chunk):
+                    W = (W_dec[a:a + chunk] if idx is None else W_dec.index_select(0, idx[a:a + chunk])).double()
+                    parts.append((W @ vt) / W.norm(dim=1).clamp_min(1e-12))
+                cos = torch.cat(parts).cpu().numpy() if parts else np.zeros(0)
+                if ids is None:
+                    ids = rank_latents(cos, top_k, rank_by)
+                    cos = cos[ids]
+            assert ids is not None
+            t_ids = torch.as_tensor(ids, dtype=torch.long, device=W_dec.device)
+            dec = W_dec.index_select(0, t_ids).float().cpu().numpy() if decoder else None
+            enc = s.sae.W_enc.index_select(1, t_ids).T.float().cpu().numpy() if encoder else None
+        out[ly] = SAERows(ly, ids.astype(np.int64), None if cos is None else cos.astype(np.float32), dec, enc)
     return out

@@ -448,6 +448,58 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             return convert.attribute_response_to_pb(resp)
 
         return await self._unary("Attribute", context, body)
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        async def body() -> pb.TokenizeResponse:
+            self._check_items(len(request.prompts))
+            prompts = convert.tokenize_prompts_from_pb(request)
+            ids = await self._in_engine("Tokenize", lambda _c: self.engine.tokenize(prompts, request.raw), context)
+            return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=t) for t in ids])
+
+        return await self._unary("Tokenize", context, body)
+
+    async def SAERows(self, request: pb.SAERowsRequest, context: grpc.aio.ServicerContext) -> pb.SAERowsResponse:
+        async def body() -> pb.SAERowsResponse:
+            latents = convert.latents_from_pb(request.latents) if request.latents else None
+            direction: np.ndarray | None = None
+            if request.HasField("direction"):
+                ref = request.direction
+                if ref.values and ref.direction_id:
+                    raise InvalidRequest("direction: give values or direction_id, not both")
+                if ref.direction_id:
+                    direction = await asyncio.to_thread(self.artifacts.direction, ref.direction_id)
+                elif ref.values:
+                    direction = np.asarray(ref.values, dtype=np.float32)
+                else:
+                    raise InvalidRequest("direction: empty (give values or direction_id)")
+            if request.top_k < 0:
+                raise InvalidRequest(f"top_k: must be >= 0, got {request.top_k}")
+            self._check_rows_size(request, latents)
+            rows = await self._in_engine("SAERows", lambda _c: self.engine.sae_rows(
+                list(request.layers) or None, latents, direction, request.top_k,
+                "abs_cosine" if request.abs_cosine else "cosine", request.decoder, request.encoder), context)
+            return convert.sae_rows_to_pb(rows)
+
+        return await self._unary("SAERows", context, body)
+
+    def _check_rows_size(self, request: pb.SAERowsRequest, latents: dict[int, list[int]] | None) -> None:
+        """Weight rows are d_model floats each: bound their count and the response's size up front."""
+        if not (request.decoder or request.encoder):
+            return
+        info = self.engine.info
+        layers = list(request.layers) or (sorted(latents) if latents else list(info.sae_layers))
+        if latents is not None:
+            n = sum(len(latents.get(ly, ())) for ly in set(layers))
+        else:
+            sizes = {s.layer: s.d_sae for s in info.saes}
+            n = sum(min(request.top_k or sizes.get(ly, 0), sizes.get(ly, 0)) for ly in set(layers))
+        lim = self.config.limits.max_latents_per_request
+        if n > lim:
+            raise LimitExceeded(f"latents: {n} weight rows exceed max_latents_per_request={lim}")
+        nbytes = n * info.d_model * 4 * (int(request.decoder) + int(request.encoder))
+        max_bytes = self.config.max_message_mb * 1024 * 1024
+        if nbytes > max_bytes * 0.9:
+            raise LimitExceeded(f"latents: {n} rows of d_model={info.d_model} are {nbytes >> 20} MiB, over the "
+                                f"{self.config.max_message_mb} MiB message limit; ask for fewer (top_k, latents, layers)")
 
     # ------------------------------------------------------------------ artifacts
 

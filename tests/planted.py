@@ -231,6 +231,12 @@ class CountingEngine:
         self._log("loss", requests)
         return self.inner.loss(requests, completions)
 
+    def tokenize(self, prompts, raw=False):
+        return self.inner.tokenize(prompts, raw)
+
+    def sae_rows(self, *args, **kw):
+        return self.inner.sae_rows(*args, **kw)
+
 
 def one_thread():
     """Generator for a pytest fixture: tiny models run far faster on one thread on a busy 2-core box."""

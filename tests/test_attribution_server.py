@@ -58,7 +58,7 @@ def client(server: ThreadedServer):
 
 
 def _metric(client: AuditClient) -> LogitDiff:
-    return LogitDiff(positive=client.tokenize("Sure")[0], negative=client.info.special_token_ids["I"])
+    return LogitDiff(positive=client.tokenize("Sure", raw=True)[0][0], negative=client.info.special_token_ids["I"])
 
 
 def test_remote_equals_in_process(client: AuditClient, engine: HFEngine) -> None:

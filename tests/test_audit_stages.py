@@ -22,13 +22,8 @@ from planted import (
     one_thread,
 )
 from refusal_audit.audit.context import Cancelled, LocalContext
-from refusal_audit.audit.stage1 import (
-    Stage1Config,
-    Stage1Result,
-    decoder_direction_cosines,
-    latent_ranking,
-    run_stage1,
-)
+from refusal_audit.audit.errors import InvalidRequest
+from refusal_audit.audit.stage1 import Stage1Config, Stage1Result, run_stage1
 from refusal_audit.audit.stage2 import GreedyRun, Stage2Config, Stage2Result, block_select, run_stage2
 
 _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
@@ -39,13 +34,12 @@ PROMPTS = HARMFUL[:6] + HARMLESS[:2]  # the last two are not refused at baseline
 @pytest.fixture(scope="module")
 def setup():
     engine, saes = make_engine()
-    cos = decoder_direction_cosines(decoder_weights(saes), directions()[0])
-    return engine, cos
+    return engine, directions()[0], saes
 
 
 @pytest.fixture(scope="module")
 def stage1(setup):
-    engine, cos = setup
+    engine, cos, _ = setup
     ctx = LocalContext()
     counting = CountingEngine(engine)
     cfg = Stage1Config(exclude_layers=[], max_new_tokens=6, k_max=40)
@@ -55,14 +49,31 @@ def stage1(setup):
 # ---------------------------------------------------------------------------- stage 1
 
 
-def test_decoder_cosines_rank_planted_then_decoys(setup):
-    _, cos = setup
-    assert set(cos) == {DISTRACTOR_LAYER, PLANTED_LAYER}
-    assert np.allclose(cos[PLANTED_LAYER][list(PLANTED)], 1.0, atol=1e-5)
-    rank = latent_ranking(cos, [PLANTED_LAYER], 5)[PLANTED_LAYER]
+def test_sae_rows_rank_planted_then_decoys(setup):
+    """engine.sae_rows ranks by decoder cosine (checked against numpy on the raw W_dec) and serves rows."""
+    engine, v, saes = setup
+    rows = engine.sae_rows(direction=v, top_k=5, decoder=False)
+    assert set(rows) == {DISTRACTOR_LAYER, PLANTED_LAYER} and rows[PLANTED_LAYER].decoder is None
+    rank = rows[PLANTED_LAYER].latents.tolist()
     assert set(rank[:3]) == set(PLANTED) and set(rank[3:5]) == set(DECOYS)
-    with pytest.raises(ValueError):
-        decoder_direction_cosines({3: np.zeros((4, 5))}, np.ones(64))
+    for ly, W in decoder_weights(saes).items():
+        ref = (W.astype(np.float64) @ v) / (np.linalg.norm(W, axis=1) * np.linalg.norm(v))
+        order = np.lexsort((np.arange(len(ref)), -ref))[:5]
+        assert rows[ly].latents.tolist() == order.tolist()
+        np.testing.assert_allclose(rows[ly].cosines, ref[order], atol=1e-6)
+    assert np.allclose(rows[PLANTED_LAYER].cosines[:3], 1.0, atol=1e-5)
+    absr = engine.sae_rows([DISTRACTOR_LAYER], direction=-v, top_k=3, rank_by="abs_cosine", decoder=False)
+    W = decoder_weights(saes)[DISTRACTOR_LAYER]
+    ref = np.abs(W.astype(np.float64) @ v) / (np.linalg.norm(W, axis=1) * np.linalg.norm(v))
+    assert absr[DISTRACTOR_LAYER].latents.tolist() == np.lexsort((np.arange(len(ref)), -ref))[:3].tolist()
+    chosen = engine.sae_rows(latents={PLANTED_LAYER: [7, 2]}, encoder=True)[PLANTED_LAYER]
+    np.testing.assert_array_equal(chosen.decoder, saes[PLANTED_LAYER].W_dec.detach().numpy()[[7, 2]])
+    np.testing.assert_array_equal(chosen.encoder, saes[PLANTED_LAYER].W_enc.detach().numpy()[:, [7, 2]].T)
+    assert chosen.cosines is None and chosen.latents.tolist() == [7, 2]
+    for bad in (dict(direction=np.ones(5)), dict(direction=np.zeros(64)), dict(latents={0: [1]}),
+                dict(latents={PLANTED_LAYER: [10**6]}), dict(), dict(direction=v, latents={3: [1]}, top_k=2)):
+        with pytest.raises(InvalidRequest):
+            engine.sae_rows(**bad)
 
 
 def test_stage1_finds_k_and_pool(stage1):
@@ -80,7 +91,7 @@ def test_stage1_finds_k_and_pool(stage1):
 
 def test_stage1_k_grows_until_all_planted_are_ablated(setup):
     """With K stepping by 1, K=1 and K=2 leave a planted latent (still refusing); K=3 jailbreaks."""
-    engine, cos = setup
+    engine, cos, _ = setup
     cfg = Stage1Config(k_start=1, k_step=1, k_max=5, max_new_tokens=6)  # default exclude_layers=[1, 2]
     res = run_stage1(engine, HARMFUL[:4], cos, cfg, LocalContext())
     assert res.layers == [PLANTED_LAYER]  # layer 2 excluded by default
@@ -90,7 +101,7 @@ def test_stage1_k_grows_until_all_planted_are_ablated(setup):
 
 
 def test_stage1_not_jailbroken_by_k_max(setup):
-    engine, cos = setup
+    engine, cos, _ = setup
     res = run_stage1(engine, HARMFUL[:2], cos, Stage1Config(k_start=1, k_step=1, k_max=2, max_new_tokens=4),
                      LocalContext())
     assert [(p.status, p.k, p.latents) for p in res.prompts] == [("not_jailbroken", None, {})] * 2
@@ -99,7 +110,7 @@ def test_stage1_not_jailbroken_by_k_max(setup):
 
 def test_stage1_resume_and_json(stage1, setup):
     res, ctx, _ = stage1
-    engine, cos = setup
+    engine, cos, _ = setup
     again = CountingEngine(engine)
     res2 = run_stage1(again, PROMPTS, cos, Stage1Config(exclude_layers=[], max_new_tokens=6, k_max=40), ctx)
     assert again.calls == [] and [p.to_json() for p in res2.prompts] == [p.to_json() for p in res.prompts]
@@ -112,7 +123,7 @@ def test_stage1_resume_and_json(stage1, setup):
 
 
 def test_stage1_cancellation(setup):
-    engine, cos = setup
+    engine, cos, _ = setup
     ctx = LocalContext(cancelled=True)
     with pytest.raises(Cancelled):
         run_stage1(engine, HARMFUL[:2], cos, Stage1Config(max_new_tokens=4), ctx)
@@ -174,7 +185,7 @@ def test_pool_reading_keeps_accepted_latents_ablated():
 
 
 def test_stage2_single_latent_blocks_recover_exactly_the_planted_set(stage1, setup):
-    engine, _ = setup
+    engine = setup[0]
     s1, _, _ = stage1
     ctx = LocalContext()
     counting = CountingEngine(engine)
@@ -201,7 +212,7 @@ def test_stage2_single_latent_blocks_recover_exactly_the_planted_set(stage1, set
 def test_stage2_paper_blocks_keep_planted_and_prune(stage1, setup):
     """N=5 (the paper): blocks are accepted whole, so co-drawn distractors may survive the seed
     intersection; the planted latents must be kept, most of the pool dropped, and the set jailbreak."""
-    engine, _ = setup
+    engine = setup[0]
     s1, _, _ = stage1
     res = run_stage2(engine, s1.to_json(), Stage2Config(max_new_tokens=6), LocalContext())
     for p in res.prompts:
@@ -216,7 +227,7 @@ def test_stage2_paper_blocks_keep_planted_and_prune(stage1, setup):
 
 
 def test_stage2_resume_skips_finished_prompts(stage1, setup):
-    engine, _ = setup
+    engine = setup[0]
     s1, _, _ = stage1
     ctx = LocalContext()
     cfg = Stage2Config(block_size=1, max_new_tokens=6, max_prompts=2, taus=[0.5], seeds=[0])

@@ -8,7 +8,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from planted import HARMFUL, HARMLESS, decoder_weights, make_engine, one_thread
+from planted import HARMFUL, HARMLESS, make_engine, one_thread
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.pipeline import ChainConfig, PromptSplits, run_chain
 from refusal_audit.audit.refusal_direction import RefusalDirectionConfig
@@ -23,7 +23,7 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory: pytest.TempPathFactory):
-    engine, saes = make_engine()
+    engine, _ = make_engine()
     out = tmp_path_factory.mktemp("demo-run")
     ctx = LocalContext(out_dir=out)
     engine.resolver = _LocalResolver(ctx)
@@ -31,7 +31,7 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
                        stage1=Stage1Config(exclude_layers=[], max_new_tokens=6, k_max=40),
                        stage2=Stage2Config(max_new_tokens=6))
     chain = run_chain(engine, PromptSplits(HARMFUL[:16], HARMFUL[16:24], HARMFUL[24:30]),
-                      PromptSplits(HARMLESS[:16], HARMLESS[16:24]), cfgs, ctx, decoder_weights(saes))
+                      PromptSplits(HARMLESS[:16], HARMLESS[16:24]), cfgs, ctx)
     results = chain.to_json()
     split = SimpleNamespace(harmful_train=HARMFUL, harmless_train=HARMLESS, harmless_heldout=HARMLESS[24:])
     objects: dict = {}

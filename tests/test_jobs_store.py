@@ -312,7 +312,6 @@ def tiny_engine() -> Any:
 
 def test_refusal_rate_kind_with_artifacts(tmp_path: Path, tiny_engine: Any) -> None:
     from refusal_audit.server.artifacts import ArtifactStore
-    from refusal_audit.server.jobs.kinds import decoder_weights
 
     arts = ArtifactStore(tmp_path)
     tiny_engine.resolver = arts
@@ -338,8 +337,8 @@ def test_refusal_rate_kind_with_artifacts(tmp_path: Path, tiny_engine: Any) -> N
             mgr.submit("refusal_rate", '{"prompts": ["x"], "latent_set_id": "fs_missing"}')
     finally:
         mgr.stop()
-    w = decoder_weights(tiny_engine)
-    assert sorted(w) == [1, 2] and w[1].shape == (128, 64)
+    rows = tiny_engine.sae_rows(latents={1: [0, 5], 2: [3]})
+    assert sorted(rows) == [1, 2] and rows[1].decoder.shape == (2, 64) and rows[2].latents.tolist() == [3]
 
 
 # ---------------------------------------------------------------------------- the audit-stage kinds

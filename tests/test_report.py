@@ -11,7 +11,6 @@ from planted import (
     HARMLESS,
     PLANTED,
     PLANTED_LAYER,
-    decoder_weights,
     directions,
     make_engine,
     one_thread,
@@ -25,7 +24,7 @@ _threads = pytest.fixture(scope="module", autouse=True)(one_thread)
 
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory):
-    engine, saes = make_engine()
+    engine, _ = make_engine()
     cfgs = ChainConfig.model_validate({
         "direction": {"batch_size": 64},
         "stage1": {"exclude_layers": [], "max_new_tokens": 6, "k_max": 20},
@@ -35,7 +34,7 @@ def chain(tmp_path_factory):
     harmful = PromptSplits(HARMFUL[:12], HARMFUL[12:18], HARMFUL[18:22])
     harmless = PromptSplits(HARMLESS[:12], HARMLESS[12:18])
     ctx = LocalContext(out_dir=tmp_path_factory.mktemp("chain"))
-    return run_chain(engine, harmful, harmless, cfgs, ctx, decoder_weights(saes)), ctx
+    return run_chain(engine, harmful, harmless, cfgs, ctx), ctx
 
 
 def test_chain_runs_all_stages(chain):

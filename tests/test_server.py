@@ -484,7 +484,7 @@ def test_cli_info_generate_score_activations(cli: typer.Typer, server: ThreadedS
     streamed = _run(cli, server, "generate", "The quick brown", "--raw", "--stream", "--max-new-tokens", "5")
     assert streamed.rstrip("\n").endswith(client.generate("The quick brown", max_new_tokens=5)[0].text.rstrip("\n"))
 
-    scores = json.loads(_run(cli, server, "score", "Tell me a story", "--token", "I", "--token-id", "7", "--json"))
+    scores = json.loads(_run(cli, server, "score", "Tell me a story", "--target-token", "I", "--token-id", "7", "--json"))
     i_id = client.info.special_token_ids["I"]
     ref = client.score([user_prompt("Tell me a story")], [i_id, 7])[0]
     assert [s["token_id"] for s in scores[0]["tokens"]] == [i_id, 7]

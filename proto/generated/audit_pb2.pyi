@@ -554,6 +554,64 @@ class AttributeResponse(_message.Message):
     wall_s: float
     def __init__(self, results: _Optional[_Iterable[_Union[AttributionResult, _Mapping]]] = ..., forward_passes: _Optional[int] = ..., backward_passes: _Optional[int] = ..., wall_s: _Optional[float] = ...) -> None: ...
 
+class TokenizeRequest(_message.Message):
+    __slots__ = ("prompts", "raw")
+    PROMPTS_FIELD_NUMBER: _ClassVar[int]
+    RAW_FIELD_NUMBER: _ClassVar[int]
+    prompts: _containers.RepeatedCompositeFieldContainer[Prompt]
+    raw: bool
+    def __init__(self, prompts: _Optional[_Iterable[_Union[Prompt, _Mapping]]] = ..., raw: _Optional[bool] = ...) -> None: ...
+
+class TokenIds(_message.Message):
+    __slots__ = ("token_ids",)
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class TokenizeResponse(_message.Message):
+    __slots__ = ("results",)
+    RESULTS_FIELD_NUMBER: _ClassVar[int]
+    results: _containers.RepeatedCompositeFieldContainer[TokenIds]
+    def __init__(self, results: _Optional[_Iterable[_Union[TokenIds, _Mapping]]] = ...) -> None: ...
+
+class SAERowsRequest(_message.Message):
+    __slots__ = ("layers", "latents", "direction", "top_k", "abs_cosine", "decoder", "encoder")
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    DIRECTION_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    ABS_COSINE_FIELD_NUMBER: _ClassVar[int]
+    DECODER_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedScalarFieldContainer[int]
+    latents: _containers.RepeatedCompositeFieldContainer[LayerLatents]
+    direction: DirectionRef
+    top_k: int
+    abs_cosine: bool
+    decoder: bool
+    encoder: bool
+    def __init__(self, layers: _Optional[_Iterable[int]] = ..., latents: _Optional[_Iterable[_Union[LayerLatents, _Mapping]]] = ..., direction: _Optional[_Union[DirectionRef, _Mapping]] = ..., top_k: _Optional[int] = ..., abs_cosine: _Optional[bool] = ..., decoder: _Optional[bool] = ..., encoder: _Optional[bool] = ...) -> None: ...
+
+class SAERows(_message.Message):
+    __slots__ = ("layer", "latents", "cosines", "decoder", "encoder")
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    LATENTS_FIELD_NUMBER: _ClassVar[int]
+    COSINES_FIELD_NUMBER: _ClassVar[int]
+    DECODER_FIELD_NUMBER: _ClassVar[int]
+    ENCODER_FIELD_NUMBER: _ClassVar[int]
+    layer: int
+    latents: _containers.RepeatedScalarFieldContainer[int]
+    cosines: _containers.RepeatedScalarFieldContainer[float]
+    decoder: Tensor
+    encoder: Tensor
+    def __init__(self, layer: _Optional[int] = ..., latents: _Optional[_Iterable[int]] = ..., cosines: _Optional[_Iterable[float]] = ..., decoder: _Optional[_Union[Tensor, _Mapping]] = ..., encoder: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class SAERowsResponse(_message.Message):
+    __slots__ = ("layers",)
+    LAYERS_FIELD_NUMBER: _ClassVar[int]
+    layers: _containers.RepeatedCompositeFieldContainer[SAERows]
+    def __init__(self, layers: _Optional[_Iterable[_Union[SAERows, _Mapping]]] = ...) -> None: ...
+
 class Artifact(_message.Message):
     __slots__ = ("id", "kind", "name", "created_at", "direction", "direction_layer", "latents", "metadata_json", "source_job_id", "prompts")
     ID_FIELD_NUMBER: _ClassVar[int]

@@ -74,6 +74,16 @@ class AuditServiceStub:
                 request_serializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeRequest.SerializeToString,
                 response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeResponse.FromString,
                 _registered_method=True)
+        self.Tokenize = channel.unary_unary(
+                '/refusal_audit.v1.AuditService/Tokenize',
+                request_serializer=refusal__audit_dot_v1_dot_audit__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.TokenizeResponse.FromString,
+                _registered_method=True)
+        self.SAERows = channel.unary_unary(
+                '/refusal_audit.v1.AuditService/SAERows',
+                request_serializer=refusal__audit_dot_v1_dot_audit__pb2.SAERowsRequest.SerializeToString,
+                response_deserializer=refusal__audit_dot_v1_dot_audit__pb2.SAERowsResponse.FromString,
+                _registered_method=True)
         self.RegisterDirection = channel.unary_unary(
                 '/refusal_audit.v1.AuditService/RegisterDirection',
                 request_serializer=refusal__audit_dot_v1_dot_audit__pb2.RegisterDirectionRequest.SerializeToString,
@@ -191,6 +201,21 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Tokenize(self, request, context):
+        """Token ids of prompts exactly as the engine runs them (BOS, chat template), or of raw text.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SAERows(self, request, context):
+        """SAE weights per layer: decoder rows / encoder columns of chosen latents, or the top-k latents
+        by cosine between their decoder rows and a direction (stage 1's ranking, done server-side).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def RegisterDirection(self, request, context):
         """Directions and latent sets registered once, referenced by id afterwards.
         """
@@ -302,6 +327,16 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.Attribute,
                     request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeRequest.FromString,
                     response_serializer=refusal__audit_dot_v1_dot_audit__pb2.AttributeResponse.SerializeToString,
+            ),
+            'Tokenize': grpc.unary_unary_rpc_method_handler(
+                    servicer.Tokenize,
+                    request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.TokenizeRequest.FromString,
+                    response_serializer=refusal__audit_dot_v1_dot_audit__pb2.TokenizeResponse.SerializeToString,
+            ),
+            'SAERows': grpc.unary_unary_rpc_method_handler(
+                    servicer.SAERows,
+                    request_deserializer=refusal__audit_dot_v1_dot_audit__pb2.SAERowsRequest.FromString,
+                    response_serializer=refusal__audit_dot_v1_dot_audit__pb2.SAERowsResponse.SerializeToString,
             ),
             'RegisterDirection': grpc.unary_unary_rpc_method_handler(
                     servicer.RegisterDirection,
@@ -575,6 +610,60 @@ class AuditService:
             '/refusal_audit.v1.AuditService/Attribute',
             refusal__audit_dot_v1_dot_audit__pb2.AttributeRequest.SerializeToString,
             refusal__audit_dot_v1_dot_audit__pb2.AttributeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Tokenize(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refusal_audit.v1.AuditService/Tokenize',
+            refusal__audit_dot_v1_dot_audit__pb2.TokenizeRequest.SerializeToString,
+            refusal__audit_dot_v1_dot_audit__pb2.TokenizeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SAERows(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/refusal_audit.v1.AuditService/SAERows',
+            refusal__audit_dot_v1_dot_audit__pb2.SAERowsRequest.SerializeToString,
+            refusal__audit_dot_v1_dot_audit__pb2.SAERowsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -269,8 +269,7 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
 
     def sec_chain() -> dict[str, Any]:
         console.print("[bold]refusal direction -> stage 1 -> stage 2[/bold]")
-        decoder = {ly: ls.sae.W_dec.detach().cpu().numpy() for ly, ls in engine.saes.items()}
-        chain = run_chain(engine, harmful, harmless, cfgs, ctx, decoder)
+        chain = run_chain(engine, harmful, harmless, cfgs, ctx)
         out: dict[str, Any] = chain.to_json()
         if not chain.stage2.summary()["jailbreak_successes"] and cfgs.stage2.reading == "literal":
             # Measured: with SAEs trained on fp32 instead of bf16 activations, the three seeds' sets

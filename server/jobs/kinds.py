@@ -83,19 +83,6 @@ def validate_config(kind: JobKind, config_json: str) -> BaseModel:
 # ---------------------------------------------------------------------------- shared helpers
 
 
-def decoder_weights(engine: Any) -> dict[int, np.ndarray]:
-    """{layer: W_dec [d_sae, d_model]} of the in-process engine's SAEs (for stage 1's cosine
-    pre-filter). In-process engines have them (HFEngine.saes: dict[int, LayerSAE]); engine replicas
-    (server/ray_replicas.py) fetch them from a replica (`engine.decoder_weights()`)."""
-    fetch = getattr(engine, "decoder_weights", None)
-    if callable(fetch):
-        return {int(k): np.asarray(v) for k, v in fetch().items()}
-    saes = getattr(engine, "saes", None)
-    if not saes:
-        raise RuntimeError("this engine exposes no SAE weights (engine.saes): stage 1 needs W_dec")
-    return {int(layer): s.sae.W_dec.detach().cpu().float().numpy() for layer, s in saes.items()}
-
-
 def _check_artifact(env: CheckEnv, field_name: str, artifact_id: str | None, kind: str) -> None:
     if not artifact_id or env.artifacts is None:
         return
@@ -333,16 +320,11 @@ def _check_stage1(cfg: Any, env: CheckEnv) -> None:
             raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={d}")
 
 
-def _stage1(engine: Any, cfg: Any, direction: np.ndarray, ctx: Any) -> Any:
-    """Stage 1 with the decoder cosines of the in-process engine's SAEs."""
-    from ...audit.stage1 import decoder_direction_cosines, run_stage1_from_config
-
-    cosines = decoder_direction_cosines(decoder_weights(engine), direction)
-    return run_stage1_from_config(engine, cfg, cosines, ctx)
-
-
 def _run_stage1(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    res = _stage1(engine, cfg, _direction_vector(ctx, cfg), ctx)
+    """Stage 1 (the engine ranks its SAE latents against the direction: `sae_rows`)."""
+    from ...audit.stage1 import run_stage1_from_config
+
+    res = run_stage1_from_config(engine, cfg, _direction_vector(ctx, cfg), ctx)
     return result_dict(res), []
 
 
@@ -402,7 +384,7 @@ def _run_chain(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
     (what `write_report` takes), the direction's arrays under ``direction.arrays``."""
     from ...audit.pipeline import run_chain
 
-    res = run_chain(engine, None, None, cfg, ctx, decoder_weights(engine))
+    res = run_chain(engine, None, None, cfg, ctx)
     out = dict(res.to_json())
     out["direction"] = result_dict(res.direction)
     return out, []
