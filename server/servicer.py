@@ -471,6 +471,11 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
                     direction = np.asarray(ref.values, dtype=np.float32)
                 else:
                     raise InvalidRequest("direction: empty (give values or direction_id)")
+            if latents is None and direction is None:
+                raise InvalidRequest("latents: give chosen latents or a direction to rank by")
+            d = self.engine.info.d_model
+            if direction is not None and direction.shape != (d,):
+                raise InvalidRequest(f"direction: {direction.size} values, expected d_model={d}")
             if request.top_k < 0:
                 raise InvalidRequest(f"top_k: must be >= 0, got {request.top_k}")
             self._check_rows_size(request, latents)
