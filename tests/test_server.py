@@ -175,7 +175,7 @@ def test_encode_equals_engine(client: AuditClient, engine: HFEngine) -> None:
         assert r.layers[2].values.shape == (len(r.token_ids), 3)
         np.testing.assert_allclose(r.layers[2].values, loc.layers[2].values, atol=1e-6)
         np.testing.assert_array_equal(r.layers[2].latents, [3, 9, 11])
-    assert client.tokenize("The quick") == engine.tokenizer("The quick", add_special_tokens=False)["input_ids"]
+    assert client.tokenize("The quick", raw=True) == [engine.tokenizer("The quick", add_special_tokens=False)["input_ids"]]
 
 
 def test_residuals_and_loss_equal_engine(client: AuditClient, engine: HFEngine) -> None:
