@@ -186,7 +186,7 @@ def test_sae_rows_rpc_matches_engine(client: AuditClient, planted) -> None:
 
     chosen = client.sae_rows(latents={PLANTED_LAYER: [23, 5]}, direction=v)[PLANTED_LAYER]
     assert chosen.latents.tolist() == [23, 5] and np.allclose(chosen.cosines, 1.0, atol=1e-5)
-    for kwargs, status, field in [
+    cases: list[tuple[dict[str, Any], str, str]] = [
         (dict(), "INVALID_ARGUMENT", "latents"),
         (dict(direction=np.ones(3)), "INVALID_ARGUMENT", "direction"),
         (dict(latents={0: [1]}), "INVALID_ARGUMENT", "layers"),
@@ -194,7 +194,8 @@ def test_sae_rows_rpc_matches_engine(client: AuditClient, planted) -> None:
         (dict(direction_id="dir_missing"), "NOT_FOUND", "direction_id"),
         (dict(direction=v, top_k=-1), "INVALID_ARGUMENT", "top_k"),
         (dict(direction=v), "RESOURCE_EXHAUSTED", "max_latents_per_request=40"),  # 2 layers x 32 rows > 40
-    ]:
+    ]
+    for kwargs, status, field in cases:
         with pytest.raises(RemoteError, match=f"{status}: .*{field}".replace("[", r"\[").replace("]", r"\]")):
             client.sae_rows(**kwargs)
     assert len(client.sae_rows(direction=v, decoder=False)[PLANTED_LAYER].latents) == 32  # ids only: no limit
