@@ -127,7 +127,7 @@ def test_the_gate_wraps_a_remote_style_judge_and_fails_loudly() -> None:
 def test_gated_sweep_keeps_searching_past_degenerate_text_and_reports_both_asrs() -> None:
     """Stage 3's sweep with stop-at-first-jailbreak: K=1..3 breaks the model (gibberish), K=4 is a
     fluent jailbreak. Gated: first jailbreak at K=4; ungated: at K=1; the per-K table shows both."""
-    from refusal_audit.audit.stage3 import Stage2Item, SweepConfig, ablation_sweep, per_k_table
+    from refusal_audit.audit.sweep import Stage2Item, SweepConfig, ablation_sweep, per_k_table
 
     eng = WordLM(gibberish_at=(3, 5))  # stage-2 set of 2 + K latents
     cal = calibrate(eng, HARMLESS, max_new_tokens=8)
