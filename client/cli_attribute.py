@@ -13,7 +13,6 @@ from .cli_core import (
     AblateDirOpt,
     AblateOpt,
     AddDirOpt,
-    AuthTokenOpt,
     ChatOpt,
     ClampOpt,
     FileOpt,
@@ -24,6 +23,7 @@ from .cli_core import (
     ServerOpt,
     TimeoutOpt,
     TlsCaOpt,
+    TokenOpt,
     _client,
     _console,
     _echo_json,
@@ -83,7 +83,7 @@ def register(app: typer.Typer) -> None:
         per_position: Annotated[bool, typer.Option("--per-position", help="scores per position too")] = False,
         ablate: AblateOpt = None, latent_set: LatentSetOpt = None, clamp: ClampOpt = None,
         ablate_direction: AblateDirOpt = None, add_direction: AddDirOpt = None, scope: ScopeOpt = "all",
-        server: ServerOpt = DEFAULT_ADDRESS, auth_token: AuthTokenOpt = None, tls_ca: TlsCaOpt = None,
+        server: ServerOpt = DEFAULT_ADDRESS, token: TokenOpt = None, tls_ca: TlsCaOpt = None,
         timeout: TimeoutOpt = None, as_json: JsonOpt = False,
     ) -> None:
         """Attribute a metric to SAE latents (integrated gradients or attribution patching)."""
@@ -92,7 +92,7 @@ def register(app: typer.Typer) -> None:
         for spec in latent or ():
             ly, ids = parse_layer_ids(spec, "--latent")
             chosen[ly] = chosen.get(ly, ()) + tuple(ids)
-        with _errors(), _client(server, auth_token, tls_ca, timeout) as c:
+        with _errors(), _client(server, token, tls_ca, timeout) as c:
             ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope)
             if baseline == "zero":
                 base = Baseline()
