@@ -2,7 +2,7 @@
 integrated-gradient attribution instead of per-latent forward passes (docs/attribution.md).
 
 1. candidates: the top `candidates_per_layer` latents of every SAE layer by cos(W_dec row, refusal
-   direction) (stage 1's ranking, `stage1.latent_ranking`);
+   direction) (stage 1's ranking, served by `engine.sae_rows`);
 2. the jailbreak token of each prompt: the argmax first token with the direction ablated
    (`AblateDirection` at every layer), or the fallback token ("Here") when that argmax is the
    refusal token "I" itself;
@@ -39,7 +39,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
 from .judges import JudgeItem
 from .spec import AblateDirection, Intervention, Prompt, Request, SamplingParams, ScaleLatents
-from .stage1 import latent_ranking
 from .stage_utils import chunks, fingerprint, resumed, save_fingerprinted
 
 
@@ -84,7 +83,6 @@ def select_refusal_features(
     engine: Any,
     prompts: Sequence[Prompt],
     direction: np.ndarray,
-    decoder_cosines: dict[int, np.ndarray],
     refusal_token_id: int,
     fallback_token_id: int,
     candidates_per_layer: int = 10,
@@ -93,11 +91,14 @@ def select_refusal_features(
     n_steps: int = 10,
     rule: str = "left",
     batch_size: int = 8,
+    layers: Sequence[int] | None = None,
 ) -> RefusalFeatures:
     """Run steps 1-4 of the module docstring on an engine with `score` and `attribute`."""
     t0 = time.perf_counter()
-    layers = sorted(decoder_cosines)
-    candidates = latent_ranking(decoder_cosines, layers, candidates_per_layer)
+    rows = engine.sae_rows(layers, direction=np.asarray(direction, dtype=np.float32), top_k=candidates_per_layer,
+                           decoder=False)
+    layers = sorted(rows)
+    candidates = {ly: [int(i) for i in rows[ly].latents] for ly in layers}
     ablate = AblateDirection(direction=tuple(float(x) for x in np.asarray(direction).ravel()))
     jb: list[int] = []
     fwd = bwd = 0
@@ -238,8 +239,7 @@ class RefusalFeaturesConfig(BaseModel):
 
 
 def run_refusal_features(
-    engine: Any, cfg: RefusalFeaturesConfig, ctx: Any, direction: np.ndarray, decoder_cosines: dict[int, np.ndarray],
-    prompts: Sequence[str], harmless: Sequence[str] = (), refusal_token_id: int | None = None,
+    engine: Any, cfg: RefusalFeaturesConfig, ctx: Any, direction: np.ndarray, prompts: Sequence[str], harmless: Sequence[str] = (), refusal_token_id: int | None = None,
     fallback_token_id: int | None = None,
 ) -> dict[str, Any]:
     """Selection then the sweep, checkpointed (module docstring); registers the global set as a latent set."""
@@ -258,7 +258,7 @@ def run_refusal_features(
         sel = got["selection"]
     else:
         ctx.progress("refusal_features: attribution", 0, len(prompts))
-        feats = select_refusal_features(engine, eps, direction, decoder_cosines, int(ref), int(fb),
+        feats = select_refusal_features(engine, eps, direction, int(ref), int(fb),
                                         cfg.candidates_per_layer, cfg.per_prompt_k, cfg.global_k, cfg.n_steps,
                                         cfg.rule, cfg.batch_size)
         sel = feats.to_json()

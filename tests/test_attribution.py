@@ -280,15 +280,12 @@ def test_bad_input_names_field(tiny_engine: HFEngine, change: dict, field: str) 
 def test_refusal_features_selection_on_planted(planted_engine: HFEngine) -> None:
     """Cos-sim candidates include the never-firing decoys; IG attribution ranks the planted latents first."""
     from refusal_audit.audit.refusal_features import select_refusal_features
-    from refusal_audit.audit.stage1 import decoder_direction_cosines
 
     eng = planted_engine
-    saes = {ly: s.sae for ly, s in eng.saes.items()}
-    cos = decoder_direction_cosines(planted.decoder_weights(saes), planted.directions()[0])
     tok = eng.tokenizer
     i_tok, sure = tok.convert_tokens_to_ids("I"), tok.convert_tokens_to_ids("Sure")
     prompts = [user_prompt(t) for t in planted.HARMFUL[:3]]
-    out = select_refusal_features(eng, prompts, planted.directions()[0], cos, i_tok, sure, candidates_per_layer=10,
+    out = select_refusal_features(eng, prompts, planted.directions()[0], i_tok, sure, candidates_per_layer=10,
                                   per_prompt_k=5, global_k=5, n_steps=4, batch_size=2)
     assert set(planted.DECOYS) <= set(out.candidates[planted.PLANTED_LAYER])
     assert {(ly, i) for ly, i, _ in out.global_set[:3]} == {(planted.PLANTED_LAYER, i) for i in planted.PLANTED}
@@ -324,7 +321,6 @@ def test_run_refusal_features_resumes(planted_engine: HFEngine) -> None:
     refusal, and a rerun on the same checkpoints calls neither attribute nor generate again."""
     from refusal_audit.audit.context import LocalContext
     from refusal_audit.audit.refusal_features import RefusalFeaturesConfig, run_refusal_features
-    from refusal_audit.audit.stage1 import decoder_direction_cosines
     from refusal_audit.server.jobs import KINDS
 
     assert "refusal_features" in KINDS
@@ -343,19 +339,17 @@ def test_run_refusal_features_resumes(planted_engine: HFEngine) -> None:
                 return wrapped
             return fn
 
-    saes = {ly: s.sae for ly, s in eng.saes.items()}
     r = planted.directions()[0]
-    cos = decoder_direction_cosines(planted.decoder_weights(saes), r)
     cfg = RefusalFeaturesConfig(direction=r.tolist(), global_k=3, per_prompt_k=3, n_steps=2, alphas=[-1.0], ks=[3],
                                 max_new_tokens=3, batch_size=4)
     ctx = LocalContext()
     sure = eng.tokenizer.convert_tokens_to_ids("Sure")
-    out = run_refusal_features(Counting(), cfg, ctx, r, cos, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
+    out = run_refusal_features(Counting(), cfg, ctx, r, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
     assert {(ly, i) for ly, i, _ in out["selection"]["global_set"]} == {(planted.PLANTED_LAYER, i) for i in planted.PLANTED}
     base, steered = out["sweep"]
     assert base["refusal_rate"] == 1.0 and steered["refusal_rate"] == 0.0 and "ce_delta" in steered
     assert out["selection"]["forward_equivalents"] == out["selection"]["forward_passes"] + 2 * out["selection"]["backward_passes"]
     assert "attribute" in calls and "generate" in calls
     calls.clear()
-    again = run_refusal_features(Counting(), cfg, ctx, r, cos, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
+    again = run_refusal_features(Counting(), cfg, ctx, r, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
     assert calls == [] and again["sweep"] == out["sweep"]

@@ -21,7 +21,6 @@ from .kinds import (
     _check_artifact,
     _direction_vector,
     check_job,
-    decoder_weights,
     register_kind,
 )
 
@@ -48,13 +47,11 @@ def _check(cfg: Any, env: CheckEnv) -> None:
 def _run(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     from ...audit.datasets import load_prompts
     from ...audit.refusal_features import run_refusal_features
-    from ...audit.stage1 import decoder_direction_cosines
 
     direction = np.asarray(_direction_vector(ctx, cfg), dtype=np.float32)
-    cos = decoder_direction_cosines(decoder_weights(engine), direction)
     prompts = load_prompts(cfg.dataset, cfg.split, cfg.n, cfg.seed)
     harmless = load_prompts(cfg.harmless_dataset, cfg.split, cfg.n_harmless, cfg.seed) if cfg.n_harmless else []
-    out = run_refusal_features(engine, cfg, ctx, direction, cos, prompts, harmless)
+    out = run_refusal_features(engine, cfg, ctx, direction, prompts, harmless)
     return out, [out["latent_set_id"]]
 
 
