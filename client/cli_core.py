@@ -285,6 +285,12 @@ def register(app: typer.Typer) -> None:
         device: Annotated[str, typer.Option("--device")] = "cpu",
         grace: Annotated[float, typer.Option("--grace", help="drain period on SIGTERM (s)")] = 10.0,
         log_level: Annotated[str, typer.Option("--log-level")] = "INFO",
+        ray_address: Annotated[str | None, typer.Option(
+            "--ray", help="engine replicas as Ray actors: 'auto' (a running cluster), 'local', or an address "
+            "(needs the [ray] extra)")] = None,
+        replicas: Annotated[int, typer.Option("--replicas", help="engine replicas with --ray")] = 2,
+        replica_cpus: Annotated[float, typer.Option("--replica-cpus", help="CPUs per replica (--ray)")] = 1.0,
+        replica_gpus: Annotated[float, typer.Option("--replica-gpus", help="GPUs per replica (--ray; 1 on GPUs)")] = 0.0,
     ) -> None:
         """Serve a model with SAE hooks over gRPC until SIGTERM (then drain)."""
         import asyncio
@@ -293,7 +299,7 @@ def register(app: typer.Typer) -> None:
         from pydantic import ValidationError
 
         from ..server.app import serve
-        from ..server.config import LimitsConfig, ServerConfig
+        from ..server.config import LimitsConfig, RayConfig, ServerConfig
 
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         try:
@@ -302,6 +308,8 @@ def register(app: typer.Typer) -> None:
                 data_dir=data_dir, judge=judge, auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
                 metrics_port=metrics_port, max_inflight=max_inflight, max_concurrent_jobs=max_concurrent_jobs,
                 dtype=dtype, device=device, grace_s=grace,
+                ray=None if ray_address is None else RayConfig(
+                    address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),
                 limits=LimitsConfig(max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,
                                     max_batch_items=max_batch_items, max_latents_per_request=max_latents_per_request,
                                     default_max_new_tokens=default_max_new_tokens),
