@@ -289,6 +289,8 @@ def register(app: typer.Typer) -> None:
             "--ray", help="engine replicas as Ray actors: 'auto' (a running cluster), 'local', or an address "
             "(needs the [ray] extra)")] = None,
         replicas: Annotated[int, typer.Option("--replicas", help="engine replicas with --ray")] = 2,
+        tensor_parallel_size: Annotated[int, typer.Option(
+            "--tensor-parallel-size", help="--engine vllm: GPUs (ranks) per model; hooks on every rank")] = 1,
         replica_cpus: Annotated[float, typer.Option("--replica-cpus", help="CPUs per replica (--ray)")] = 1.0,
         replica_gpus: Annotated[float, typer.Option("--replica-gpus", help="GPUs per replica (--ray; 1 on GPUs)")] = 0.0,
     ) -> None:
@@ -308,6 +310,7 @@ def register(app: typer.Typer) -> None:
                 data_dir=data_dir, judge=judge, auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
                 metrics_port=metrics_port, max_inflight=max_inflight, max_concurrent_jobs=max_concurrent_jobs,
                 dtype=dtype, device=device, grace_s=grace,
+                tensor_parallel_size=tensor_parallel_size,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),
                 limits=LimitsConfig(max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,

@@ -65,6 +65,8 @@ class ServerConfig(BaseModel):
     max_concurrent_jobs: int = Field(default=1, gt=0)
     grace_s: float = Field(default=10.0, ge=0)  # drain period on SIGTERM
     max_message_mb: int = Field(default=256, gt=0)
+    tensor_parallel_size: int = Field(default=1, ge=1)  # --engine vllm: ranks per model (vLLM's own executor)
+    distributed_executor_backend: Literal["mp", "ray"] | None = None  # vLLM's TP executor (None: vLLM's default)
     ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
 
     @model_validator(mode="after")

@@ -298,7 +298,11 @@ class VLLMEngine(EngineBase):
         except BaseException:
             self.close()
             raise
-        self.worker_facts = facts[0] if isinstance(facts, list) else facts
+        try:
+            self.worker_facts = check_rank_facts(facts)
+        except VLLMInternalsError:
+            self.close()
+            raise
         if int(self.worker_facts["n_layers"]) != self.n_layers:
             self.close()
             raise VLLMInternalsError(f"as many decoder layers as the config says ({self.n_layers}, found {self.worker_facts})")
@@ -716,6 +720,28 @@ class VLLMEngine(EngineBase):
         return self.hf_engine().attribute(request)
 
 
+def check_rank_facts(facts: Any) -> dict[str, Any]:
+    """`ra_install`'s answer from every rank (collective_rpc: one per tensor-parallel rank) must agree:
+    each rank hooked the same decoder layers with the same SAEs, or a TP rank would edit a different
+    residual stream than its peers and the all-reduced result would be neither edit. Rank 0's facts."""
+    ranks = facts if isinstance(facts, list) else [facts]
+    if not ranks:
+        raise VLLMInternalsError("ra_install answered from no worker (collective_rpc returned nothing)")
+    keys = ("n_layers", "d_model", "sae_layers")
+    first = {k: ranks[0].get(k) for k in keys}
+    for r, f in enumerate(ranks[1:], start=1):
+        got = {k: f.get(k) for k in keys}
+        if got != first:
+            raise VLLMInternalsError(f"the same SAE hooks on every tensor-parallel rank (rank 0 {first}, rank {r} {got})")
+    return {**dict(ranks[0]), "ranks": len(ranks)}
+
+
 def build_engine(config: ServerConfig) -> VLLMEngine:
     """`refusal-audit serve --engine vllm`: the server's config -> a VLLMEngine (called by server.app)."""
-    return VLLMEngine.from_config(config.model, list(config.saes), config.limits, dtype=config.dtype, hf_device=config.device)
+    tp: dict[str, Any] = {}
+    if config.tensor_parallel_size > 1:  # every rank gets the SAE slices (collective_rpc) and the plans
+        tp["tensor_parallel_size"] = config.tensor_parallel_size
+        if config.distributed_executor_backend:
+            tp["distributed_executor_backend"] = config.distributed_executor_backend
+    return VLLMEngine.from_config(config.model, list(config.saes), config.limits, dtype=config.dtype,
+                                  hf_device=config.device, **tp)
