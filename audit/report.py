@@ -18,7 +18,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-from . import report_analysis  # noqa: F401  (registers the analysis sections)
+from . import (
+    report_analysis,  # noqa: F401  (registers the analysis sections)
+    report_attribution,  # noqa: F401  (registers the refusal_features section)
+)
 from .codec import to_jsonable
 from .report_html import SECTION_RENDERERS, SectionRenderer, esc, figure, fmt, register_section, table
 

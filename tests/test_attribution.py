@@ -353,3 +353,17 @@ def test_run_refusal_features_resumes(planted_engine: HFEngine) -> None:
     calls.clear()
     again = run_refusal_features(Counting(), cfg, ctx, r, planted.HARMFUL[:2], planted.HARMLESS[:2], fallback_token_id=sure)
     assert calls == [] and again["sweep"] == out["sweep"]
+
+
+def test_report_section_renders_refusal_features() -> None:
+    from refusal_audit.audit.report import render_html
+
+    res = {"kind": "refusal_features", "latent_set_id": "fs_x", "wall_s": 1.0,
+           "selection": {"forward_passes": 13, "backward_passes": 10, "forward_equivalents": 33.0, "wall_s": 0.5,
+                         "global_set": [[3, 5, 1.97], [3, 17, 1.5]]},
+           "sweep": [{"alpha": None, "k": 0, "refusal_rate": 1.0, "jailbreak_rate": 0.0, "ce": 2.0, "wall_s": 0.1},
+                     {"alpha": -1.0, "k": 3, "refusal_rate": 0.0, "jailbreak_rate": 1.0, "ce": 2.5, "ce_delta": 0.5,
+                      "wall_s": 0.1}]}
+    page = render_html({"refusal_features": res})
+    assert "Attribution-found refusal latents" in page and "fs_x" in page and "forward-equivalents" in page
+    assert "<pre>" not in page  # the dedicated section, not the generic JSON dump
