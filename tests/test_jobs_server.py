@@ -109,7 +109,7 @@ def test_watch_a_job_to_completion(server: ServerProc) -> None:
         assert events[-1].job.done == events[-1].job.total == 6
         res = client.jobs.result(job.id)
         assert res.result["n"] == 6 and len(res.result["per_prompt"]) == 6
-        assert res.result["judge"] == "substring"
+        assert res.result["judge"] == "substring+coherence"  # jobs judge through the coherence gate
         assert client.jobs.get(job.id).finished_at >= client.jobs.get(job.id).started_at > 0
         assert job.id in [j.id for j in client.jobs.list(kind="refusal_rate")]
 
