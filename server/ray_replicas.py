@@ -193,6 +193,27 @@ def _unwrap(exc: BaseException) -> BaseException:
     return exc
 
 
+def _interventions_in(obj: Any, depth: int = 0) -> Iterable[Any]:
+    """Every pydantic object with an artifact-id field inside `obj` (lists, tuples, dicts, models)."""
+    from pydantic import BaseModel
+
+    if depth > 8:
+        return
+    if isinstance(obj, BaseModel):
+        if any(hasattr(obj, attr) for attr, _ in ARTIFACT_FIELDS):
+            yield obj
+        for name in type(obj).model_fields:
+            yield from _interventions_in(getattr(obj, name, None), depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        if obj and isinstance(obj[0], (int, float)):
+            return  # a vector or an id list
+        for x in obj:
+            yield from _interventions_in(x, depth + 1)
+    elif isinstance(obj, dict):
+        for x in obj.values():
+            yield from _interventions_in(x, depth + 1)
+
+
 class ReplicaSet:
     """The engine protocol over N `EngineReplica` actors (see the module docstring)."""
 
@@ -275,6 +296,10 @@ class ReplicaSet:
                          direction=None if direction is None else np.asarray(direction), top_k=top_k,
                          rank_by=rank_by, decoder=decoder, encoder=encoder)
 
+    def attribute(self, request: Any) -> Any:
+        """Gradient attribution (the HF engine's), on one replica; baselines' artifacts travel too."""
+        return self.call("attribute", request=request)
+
     # ------------------------------------------------------------------ dispatch
 
     @property
@@ -318,20 +343,17 @@ class ReplicaSet:
             time.sleep(0.1)
 
     def _artifacts(self, payload: dict[str, Any]) -> dict[tuple[str, str], Any]:
-        """Registered latent sets/directions the payload's requests name, resolved here (NotFound here)."""
+        """Registered latent sets/directions named anywhere in the payload (requests, attribution
+        baselines...), resolved here: an unknown id is NOT_FOUND before anything is sent."""
         out: dict[tuple[str, str], Any] = {}
-        for reqs in payload.values():
-            if not isinstance(reqs, list):
-                continue
-            for r in reqs:
-                for iv in getattr(r, "interventions", ()) if isinstance(r, Request) else ():
-                    for attr, kind in ARTIFACT_FIELDS:
-                        aid = getattr(iv, attr, None)
-                        if aid and (kind, aid) not in out:
-                            if self.resolver is None:
-                                raise NotFound(f"{attr} {aid!r} is not registered (no artifact store)")
-                            out[(kind, aid)] = (self.resolver.latent_set(aid) if kind == "latent_set"
-                                                else np.asarray(self.resolver.direction(aid), dtype=np.float32))
+        for iv in _interventions_in(list(payload.values())):
+            for attr, kind in ARTIFACT_FIELDS:
+                aid = getattr(iv, attr, None)
+                if aid and (kind, aid) not in out:
+                    if self.resolver is None:
+                        raise NotFound(f"{attr} {aid!r} is not registered (no artifact store)")
+                    out[(kind, aid)] = (self.resolver.latent_set(aid) if kind == "latent_set"
+                                        else np.asarray(self.resolver.direction(aid), dtype=np.float32))
         return out
 
     def _send(self, name: str, fn: str, payload: dict[str, Any], artifacts: dict[tuple[str, str], Any],
