@@ -123,6 +123,20 @@ def _apply_limits(engine: ServingEngine, config: ServerConfig) -> None:
         engine.limits = config.limits
 
 
+def _with_batching(engine: ServingEngine, config: ServerConfig, metrics: Metrics) -> ServingEngine:
+    """The HF engine behind a cross-request Batcher; the vLLM engine batches its HF side the same way."""
+    if not config.batching:
+        return engine
+    from .batching import batched
+
+    window_s, budget = config.batch_window_ms / 1000.0, config.batch_max_tokens
+    if hasattr(engine, "hf_batching"):  # vLLM: Encode / Residuals / Loss run on an HF engine
+        engine.hf_batching = {"window_s": window_s, "max_batch_tokens": budget,  # type: ignore[attr-defined]
+                              "observer": metrics.batch_observer("vllm")}
+        return engine
+    return batched(engine, window_s, budget, metrics.batch_observer("hf"))  # type: ignore[no-any-return]
+
+
 async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:
     """Call the first of obj's methods that exists (awaiting it if async)."""
     for name in names:
@@ -264,6 +278,7 @@ class ServerHandle:
         if hasattr(engine, "resolver"):
             engine.resolver = artifacts  # interventions resolve registered ids through the store
         _apply_limits(engine, config)
+        engine = _with_batching(engine, config, metrics)  # jobs and RPCs share the one batcher
         jobs = _make_jobs(config, engine, artifacts, metrics, jobs_factory)
         if jobs is not None:
             await _maybe_call(jobs, "start")
@@ -319,6 +334,10 @@ class ServerHandle:
                 await _maybe_call(self.jobs, "aclose", "shutdown", "stop", "close")
             except Exception:  # noqa: BLE001 - shutdown must go on
                 log.exception("stopping the jobs service failed")
+        from .batching import Batcher
+
+        if isinstance(self.engine, Batcher):  # stop its scheduler (a passed-in engine itself stays open)
+            await asyncio.to_thread(self.engine.close)
         if self.owns_engine:
             await _close_engine(self.engine)
         self.metrics.stop_http()

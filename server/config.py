@@ -68,6 +68,10 @@ class ServerConfig(BaseModel):
     tensor_parallel_size: int = Field(default=1, ge=1)  # --engine vllm: ranks per model (vLLM's own executor)
     distributed_executor_backend: Literal["mp", "ray"] | None = None  # vLLM's TP executor (None: vLLM's default)
     ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
+    # cross-request batching on the HF engine (server/batching.py); max rows = limits.max_batch_items
+    batch_window_ms: float = Field(default=2.0, ge=0)  # collection window after a call arrives; 0 = none
+    batch_max_tokens: int = Field(default=16384, gt=0)  # rows x longest (prompt + new) tokens per batch
+    batching: bool = True  # False: every call runs alone, in arrival order
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

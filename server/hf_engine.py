@@ -12,7 +12,8 @@ depend on the other rows of its batch.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +111,7 @@ class HFEngine(EngineBase):
         self._plan: BatchPlan | None = None
         self._ctx: TokenContext | None = None
         self._capture: _Capture | None = None
+        self.hook_seconds = 0.0  # wall time inside the intervention/capture hooks (read by the batcher's metrics)
         self._register_hooks()
         self._info = self._build_info()
 
@@ -117,10 +119,27 @@ class HFEngine(EngineBase):
 
     def _register_hooks(self) -> None:
         for idx, layer in enumerate(self.layers):
-            layer.register_forward_pre_hook(self._make_pre_hook(idx), with_kwargs=True)
+            layer.register_forward_pre_hook(self._timed(self._make_pre_hook(idx)), with_kwargs=True)
             for mod in contribution_modules(layer):
-                mod.register_forward_hook(self._make_contrib_hook(idx))
-            layer.register_forward_hook(self._make_post_hook(idx))
+                mod.register_forward_hook(self._timed(self._make_contrib_hook(idx)))
+            layer.register_forward_hook(self._timed(self._make_post_hook(idx)))
+
+    def _timed(self, hook: Callable[..., Any]) -> Callable[..., Any]:
+        """Add the hook's wall time to `hook_seconds` when it has work (a plan or a capture).
+
+        Host time: on a GPU it counts kernel launches, not kernel time (no synchronisation added).
+        """
+
+        def timed(*args: Any) -> Any:
+            if self._ctx is None or (self._plan is None and self._capture is None):
+                return hook(*args)
+            t0 = time.perf_counter()
+            try:
+                return hook(*args)
+            finally:
+                self.hook_seconds += time.perf_counter() - t0
+
+        return timed
 
     def _make_pre_hook(self, idx: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict) -> Any:
@@ -225,17 +244,26 @@ class HFEngine(EngineBase):
 
     # ------------------------------------------------------------------ generate
 
-    def generate_iter(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
-        """Yields one event per new token per row, and a final event per row with its Completion."""
+    def generate_iter(
+        self, requests: Sequence[Request], cancelled: Callable[[int], bool] | None = None
+    ) -> Iterator[StreamEvent]:
+        """Yields one event per new token per row, and a final event per row with its Completion.
+
+        `cancelled(row)` (checked before each step) drops a row from the batch: it gets no more
+        events and the other rows are unaffected; when every row is done or dropped, generation stops.
+        """
         ids = self._batch_ids(requests)
         self._check_sampling(requests)
         prompt_lens = [len(x) for x in ids]
         # the model reads the prompt and every generated token but the last one
         seq_lens = [n + r.sampling.max_new_tokens - 1 for n, r in zip(prompt_lens, requests, strict=True)]
         plan = self._plan_for(requests, prompt_lens, seq_lens)
-        yield from self._generate(requests, ids, plan)
+        yield from self._generate(requests, ids, plan, cancelled)
 
-    def _generate(self, requests: Sequence[Request], ids: list[list[int]], plan: BatchPlan | None) -> Iterator[StreamEvent]:
+    def _generate(
+        self, requests: Sequence[Request], ids: list[list[int]], plan: BatchPlan | None,
+        cancelled: Callable[[int], bool] | None = None,
+    ) -> Iterator[StreamEvent]:
         B = len(requests)
         input_ids, mask, pos = self._left_pad(ids)
         plen = torch.tensor([len(x) for x in ids], dtype=torch.long, device=self.device)
@@ -251,6 +279,12 @@ class HFEngine(EngineBase):
             out = self._forward(input_ids, mask, pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
             step = 0
             while True:
+                if cancelled is not None:
+                    for b in range(B):
+                        if not done[b] and cancelled(b):
+                            done[b] = True  # leaves the batch: fed padding from now on, no more events
+                    if all(done):
+                        break
                 logits = out.logits[:, -1, :].float()
                 finite = torch.isfinite(logits).all(-1).tolist()
                 for b in range(B):

@@ -9,12 +9,31 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_WAIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+_LATENT_BUCKETS = (0, 1, 10, 100, 500, 1000, 2000, 5000, 10000, 20000, 65536)
+
+
+class BatchObserver:
+    """Where the HF batcher (server/batching.py) reports; this base class records nothing."""
+
+    def batch(self, kind: str, rows: int, padded_tokens: int, seconds: float, hook_seconds: float) -> None:
+        """One engine batch of `rows` requests ran for `seconds`, `hook_seconds` of it inside hooks."""
+
+    def queued(self, kind: str, wait_s: float) -> None:
+        """A call's first rows entered a batch after waiting `wait_s` in the queue."""
+
+    def latents(self, n: int) -> None:
+        """One request (row) names n SAE latents in its interventions."""
 
 
 class Metrics:
     """Requests by method/status, latency, tokens, engine time, queue depth and job progress.
 
-    Hook time alone is not measured: the engine does not report it (engine_seconds covers the whole call).
+    Per engine (label `engine`: "hf", or "vllm" for the HF side of the vLLM engine), from the
+    batcher: batch size, queue wait, latents per request, and seconds in batches and in the
+    intervention/capture hooks (hook_seconds / batch_seconds = the share of engine time the
+    interventions cost).
     """
 
     def __init__(self) -> None:
@@ -46,6 +65,25 @@ class Metrics:
             "refusal_audit_job_progress", "fraction done of a job", ["job_id", "kind"], registry=r
         )
         self.jobs_running = Gauge("refusal_audit_jobs_running", "jobs running now", registry=r)
+        self.batch_size = Histogram(
+            "refusal_audit_batch_size", "requests (rows) per engine batch", ["engine", "kind"],
+            buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "refusal_audit_queue_wait_seconds", "time a call waited before its first batch", ["engine", "kind"],
+            buckets=_WAIT_BUCKETS, registry=r,
+        )
+        self.latents_per_request = Histogram(
+            "refusal_audit_latents_per_request", "SAE latents named by a request's interventions", ["engine"],
+            buckets=_LATENT_BUCKETS, registry=r,
+        )
+        self.batch_seconds = Counter(
+            "refusal_audit_batch_seconds", "seconds the engine spent running batches", ["engine", "kind"], registry=r
+        )
+        self.hook_seconds = Counter(
+            "refusal_audit_hook_seconds", "seconds inside the intervention/capture hooks (host time)",
+            ["engine", "kind"], registry=r,
+        )
         self._http: Any = None
         self._lock = threading.Lock()
 
@@ -62,6 +100,10 @@ class Metrics:
         """Drop a finished job's progress series."""
         with contextlib.suppress(KeyError):
             self.job_progress.remove(job_id, kind)
+
+    def batch_observer(self, engine: str) -> BatchObserver:
+        """A BatchObserver recording into this registry under `engine`."""
+        return _PromObserver(self, engine)
 
     def render(self) -> bytes:
         """The text exposition format (what /metrics returns)."""
@@ -83,3 +125,22 @@ class Metrics:
                 self._http.shutdown()
                 self._http.server_close()
                 self._http = None
+
+
+class _PromObserver(BatchObserver):
+    """BatchObserver onto a Metrics registry."""
+
+    def __init__(self, metrics: Metrics, engine: str) -> None:
+        self.m = metrics
+        self.engine = engine
+
+    def batch(self, kind: str, rows: int, padded_tokens: int, seconds: float, hook_seconds: float) -> None:
+        self.m.batch_size.labels(self.engine, kind).observe(rows)
+        self.m.batch_seconds.labels(self.engine, kind).inc(max(0.0, seconds))
+        self.m.hook_seconds.labels(self.engine, kind).inc(max(0.0, hook_seconds))
+
+    def queued(self, kind: str, wait_s: float) -> None:
+        self.m.queue_wait.labels(self.engine, kind).observe(max(0.0, wait_s))
+
+    def latents(self, n: int) -> None:
+        self.m.latents_per_request.labels(self.engine).observe(n)

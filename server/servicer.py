@@ -31,6 +31,7 @@ from ..proto import convert
 from ..proto.generated import audit_pb2 as pb
 from ..proto.generated import audit_pb2_grpc as pb_grpc
 from .artifacts import ArtifactStore
+from .batching import cancel_scope
 from .config import ServerConfig
 from .engine_base import ServingEngine
 from .metrics import Metrics
@@ -121,9 +122,9 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         self.jobs = jobs
         self.server_version = server_version
         self.admission = Admission(config.max_inflight, self.metrics)
-        self.executor = ThreadPoolExecutor(
-            max_workers=max(2, min(config.max_inflight, 8)), thread_name_prefix="engine"
-        )
+        # one thread per admitted call: with a batching engine they mostly wait for their batch, and
+        # fewer threads than concurrent callers would cap the batch size
+        self.executor = ThreadPoolExecutor(max_workers=max(2, config.max_inflight), thread_name_prefix="engine")
         self._stopping = threading.Event()
         lim = config.limits
         self._default_new = min(lim.default_max_new_tokens, lim.max_new_tokens)
@@ -195,7 +196,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             try:
                 if self._stopping.is_set():
                     raise RpcCancelled()
-                return fn(cancel)
+                with cancel_scope(cancel):  # a batching engine drops the call from its batch when set
+                    return fn(cancel)
             finally:
                 self.metrics.engine_seconds.labels(method).observe(time.perf_counter() - t0)
                 release_once()
@@ -348,7 +350,8 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
         def work() -> None:
             try:
-                produce(cancel)
+                with cancel_scope(cancel):
+                    produce(cancel)
             finally:
                 self.admission.release()
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import pytest
 import torch
+from refusal_audit.audit.engine import Completion
+from refusal_audit.audit.errors import InvalidRequest
 from refusal_audit.audit.spec import (
     AblateDirection,
     AblateLatents,
@@ -16,7 +20,9 @@ from refusal_audit.audit.spec import (
     TokenScope,
     user_prompt,
 )
+from refusal_audit.server.batching import Batcher, RequestCancelled, cancel_scope
 from refusal_audit.server.hf_engine import HFEngine
+from refusal_audit.server.metrics import BatchObserver
 from refusal_audit.server.sae_runtime import build_layer_saes
 from tiny import ARCHS, make_model, make_saes, make_tokenizer
 
@@ -72,3 +78,197 @@ def test_batch_order_does_not_matter():
     fwd = engine.generate(reqs)
     rev = engine.generate(list(reversed(reqs)))[::-1]
     assert [c.token_ids for c in fwd] == [c.token_ids for c in rev]
+
+
+# ---------------------------------------------------------------------------- concurrent callers (server/batching.py)
+
+
+class _Recorder(BatchObserver):
+    """Records what the batcher reports (batch sizes by kind, latents per request)."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[str, int]] = []
+        self.latent_counts: list[int] = []
+        self.waits: list[float] = []
+
+    def batch(self, kind: str, rows: int, padded_tokens: int, seconds: float, hook_seconds: float) -> None:
+        self.batches.append((kind, rows))
+
+    def queued(self, kind: str, wait_s: float) -> None:
+        self.waits.append(wait_s)
+
+    def latents(self, n: int) -> None:
+        self.latent_counts.append(n)
+
+
+def _concurrent_requests(d_model: int) -> list[Request]:
+    """Different lengths, max_new_tokens, seeds, sampling and interventions."""
+    reqs = _mixed_requests(d_model)
+    out = []
+    for i, r in enumerate(reqs):
+        sp = r.sampling.model_copy(update={"max_new_tokens": 2 + i})
+        out.append(r.model_copy(update={"sampling": sp}))
+    out.append(Request(prompt="Numbers: 0 1 2 3", sampling=SamplingParams(max_new_tokens=9, temperature=1.0, seed=5)))
+    out.append(Request(prompt="Numbers: 0 1 2 3", sampling=SamplingParams(max_new_tokens=9, temperature=1.0, seed=6)))
+    return out
+
+
+def _run_threads(fns: list) -> list:
+    """Run each fn in its own thread; results (or raised exceptions) in order."""
+    results: list = [None] * len(fns)
+
+    def run(i: int) -> None:
+        try:
+            results[i] = fns[i]()
+        except Exception as exc:  # noqa: BLE001 - returned to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(fns))]
+    for t in threads:
+        t.start()
+    return [threads, results]
+
+
+def _wait_pending(batcher: Batcher, rows: int) -> None:
+    """Until `rows` rows are queued (the batcher is paused, so they stay queued)."""
+    for _ in range(2000):
+        if batcher.pending_rows() >= rows:
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError(f"only {batcher.pending_rows()} of {rows} rows arrived")
+
+
+@pytest.mark.parametrize("arch", ["gemma3"])
+def test_concurrent_calls_are_batched_and_equal_sequential(arch):
+    """Generate, stream, Score, Encode, Residuals and Loss calls from concurrent threads, merged into
+    shared batches, give exactly what each request gives alone."""
+    model = make_model(arch)
+    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    rec = _Recorder()
+    batcher = Batcher(engine, window_s=0.0, observer=rec)
+    reqs = _concurrent_requests(64)
+    try:
+        alone_gen = [engine.generate([r])[0] for r in reqs]
+        alone_score = [engine.score([r], [5, 6], return_full_logprobs=True)[0] for r in reqs]
+        alone_enc = [engine.encode([r], [1, 2], top_k=4)[0] for r in reqs[:3]]
+        alone_res = np.concatenate([engine.residuals([r], [0, 2], [-1, 0]) for r in reqs[:3]])
+        alone_loss = [engine.loss([r], ["a b c"])[0] for r in reqs[:3]]
+
+        def stream(r: Request) -> tuple[str, list[int], Completion]:
+            text, toks, comp = "", [], None
+            for ev in batcher.generate_iter([r]):
+                text += ev.text_delta
+                toks += ev.token_ids
+                if ev.finished:
+                    comp = ev.completion
+            return text, toks, comp
+
+        with batcher.paused():
+            fns = [lambda r=r: batcher.generate([r])[0] for r in reqs[:4]]
+            fns += [lambda r=r: stream(r) for r in reqs[4:]]
+            fns += [lambda r=r: batcher.score([r], [5, 6], return_full_logprobs=True)[0] for r in reqs]
+            fns += [lambda r=r: batcher.encode([r], [1, 2], top_k=4)[0] for r in reqs[:3]]
+            fns += [lambda: batcher.residuals(reqs[:2], [0, 2], [-1, 0]), lambda: batcher.residuals(reqs[2:3], [0, 2], [-1, 0])]
+            fns += [lambda r=r: batcher.loss([r], ["a b c"])[0] for r in reqs[:3]]
+            threads, results = _run_threads(fns)
+            _wait_pending(batcher, 2 * len(reqs) + 3 + 3 + 3)
+        for t in threads:
+            t.join(timeout=120)
+        errors = [r for r in results if isinstance(r, Exception)]
+        assert not errors, errors
+        n = len(reqs)
+        for i in range(n):
+            got = results[i] if i < 4 else results[i][2]
+            assert got.token_ids == alone_gen[i].token_ids, f"generate {i} changed in the concurrent batch"
+            assert got.finish_reason == alone_gen[i].finish_reason and got.text == alone_gen[i].text
+            if i >= 4:  # the stream carries the same tokens and text, token by token
+                assert results[i][1] == alone_gen[i].token_ids and results[i][0] == alone_gen[i].text
+            np.testing.assert_allclose(results[n + i].full_logprobs, alone_score[i].full_logprobs, atol=1e-4)
+        for j in range(3):
+            enc = results[2 * n + j]
+            assert enc.token_ids == alone_enc[j].token_ids
+            for ly in (1, 2):
+                for a, b in zip(enc.layers[ly].top_indices, alone_enc[j].layers[ly].top_indices, strict=True):
+                    assert list(a) == list(b)
+        res = np.concatenate([results[2 * n + 3], results[2 * n + 4]])
+        np.testing.assert_allclose(res, alone_res, atol=1e-4)
+        for j in range(3):
+            assert abs(results[2 * n + 5 + j].loss - alone_loss[j].loss) < 1e-4
+        # every kind really ran as one merged batch
+        by_kind = {k: max(rows for kk, rows in rec.batches if kk == k) for k, _ in rec.batches}
+        assert by_kind == {"generate": n, "score": n, "encode": 3, "residuals": 3, "loss": 3}, by_kind
+        assert sorted(rec.latent_counts)[-1] == 64 + 100  # the request with 2 x latent lists
+    finally:
+        batcher.close()
+
+
+def test_cancelled_request_leaves_batch_without_disturbing_others():
+    """One stream is closed mid-batch, one queued call is cancelled: the rest equal their solo runs."""
+    model = make_model("gemma2")
+    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    rec = _Recorder()
+    batcher = Batcher(engine, window_s=0.0, observer=rec)
+    reqs = _concurrent_requests(64)[:5]
+    long = reqs[2].model_copy(update={"sampling": SamplingParams(max_new_tokens=40)})
+    alone = [engine.generate([r])[0] for r in reqs]
+    forwards = []
+    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    try:
+        def stream_then_cancel() -> int:
+            gen = batcher.generate_iter([long])
+            n = 0
+            for _ev in gen:
+                n += 1
+                if n == 2:
+                    break
+            gen.close()  # the client went away after two tokens
+            return n
+
+        cancel = threading.Event()
+
+        def queued_then_cancelled():
+            with cancel_scope(cancel):
+                return batcher.score([reqs[0]], [5])
+
+        with batcher.paused():
+            fns = [lambda r=r: batcher.generate([r])[0] for r in reqs] + [stream_then_cancel, queued_then_cancelled]
+            threads, results = _run_threads(fns)
+            _wait_pending(batcher, len(reqs) + 2)
+            cancel.set()  # deadline passed while queued
+            threads[-1].join(timeout=60)
+        for t in threads:
+            t.join(timeout=120)
+        assert isinstance(results[-1], RequestCancelled)
+        assert results[-2] == 2
+        for i in range(len(reqs)):
+            assert results[i].token_ids == alone[i].token_ids, f"request {i} changed when a batch-mate left"
+        # the dropped stream stopped costing steps: the batch ended with its longest remaining row
+        assert len(forwards) <= 1 + max(r.sampling.max_new_tokens for r in reqs) < long.sampling.max_new_tokens
+        for _ in range(500):  # the batch is reported just after its last answer
+            if rec.batches:
+                break
+            threading.Event().wait(0.01)
+        # the cancelled score never ran; the generate batch held every row
+        assert rec.batches == [("generate", len(reqs) + 1)]
+    finally:
+        batcher.close()
+
+
+def test_merged_batch_with_a_bad_call_fails_only_that_call():
+    model = make_model("llama")
+    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    batcher = Batcher(engine, window_s=0.0)
+    good = Request(prompt="The quick brown fox", sampling=SamplingParams(max_new_tokens=4))
+    bad = Request(prompt="hello", interventions=(AblateLatents(latents={1: (99999,)}),),
+                  sampling=SamplingParams(max_new_tokens=4))
+    try:
+        with batcher.paused():
+            threads, results = _run_threads([lambda: batcher.generate([good, good]), lambda: batcher.generate([good, bad])])
+            _wait_pending(batcher, 4)
+        for t in threads:
+            t.join(timeout=60)
+        assert [c.token_ids for c in results[0]] == [engine.generate([good])[0].token_ids] * 2
+        assert isinstance(results[1], InvalidRequest)
+        assert "items[1]" in str(results[1]), str(results[1])
+    finally:
+        batcher.close()

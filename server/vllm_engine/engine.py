@@ -285,6 +285,9 @@ class VLLMEngine(EngineBase):
         self._info = self._build_info()
         self._hf_engine: HFEngine | None = None
         self._hf_lock = threading.Lock()
+        # set by the server (app._with_batching): Batcher kwargs for the HF side, so concurrent
+        # Encode / Residuals / Loss calls are merged into batches (server/batching.py)
+        self.hf_batching: dict[str, Any] | None = None
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0}
         self._closed = False
@@ -383,6 +386,8 @@ class VLLMEngine(EngineBase):
         if self._closed:
             return
         self._closed = True
+        if getattr(self._hf_engine, "batched", False):
+            cast(Any, self._hf_engine).close()  # stop the HF side's Batcher
         llm = getattr(self, "llm", None)
         self.llm = None
         if llm is not None:
@@ -689,8 +694,13 @@ class VLLMEngine(EngineBase):
                 if getattr(cfg, "attn_logit_softcapping", None):
                     # transformers' sdpa path drops Gemma-2's attention softcapping; vLLM applies it.
                     model.set_attn_implementation("eager")
-                self._hf_engine = HFEngine(model, tok, self.saes, model_name=self.model_name,
-                                           limits=self.limits, resolver=self.resolver)
+                hf = HFEngine(model, tok, self.saes, model_name=self.model_name,
+                              limits=self.limits, resolver=self.resolver)
+                if self.hf_batching is not None:
+                    from ..batching import Batcher
+
+                    hf = cast(HFEngine, Batcher(hf, **self.hf_batching))  # same protocol, batched
+                self._hf_engine = hf
             eng = self._hf_engine
         eng.limits, eng.resolver = self.limits, self.resolver
         return eng

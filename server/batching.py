@@ -1,0 +1,482 @@
+"""Cross-request dynamic batching in front of the HF engine.
+
+Concurrent calls (Generate, GenerateStream, Score, Encode, Residuals, Loss — from gRPC handlers and
+from jobs alike) are queued here; one scheduler thread waits a short collection window after the
+first arrival, then merges compatible calls into one engine batch and runs it. The HF engine is
+batch-invariant (left padding, position ids from the attention mask, per-row interventions), so a
+request's output does not depend on its batch-mates: merging changes throughput, not results.
+
+* Compatibility: calls of the same kind with the same call-level options (score token ids / top_k,
+  encode layers / latents, residual layers / positions) are merged; per-row options — prompt,
+  interventions, sampling, seed, stop set, max_new_tokens — travel with each row.
+* Budget: at most `limits.max_batch_items` rows and `max_batch_tokens` padded tokens
+  (rows x longest prompt + new tokens) per batch; a call's rows may be split over several batches.
+* Fairness: rows are taken round-robin over the waiting calls, oldest first, so a job's 256-row
+  Score shares each batch with the interactive one-row calls instead of holding the engine.
+* Generation: every row streams its own tokens as the batch steps (GenerateStream stays token by
+  token); a row that stops early gets its answer at once; a cancelled or deadline-exceeded call
+  leaves the batch (its rows are dropped before the next step) without changing the others.
+* Errors: a validation error in a merged batch reruns each call alone, so only the offending call
+  gets its error (with its own item indices).
+
+Why not transformers' continuous-batching manager (`generate_batch` / `ContinuousBatchingManager`):
+it takes one GenerationConfig for all requests (no per-request seed, stop set or sampling), packs
+sequences into paged-attention kernels whose rows we cannot hook per request with the padded
+`TokenContext` the interventions here are tested under, and gives no per-token stream with our
+stop semantics. Dynamic batching reuses the engine's tested batch path unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import queue
+import re
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+import numpy as np
+
+from ..audit.engine import Completion, EncodeResult, LossResult, ModelInfo, ScoreResult
+from ..audit.errors import InvalidRequest, LimitExceeded, NotFound
+from ..audit.spec import AblateLatents, ClampLatents, Request
+from .hf_engine import HFEngine, StreamEvent
+from .metrics import BatchObserver
+from .status import RpcCancelled
+
+log = logging.getLogger("refusal_audit.server.batching")
+
+_tls = threading.local()
+
+
+class RequestCancelled(RpcCancelled):
+    """The caller cancelled (client gone, deadline passed) while its call waited or ran."""
+
+
+@contextlib.contextmanager
+def cancel_scope(event: threading.Event | None) -> Iterator[None]:
+    """Engine calls made by this thread inside the scope are dropped from the batcher once `event` is set."""
+    prev = getattr(_tls, "cancel", None)
+    _tls.cancel = event
+    try:
+        yield
+    finally:
+        _tls.cancel = prev
+
+
+def _current_cancel() -> threading.Event | None:
+    return getattr(_tls, "cancel", None)
+
+
+
+@dataclass(eq=False)
+class _Call:
+    """One engine call from one caller: its rows, options and how results go back."""
+
+    kind: str
+    key: tuple[Any, ...]
+    requests: list[Request]
+    costs: list[int]  # per row: padded tokens it needs (prompt + new / completion tokens)
+    extras: list[Any]  # per row: loss completion (else None)
+    cancel: threading.Event | None
+    sink: Callable[[Any], None]  # receives events (generate) or the final result list / a _Failure
+    enqueued: float = field(default_factory=time.perf_counter)
+    next_row: int = 0
+    results: list[Any] = field(default_factory=list)
+    rows_left: int = 0
+    started: bool = False
+    failed: bool = False
+    abandoned: bool = False
+
+    def __post_init__(self) -> None:
+        self.results = [None] * len(self.requests)
+        self.rows_left = len(self.requests)
+
+    @property
+    def gone(self) -> bool:
+        return self.abandoned or self.failed or (self.cancel is not None and self.cancel.is_set())
+
+
+class _Failure:
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+
+_USER_ERRORS = (InvalidRequest, NotFound, LimitExceeded)
+
+
+class Batcher:
+    """The Engine protocol over an HFEngine, with concurrent calls merged into batches.
+
+    Everything not batched (info, render, tokenizer, saes, limits, resolver...) is the wrapped
+    engine's. `close()` stops the scheduler; calls still queued then fail with RequestCancelled.
+    """
+
+    batched = True
+
+    def __init__(
+        self,
+        engine: HFEngine,
+        window_s: float = 0.002,
+        max_batch_tokens: int = 16384,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._engine = engine
+        self.window_s = float(window_s)
+        self.max_batch_tokens = int(max_batch_tokens)
+        self.observer = observer or BatchObserver()
+        self._cv = threading.Condition()
+        self._pending: list[_Call] = []
+        self._closed = False
+        self._paused = 0
+        self._thread = threading.Thread(target=self._run, name="hf-batcher", daemon=True)
+        self._thread.start()
+
+    # ------------------------------------------------------------------ delegation
+
+    @property
+    def engine(self) -> HFEngine:
+        """The wrapped HF engine."""
+        return self._engine
+
+    def __getattr__(self, name: str) -> Any:  # only for attributes not found on the Batcher
+        return getattr(object.__getattribute__(self, "_engine"), name)
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._engine.info
+
+    @property
+    def limits(self) -> Any:
+        return self._engine.limits
+
+    @limits.setter
+    def limits(self, value: Any) -> None:
+        self._engine.limits = value
+
+    @property
+    def resolver(self) -> Any:
+        return self._engine.resolver
+
+    @resolver.setter
+    def resolver(self, value: Any) -> None:
+        self._engine.resolver = value
+
+    def close(self) -> None:
+        """Stop the scheduler thread; queued calls fail with RequestCancelled."""
+        with self._cv:
+            self._closed = True
+            pending, self._pending = self._pending, []
+            self._cv.notify_all()
+        for call in pending:
+            call.sink(_Failure(RequestCancelled("the server is shutting down")))
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=30)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Hold new batches back while inside (calls queue up); on exit they are merged as usual.
+
+        For tests that need a known batch composition, and for maintenance (e.g. swapping SAEs).
+        """
+        with self._cv:
+            self._paused += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._paused -= 1
+                self._cv.notify_all()
+
+    def pending_rows(self) -> int:
+        """Rows queued and not yet in a batch (for tests and diagnostics)."""
+        with self._cv:
+            return sum(len(c.requests) - c.next_row for c in self._pending if not c.gone)
+
+    # ------------------------------------------------------------------ the Engine protocol
+
+    def generate(self, requests: Sequence[Request]) -> list[Completion]:
+        results: list[Completion | None] = [None] * len(requests)
+        for ev in self.generate_iter(requests):
+            if ev.finished:
+                results[ev.index] = ev.completion
+        return [r for r in results if r is not None]
+
+    def generate_iter(self, requests: Sequence[Request]) -> Iterator[StreamEvent]:
+        """Per-row token events as the shared batch steps (indices are this call's own)."""
+        eng = self._engine
+        reqs = list(requests)
+        ids = eng._batch_ids(reqs)  # validates count and prompts here, with this call's item indices
+        for i, r in enumerate(reqs):
+            if r.sampling.max_new_tokens > eng.limits.max_new_tokens:
+                raise InvalidRequest(
+                    f"items[{i}].sampling.max_new_tokens={r.sampling.max_new_tokens} exceeds the limit "
+                    f"{eng.limits.max_new_tokens}"
+                )
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        call = self._submit("generate", (), reqs, [len(x) + r.sampling.max_new_tokens for x, r in zip(ids, reqs, strict=True)],
+                            [None] * len(reqs), q.put)
+        finished = 0
+        try:
+            while finished < len(reqs):
+                item = self._get(q, call)
+                if isinstance(item, _Failure):
+                    raise item.exc
+                if item.finished:
+                    finished += 1
+                yield item
+        finally:
+            call.abandoned = True  # closed early (client gone): its rows leave the batch
+
+    def score(
+        self, requests: Sequence[Request], token_ids: Sequence[int], top_k: int = 0,
+        return_full_logprobs: bool = False,
+    ) -> list[ScoreResult]:
+        key = (tuple(int(t) for t in token_ids), int(top_k), bool(return_full_logprobs))
+        return self._unary("score", key, requests)
+
+    def encode(
+        self, requests: Sequence[Request], layers: Sequence[int] | None = None, top_k: int = 16,
+        latents: dict[int, Sequence[int]] | None = None,
+    ) -> list[EncodeResult]:
+        lat = tuple(sorted((int(k), tuple(int(i) for i in v)) for k, v in latents.items())) if latents else None
+        key = (tuple(layers) if layers else None, int(top_k), lat)
+        return self._unary("encode", key, requests)
+
+    def residuals(
+        self, requests: Sequence[Request], layers: Sequence[int] | None = None, positions: Sequence[int] = (-1,),
+    ) -> np.ndarray:
+        key = (tuple(layers) if layers else None, tuple(int(p) for p in positions))
+        rows = self._unary("residuals", key, requests)
+        return np.stack(rows) if rows else np.zeros((0,), dtype=np.float32)
+
+    def loss(self, requests: Sequence[Request], completions: Sequence[str | None]) -> list[LossResult]:
+        if len(completions) != len(requests):
+            raise InvalidRequest("completions must align with items")
+        return self._unary("loss", (), requests, list(completions))
+
+    # ------------------------------------------------------------------ submission
+
+    def _unary(self, kind: str, key: tuple[Any, ...], requests: Sequence[Request], extras: list[Any] | None = None) -> Any:
+        eng = self._engine
+        reqs = list(requests)
+        ids = eng._batch_ids(reqs)
+        costs = [len(x) for x in ids]
+        if extras is not None:
+            tok = eng.tokenizer
+            costs = [c + (len(tok(e, add_special_tokens=False)["input_ids"]) if e else 0)
+                     for c, e in zip(costs, extras, strict=True)]
+        q: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        call = self._submit(kind, key, reqs, costs, extras or [None] * len(reqs), q.put)
+        try:
+            item = self._get(q, call)
+        finally:
+            call.abandoned = True
+        if isinstance(item, _Failure):
+            raise item.exc
+        return item
+
+    def _submit(self, kind: str, key: tuple[Any, ...], reqs: list[Request], costs: list[int], extras: list[Any],
+                sink: Callable[[Any], None]) -> _Call:
+        call = _Call(kind, key, reqs, costs, extras, _current_cancel(), sink)
+        for r in reqs:
+            self.observer.latents(_n_latents(r, self._engine))
+        with self._cv:
+            if self._closed:
+                raise RequestCancelled("the server is shutting down")
+            self._pending.append(call)
+            self._cv.notify_all()
+        return call
+
+    def _get(self, q: queue.SimpleQueue[Any], call: _Call) -> Any:
+        """Next item for the caller; raises RequestCancelled as soon as its cancel event is set."""
+        while True:
+            try:
+                return q.get(timeout=0.05)
+            except queue.Empty:
+                if call.cancel is not None and call.cancel.is_set():
+                    call.abandoned = True
+                    with self._cv:
+                        self._cv.notify_all()
+                    raise RequestCancelled(f"{call.kind} cancelled") from None
+
+    # ------------------------------------------------------------------ scheduling
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._closed and (self._paused or not self._live_pending()):
+                    self._cv.wait(timeout=0.5)
+                if self._closed:
+                    return
+            if self.window_s > 0:
+                time.sleep(self.window_s)  # the collection window: let concurrent arrivals join
+            with self._cv:
+                batch = [] if self._paused else self._take()
+            if batch:
+                try:
+                    self._execute(batch)
+                except BaseException as exc:  # noqa: BLE001 - never kill the scheduler
+                    log.exception("batch failed")
+                    self._fail_all(batch, exc)
+
+    def _live_pending(self) -> bool:
+        self._pending = [c for c in self._pending if not c.gone]
+        return bool(self._pending)
+
+    def _take(self) -> list[tuple[_Call, int]]:
+        """Rows for the next batch: round-robin over compatible waiting calls, oldest first, within budget."""
+        if not self._live_pending():
+            return []
+        head = self._pending[0]
+        group = [c for c in self._pending if c.kind == head.kind and c.key == head.key]
+        max_items = max(1, int(self._engine.limits.max_batch_items))
+        rows: list[tuple[_Call, int]] = []
+        longest = 0
+        progress = True
+        while progress and len(rows) < max_items:
+            progress = False
+            for c in group:
+                if c.next_row >= len(c.requests) or len(rows) >= max_items:
+                    continue
+                cost = c.costs[c.next_row]
+                if rows and (len(rows) + 1) * max(longest, cost) > self.max_batch_tokens:
+                    continue
+                rows.append((c, c.next_row))
+                c.next_row += 1
+                longest = max(longest, cost)
+                progress = True
+        self._pending = [c for c in self._pending if c.next_row < len(c.requests)]
+        return rows
+
+    def _execute(self, rows: list[tuple[_Call, int]]) -> None:
+        now = time.perf_counter()
+        calls = list(dict.fromkeys(c for c, _ in rows))
+        kind = calls[0].kind
+        for c in calls:
+            if not c.started:
+                c.started = True
+                self.observer.queued(kind, now - c.enqueued)
+        eng = self._engine
+        reqs = [c.requests[i] for c, i in rows]
+        hook0 = eng.hook_seconds
+        t0 = time.perf_counter()
+        try:
+            if kind == "generate":
+                self._run_generate(rows, reqs)
+            else:
+                out = self._run_unary(kind, calls[0].key, reqs, [c.extras[i] for c, i in rows])
+                for (c, i), res in zip(rows, out, strict=True):
+                    self._row_done(c, i, res)
+        except _USER_ERRORS as exc:
+            if len(calls) == 1:
+                self._fail(calls[0], _reindex(exc, [i for _, i in rows]))
+            else:
+                self._rerun_alone(rows, calls, exc)
+        finally:
+            longest = max(c.costs[i] for c, i in rows)
+            self.observer.batch(kind, len(rows), len(rows) * longest, time.perf_counter() - t0,
+                                eng.hook_seconds - hook0)
+
+    def _run_unary(self, kind: str, key: tuple[Any, ...], reqs: list[Request], extras: list[Any]) -> list[Any]:
+        eng = self._engine
+        if kind == "score":
+            token_ids, top_k, full = key
+            return list(eng.score(reqs, list(token_ids), top_k, full))
+        if kind == "encode":
+            layers, top_k, lat = key
+            latents: dict[int, Sequence[int]] | None = {int(k): list(v) for k, v in lat} if lat else None
+            return list(eng.encode(reqs, list(layers) if layers else None, top_k, latents))
+        if kind == "residuals":
+            layers, positions = key
+            arr = eng.residuals(reqs, list(layers) if layers else None, list(positions))
+            return [arr[b] for b in range(len(reqs))]
+        if kind == "loss":
+            return list(eng.loss(reqs, extras))
+        raise AssertionError(f"unknown batch kind {kind}")  # pragma: no cover
+
+    def _run_generate(self, rows: list[tuple[_Call, int]], reqs: list[Request]) -> None:
+        def cancelled(b: int) -> bool:
+            return rows[b][0].gone
+
+        gen = cast(Generator[StreamEvent, None, None], self._engine.generate_iter(reqs, cancelled=cancelled))
+        try:
+            for ev in gen:
+                c, i = rows[ev.index]
+                if c.gone:
+                    continue
+                c.sink(StreamEvent(i, ev.text_delta, ev.token_ids, ev.finished, ev.finish_reason, ev.completion))
+                if ev.finished:
+                    self._row_done(c, i, None, send=False)
+        finally:
+            gen.close()
+
+    def _row_done(self, call: _Call, row: int, result: Any, send: bool = True) -> None:
+        call.results[row] = result
+        call.rows_left -= 1
+        if call.rows_left == 0 and send and not call.failed:
+            call.sink(call.results)
+
+    def _fail(self, call: _Call, exc: BaseException) -> None:
+        if not call.failed:
+            call.failed = True
+            call.sink(_Failure(exc))
+        with self._cv:
+            self._pending = [c for c in self._pending if c is not call]
+
+    def _fail_all(self, rows: list[tuple[_Call, int]], exc: BaseException) -> None:
+        for c in dict.fromkeys(c for c, _ in rows):
+            self._fail(c, exc)
+
+    def _rerun_alone(self, rows: list[tuple[_Call, int]], calls: list[_Call], exc: BaseException) -> None:
+        """A merged batch hit a validation error: run each call's rows of it alone to find whose it is."""
+        log.debug("merged batch failed (%s); rerunning its %d calls alone", exc, len(calls))
+        for c in calls:
+            mine = [(cc, i) for cc, i in rows if cc is c]
+            if c.gone:
+                continue
+            try:
+                if c.kind == "generate":
+                    self._run_generate(mine, [c.requests[i] for _, i in mine])
+                else:
+                    out = self._run_unary(c.kind, c.key, [c.requests[i] for _, i in mine], [c.extras[i] for _, i in mine])
+                    for (_, i), res in zip(mine, out, strict=True):
+                        self._row_done(c, i, res)
+            except _USER_ERRORS as own:
+                self._fail(c, _reindex(own, [i for _, i in mine]))
+
+
+def _reindex(exc: BaseException, rows: list[int]) -> BaseException:
+    """Map 'items[k]' in a message from a partial batch back to the call's own row numbers."""
+    msg = str(exc)
+    fixed = re.sub(r"items\[(\d+)\]", lambda m: f"items[{rows[int(m.group(1))]}]" if int(m.group(1)) < len(rows)
+                   else m.group(0), msg)
+    if fixed == msg:
+        return exc
+    return type(exc)(fixed)
+
+
+def _n_latents(r: Request, engine: HFEngine) -> int:
+    """SAE latents a request's interventions name (registered sets resolved; unknown ids count 0)."""
+    n = 0
+    for iv in r.interventions:
+        if isinstance(iv, (AblateLatents, ClampLatents)):
+            n += sum(len(v) for v in iv.latents.values())
+            if iv.latent_set_id:
+                with contextlib.suppress(Exception):
+                    n += sum(len(v) for v in engine.resolver.latent_set(iv.latent_set_id).values())
+    return n
+
+
+def batched(engine: Any, window_s: float = 0.002, max_batch_tokens: int = 16384,
+            observer: BatchObserver | None = None) -> Any:
+    """`engine` behind a Batcher when it is an HFEngine (else unchanged)."""
+    if isinstance(engine, HFEngine):
+        return Batcher(engine, window_s, max_batch_tokens, observer)
+    return engine
+
+
+__all__ = ["Batcher", "BatchObserver", "RequestCancelled", "batched", "cancel_scope"]
