@@ -1,33 +1,46 @@
 """Load test of remote ablation calls: N concurrent gRPC clients, each with its own latent mask.
 
 Bounded in count and duration, localhost only. Either targets a running server (`--server
-127.0.0.1:PORT`) or starts one in-process on the embedded model with GemmaScope-2-shaped random
-SAEs (`--engine hf|vllm`). Reports throughput, p50/p99 latency and errors per client count.
+127.0.0.1:PORT --metrics http://127.0.0.1:MPORT/metrics`) or starts one in-process on the embedded
+model with GemmaScope-2-shaped random SAEs (`--engine hf|vllm`). Every client count runs in the
+same process against the same server, one after the other, so the ratios vs 1 client are measured
+side by side. For each count it reports tokens/s, p50/p95 latency, ratios vs 1 client, the
+server's own Prometheus view (mean batch size, queue wait, share of engine time in the hooks,
+latents per request) and the 1-minute load average; and it checks that every request got exactly
+one answer and that a sample of answers equals the same request sent alone (greedy decoding).
 
-    python benchmarks/load.py --engine hf --clients 1,4,8 --requests 16 --new-tokens 16
+    python benchmarks/load.py --engine hf --clients 1,4,16,64 --new-tokens 16 --latents 2000
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import random
 import statistics
 import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from overhead import gemmascope_shaped_sae, spread_latents  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
 
 PROMPTS = ["Explain photosynthesis briefly.", "Write a haiku about rain.", "What is a prime number?",
-           "Give two tips for sleeping better."]
+           "Give two tips for sleeping better.", "Name three rivers in Europe and say where they flow.",
+           "Why is the sky blue?"]
 
 
-def _start_server(engine_kind: str, layers: list[int], d_sae: int, max_inflight: int):
+def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int) -> Any:
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from refusal_audit.server.hf_engine import HFEngine
@@ -35,100 +48,223 @@ def _start_server(engine_kind: str, layers: list[int], d_sae: int, max_inflight:
     from refusal_audit.server.sae_runtime import build_layer_saes
 
     data_dir = Path(tempfile.mkdtemp(prefix="refusal-audit-load-"))
-    cfg = ServerConfig(port=0, data_dir=data_dir, max_inflight=max_inflight, engine=engine_kind)
-    model, tok = load_model("embedded:gemma-3-270m")
-    text = model.config.get_text_config()
+    cfg = ServerConfig(port=0, data_dir=data_dir, max_inflight=max_inflight, engine=engine_kind, metrics_port=0,
+                       metrics_host="127.0.0.1")
+    m, tok = load_model(model)
+    text = m.config.get_text_config()
     saes = {ly: gemmascope_shaped_sae(text.hidden_size, d_sae, ly) for ly in layers}
     if engine_kind == "hf":
-        engine = HFEngine(model, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers))
+        engine: Any = HFEngine(m, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers))
     else:
         from refusal_audit.server.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine.from_config("embedded:gemma-3-270m", saes)
+        engine = VLLMEngine.from_config(model, saes)
     return ThreadedServer(cfg, engine=engine).start()
 
 
-def run_load(address: str, n_clients: int, n_requests: int, new_tokens: int, n_latents: int,
-             layers: list[int], d_sae: int, duration_s: float) -> dict[str, float]:
-    """n_clients threads, each sending n_requests single-item Generate calls with a distinct mask."""
-    lat: list[float] = []
-    errors = 0
-    tokens = 0
+def scrape(url: str | None) -> dict[str, float]:
+    """Sum of every sample of the batcher/engine metrics, by sample name (+ labels for the kind)."""
+    if not url:
+        return {}
+    text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - localhost only
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if not s.name.startswith(("refusal_audit_batch", "refusal_audit_queue_wait", "refusal_audit_hook",
+                                      "refusal_audit_latents_per_request", "refusal_audit_generated_tokens")):
+                continue
+            if s.name.endswith("_bucket") or s.name.endswith("_created"):
+                continue
+            out[s.name] = out.get(s.name, 0.0) + float(s.value)
+    return out
+
+
+def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+@dataclass
+class Level:
+    """One client count's results."""
+
+    clients: int
+    issued: int = 0
+    answers: dict[tuple[int, int], list[list[int]]] = field(default_factory=dict)
+    errors: list[str] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    tokens: int = 0
+    wall_s: float = 0.0
+    load_before: float = 0.0
+    load_after: float = 0.0
+    server: dict[str, float] = field(default_factory=dict)
+
+
+def make_request(i: int, j: int, new_tokens: int, n_latents: int, layers: list[int], d_sae: int) -> Request:
+    """The j-th request of client i: its own latent mask, its own prompt, greedy."""
+    iv = (AblateLatents(latents=spread_latents(n_latents, layers, d_sae, seed=i)),) if n_latents else ()
+    return Request(prompt=user_prompt(PROMPTS[(i + j) % len(PROMPTS)]), interventions=iv,
+                   sampling=SamplingParams(max_new_tokens=new_tokens))
+
+
+def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_latents: int, layers: list[int],
+              d_sae: int, duration_s: float) -> Level:
+    """n_clients threads, each sending per_client single-item Generate calls one after the other."""
+    lv = Level(n_clients)
     lock = threading.Lock()
     deadline = time.perf_counter() + duration_s
+    start = threading.Barrier(n_clients)
 
     def worker(i: int) -> None:
-        nonlocal errors, tokens
-        client = AuditClient(address, timeout=300)
-        iv = AblateLatents(latents=spread_latents(n_latents, layers, d_sae, seed=i))
-        sp = SamplingParams(max_new_tokens=new_tokens)
-        for j in range(n_requests):
-            if time.perf_counter() > deadline:
-                break
-            req = Request(prompt=user_prompt(PROMPTS[(i + j) % len(PROMPTS)]), interventions=(iv,), sampling=sp)
-            t0 = time.perf_counter()
-            try:
-                out = client.generate([req])
+        client = AuditClient(address, timeout=600)
+        try:
+            reqs = [make_request(i, j, new_tokens, n_latents, layers, d_sae) for j in range(per_client)]
+            start.wait()
+            for j, req in enumerate(reqs):
+                if time.perf_counter() > deadline:
+                    break
+                with lock:
+                    lv.issued += 1
+                t0 = time.perf_counter()
+                try:
+                    out = client.generate([req])
+                except Exception as exc:  # noqa: BLE001 - counted, reported
+                    with lock:
+                        lv.errors.append(f"client {i} request {j}: {exc}")
+                    continue
                 dt = time.perf_counter() - t0
                 with lock:
-                    lat.append(dt)
-                    tokens += sum(len(c.token_ids) for c in out)
-            except Exception:  # noqa: BLE001 - counted, reported
-                with lock:
-                    errors += 1
-        client.close()
+                    lv.latencies.append(dt)
+                    lv.tokens += sum(len(c.token_ids) for c in out)
+                    lv.answers.setdefault((i, j), []).extend(list(c.token_ids) for c in out)
+        finally:
+            client.close()
 
+    lv.load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(n_clients)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    wall = time.perf_counter() - t0
-    lat.sort()
-    return {
-        "clients": n_clients,
-        "requests": len(lat),
-        "errors": errors,
-        "wall_s": wall,
-        "req_per_s": len(lat) / wall,
-        "tokens_per_s": tokens / wall,
-        "p50_s": statistics.median(lat) if lat else float("nan"),
-        "p99_s": lat[min(len(lat) - 1, int(0.99 * len(lat)))] if lat else float("nan"),
-    }
+    lv.wall_s = time.perf_counter() - t0
+    lv.load_after = os.getloadavg()[0]
+    return lv
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    s = sorted(xs)
+    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
+
+
+def check_level(lv: Level, address: str, sample: int, new_tokens: int, n_latents: int, layers: list[int],
+                d_sae: int, rng: random.Random) -> tuple[bool, int, int]:
+    """(exactly one answer per issued request, sampled answers equal to alone, sample size)."""
+    once = (not lv.errors and len(lv.answers) == lv.issued and all(len(v) == 1 for v in lv.answers.values()))
+    keys = rng.sample(sorted(lv.answers), min(sample, len(lv.answers)))
+    client = AuditClient(address, timeout=600)
+    same = 0
+    try:
+        for i, j in keys:
+            alone = client.generate([make_request(i, j, new_tokens, n_latents, layers, d_sae)])[0].token_ids
+            same += int(list(alone) == lv.answers[(i, j)][0])
+    finally:
+        client.close()
+    return once, same, len(keys)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default=None, help="address of a running server (default: start one)")
+    ap.add_argument("--metrics", default=None, help="its /metrics URL (default: the started server's)")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
-    ap.add_argument("--clients", default="1,4,8")
-    ap.add_argument("--requests", type=int, default=8, help="requests per client")
+    ap.add_argument("--model", default="embedded:gemma-3-270m")
+    ap.add_argument("--clients", default="1,4,16,64")
+    ap.add_argument("--total", type=int, default=16, help="requests per client count (at least --min-per-client each)")
+    ap.add_argument("--min-per-client", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--latents", type=int, default=2000)
     ap.add_argument("--layers", default="3,6,9,12")
     ap.add_argument("--d-sae", type=int, default=16384)
-    ap.add_argument("--duration", type=float, default=600.0, help="stop issuing requests after this many s")
+    ap.add_argument("--sample", type=int, default=4, help="answers per client count re-run alone and compared")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
+    ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
+    ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
     server = None
-    address = args.server
+    address, metrics_url = args.server, args.metrics
     if address is None:
-        server = _start_server(args.engine, layers, args.d_sae, max_inflight=256)
+        server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256)
         address = server.address
+        if server.handle.metrics_port:
+            metrics_url = f"http://127.0.0.1:{server.handle.metrics_port}/metrics"
     host = address.rsplit(":", 1)[0]
     if host not in ("127.0.0.1", "localhost", "[::1]", "::1"):
         raise SystemExit("load tests target localhost only")
+    rng = random.Random(0)
+    rows: list[dict[str, Any]] = []
     try:
-        print("| engine | clients | requests | errors | req/s | tokens/s | p50 s | p99 s |")
-        print("|---|---|---|---|---|---|---|---|")
+        # warm-up (first-call allocations, lazy init), not counted
+        AuditClient(address, timeout=600).generate(
+            [make_request(0, 0, args.new_tokens, args.latents, layers, args.d_sae)])
         for n in [int(x) for x in args.clients.split(",")]:
-            r = run_load(address, n, args.requests, args.new_tokens, args.latents, layers, args.d_sae, args.duration)
-            print(f"| {args.engine} | {n} | {r['requests']:.0f} | {r['errors']:.0f} | {r['req_per_s']:.2f} | "
-                  f"{r['tokens_per_s']:.1f} | {r['p50_s']:.2f} | {r['p99_s']:.2f} |", flush=True)
+            per = max(args.min_per_client, -(-args.total // n))
+            before = scrape(metrics_url)
+            lv = run_level(address, n, per, args.new_tokens, args.latents, layers, args.d_sae, args.duration)
+            after = scrape(metrics_url)
+            once, same, k = check_level(lv, address, args.sample, args.new_tokens, args.latents, layers,
+                                        args.d_sae, rng)
+            bs_n = _delta(after, before, "refusal_audit_batch_size_count")
+            qw_n = _delta(after, before, "refusal_audit_queue_wait_seconds_count")
+            lat_n = _delta(after, before, "refusal_audit_latents_per_request_count")
+            batch_s = _delta(after, before, "refusal_audit_batch_seconds_total")
+            rows.append({
+                "engine": args.engine, "clients": n, "issued": lv.issued, "answered": len(lv.answers),
+                "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
+                "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,
+                "p50_s": statistics.median(lv.latencies) if lv.latencies else float("nan"),
+                "p95_s": _pct(lv.latencies, 0.95),
+                "mean_batch": _delta(after, before, "refusal_audit_batch_size_sum") / bs_n if bs_n else float("nan"),
+                "mean_queue_wait_s": (_delta(after, before, "refusal_audit_queue_wait_seconds_sum") / qw_n
+                                      if qw_n else float("nan")),
+                "hook_share": _delta(after, before, "refusal_audit_hook_seconds_total") / batch_s if batch_s else float("nan"),
+                "latents_per_request": (_delta(after, before, "refusal_audit_latents_per_request_sum") / lat_n
+                                        if lat_n else float("nan")),
+                "load_before": lv.load_before, "load_after": lv.load_after,
+                "first_errors": lv.errors[:3],
+            })
+            r = rows[-1]
+            print(f"[{n} clients] {r['tokens_per_s']:.1f} tok/s p50 {r['p50_s']:.2f}s once={once} "
+                  f"alone={same}/{k} load {lv.load_before:.1f}->{lv.load_after:.1f}", file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.stop()
+    base = rows[0] if rows else None
+    print(f"\nmodel {args.model}, {args.new_tokens} new tokens, {args.latents} latents/request over SAEs "
+          f"640->{args.d_sae} at layers {layers}, greedy; load average (1 min) before -> after each row\n")
+    print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
+          "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | latents/request | load avg |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        assert base is not None
+        print(f"| {r['engine']} | {r['clients']} | {r['issued']} | {'yes' if r['exactly_once'] else 'NO'} | "
+              f"{r['same_as_alone']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p50_s'] / base['p50_s']:.2f}x | {r['mean_batch']:.1f} | "
+              f"{r['mean_queue_wait_s']:.2f} | {100 * r['hook_share']:.1f}% | {r['latents_per_request']:.0f} | "
+              f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
+        for e in r["first_errors"]:
+            print(f"  error: {e}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    if any(not r["exactly_once"] for r in rows) or any(r["same_as_alone"].split("/")[0] != r["same_as_alone"].split("/")[1]
+                                                         for r in rows):
+        raise SystemExit("FAILED: a request was lost/duplicated/failed or an answer differs from its solo run")
 
 
 if __name__ == "__main__":

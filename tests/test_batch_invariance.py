@@ -272,3 +272,49 @@ def test_merged_batch_with_a_bad_call_fails_only_that_call():
         assert "items[1]" in str(results[1]), str(results[1])
     finally:
         batcher.close()
+
+
+def test_concurrent_grpc_calls_equal_sequential_and_are_metered(tmp_path):
+    """Through the server: concurrent Generate / GenerateStream RPCs share one batch, each answer equals
+    the request run alone, a call whose deadline passes while queued fails alone, and /metrics shows
+    the batch size, queue wait, latents per request and hook time."""
+    from refusal_audit.client import AuditClient, RemoteError
+    from refusal_audit.server.app import ThreadedServer
+    from refusal_audit.server.config import ServerConfig
+
+    model = make_model("llama")
+    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    reqs = _concurrent_requests(64)[:6]
+    alone = [engine.generate([r])[0] for r in reqs]
+    srv = ThreadedServer(ServerConfig(port=0, data_dir=tmp_path), engine, jobs_factory=lambda **_: None).start()
+    try:
+        batcher = srv.handle.engine
+        assert isinstance(batcher, Batcher)
+        clients = [AuditClient(srv.address, timeout=120) for _ in range(len(reqs) + 1)]
+
+        def stream(c: AuditClient, r: Request) -> list[int]:
+            return [t for ev in c.generate_stream([r]) for t in ev.token_ids]
+
+        with batcher.paused():
+            fns = [lambda c=c, r=r: c.generate([r])[0].token_ids for c, r in zip(clients[:3], reqs[:3], strict=True)]
+            fns += [lambda c=c, r=r: stream(c, r) for c, r in zip(clients[3:-1], reqs[3:], strict=True)]
+            fns += [lambda: clients[-1].generate([reqs[0]], timeout=3.0)]
+            threads, results = _run_threads(fns)
+            _wait_pending(batcher, len(reqs) + 1)
+            threads[-1].join(timeout=60)  # its deadline passes while it waits in the queue
+        for t in threads:
+            t.join(timeout=120)
+        assert isinstance(results[-1], RemoteError) and results[-1].code.name == "DEADLINE_EXCEEDED"
+        for i, r in enumerate(results[:-1]):
+            assert r == alone[i].token_ids, f"request {i} changed when served concurrently"
+        text = srv.handle.metrics.render().decode()
+        assert 'refusal_audit_batch_size_count{engine="hf",kind="generate"} 1.0' in text
+        assert f'refusal_audit_batch_size_sum{{engine="hf",kind="generate"}} {float(len(reqs))}' in text
+        assert 'refusal_audit_queue_wait_seconds_count{engine="hf",kind="generate"}' in text
+        assert f'refusal_audit_latents_per_request_count{{engine="hf"}} {float(len(reqs) + 1)}' in text
+        hook = [ln for ln in text.splitlines() if ln.startswith('refusal_audit_hook_seconds_total{engine="hf"')]
+        assert hook and float(hook[0].split()[-1]) > 0
+        for c in clients:
+            c.close()
+    finally:
+        srv.stop()
