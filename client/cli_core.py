@@ -281,7 +281,8 @@ def register(app: typer.Typer) -> None:
         max_latents_per_request: Annotated[int, typer.Option("--max-latents-per-request")] = 65536,
         default_max_new_tokens: Annotated[int, typer.Option("--default-max-new-tokens", help="when a request says 0")] = 64,
         max_concurrent_jobs: Annotated[int, typer.Option("--max-concurrent-jobs")] = 1,
-        batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="HF batching collection window")] = 2.0,
+        batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="HF batching: collect until no call arrived for this long")] = 5.0,
+        batch_max_wait_ms: Annotated[float, typer.Option("--batch-max-wait-ms", help="HF batching: longest collection window")] = 50.0,
         batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="padded tokens per HF batch")] = 16384,
         dtype: Annotated[str, typer.Option("--dtype")] = "float32",
         device: Annotated[str, typer.Option("--device")] = "cpu",
@@ -312,7 +313,7 @@ def register(app: typer.Typer) -> None:
                 data_dir=data_dir, judge=judge, auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
                 metrics_port=metrics_port, max_inflight=max_inflight, max_concurrent_jobs=max_concurrent_jobs,
                 dtype=dtype, device=device, grace_s=grace, batch_window_ms=batch_window_ms,
-                batch_max_tokens=batch_max_tokens,
+                batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens,
                 tensor_parallel_size=tensor_parallel_size,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),

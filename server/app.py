@@ -130,11 +130,12 @@ def _with_batching(engine: ServingEngine, config: ServerConfig, metrics: Metrics
     from .batching import batched
 
     window_s, budget = config.batch_window_ms / 1000.0, config.batch_max_tokens
+    max_wait_s = config.batch_max_wait_ms / 1000.0
     if hasattr(engine, "hf_batching"):  # vLLM: Encode / Residuals / Loss run on an HF engine
         engine.hf_batching = {"window_s": window_s, "max_batch_tokens": budget,  # type: ignore[attr-defined]
-                              "observer": metrics.batch_observer("vllm")}
+                              "observer": metrics.batch_observer("vllm"), "max_wait_s": max_wait_s}
         return engine
-    return batched(engine, window_s, budget, metrics.batch_observer("hf"))  # type: ignore[no-any-return]
+    return batched(engine, window_s, budget, metrics.batch_observer("hf"), max_wait_s)  # type: ignore[no-any-return]
 
 
 async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:

@@ -1,8 +1,8 @@
 """Cross-request dynamic batching in front of the HF engine.
 
 Concurrent calls (Generate, GenerateStream, Score, Encode, Residuals, Loss — from gRPC handlers and
-from jobs alike) are queued here; one scheduler thread waits a short collection window after the
-first arrival, then merges compatible calls into one engine batch and runs it. The HF engine is
+from jobs alike) are queued here; one scheduler thread waits a short collection window (until no
+call has arrived for `window_s`, at most `max_wait_s`), then merges compatible calls into one engine batch and runs it. The HF engine is
 batch-invariant (left padding, position ids from the attention mask, per-row interventions), so a
 request's output does not depend on its batch-mates: merging changes throughput, not results.
 
@@ -120,18 +120,21 @@ class Batcher:
     def __init__(
         self,
         engine: HFEngine,
-        window_s: float = 0.002,
+        window_s: float = 0.005,
         max_batch_tokens: int = 16384,
         observer: BatchObserver | None = None,
+        max_wait_s: float = 0.05,
     ) -> None:
         self._engine = engine
         self.window_s = float(window_s)
+        self.max_wait_s = float(max_wait_s)
         self.max_batch_tokens = int(max_batch_tokens)
         self.observer = observer or BatchObserver()
         self._cv = threading.Condition()
         self._pending: list[_Call] = []
         self._closed = False
         self._paused = 0
+        self._arrivals = 0
         self._thread = threading.Thread(target=self._run, name="hf-batcher", daemon=True)
         self._thread.start()
 
@@ -288,6 +291,7 @@ class Batcher:
             if self._closed:
                 raise RequestCancelled("the server is shutting down")
             self._pending.append(call)
+            self._arrivals += 1
             self._cv.notify_all()
         return call
 
@@ -312,8 +316,7 @@ class Batcher:
                     self._cv.wait(timeout=0.5)
                 if self._closed:
                     return
-            if self.window_s > 0:
-                time.sleep(self.window_s)  # the collection window: let concurrent arrivals join
+            self._collect()
             with self._cv:
                 batch = [] if self._paused else self._take()
             if batch:
@@ -322,6 +325,25 @@ class Batcher:
                 except BaseException as exc:  # noqa: BLE001 - never kill the scheduler
                     log.exception("batch failed")
                     self._fail_all(batch, exc)
+
+    def _collect(self) -> None:
+        """The collection window: wait until no call has arrived for `window_s` (at most `max_wait_s`).
+
+        The gap rule lets a burst (or the callers of the batch that just finished, sending their
+        next request) join the next batch, instead of splitting into alternating half batches.
+        """
+        if self.window_s <= 0:
+            return
+        end = time.perf_counter() + max(self.max_wait_s, self.window_s)
+        with self._cv:
+            while not self._closed:
+                seen = self._arrivals
+                now = time.perf_counter()
+                if now >= end:
+                    return
+                self._cv.wait(timeout=min(self.window_s, end - now))
+                if self._arrivals == seen:
+                    return
 
     def _live_pending(self) -> bool:
         self._pending = [c for c in self._pending if not c.gone]
@@ -471,11 +493,11 @@ def _n_latents(r: Request, engine: HFEngine) -> int:
     return n
 
 
-def batched(engine: Any, window_s: float = 0.002, max_batch_tokens: int = 16384,
-            observer: BatchObserver | None = None) -> Any:
+def batched(engine: Any, window_s: float = 0.005, max_batch_tokens: int = 16384,
+            observer: BatchObserver | None = None, max_wait_s: float = 0.05) -> Any:
     """`engine` behind a Batcher when it is an HFEngine (else unchanged)."""
     if isinstance(engine, HFEngine):
-        return Batcher(engine, window_s, max_batch_tokens, observer)
+        return Batcher(engine, window_s, max_batch_tokens, observer, max_wait_s)
     return engine
 
 

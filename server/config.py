@@ -69,7 +69,8 @@ class ServerConfig(BaseModel):
     distributed_executor_backend: Literal["mp", "ray"] | None = None  # vLLM's TP executor (None: vLLM's default)
     ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
     # cross-request batching on the HF engine (server/batching.py); max rows = limits.max_batch_items
-    batch_window_ms: float = Field(default=2.0, ge=0)  # collection window after a call arrives; 0 = none
+    batch_window_ms: float = Field(default=5.0, ge=0)  # collect until no call arrived for this long; 0 = none
+    batch_max_wait_ms: float = Field(default=50.0, ge=0)  # ... but at most this long
     batch_max_tokens: int = Field(default=16384, gt=0)  # rows x longest (prompt + new) tokens per batch
     batching: bool = True  # False: every call runs alone, in arrival order
 
