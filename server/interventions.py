@@ -1,10 +1,12 @@
 """The one intervention module shared by every engine: compile per-row specs into a batch plan and
 apply it to residual-stream tensors at hook points.
 
-Rows are the requests of a batch; each has its own interventions. Everything is vectorised over
-rows: per layer, one gather over the union of latents any row touches, and a per-(row, token,
-latent) membership weight — no Python loop over requests in the hot path. Token scopes are
-evaluated from a `TokenContext` the engine sets before each forward call.
+Rows are the requests of a batch; each has its own interventions. Per SAE layer, rows whose ops
+edit the same latents the same way form a group, and each group runs one gather over its own
+latents for its own tokens only (a token never pays for another request's latents); the loop is
+over distinct latent sets, not requests. Token scopes are evaluated from a `TokenContext` the
+engine sets before each forward call; the padded [B, T] layout is flattened to the packed one, so
+both engines run the same arithmetic.
 
 Math (docs/interventions.md): ablate  h' = h - sum_{i in S} z_i W_dec[i]  (error term kept);
 clamp  h' = h + sum_i (c_i - z_i) W_dec[i];  scale  h' = h + sum_i (alpha - 1) z_i W_dec[i];  direction ablation  h' = h - (h.r) r;
@@ -139,57 +141,93 @@ def _scope_table(entries: list[tuple[int, TokenScope]], prompt_lens: Sequence[in
 
 
 @dataclass
+class _LatentGroup:
+    """The rows of a batch whose ops at one layer edit the same latents the same way.
+
+    Their tokens go through one gather over the group's own latents (not the batch's union), so a
+    token only pays for its own request's latents. Op k of row r of the group is `ops[r, k]`.
+    """
+
+    key: tuple[int, ...]  # sorted latent ids: the slice-cache key
+    latents: torch.Tensor  # [S] long
+    ops: torch.Tensor  # [R, K] long: indices into the layer's scope table
+    membership: torch.Tensor  # [K, S] (1 where op k touches the latent)
+    scales: torch.Tensor  # [K, S] a * membership
+    targets: torch.Tensor  # [K, S] b * membership
+
+    @property
+    def single(self) -> bool:
+        """One op touching every latent of the group: its tokens need no per-latent weights."""
+        return self.ops.shape[1] == 1
+
+
+@dataclass
 class LatentLayerPlan:
-    """All latent ablations/clamps/scalings of a batch at one SAE layer.
+    """All latent ablations/clamps/scalings of a batch at one SAE layer, grouped by latent set.
 
     Each op sets its latents to z' = a z + b: ablation (a, b) = (0, 0), clamp (0, c), scale (alpha, 0).
+    Where several ops of a row cover the same latent at the same token, their a and b add up.
     """
 
     sae: LayerSAE
-    union: torch.Tensor  # [U] long, sorted latent ids
     scopes: _ScopeTable  # one entry per op
-    membership: torch.Tensor  # [O, U] float (1 where op touches the latent)
-    targets: torch.Tensor  # [O, U] float: b (0 for ablation and scaling, c for clamp)
-    scales: torch.Tensor  # [O, U] float: a (0 for ablation and clamp, alpha for scaling)
+    groups: list[_LatentGroup]
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [B, T, d] -> h' with every row's ops at this layer applied (exact, error term kept)."""
-        B = h.shape[0]
-        scope = self.scopes.masks(ctx).to(self.membership.dtype)  # [O, T]
-        row_onehot = torch.zeros(len(self.scopes.rows), B, dtype=scope.dtype, device=h.device)
-        row_onehot[torch.arange(len(self.scopes.rows), device=h.device), self.scopes.view_rows(ctx)] = 1.0
-        # weight[b, t, u] = 1 where some op of row b touches latent u at token t
-        weight = torch.einsum("ob,ot,ou->btu", row_onehot, scope, self.membership).clamp_(max=1.0)
-        target = torch.einsum("ob,ot,ou->btu", row_onehot, scope, self.targets * self.membership)
-        mul = torch.einsum("ob,ot,ou->btu", row_onehot, scope, self.scales * self.membership)
-        if not torch.any(weight):
-            return h
         if ctx.row is not None:
-            # Packed: only the tokens some op touches go through the SAE (the others are unchanged).
-            active = weight[0].any(-1).nonzero().squeeze(-1)  # [A]
-            x = h[0].index_select(0, active)
-            delta = self._delta(x, weight[0].index_select(0, active), target[0].index_select(0, active),
-                                mul[0].index_select(0, active))
-            return h[0].index_copy(0, active, x + delta.to(h.dtype)).unsqueeze(0)
-        delta = self._delta(h, weight, target, mul)
-        valid = ctx.valid.unsqueeze(-1)
-        return torch.where(valid, h + delta.to(h.dtype), h)
+            return self._apply_packed(h, ctx)
+        B, T, d = h.shape  # padded: the same computation over the flattened tokens
+        rows = torch.arange(B, device=h.device).repeat_interleave(T)
+        pos = ctx.position.reshape(-1)
+        flat = TokenContext.packed(pos, ctx.is_prompt.reshape(-1), ctx.prompt_len, torch.where(pos >= 0, rows, -1))
+        return self._apply_packed(h.reshape(1, B * T, d), flat).reshape(B, T, d)
 
-    def _delta(self, h: torch.Tensor, weight: torch.Tensor, target: torch.Tensor, mul: torch.Tensor) -> torch.Tensor:
-        """The change to h [..., d] that sets the weighted latents to mul * z + target (all [..., U])."""
+    def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
+        """h [1, N, d]: per group, only the tokens its ops touch go through the SAE, on the group's latents."""
+        masks = self.scopes.masks(ctx)  # [O, N] (each op restricted to its own row's tokens)
+        x_all = h[0]
+        toks: list[torch.Tensor] = []
+        news: list[torch.Tensor] = []
+        for g in self.groups:
+            R, K = g.ops.shape
+            m = masks.index_select(0, g.ops.reshape(-1)).view(R, K, -1).any(0)  # [K, N]: rows are disjoint
+            tok = m.any(0).nonzero().squeeze(-1)
+            if tok.numel() == 0:
+                continue
+            x = x_all.index_select(0, tok)
+            if g.single:
+                toks.append(tok)
+                news.append(x + self._delta(x, g, None, g.scales[0], g.targets[0]).to(h.dtype))
+                continue
+            w = m.index_select(1, tok).T.to(g.membership.dtype)  # [A, K]
+            weight = (w @ g.membership).clamp_(max=1.0)
+            toks.append(tok)
+            news.append(x + self._delta(x, g, weight, w @ g.scales, w @ g.targets).to(h.dtype))
+        if not toks:
+            return h
+        return x_all.index_copy(0, torch.cat(toks), torch.cat(news)).unsqueeze(0)
+
+    def _delta(
+        self, x: torch.Tensor, g: _LatentGroup, weight: torch.Tensor | None, mul: torch.Tensor, target: torch.Tensor
+    ) -> torch.Tensor:
+        """The change to x [A, d] that sets the weighted latents of `g` to mul * z + target.
+
+        weight None: every latent of the group, at every token (mul, target [S]); else [A, S] each."""
         sae = self.sae
         if sae.separable:
-            sl = sae.slices(self.union.tolist())
-            x_in, scale = sae.normalise_in(h)
-            z = sae.sparse_acts(x_in, sl)  # [..., U]
-            coeff = (mul - weight) * z + target  # z' - z where weighted, 0 elsewhere
+            sl = sae.slices(g.key)
+            x_in, scale = sae.normalise_in(x)
+            z = sae.sparse_acts(x_in, sl)  # [A, S]
+            coeff = (mul - (1.0 if weight is None else weight)) * z + target  # z' - z (0 where not weighted)
             return (coeff @ sl.W_dec) * scale
-        z_full = sae.encode(h)
-        z_sel = z_full[..., self.union]
+        z_full = sae.encode(x)
+        z_sel = z_full[..., g.latents]
         z_new = z_full.clone()
-        z_new[..., self.union] = torch.where(weight > 0, mul * z_sel + target, z_sel)
+        edited = mul * z_sel + target
+        z_new[..., g.latents] = edited if weight is None else torch.where(weight > 0, edited, z_sel)
         recon_new = sae.decode(z_new)
-        sae.encode(h)  # sae-lens run-time normalisation is stateful: each decode needs its encode
+        sae.encode(x)  # sae-lens run-time normalisation is stateful: each decode needs its encode
         return recon_new - sae.decode(z_full)
 
 
@@ -292,6 +330,43 @@ def _check_positions(scope: TokenScope, field_name: str, row: int, prompt_len: i
             )
 
 
+def _latent_groups(
+    ops: list[tuple[int, TokenScope, list[int], list[float], list[float]]], device: torch.device, dtype: torch.dtype
+) -> list[_LatentGroup]:
+    """Group the rows of one layer's ops by what their ops edit (latents and (a, b) per op, in order)."""
+    by_row: dict[int, list[int]] = {}
+    for o, (row, _, _, _, _) in enumerate(ops):
+        by_row.setdefault(row, []).append(o)
+    edits = []
+    for _, _, ids, muls, vals in ops:
+        last = {i: (a, b) for i, a, b in zip(ids, muls, vals, strict=True)}  # a latent listed twice keeps its last
+        edits.append(tuple(sorted(last.items())))
+    grouped: dict[tuple, list[list[int]]] = {}
+    for row_ops in by_row.values():
+        grouped.setdefault(tuple(edits[o] for o in row_ops), []).append(row_ops)
+    out = []
+    for key_edits, members in grouped.items():
+        latents = np.unique(np.fromiter((i for e in key_edits for i, _ in e), dtype=np.int64))
+        K = len(key_edits)
+        membership = np.zeros((K, len(latents)), dtype=np.float64)
+        scales = np.zeros_like(membership)
+        targets = np.zeros_like(membership)
+        for k, e in enumerate(key_edits):
+            cols = np.searchsorted(latents, np.fromiter((i for i, _ in e), dtype=np.int64, count=len(e)))
+            membership[k, cols] = 1.0
+            scales[k, cols] = [a for _, (a, _) in e]
+            targets[k, cols] = [b for _, (_, b) in e]
+        out.append(_LatentGroup(
+            key=tuple(int(i) for i in latents),
+            latents=torch.from_numpy(latents).to(device),
+            ops=torch.tensor(members, dtype=torch.long, device=device),
+            membership=torch.from_numpy(membership).to(device=device, dtype=dtype),
+            scales=torch.from_numpy(scales).to(device=device, dtype=dtype),
+            targets=torch.from_numpy(targets).to(device=device, dtype=dtype),
+        ))
+    return out
+
+
 def _check_layer(layer: int, n_layers: int, field_name: str) -> None:
     if not 0 <= layer < n_layers:
         raise InvalidRequest(f"{field_name}: layer {layer} out of range [0, {n_layers})")
@@ -388,23 +463,10 @@ def compile_plan(
 
     plan = BatchPlan()
     for layer, ops in sorted(latent_ops.items()):
-        union = np.unique(np.fromiter((i for _, _, ids, _, _ in ops for i in ids), dtype=np.int64))
-        membership = np.zeros((len(ops), len(union)), dtype=np.float64)
-        targets = np.zeros((len(ops), len(union)), dtype=np.float64)
-        scales = np.zeros((len(ops), len(union)), dtype=np.float64)
-        for o, (_, _, ids, muls, vals) in enumerate(ops):
-            last = {i: (a, b) for i, a, b in zip(ids, muls, vals, strict=True)}  # a latent listed twice keeps its last
-            cols = np.searchsorted(union, np.fromiter(last.keys(), dtype=np.int64, count=len(last)))
-            membership[o, cols] = 1.0
-            scales[o, cols] = np.fromiter((a for a, _ in last.values()), dtype=np.float64, count=len(last))
-            targets[o, cols] = np.fromiter((b for _, b in last.values()), dtype=np.float64, count=len(last))
         plan.latent_layers[layer] = LatentLayerPlan(
             sae=saes[layer],
-            union=torch.from_numpy(union).to(device),
             scopes=_scope_table([(r, s) for r, s, _, _, _ in ops], prompt_lens, device),
-            membership=torch.from_numpy(membership).to(device=device, dtype=dtype),
-            targets=torch.from_numpy(targets).to(device=device, dtype=dtype),
-            scales=torch.from_numpy(scales).to(device=device, dtype=dtype),
+            groups=_latent_groups(ops, device, dtype),
         )
     if abl:
         plan.ablations = DirectionPlan(

@@ -89,3 +89,34 @@ def test_packed_equals_padded(sae_arch: Literal["jumprelu", "topk"]) -> None:
     assert torch.equal(out_packed[0, n_valid:], h_flat[0, n_valid:]), "padding tokens must stay untouched"
     assert torch.equal(out_packed[0, row == 0], h_flat[0, row == 0]), "a row without interventions must stay untouched"
     assert not torch.allclose(out_packed, h_flat), "the interventions must act"
+
+
+def test_rows_are_grouped_by_latent_set_and_equal_their_solo_run() -> None:
+    """Per-row gathers: rows with the same edits share one group (one gather over their own latents),
+    distinct sets get their own, and every row's tokens come out as when the row runs alone."""
+    saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=3, norm=4.0)}, D, N_LAYERS)
+    sets = [tuple(range(0, 64, 2)), tuple(range(1, 64, 3)), tuple(range(0, 64, 2))]
+    rows = [(AblateLatents(latents={1: sets[0]}),), (ScaleLatents(latents={1: sets[1]}, factor=-3.0),),
+            (AblateLatents(latents={1: sets[2]}),), (),
+            (ClampLatents(latents={1: (5, 6)}, value=1.0, scope=TokenScope(kind="prompt")),
+             ScaleLatents(latents={1: (6, 7)}, factor=0.5, scope=TokenScope(kind="generated")))]
+    plens = [4, 3, 5, 2, 3]
+    counts = [4, 3, 5, 2, 5]
+    plan = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"))
+    lp = plan.latent_layers[1]
+    assert sorted(len(g.key) for g in lp.groups) == [3, 21, 32] and sorted(g.ops.shape[0] for g in lp.groups) == [1, 1, 2]
+    row = torch.repeat_interleave(torch.arange(len(rows)), torch.tensor(counts))
+    pos = torch.cat([torch.arange(n) for n in counts])
+    plen = torch.tensor(plens)
+    h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(0)) * 4.0
+    out = lp.apply(h, TokenContext.packed(pos, pos < plen[row], plen, row))
+    for r in range(len(rows)):
+        alone = compile_plan([rows[r]], [plens[r]], saes, N_LAYERS, D, torch.device("cpu")).latent_layers.get(1)
+        sel = row == r
+        p = torch.arange(counts[r])
+        solo = h[:, sel] if alone is None else alone.apply(
+            h[:, sel], TokenContext.packed(p, p < plens[r], plen[r : r + 1], torch.zeros_like(p)))
+        assert torch.allclose(out[:, sel], solo, atol=1e-6, rtol=1e-6), r
+        assert (r == 3) == torch.equal(out[:, sel], h[:, sel]), f"row {r}: only the row without ops stays as it is"
+    # row 4 (a prompt clamp and a generated scale on overlapping latents: the weighted path) acts on its prompt
+    assert not torch.allclose(out[:, row == 4][:, :3], h[:, row == 4][:, :3])

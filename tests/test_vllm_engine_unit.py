@@ -65,8 +65,10 @@ def test_resolved_spec_compiles_to_the_same_plan() -> None:
     b = compile_plan([resolved], [6], saes, 4, D, torch.device("cpu"))
     for ly in (1, 2):
         pa, pb = a.latent_layers[ly], b.latent_layers[ly]
-        assert torch.equal(pa.union, pb.union) and torch.equal(pa.membership, pb.membership)
-        assert torch.equal(pa.targets, pb.targets) and torch.equal(pa.scales, pb.scales)
+        assert len(pa.groups) == len(pb.groups) > 0
+        for ga, gb in zip(pa.groups, pb.groups, strict=True):
+            assert ga.key == gb.key and torch.equal(ga.ops, gb.ops) and torch.equal(ga.membership, gb.membership)
+            assert torch.equal(ga.targets, gb.targets) and torch.equal(ga.scales, gb.scales)
     assert a.ablations is not None and b.ablations is not None
     assert torch.equal(a.ablations.directions, b.ablations.directions)
     assert torch.equal(a.additions[2].directions, b.additions[2].directions)
