@@ -23,11 +23,10 @@ import statistics
 import time
 
 import torch
+from overhead_vllm import gemmascope_shaped_sae  # type: ignore[import-not-found]
 from refusal_audit.audit.spec import AblateLatents
 from refusal_audit.server.interventions import TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes
-
-from overhead_vllm import gemmascope_shaped_sae  # type: ignore[import-not-found]
 
 
 def main() -> None:
@@ -61,7 +60,7 @@ def main() -> None:
         h = torch.randn(1, n, d, generator=g)
         times: dict[str, list[float]] = {k: [] for k in plans}
         with torch.inference_mode():
-            for k, p in plans.items():  # warm-up (slice caches)
+            for p in plans.values():  # warm-up (slice caches)
                 p.apply(h, ctx)
             for _ in range(args.repeats):
                 for k, p in plans.items():
