@@ -537,3 +537,15 @@ def test_undecodable_request_without_token_is_unauthenticated(tmp_path: Path) ->
         err = _raw_unary(srv.address, "/refusal_audit.v1.AuditService/GetArtifact",
                          _corrupt(pb.GetArtifactRequest(id="dir_x"), b"dir_x", b"dir_\x80"))
         assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+def test_judge_never_answers_nan_probabilities() -> None:
+    """A classifier output with NaN probabilities becomes an item error, not a NaN verdict."""
+    from refusal_audit.server.judge.classifier import ClassifierOutput
+    from refusal_audit.server.judge.service import output_to_proto
+
+    bad = output_to_proto(ClassifierOutput(yes=True, p_yes=float("nan"), p_no=0.1))
+    assert bad.WhichOneof("outcome") == "error" and "not finite" in bad.error.message
+    assert bad.error.p_yes == 0.0 and bad.error.p_no == 0.0
+    good = output_to_proto(ClassifierOutput(yes=False, p_yes=0.2, p_no=0.7))
+    assert good.WhichOneof("outcome") == "classification" and not good.classification.yes

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import signal
 import sys
 import threading
@@ -168,14 +169,16 @@ class Batcher:
 
 
 def output_to_proto(out: ClassifierOutput) -> judge_pb2.ClassifyResult:
-    """ClassifierOutput -> ClassifyResult (classification, or an error for this item)."""
-    if out.yes is None:
+    """ClassifierOutput -> ClassifyResult (classification, or an error for this item). Non-finite
+    probabilities are an error for the item (a verdict read from NaN is no verdict) and are sent as 0."""
+    finite = math.isfinite(out.p_yes) and math.isfinite(out.p_no)
+    if out.yes is None or not finite:
         return judge_pb2.ClassifyResult(
             error=judge_pb2.ItemError(
-                message=out.error or "no verdict",
+                message=(out.error or "no verdict") if finite else "the classifier's probabilities are not finite (NaN/inf)",
                 truncated=out.truncated,
-                p_yes=out.p_yes,
-                p_no=out.p_no,
+                p_yes=out.p_yes if finite else 0.0,
+                p_no=out.p_no if finite else 0.0,
                 top_token=out.top_token or "",
             )
         )
