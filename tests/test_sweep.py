@@ -274,6 +274,25 @@ CASES: list[Case] = [
     C("attr-latent-too-large", A, attr(latents=[{"layer": 1, "latents": [500]}]), INV, "latents[1]"),
     C("attr-latents-layer", A, attr(latents=[{"layer": 0, "latents": [1]}]), INV, "latents"),
     C("attr-latents-values", A, attr(latents=[{"layer": 1, "latents": [1], "values": [2.0]}]), INV, "latents.values"),
+    # ---- Tokenize and SAERows
+    C("tok-empty", "Audit/Tokenize", {}, INV, "empty request"),
+    C("tok-prompt-unset", "Audit/Tokenize", {"prompts": [HI, {}]}, INV, "prompts[1]"),
+    C("tok-empty-text", "Audit/Tokenize", {"prompts": [{"text": ""}]}, INV, "prompts[0]"),
+    C("tok-too-many", "Audit/Tokenize", {"prompts": [HI] * 5}, EXH, "max_batch_items"),
+    C("tok-too-long", "Audit/Tokenize", {"prompts": [{"text": LONG}]}, INV, "prompts[0]"),
+    C("tok-raw-messages", "Audit/Tokenize", {"prompts": [{"messages": {"messages": [{"role": "user", "content": "x"}]}}],
+                                             "raw": True}, INV, "raw"),
+    C("sae-nothing", "Audit/SAERows", {"decoder": True}, INV, "latents"),
+    C("sae-layer-no-sae", "Audit/SAERows", {"layers": [3], "direction": {"values": ONES}}, INV, "layer"),
+    C("sae-latent-too-large", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [500]}]}, INV, "latents[1]"),
+    C("sae-latents-layer-0", "Audit/SAERows", {"latents": [{"layer": 0, "latents": [1]}]}, INV, "layer 0"),
+    C("sae-latents-values", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [1], "values": [1.0]}]}, INV, "latents.values"),
+    C("sae-too-many", "Audit/SAERows", {"latents": [{"layer": 1, "latents": list(range(11))}], "decoder": True}, EXH, "latents"),
+    C("sae-dir-dim", "Audit/SAERows", {"direction": {"values": [1.0, 2.0]}}, INV, "direction"),
+    C("sae-dir-nan", "Audit/SAERows", {"direction": {"values": ["NaN"] * D}}, INV, "direction"),
+    C("sae-dir-zero", "Audit/SAERows", {"direction": {"values": [0.0] * D}}, INV, "direction"),
+    C("sae-dir-unknown", "Audit/SAERows", {"direction": {"direction_id": "dir_nope"}}, NF, "direction_id"),
+    C("sae-top-k", "Audit/SAERows", {"direction": {"values": ONES}, "top_k": -1}, INV, "top_k"),
     # ---- artifacts
     C("regprompts-empty", "Audit/RegisterPromptSet", {"name": "p"}, INV, "prompts"),
     C("regprompts-unset", "Audit/RegisterPromptSet", {"prompts": [HI, {}]}, INV, "prompts[1]"),
@@ -332,6 +351,8 @@ ALWAYS_VALID = {
     "refusal_audit.v1.RegisterLatentSetRequest.name": "any label, empty included",
     "refusal_audit.v1.RegisterPromptSetRequest.name": "any label, empty included",
     "refusal_audit.v1.AttributeRequest.per_position": "a bool",
+    "refusal_audit.v1.SAERowsRequest.abs_cosine": "a bool",
+    "refusal_audit.v1.SAERowsRequest.encoder": "a bool",
     "refusal_audit.v1.ClassifyItem.context": "any text (HarmBench contextual behaviours)",
 }
 
@@ -345,6 +366,7 @@ EDGES: list[tuple[str, str, dict[str, Any]]] = [
     ("loss-into-completion", L, {"items": [{"prompt": HI, "completion": "ab", **with_iv(POS_DIR(4))}]}),
     ("encode", E, {"items": [{"prompt": HI}], "top_k": 3}),
     ("attribute-atp", A, attr(method="atp", top_k=3, per_position=True)),
+    ("sae-rows-huge-direction", "Audit/SAERows", {"direction": {"values": [3e38] * D}, "top_k": 2, "decoder": True}),
     ("scale-latents", G, gen({**with_iv(iv("scale_latents", ablate(2, 4, 5, factor=-2))), **smp()})),
 ]
 BASELINE: list[tuple[str, dict[str, Any]]] = [
