@@ -453,7 +453,11 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         return await self._unary("Attribute", context, body)
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
         async def body() -> pb.TokenizeResponse:
-            self._check_items(len(request.prompts))
+            n, lim = len(request.prompts), self.config.limits.max_batch_items
+            if n > lim:
+                raise LimitExceeded(f"prompts: {n} prompts exceed max_batch_items={lim}")
+            if n == 0:
+                raise InvalidRequest("prompts: empty request")
             prompts = convert.tokenize_prompts_from_pb(request)
             ids = await self._in_engine("Tokenize", lambda _c: self.engine.tokenize(prompts, request.raw), context)
             return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=t) for t in ids])

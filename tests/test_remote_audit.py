@@ -159,7 +159,7 @@ def test_tokenize_rpc_matches_engine(client: AuditClient, planted) -> None:
     assert raw[0] == [client.info.special_token_ids["I"]] and raw[1] == engine.render("tell me")[1:]
     with pytest.raises(RemoteError, match=r"INVALID_ARGUMENT: prompts\[0\]\.prompt: raw tokenization"):
         client.tokenize([user_prompt("hi")], raw=True)
-    with pytest.raises(RemoteError, match="INVALID_ARGUMENT: items: empty request"):
+    with pytest.raises(RemoteError, match="INVALID_ARGUMENT: prompts: empty request"):
         client.tokenize([])
 
 

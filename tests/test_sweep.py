@@ -340,6 +340,31 @@ CASES: list[Case] = [
     C("judge-behavior-blank", "Judge/Classify", {"items": [{"behavior": "b", "generation": "g"}, {"behavior": "  "}]},
       INV, "behavior"),
     C("judge-too-many-items", "Judge/Classify", {"items": [{"behavior": "b"}] * (JUDGE_MAX_QUEUE + 1)}, INV, "items"),
+    # ---- Tokenize
+    C("tok-no-prompts", "Audit/Tokenize", {}, INV, "prompts"),
+    C("tok-too-many", "Audit/Tokenize", {"prompts": [HI] * 5}, EXH, "max_batch_items"),
+    C("tok-prompt-unset", "Audit/Tokenize", {"prompts": [HI, {}]}, INV, "prompts[1]"),
+    C("tok-too-long", "Audit/Tokenize", {"prompts": [{"text": LONG}]}, INV, "prompts[0].prompt"),
+    C("tok-raw-messages", "Audit/Tokenize", {"prompts": [{"messages": {"messages": [{"role": "user", "content": "hi"}]}}],
+                                             "raw": True}, INV, "prompts[0].prompt"),
+    # ---- SAERows
+    C("rows-nothing", "Audit/SAERows", {}, INV, "latents"),
+    C("rows-no-sae", "Audit/SAERows", {"latents": [{"layer": 3, "latents": [1]}]}, INV, "layers"),
+    C("rows-layer-unknown", "Audit/SAERows", {"layers": [7], "direction": {"values": ONES}}, INV, "layers"),
+    C("rows-id-too-large", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [128]}]}, INV, "latents[1]"),
+    C("rows-values", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [1], "values": [2.0]}]}, INV, "latents.values"),
+    C("rows-dir-wrong-dim", "Audit/SAERows", {"direction": {"values": [1.0, 2.0]}}, INV, "direction"),
+    C("rows-dir-nan", "Audit/SAERows", {"direction": {"values": ONES[1:] + ["NaN"]}}, INV, "direction"),
+    C("rows-dir-zero", "Audit/SAERows", {"direction": {"values": [0.0] * D}}, INV, "direction"),
+    C("rows-dir-unknown", "Audit/SAERows", {"direction": {"direction_id": "dir_nope"}}, NF, "direction_id"),
+    C("rows-dir-both", "Audit/SAERows", {"direction": {"values": ONES, "direction_id": "dir_x"}}, INV, "direction"),
+    C("rows-topk-negative", "Audit/SAERows", {"direction": {"values": ONES}, "top_k": -1}, INV, "top_k"),
+    C("rows-topk-with-latents", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [1]}], "direction": {"values": ONES},
+                                                  "top_k": 2}, INV, "top_k"),
+    C("rows-too-many-decoder", "Audit/SAERows", {"direction": {"values": ONES}, "decoder": True}, EXH,
+      "max_latents_per_request"),
+    C("rows-too-many-encoder", "Audit/SAERows", {"layers": [1], "direction": {"values": ONES}, "top_k": 11,
+                                                 "abs_cosine": True, "encoder": True}, EXH, "max_latents_per_request"),
 ]
 
 # Fields for which no value is malformed (so no row can exercise them), with the reason.
