@@ -307,7 +307,11 @@ def test_concurrent_grpc_calls_equal_sequential_and_are_metered(tmp_path):
         assert isinstance(results[-1], RemoteError) and results[-1].code.name == "DEADLINE_EXCEEDED"
         for i, r in enumerate(results[:-1]):
             assert r == alone[i].token_ids, f"request {i} changed when served concurrently"
-        text = srv.handle.metrics.render().decode()
+        for _ in range(500):  # the batch is reported just after its last answer
+            text = srv.handle.metrics.render().decode()
+            if 'refusal_audit_batch_size_count{engine="hf",kind="generate"}' in text:
+                break
+            threading.Event().wait(0.01)
         assert 'refusal_audit_batch_size_count{engine="hf",kind="generate"} 1.0' in text
         assert f'refusal_audit_batch_size_sum{{engine="hf",kind="generate"}} {float(len(reqs))}' in text
         assert 'refusal_audit_queue_wait_seconds_count{engine="hf",kind="generate"}' in text
