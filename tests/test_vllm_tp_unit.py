@@ -65,8 +65,16 @@ def test_every_rank_parses_and_compiles_the_same_plan() -> None:
     a, b = plans
     for ly in (1, 2):
         pa, pb = a.latent_layers[ly], b.latent_layers[ly]
-        assert torch.equal(pa.union, pb.union) and torch.equal(pa.targets, pb.targets)
-        assert torch.equal(pa.scales, pb.scales) and torch.equal(pa.membership, pb.membership)
+        assert len(pa.groups) == len(pb.groups) >= 1
+        for ga, gb in zip(pa.groups, pb.groups, strict=True):
+            assert ga.key == gb.key and torch.equal(ga.latents, gb.latents) and torch.equal(ga.ops, gb.ops)
+            assert torch.equal(ga.scales, gb.scales) and torch.equal(ga.targets, gb.targets)
+            assert torch.equal(ga.membership, gb.membership)
+        for field in ("rows", "kind", "n", "positions"):
+            assert torch.equal(getattr(pa.scopes, field), getattr(pb.scopes, field))
+    # the plans are not vacuous: layer 1 ablates latents 1, 4, 9 over the prompt, layer 2 clamps 3 to 2.5
+    assert a.latent_layers[1].groups[0].key == (1, 4, 9)
+    assert a.latent_layers[2].groups[0].key == (3,) and float(a.latent_layers[2].groups[0].targets.max()) == 2.5
     assert torch.equal(a.additions[2].directions, b.additions[2].directions)
 
 
