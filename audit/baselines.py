@@ -91,9 +91,6 @@ class ProbeConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_job_id: str | None = None
-    stage3_job_id: str | None = None  # reuse its features and compare with its per-K jailbreaks
-    direction_job_id: str | None = None  # steering layer, when features are built here
     features: FeatureConfig = Field(default_factory=lambda: FeatureConfig.model_validate({}))
     lr: float = Field(1e-3, gt=0)
     epochs: int = Field(20, ge=1)
@@ -231,7 +228,6 @@ class RandomConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_job_id: str | None = None
     seed: int = 0
     n_draws: int = Field(1, ge=1)
     stratify_by_layer: bool = True  # draw as many per layer as the stage-2 set has there
@@ -309,7 +305,7 @@ def run_random_baseline(engine: Engine, stage2: Any, cfg: RandomConfig, ctx: Sta
     t0 = time.perf_counter()
     items = Stage2Sets.from_result(stage2).selected(cfg.only_jailbroken, cfg.max_prompts)
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
-    cfg_fp = cfg.model_dump_json(exclude={"stage2_job_id", "batch_size", "max_prompts"})
+    cfg_fp = cfg.model_dump_json(exclude={"batch_size", "max_prompts"})
     fps = {it.index: fingerprint([it.prompt, str(it.pairs()), cfg_fp]) for it in items}
     done = restore_items(ctx, "random/prompt", fps, lambda r: RandomPrompt(
         r["index"], r["prompt"], r["stage2_size"], r["n_active"], r["draws"]))
@@ -352,7 +348,6 @@ class ObrienConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_job_id: str | None = None  # the prompts (those stage 2 analysed); else `dataset`
     dataset: str = "temaq-abliterated:harmful"
     split: str = "test"
     n: int | None = Field(32, ge=1)

@@ -39,8 +39,6 @@ class CausalityConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_job_id: str | None = None
-    stage3_job_id: str | None = None
     k: int | None = Field(None, ge=1)  # None: each prompt's first jailbreaking K in stage 3
     only_stage3_jailbroken: bool = True  # with k=None this is implied
     active_threshold: float = Field(0.0, ge=0)

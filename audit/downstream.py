@@ -55,9 +55,6 @@ class DownstreamConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    direction_job_id: str | None = None
-    stage2_job_id: str | None = None
-    stage3_job_id: str | None = None  # with latent_sets_from="stage3"
     latent_sets_from: Literal["stage2", "stage3"] = "stage2"
     instruction_dataset: str = "temaq-abliterated:harmless"
     instruction_split: str = "test"

@@ -61,7 +61,6 @@ class HydraConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_job_id: str | None = None
     only_jailbroken: bool = True
     max_prompts: int | None = Field(None, ge=1)
     active_threshold: float = Field(0.0, ge=0)

@@ -212,7 +212,7 @@ def steering_row(
 
 
 class RefusalFeaturesConfig(BaseModel):
-    """The `refusal_features` job: selection (attribution) then steering validation."""
+    """Refusal-features configuration: selection (attribution) then steering validation (the direction is an argument)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -223,9 +223,6 @@ class RefusalFeaturesConfig(BaseModel):
     n_harmless: int = Field(default=16, ge=0)
     seed: int = 0
     chat: bool = True
-    direction_id: str | None = None
-    direction_job_id: str | None = None
-    direction: list[float] | None = None
     candidates_per_layer: int = Field(default=10, ge=1)
     per_prompt_k: int = Field(default=20, ge=1)
     global_k: int = Field(default=20, ge=1)
@@ -251,7 +248,9 @@ def run_refusal_features(
     if ref is None:
         raise ValueError("the engine reports no 'I' token id; pass refusal_token_id")
     fb = fallback_token_id if fallback_token_id is not None else engine.info.special_token_ids.get(cfg.fallback_token, ref)
-    fp = fingerprint([*prompts, cfg.model_dump_json(exclude={"alphas", "ks", "max_new_tokens"})])
+    direction = np.asarray(direction, dtype=np.float32)
+    fp = fingerprint([*prompts, cfg.model_dump_json(exclude={"alphas", "ks", "max_new_tokens"}),
+                      direction.tobytes().hex()])
     sel_key = "refusal_features/selection"
     got = resumed(ctx, sel_key, fp)
     if got is not None:

@@ -49,7 +49,7 @@ STAGE = "stage1"
 
 
 class Stage1Config(BaseModel):
-    """Stage-1 job configuration (round-trips through JSON)."""
+    """Stage-1 configuration (round-trips through JSON; the direction is an argument)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -58,7 +58,6 @@ class Stage1Config(BaseModel):
     n: int | None = Field(default=64, ge=1)
     seed: int = 0
     chat: bool = True
-    direction_id: str | None = None  # for the job runner: which registered direction to rank against
     k_start: int = Field(default=10, ge=1)
     k_step: int = Field(default=10, ge=1)
     k_max: int = Field(default=200, ge=1)

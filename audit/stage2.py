@@ -88,11 +88,10 @@ Reading = Literal["literal", "pool"]
 
 
 class Stage2Config(BaseModel):
-    """Stage-2 job configuration (round-trips through JSON)."""
+    """Stage-2 configuration (round-trips through JSON; the stage-1 result is an argument)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    stage1_job_id: str | None = None  # for the job runner: whose stage-1 result to prune
     block_size: int = Field(default=5, ge=1)
     taus: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 9)])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])

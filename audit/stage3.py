@@ -120,12 +120,10 @@ def rank_by_similarity(latent_keys: np.ndarray, E: np.ndarray, stage2: Sequence[
 
 
 class Stage3Config(BaseModel):
-    """Stage-3 job configuration (round-trips through JSON)."""
+    """Stage-3 configuration (round-trips through JSON; the stage-2 result is an argument)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    stage2_job_id: str | None = None  # job runner: whose stage-2 sets to extend
-    direction_job_id: str | None = None  # job runner: the steering layer (features up to it)
     features: FeatureConfig = Field(default_factory=lambda: FeatureConfig.model_validate({}))
     embedding_dim: int = Field(20, ge=1)  # the paper: 5, 20 (used), 50
     lr: float = Field(1e-3, gt=0)

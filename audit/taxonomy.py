@@ -65,8 +65,6 @@ class TaxonomyConfig(BaseModel):
     n_per_subcategory: int | None = Field(None, ge=1)
     seed: int = 0
     latent_source: Literal["stage3", "stage2", "explicit"] = "stage3"
-    stage2_job_id: str | None = None
-    stage3_job_id: str | None = None
     latents: dict[int, list[int]] = Field(default_factory=dict)  # latent_source="explicit"
     min_prompts: int = Field(1, ge=1)
     active_threshold: float = Field(0.0, ge=0)

@@ -340,7 +340,7 @@ def test_run_refusal_features_resumes(planted_engine: HFEngine) -> None:
             return fn
 
     r = planted.directions()[0]
-    cfg = RefusalFeaturesConfig(direction=r.tolist(), global_k=3, per_prompt_k=3, n_steps=2, alphas=[-1.0], ks=[3],
+    cfg = RefusalFeaturesConfig(global_k=3, per_prompt_k=3, n_steps=2, alphas=[-1.0], ks=[3],
                                 max_new_tokens=3, batch_size=4)
     ctx = LocalContext()
     sure = eng.tokenizer.convert_tokens_to_ids("Sure")

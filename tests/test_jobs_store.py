@@ -344,6 +344,28 @@ def test_refusal_rate_kind_with_artifacts(tmp_path: Path, tiny_engine: Any) -> N
 # ---------------------------------------------------------------------------- the audit-stage kinds
 
 
+def test_algorithm_configs_carry_no_job_wiring() -> None:
+    """Every kind's config = its `audit` algorithm config + `server.jobs.inputs` mixins: the ids of
+    earlier jobs and artifacts live in the mixins only, and `algorithm_config` strips them."""
+    from refusal_audit.server.jobs.inputs import JobInputs, algorithm_config
+
+    wiring = ("_job_id", "stage1_result", "direction_id")
+    composed = 0
+    for kind in KINDS.values():
+        cls = kind.config_class()
+        algos = [c for c in cls.__mro__ if issubclass(c, BaseModel) and c.__module__.startswith("refusal_audit.audit.")]
+        for algo in algos:
+            bad = [f for f in algo.model_fields if f.endswith(wiring)]
+            assert not bad, f"{kind.name}: {algo.__name__} carries job wiring {bad}"
+        mixins: list[type[BaseModel]] = [c for c in cls.__mro__ if issubclass(c, JobInputs) and c not in (JobInputs, cls)]
+        if algos and mixins:
+            composed += 1
+            extra = {f: None for m in mixins for f in m.model_fields}
+            stripped = algorithm_config(cls.model_construct(**extra), algos[0])
+            assert type(stripped) is algos[0] and not set(extra) & set(stripped.model_dump())
+    assert composed >= 10  # stage1, stage2, stage3, the baselines, hydra, causality, downstream, ...
+
+
 def test_stage_kinds_chained_by_job_id_and_chain(tmp_path: Path) -> None:
     """refusal_direction -> stage1 (direction_job_id) -> stage2 (stage1_job_id), and `chain`, on the
     planted model (tests/planted.py), whose refusal needs all three planted latents ablated."""
@@ -381,6 +403,7 @@ def test_stage_kinds_chained_by_job_id_and_chain(tmp_path: Path) -> None:
         assert s1res["n_jailbroken"] == 4 and {p["k"] for p in s1res["prompts"]} == {3}
         s2, s2res = run("stage2", {**s2cfg, "stage1_job_id": s1.id})
         assert s2res["summary"]["unique_latents"] == 3 and s2res["union_set_id"] in s2.artifact_ids
+        assert "direction_job_id" not in s1res["config"] and "stage1_job_id" not in s2res["config"]  # algorithm only
         assert sorted(arts.latent_set(s2res["union_set_id"])[planted.PLANTED_LAYER]) == sorted(planted.PLANTED)
         with pytest.raises(InvalidRequest, match=r"config\.stage1_job_id: .* is a 'refusal_direction' job"):
             mgr.submit("stage2", json.dumps({"stage1_job_id": d.id}))

@@ -12,11 +12,13 @@ Kinds:
   rate and per-prompt verdicts. One checkpoint per prompt.
 - ``refusal_direction``: Arditi et al.'s difference-of-means direction (`audit.refusal_direction`).
 - ``stage1`` / ``stage2``: the seed paper's searches (`audit.stage1`, `audit.stage2`), taking
-  their inputs inline or from an earlier job (``direction_job_id``, ``stage1_job_id``).
+  their inputs inline, as an artifact or from an earlier job (`inputs.DirectionSource`,
+  `inputs.FromStage1`).
 - ``chain``: direction -> stage 1 -> stage 2 in one job (`audit.pipeline.run_chain`).
 
-Each audit-stage kind is wired in one small function (`_run_*`), so the stage signatures can be
-adjusted in one place.
+A kind's config is its `audit` algorithm config plus input mixins (`inputs.job_config`); each
+audit-stage kind is wired in one small function (`_run_*`) that resolves the inputs into the
+stage's arguments and hands the stage its algorithm config only (`inputs.algorithm_config`).
 """
 
 from __future__ import annotations
@@ -28,23 +30,25 @@ from functools import lru_cache
 from typing import Any, Literal, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...audit.codec import reject_json_constant
-from ...audit.errors import InvalidRequest, NotFound, validation_message
+from ...audit.errors import InvalidRequest, validation_message
 from ...audit.spec import AblateDirection, AblateLatents, Intervention, Request, SamplingParams, user_prompt
 from . import fanout
+from .inputs import (
+    CheckEnv,
+    DirectionSource,
+    FromStage1,
+    algorithm_config,
+    check_artifact,
+    check_inputs,
+    direction_vector,
+    job_config,
+    stage1_result,
+)
 
 Runner = Callable[[Any, Any, Any], "tuple[dict[str, Any], list[str]]"]
-
-
-@dataclass
-class CheckEnv:
-    """What a kind's submit-time `check` may look at (nothing runs on the engine here)."""
-
-    engine: Any
-    artifacts: Any
-    job_kind: Callable[[str], str]  # job id -> its kind (raises NotFound)
 
 
 @dataclass(frozen=True)
@@ -83,29 +87,6 @@ def validate_config(kind: JobKind, config_json: str) -> BaseModel:
 # ---------------------------------------------------------------------------- shared helpers
 
 
-def _check_artifact(env: CheckEnv, field_name: str, artifact_id: str | None, kind: str) -> None:
-    if not artifact_id or env.artifacts is None:
-        return
-    try:
-        rec = env.artifacts.get(artifact_id)
-    except NotFound:
-        raise InvalidRequest(f"config.{field_name}: artifact {artifact_id!r} is not registered") from None
-    if getattr(rec, "kind", kind) != kind:
-        raise InvalidRequest(f"config.{field_name}: artifact {artifact_id!r} is a {rec.kind}, not a {kind}")
-
-
-def check_job(env: CheckEnv, field_name: str, job_id: str | None, kinds: tuple[str, ...]) -> None:
-    """Submit-time check that `job_id` (when given) names a job of one of `kinds`."""
-    if not job_id:
-        return
-    try:
-        got = env.job_kind(job_id)
-    except NotFound:
-        raise InvalidRequest(f"config.{field_name}: job {job_id!r} not found") from None
-    if got not in kinds:
-        raise InvalidRequest(f"config.{field_name}: job {job_id!r} is a {got!r} job, expected {' or '.join(kinds)}")
-
-
 def _all_checkpoints(ctx: Any, prefix: str) -> dict[str, Any] | None:
     """Bulk checkpoint read when the context offers it (JobContext), else None."""
     fn = getattr(ctx, "checkpoints", None)
@@ -134,8 +115,8 @@ class RefusalRateConfig(BaseModel):
 
 
 def _check_refusal_rate(cfg: RefusalRateConfig, env: CheckEnv) -> None:
-    _check_artifact(env, "latent_set_id", cfg.latent_set_id, "latent_set")
-    _check_artifact(env, "direction_id", cfg.direction_id, "direction")
+    check_artifact(env, "latent_set_id", cfg.latent_set_id, "latent_set")
+    check_artifact(env, "direction_id", cfg.direction_id, "direction")
     limit = getattr(getattr(env.engine, "limits", None), "max_new_tokens", None)
     if limit is not None and cfg.max_new_tokens > limit:
         raise InvalidRequest(f"config.max_new_tokens: {cfg.max_new_tokens} exceeds the server limit {limit}")
@@ -268,52 +249,16 @@ def result_dict(res: Any) -> dict[str, Any]:
     return out
 
 
-def part(result: dict[str, Any], name: str) -> dict[str, Any]:
-    """One part ("direction", "stage1") of a chain job's result, or a single-stage job's result."""
-    if "kind" not in result and isinstance(result.get(name), dict):
-        return dict(result[name])
-    return result
-
-
-def _direction_vector(ctx: Any, cfg: Any) -> np.ndarray:
-    """The refusal direction stage 1 ranks against: inline, a registered artifact, or a job's result."""
-    if cfg.direction:
-        return np.asarray(cfg.direction, dtype=np.float32)
-    if cfg.direction_id:
-        if ctx.artifacts is None:
-            raise RuntimeError("direction_id needs the server's artifact store")
-        rec = ctx.artifacts.get(cfg.direction_id)
-        if getattr(rec, "direction", None) is None:
-            raise ValueError(f"direction_id: {cfg.direction_id!r} is not a direction")
-        return np.asarray(rec.direction, dtype=np.float32)
-    d = part(ctx.job_result(cfg.direction_job_id), "direction")
-    arrays = d.get("arrays") or {}
-    return np.asarray(arrays.get("direction", d["direction"]), dtype=np.float32)
-
-
 @lru_cache(maxsize=1)
 def _stage1_config() -> type[BaseModel]:
     """Stage1Config plus where the direction comes from (exactly one of three)."""
     from ...audit.stage1 import Stage1Config
 
-    class Stage1JobConfig(Stage1Config):
-        direction_job_id: str | None = None  # a refusal_direction (or chain) job
-        direction: list[float] | None = None  # or the vector inline
-
-        @model_validator(mode="after")
-        def _one_source(self) -> Stage1JobConfig:
-            given = [n for n in ("direction_id", "direction_job_id", "direction") if getattr(self, n)]
-            if len(given) != 1:
-                raise ValueError("give exactly one of direction_id, direction_job_id, direction"
-                                 + (f" (got {', '.join(given)})" if given else ""))
-            return self
-
-    return Stage1JobConfig
+    return job_config(Stage1Config, DirectionSource)
 
 
 def _check_stage1(cfg: Any, env: CheckEnv) -> None:
-    _check_artifact(env, "direction_id", cfg.direction_id, "direction")
-    check_job(env, "direction_job_id", cfg.direction_job_id, ("refusal_direction", "chain"))
+    check_inputs(cfg, env)
     if cfg.direction is not None and env.engine is not None and hasattr(env.engine, "info"):
         d = env.engine.info.d_model
         if len(cfg.direction) != d:
@@ -322,31 +267,18 @@ def _check_stage1(cfg: Any, env: CheckEnv) -> None:
 
 def _run_stage1(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     """Stage 1 (the engine ranks its SAE latents against the direction: `sae_rows`)."""
-    from ...audit.stage1 import run_stage1_from_config
+    from ...audit.stage1 import Stage1Config, run_stage1_from_config
 
-    res = run_stage1_from_config(engine, cfg, _direction_vector(ctx, cfg), ctx)
+    res = run_stage1_from_config(engine, algorithm_config(cfg, Stage1Config), direction_vector(ctx, cfg), ctx)
     return result_dict(res), []
 
 
 @lru_cache(maxsize=1)
 def _stage2_config() -> type[BaseModel]:
-    """Stage2Config plus an inline stage-1 result (instead of stage1_job_id)."""
+    """Stage2Config plus the stage-1 result (an earlier job's, or inline)."""
     from ...audit.stage2 import Stage2Config
 
-    class Stage2JobConfig(Stage2Config):
-        stage1_result: dict[str, Any] | None = None  # a stage-1 result JSON, inline
-
-        @model_validator(mode="after")
-        def _one_source(self) -> Stage2JobConfig:
-            if (self.stage1_job_id is None) == (self.stage1_result is None):
-                raise ValueError("give exactly one of stage1_job_id, stage1_result")
-            return self
-
-    return Stage2JobConfig
-
-
-def _check_stage2(cfg: Any, env: CheckEnv) -> None:
-    check_job(env, "stage1_job_id", cfg.stage1_job_id, ("stage1", "chain"))
+    return job_config(Stage2Config, FromStage1)
 
 
 def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
@@ -358,8 +290,9 @@ def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
 
 
 def _run_stage2(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    s1 = cfg.stage1_result if cfg.stage1_result is not None else part(ctx.job_result(cfg.stage1_job_id), "stage1")
-    res = _stage2(engine, cfg, s1, ctx)
+    from ...audit.stage2 import Stage2Config
+
+    res = _stage2(engine, algorithm_config(cfg, Stage2Config), stage1_result(ctx, cfg), ctx)
     out = result_dict(res)
     if getattr(res, "placement", None) is not None:
         out["placement"] = res.placement  # which engine replica ran each (prompt, seed)
@@ -415,6 +348,6 @@ register_kind(JobKind("stage1", _stage1_config, _run_stage1,
                       check=_check_stage1))
 register_kind(JobKind("stage2", _stage2_config, _run_stage2,
                       "greedy block pruning of stage-1 pools to faithful latent sets (registers latent sets)",
-                      check=_check_stage2))
+                      check=check_inputs))
 register_kind(JobKind("chain", _chain_config, _run_chain,
                       "refusal_direction -> stage1 -> stage2 in one job"))

@@ -1,24 +1,25 @@
 """Job kinds for the seed paper's analyses (issue 7), registered into `kinds.KINDS` on import.
 
-Kinds (config class: the `audit` module's pydantic config, which round-trips JSON; earlier results
-are read by job id through ``ctx.job_result``):
+Kinds (config: the `audit` module's algorithm config plus input mixins from `inputs`, composed by
+`inputs.job_config`; earlier results are read by job id through ``ctx.job_result``):
 
-- ``stage3``           `audit.stage3.Stage3Config`: stage2_job_id (stage2 or chain job), optional
+- ``stage3``           `audit.stage3.Stage3Config` + stage2_job_id (stage2 or chain job), optional
                        direction_job_id (refusal_direction or chain: the steering layer).
-- ``probe_baseline``   `audit.baselines.ProbeConfig`: stage2_job_id, optional stage3_job_id (reuse
+- ``probe_baseline``   `audit.baselines.ProbeConfig` + stage2_job_id, optional stage3_job_id (reuse
                        its features; FM-vs-probe table), optional direction_job_id.
-- ``random_baseline``  `audit.baselines.RandomConfig`: stage2_job_id.
-- ``obrien_baseline``  `audit.baselines.ObrienConfig`: stage2_job_id, or the config's dataset.
-- ``hydra``            `audit.hydra.HydraConfig`: stage2_job_id.
-- ``causality``        `audit.causality.CausalityConfig`: stage2_job_id + stage3_job_id.
-- ``downstream_ce``    `audit.downstream.DownstreamConfig`: optional direction_job_id (its registered
+- ``random_baseline``  `audit.baselines.RandomConfig` + stage2_job_id.
+- ``obrien_baseline``  `audit.baselines.ObrienConfig` + optional stage2_job_id (else the dataset).
+- ``hydra``            `audit.hydra.HydraConfig` + stage2_job_id.
+- ``causality``        `audit.causality.CausalityConfig` + stage2_job_id + stage3_job_id.
+- ``downstream_ce``    `audit.downstream.DownstreamConfig` + optional direction_job_id (its registered
                        direction id, else the vector), stage2_job_id (+ stage3_job_id).
-- ``taxonomy``         `audit.taxonomy.TaxonomyConfig`: latents from stage3_job_id + stage2_job_id,
+- ``taxonomy``         `audit.taxonomy.TaxonomyConfig` + latents from stage3_job_id + stage2_job_id,
                        stage2_job_id alone, or inline.
 
-Each runner returns ``(result_dict, artifact_ids)``; numpy arrays under ``result["arrays"]``
-(rankings, FM weights, feature rows) are stored as safetensors by the job store. Audit modules are
-imported lazily (config factories), as in `kinds.py`.
+Each runner resolves the inputs into the stage's arguments, hands it its algorithm config only
+(`inputs.algorithm_config`) and returns ``(result_dict, artifact_ids)``; numpy arrays under
+``result["arrays"]`` (rankings, FM weights, feature rows) are stored as safetensors by the job
+store. Audit modules are imported lazily (config factories), as in `kinds.py`.
 
 The manager copies `KINDS` when it is created, so this module must be imported before: the
 server imports it next to `kinds` (``from . import kinds_analysis``).
@@ -26,27 +27,27 @@ server imports it next to `kinds` (``from . import kinds_analysis``).
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from ...audit.errors import InvalidRequest
-from .kinds import CheckEnv, JobKind, check_job, part, register_kind, result_dict
-
-STAGE2_KINDS = ("stage2", "chain")
-STAGE3_KINDS = ("stage3",)
-DIRECTION_KINDS = ("refusal_direction", "chain")
-
-
-# ---------------------------------------------------------------------------- helpers
-
-
-def _need(cfg: Any, field: str, why: str) -> str:
-    val = getattr(cfg, field, None)
-    if not val:
-        raise InvalidRequest(f"config.{field}: required ({why})")
-    return str(val)
+from .inputs import (
+    CheckEnv,
+    FromDirectionJob,
+    FromStage2,
+    FromStage3,
+    algorithm_config,
+    check_inputs,
+    direction_ref,
+    job_config,
+    need,
+    stage2_result,
+    stage3_result,
+    steering_layer,
+)
+from .kinds import JobKind, register_kind, result_dict
 
 
 def _check_max_new_tokens(env: CheckEnv, *values: int) -> None:
@@ -56,200 +57,190 @@ def _check_max_new_tokens(env: CheckEnv, *values: int) -> None:
             raise InvalidRequest(f"config: max_new_tokens {v} exceeds the server limit {limit}")
 
 
-def _steering_layer(ctx: Any, job_id: str | None) -> int | None:
-    if not job_id:
-        return None
-    return int(part(ctx.job_result(job_id), "direction")["layer"])
-
-
-def _stage2(ctx: Any, cfg: Any) -> dict[str, Any]:
-    return part(ctx.job_result(cfg.stage2_job_id), "stage2")
-
-
 # ---------------------------------------------------------------------------- stage 3
 
 
+@lru_cache(maxsize=1)
 def _stage3_config() -> type[BaseModel]:
     from ...audit.stage3 import Stage3Config
 
-    return Stage3Config
+    return job_config(Stage3Config, FromStage2, FromDirectionJob)
 
 
 def _check_stage3(cfg: Any, env: CheckEnv) -> None:
-    _need(cfg, "stage2_job_id", "the stage-2 sets to extend")
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
+    need(cfg, "stage2_job_id", "the stage-2 sets to extend")
+    check_inputs(cfg, env)
     _check_max_new_tokens(env, cfg.sweep.max_new_tokens)
 
 
 def _run_stage3(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.stage3 import run_stage3
+    from ...audit.stage3 import Stage3Config, run_stage3
 
-    res = run_stage3(engine, _stage2(ctx, cfg), cfg, ctx, steering_layer=_steering_layer(ctx, cfg.direction_job_id))
+    res = run_stage3(engine, stage2_result(ctx, cfg), algorithm_config(cfg, Stage3Config), ctx,
+                     steering_layer=steering_layer(ctx, cfg))
     return result_dict(res), []
 
 
 # ---------------------------------------------------------------------------- baselines
 
 
+@lru_cache(maxsize=1)
 def _probe_config() -> type[BaseModel]:
     from ...audit.baselines import ProbeConfig
 
-    return ProbeConfig
+    return job_config(ProbeConfig, FromStage2, FromStage3, FromDirectionJob)
 
 
 def _check_probe(cfg: Any, env: CheckEnv) -> None:
-    _need(cfg, "stage2_job_id", "the stage-2 sets the top-K latents are added to")
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
-    check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
+    need(cfg, "stage2_job_id", "the stage-2 sets the top-K latents are added to")
+    check_inputs(cfg, env)
     _check_max_new_tokens(env, cfg.sweep.max_new_tokens)
 
 
 def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.baselines import run_probe_baseline
+    from ...audit.baselines import ProbeConfig, run_probe_baseline
 
-    stage3 = ctx.job_result(cfg.stage3_job_id) if cfg.stage3_job_id else None
-    res = run_probe_baseline(engine, _stage2(ctx, cfg), cfg, ctx, stage3=stage3,
-                             steering_layer=_steering_layer(ctx, cfg.direction_job_id))
+    res = run_probe_baseline(engine, stage2_result(ctx, cfg), algorithm_config(cfg, ProbeConfig), ctx,
+                             stage3=stage3_result(ctx, cfg), steering_layer=steering_layer(ctx, cfg))
     return result_dict(res), []
 
 
+@lru_cache(maxsize=1)
 def _random_config() -> type[BaseModel]:
     from ...audit.baselines import RandomConfig
 
-    return RandomConfig
+    return job_config(RandomConfig, FromStage2)
 
 
 def _check_random(cfg: Any, env: CheckEnv) -> None:
-    _need(cfg, "stage2_job_id", "the set sizes to match")
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    need(cfg, "stage2_job_id", "the set sizes to match")
+    check_inputs(cfg, env)
     _check_max_new_tokens(env, cfg.max_new_tokens)
 
 
 def _run_random(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.baselines import run_random_baseline
+    from ...audit.baselines import RandomConfig, run_random_baseline
 
-    return result_dict(run_random_baseline(engine, _stage2(ctx, cfg), cfg, ctx)), []
+    res = run_random_baseline(engine, stage2_result(ctx, cfg), algorithm_config(cfg, RandomConfig), ctx)
+    return result_dict(res), []
 
 
+@lru_cache(maxsize=1)
 def _obrien_config() -> type[BaseModel]:
     from ...audit.baselines import ObrienConfig
 
-    return ObrienConfig
+    return job_config(ObrienConfig, FromStage2)
 
 
 def _check_obrien(cfg: Any, env: CheckEnv) -> None:
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    check_inputs(cfg, env)
     _check_max_new_tokens(env, cfg.max_new_tokens)
 
 
 def _run_obrien(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.baselines import obrien_prompts, run_obrien_baseline
+    from ...audit.baselines import ObrienConfig, obrien_prompts, run_obrien_baseline
 
-    prompts: Any = _stage2(ctx, cfg) if cfg.stage2_job_id else obrien_prompts(cfg)
-    return result_dict(run_obrien_baseline(engine, prompts, cfg, ctx)), []
+    algo = algorithm_config(cfg, ObrienConfig)
+    prompts: Any = stage2_result(ctx, cfg) if cfg.stage2_job_id else obrien_prompts(algo)
+    return result_dict(run_obrien_baseline(engine, prompts, algo, ctx)), []
 
 
 # ---------------------------------------------------------------------------- hydra / causality
 
 
+@lru_cache(maxsize=1)
 def _hydra_config() -> type[BaseModel]:
     from ...audit.hydra import HydraConfig
 
-    return HydraConfig
+    return job_config(HydraConfig, FromStage2)
 
 
 def _check_hydra(cfg: Any, env: CheckEnv) -> None:
-    _need(cfg, "stage2_job_id", "the stage-2 sets to analyse")
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
+    need(cfg, "stage2_job_id", "the stage-2 sets to analyse")
+    check_inputs(cfg, env)
     _check_max_new_tokens(env, cfg.max_new_tokens, cfg.clamp_max_new_tokens)
 
 
 def _run_hydra(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.hydra import run_hydra
+    from ...audit.hydra import HydraConfig, run_hydra
 
-    return result_dict(run_hydra(engine, _stage2(ctx, cfg), cfg, ctx)), []
+    return result_dict(run_hydra(engine, stage2_result(ctx, cfg), algorithm_config(cfg, HydraConfig), ctx)), []
 
 
+@lru_cache(maxsize=1)
 def _causality_config() -> type[BaseModel]:
     from ...audit.causality import CausalityConfig
 
-    return CausalityConfig
+    return job_config(CausalityConfig, FromStage2, FromStage3)
 
 
 def _check_causality(cfg: Any, env: CheckEnv) -> None:
-    _need(cfg, "stage2_job_id", "the stage-2 sets")
-    _need(cfg, "stage3_job_id", "the stage-3 rankings")
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+    need(cfg, "stage2_job_id", "the stage-2 sets")
+    need(cfg, "stage3_job_id", "the stage-3 rankings")
+    check_inputs(cfg, env)
     _check_max_new_tokens(env, cfg.max_new_tokens)
 
 
 def _run_causality(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.causality import run_causality
+    from ...audit.causality import CausalityConfig, run_causality
 
-    res = run_causality(engine, _stage2(ctx, cfg), ctx.job_result(cfg.stage3_job_id), cfg, ctx)
+    res = run_causality(engine, stage2_result(ctx, cfg), stage3_result(ctx, cfg),
+                        algorithm_config(cfg, CausalityConfig), ctx)
     return result_dict(res), []
 
 
 # ---------------------------------------------------------------------------- downstream / taxonomy
 
 
+@lru_cache(maxsize=1)
 def _downstream_config() -> type[BaseModel]:
     from ...audit.downstream import DownstreamConfig
 
-    return DownstreamConfig
+    return job_config(DownstreamConfig, FromDirectionJob, FromStage2, FromStage3)
 
 
 def _check_downstream(cfg: Any, env: CheckEnv) -> None:
-    check_job(env, "direction_job_id", cfg.direction_job_id, DIRECTION_KINDS)
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+    check_inputs(cfg, env)
     if cfg.latent_sets_from == "stage3" and not (cfg.stage3_job_id and cfg.stage2_job_id):
         raise InvalidRequest("config.stage3_job_id: latent_sets_from='stage3' needs stage2_job_id and stage3_job_id")
     _check_max_new_tokens(env, cfg.answer_max_new_tokens)
 
 
 def _run_downstream(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.downstream import latent_sets_for, run_downstream
+    from ...audit.downstream import DownstreamConfig, latent_sets_for, run_downstream
 
-    direction: Any = None
-    if cfg.direction_job_id:
-        d = part(ctx.job_result(cfg.direction_job_id), "direction")
-        direction = d.get("direction_id") or np.asarray((d.get("arrays") or {}).get("direction", d["direction"]))
-    stage2 = _stage2(ctx, cfg) if cfg.stage2_job_id else None
-    stage3 = ctx.job_result(cfg.stage3_job_id) if cfg.stage3_job_id else None
-    sets = latent_sets_for(cfg, stage2, stage3) if stage2 is not None else []
-    return result_dict(run_downstream(engine, cfg, ctx, direction=direction, latent_sets=sets)), []
+    algo = algorithm_config(cfg, DownstreamConfig)
+    stage2 = stage2_result(ctx, cfg) if cfg.stage2_job_id else None
+    sets = latent_sets_for(algo, stage2, stage3_result(ctx, cfg)) if stage2 is not None else []
+    return result_dict(run_downstream(engine, algo, ctx, direction=direction_ref(ctx, cfg), latent_sets=sets)), []
 
 
+@lru_cache(maxsize=1)
 def _taxonomy_config() -> type[BaseModel]:
     from ...audit.taxonomy import TaxonomyConfig
 
-    return TaxonomyConfig
+    return job_config(TaxonomyConfig, FromStage2, FromStage3)
 
 
 def _check_taxonomy(cfg: Any, env: CheckEnv) -> None:
     if cfg.latent_source == "explicit" and not cfg.latents:
         raise InvalidRequest("config.latents: required with latent_source='explicit'")
     if cfg.latent_source in ("stage2", "stage3"):
-        _need(cfg, "stage2_job_id", f"latent_source={cfg.latent_source!r}")
+        need(cfg, "stage2_job_id", f"latent_source={cfg.latent_source!r}")
     if cfg.latent_source == "stage3":
-        _need(cfg, "stage3_job_id", "latent_source='stage3'")
-    check_job(env, "stage2_job_id", cfg.stage2_job_id, STAGE2_KINDS)
-    check_job(env, "stage3_job_id", cfg.stage3_job_id, STAGE3_KINDS)
+        need(cfg, "stage3_job_id", "latent_source='stage3'")
+    check_inputs(cfg, env)
 
 
 def _run_taxonomy(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.taxonomy import latents_from_results, run_taxonomy
+    from ...audit.taxonomy import TaxonomyConfig, latents_from_results, run_taxonomy
 
     if cfg.latent_source == "explicit":
         latents: Any = {int(k): list(v) for k, v in cfg.latents.items()}
     else:
-        stage3 = ctx.job_result(cfg.stage3_job_id) if cfg.latent_source == "stage3" else None
-        latents = latents_from_results(_stage2(ctx, cfg), stage3)
-    return result_dict(run_taxonomy(engine, latents, cfg, ctx)), []
+        stage3 = stage3_result(ctx, cfg) if cfg.latent_source == "stage3" else None
+        latents = latents_from_results(stage2_result(ctx, cfg), stage3)
+    return result_dict(run_taxonomy(engine, latents, algorithm_config(cfg, TaxonomyConfig), ctx)), []
 
 
 # ---------------------------------------------------------------------------- registration

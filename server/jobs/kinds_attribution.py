@@ -1,42 +1,33 @@
 """The `refusal_features` job kind (issue 13): the second seed paper's attribution pipeline, registered
 into `kinds.KINDS` on import (`server/jobs/__init__.py` imports it next to `kinds`).
 
-Config: `audit.refusal_features.RefusalFeaturesConfig` (exactly one of direction_id,
-direction_job_id, direction). The runner ranks candidates against the engine's SAE decoders,
+Config: `audit.refusal_features.RefusalFeaturesConfig` plus `inputs.DirectionSource` (exactly one
+of direction_id, direction_job_id, direction). The runner ranks candidates against the engine's SAE decoders,
 attributes with the engine's `attribute` (the HF engine, also behind vLLM), validates by steering,
 and registers the global latent set. Resumable through the checkpoints documented in the module.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any
 
-import numpy as np
 from pydantic import BaseModel
 
 from ...audit.errors import InvalidRequest
-from .kinds import (
-    CheckEnv,
-    JobKind,
-    _check_artifact,
-    _direction_vector,
-    check_job,
-    register_kind,
-)
+from .inputs import CheckEnv, DirectionSource, algorithm_config, check_inputs, direction_vector, job_config
+from .kinds import JobKind, register_kind
 
 
+@lru_cache(maxsize=1)
 def _config() -> type[BaseModel]:
     from ...audit.refusal_features import RefusalFeaturesConfig
 
-    return RefusalFeaturesConfig
+    return job_config(RefusalFeaturesConfig, DirectionSource)
 
 
 def _check(cfg: Any, env: CheckEnv) -> None:
-    given = [n for n in ("direction_id", "direction_job_id", "direction") if getattr(cfg, n)]
-    if len(given) != 1:
-        raise InvalidRequest("config: give exactly one of direction_id, direction_job_id, direction")
-    _check_artifact(env, "direction_id", cfg.direction_id, "direction")
-    check_job(env, "direction_job_id", cfg.direction_job_id, ("refusal_direction", "chain"))
+    check_inputs(cfg, env)
     if env.engine is not None and not hasattr(env.engine, "attribute"):
         raise InvalidRequest("config: this server's engine cannot attribute (no gradients)")
     limit = getattr(getattr(env.engine, "limits", None), "max_attribution_steps", None)
@@ -46,12 +37,12 @@ def _check(cfg: Any, env: CheckEnv) -> None:
 
 def _run(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     from ...audit.datasets import load_prompts
-    from ...audit.refusal_features import run_refusal_features
+    from ...audit.refusal_features import RefusalFeaturesConfig, run_refusal_features
 
-    direction = np.asarray(_direction_vector(ctx, cfg), dtype=np.float32)
-    prompts = load_prompts(cfg.dataset, cfg.split, cfg.n, cfg.seed)
-    harmless = load_prompts(cfg.harmless_dataset, cfg.split, cfg.n_harmless, cfg.seed) if cfg.n_harmless else []
-    out = run_refusal_features(engine, cfg, ctx, direction, prompts, harmless)
+    algo = algorithm_config(cfg, RefusalFeaturesConfig)
+    prompts = load_prompts(algo.dataset, algo.split, algo.n, algo.seed)
+    harmless = load_prompts(algo.harmless_dataset, algo.split, algo.n_harmless, algo.seed) if algo.n_harmless else []
+    out = run_refusal_features(engine, algo, ctx, direction_vector(ctx, cfg), prompts, harmless)
     return out, [out["latent_set_id"]]
 
 

@@ -42,7 +42,8 @@ from ...audit.errors import InvalidRequest, LimitExceeded, NotFound
 from ...audit.judges import Judge, JudgeError, SubstringJudge
 from ...audit.judges.gate import server_gate
 from .context import Interrupted, JobContext
-from .kinds import KINDS, CheckEnv, JobKind, validate_config
+from .inputs import CheckEnv
+from .kinds import KINDS, JobKind, validate_config
 from .store import (
     CANCELLED,
     FAILED,
