@@ -79,6 +79,19 @@ class RefusalFeatures:
         }
 
 
+def jailbreak_tokens(engine: Any, prompts: Sequence[Prompt], ablate: AblateDirection, refusal_token_id: int,
+                     fallback_token_id: int, batch_size: int = 8) -> list[int]:
+    """Per prompt, the argmax first token with the direction ablated (one scored forward pass each), or
+    the fallback token when that argmax is the refusal token itself."""
+    jb: list[int] = []
+    for part in chunks(list(prompts), batch_size):
+        res = engine.score([Request(prompt=p, interventions=(ablate,)) for p in part], [refusal_token_id], top_k=1)
+        for r in res:
+            top = int(r.top_token_ids[0]) if r.top_token_ids is not None and len(r.top_token_ids) else fallback_token_id
+            jb.append(fallback_token_id if top == refusal_token_id else top)
+    return jb
+
+
 def select_refusal_features(
     engine: Any,
     prompts: Sequence[Prompt],
@@ -100,14 +113,9 @@ def select_refusal_features(
     layers = sorted(rows)
     candidates = {ly: [int(i) for i in rows[ly].latents] for ly in layers}
     ablate = AblateDirection(direction=tuple(float(x) for x in np.asarray(direction).ravel()))
-    jb: list[int] = []
-    fwd = bwd = 0
-    for part in chunks(list(prompts), batch_size):
-        res = engine.score([Request(prompt=p, interventions=(ablate,)) for p in part], [refusal_token_id], top_k=1)
-        fwd += len(part)
-        for r in res:
-            top = int(r.top_token_ids[0]) if r.top_token_ids is not None and len(r.top_token_ids) else fallback_token_id
-            jb.append(fallback_token_id if top == refusal_token_id else top)
+    jb = jailbreak_tokens(engine, prompts, ablate, refusal_token_id, fallback_token_id, batch_size)
+    fwd = len(prompts)
+    bwd = 0
     scores = np.zeros((len(prompts), sum(len(v) for v in candidates.values())))
     keys = [(ly, i) for ly in layers for i in candidates[ly]]
     col = {k: j for j, k in enumerate(keys)}

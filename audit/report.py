@@ -21,6 +21,7 @@ from typing import Any
 from . import (
     report_analysis,  # noqa: F401  (registers the analysis sections)
     report_attribution,  # noqa: F401  (registers the refusal_features section)
+    report_refusal_analyses,  # noqa: F401  (latent_edges, jailbreak_suppression, probe_ood sections)
 )
 from .codec import to_jsonable
 from .report_html import SECTION_RENDERERS, SectionRenderer, esc, figure, fmt, register_section, table

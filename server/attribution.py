@@ -254,16 +254,15 @@ class _Patcher:
         return hook
 
 
-def attribute(engine: HFEngine, request: AttributionRequest, max_steps: int = DEFAULT_MAX_STEPS,
-              reference_means: ReferenceMeans | None = None) -> AttributionResponse:
-    """Run an attribution request on the HF engine (validates; raises InvalidRequest / NotFound)."""
-    t0 = time.perf_counter()
+def validate_request(engine: HFEngine, request: AttributionRequest, layers: list[int],
+                     max_steps: int = DEFAULT_MAX_STEPS) -> list[LogitDiff | LogProb]:
+    """Check a request against the engine (steps, layers, latents, top_k, metrics, baseline) before any
+    forward pass; the metric of every item. Raises InvalidRequest / NotFound naming the field."""
     n_steps = request.steps
     if request.method == "ig" and not 1 <= n_steps <= max_steps:
         raise InvalidRequest(f"n_steps: {n_steps} out of range [1, {max_steps}]")
     if request.method == "atp" and request.n_steps not in (0, 1):
         raise InvalidRequest(f"n_steps: method 'atp' is one step, got n_steps={request.n_steps}")
-    layers = sorted(set(request.layers)) if request.layers else sorted(engine.saes)
     if not layers:
         raise InvalidRequest("layers: this server has no SAEs")
     for ly in layers:
@@ -299,6 +298,16 @@ def attribute(engine: HFEngine, request: AttributionRequest, max_steps: int = DE
         metrics.append(m)
     if request.baseline.kind == "interventions":
         _check_baseline_interventions(engine, request)
+    return metrics
+
+
+def attribute(engine: HFEngine, request: AttributionRequest, max_steps: int = DEFAULT_MAX_STEPS,
+              reference_means: ReferenceMeans | None = None) -> AttributionResponse:
+    """Run an attribution request on the HF engine (validates; raises InvalidRequest / NotFound)."""
+    t0 = time.perf_counter()
+    n_steps = request.steps
+    layers = sorted(set(request.layers)) if request.layers else sorted(engine.saes)
+    metrics = validate_request(engine, request, layers, max_steps)
 
     requests = [Request(prompt=it.prompt) for it in request.items]
     all_ids = engine._batch_ids(requests)

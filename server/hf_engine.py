@@ -34,6 +34,7 @@ from ..audit.engine import (
     StreamEvent,
 )
 from ..audit.errors import InvalidRequest, non_finite
+from ..audit.latent_edges import EdgeResponse
 from ..audit.spec import Request
 from .engine_base import EngineBase
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
@@ -524,3 +525,10 @@ class HFEngine(EngineBase):
 
         with self._lock:
             return attribute(self, request, max_steps=self.limits.max_attribution_steps)
+
+    def latent_edges(self, request: AttributionRequest, max_back: int = 3) -> EdgeResponse:
+        """Upstream -> downstream latent edges on the attribution path (server/attribution_edges.py)."""
+        from .attribution_edges import latent_edges
+
+        with self._lock:
+            return latent_edges(self, request, max_back=max_back, max_steps=self.limits.max_attribution_steps)

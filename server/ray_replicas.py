@@ -300,6 +300,10 @@ class ReplicaSet:
         """Gradient attribution (the HF engine's), on one replica; baselines' artifacts travel too."""
         return self.call("attribute", request=request)
 
+    def latent_edges(self, request: Any, max_back: int = 3) -> Any:
+        """Latent-to-latent edges (the HF engine's), on one replica."""
+        return self.call("latent_edges", request=request, max_back=max_back)
+
     # ------------------------------------------------------------------ dispatch
 
     @property

@@ -5,6 +5,7 @@ per-prompt checkpoints in SQLite (WAL) so a killed server resumes them (docs/job
 from . import (
     kinds_analysis,  # noqa: F401  (registers the issue-7 analysis kinds)
     kinds_attribution,  # noqa: F401  (registers refusal_features, issue 13)
+    kinds_refusal_analyses,  # noqa: F401  (registers latent_edges, jailbreak_suppression, probe_ood)
 )
 from .kinds import KINDS, JobKind, register_kind
 from .manager import JobManager

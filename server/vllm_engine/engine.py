@@ -729,6 +729,10 @@ class VLLMEngine(EngineBase):
         """Gradient attribution runs on the HF engine (gradients), like Encode/Residuals/Loss."""
         return self.hf_engine().attribute(request)
 
+    def latent_edges(self, request: AttributionRequest, max_back: int = 3) -> Any:
+        """Latent-to-latent edges (gradients) run on the HF engine, like `attribute`."""
+        return self.hf_engine().latent_edges(request, max_back)
+
 
 def check_rank_facts(facts: Any) -> dict[str, Any]:
     """`ra_install`'s answer from every rank (collective_rpc: one per tensor-parallel rank) must agree:

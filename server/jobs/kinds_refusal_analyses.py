@@ -1,0 +1,159 @@
+"""The refusal-latent analyses of the second seed paper as job kinds (issue 13), registered into
+`kinds.KINDS` on import: `latent_edges`, `jailbreak_suppression`, `probe_ood`.
+
+Each takes its refusal latents from a `refusal_features` job (its global set), a registered latent set
+or an explicit list (`audit.refusal_latents`), checks its config at StartJob (INVALID_ARGUMENT naming
+the field) and is resumable through per-prompt checkpoints (see each audit module).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel
+
+from ...audit.errors import InvalidRequest
+from .kinds import CheckEnv, JobKind, _check_artifact, _direction_vector, check_job, register_kind
+
+
+def _check_latents(cfg: Any, env: CheckEnv) -> None:
+    """The refusal-latent source: a refusal_features job, a latent set, or ids the engine's SAEs have."""
+    check_job(env, "features_job_id", cfg.features_job_id, ("refusal_features",))
+    _check_artifact(env, "latent_set_id", cfg.latent_set_id, "latent_set")
+    info = getattr(env.engine, "info", None)
+    if cfg.latents and info is not None:
+        for ly, ids in cfg.latents.items():
+            if ly not in info.sae_layers:
+                raise InvalidRequest(f"config.latents: no SAE at layer {ly} (SAE layers: {list(info.sae_layers)})")
+            d_sae = info.sae(ly).d_sae
+            bad = [i for i in ids if not 0 <= int(i) < d_sae]
+            if bad:
+                raise InvalidRequest(f"config.latents[{ly}]: latent id {bad[0]} out of range [0, {d_sae})")
+
+
+def _check_templates(cfg: Any) -> None:
+    from ...audit.jailbreaks import resolve
+
+    try:
+        resolve(cfg.templates, cfg.custom_templates)
+    except ValueError as exc:
+        raise InvalidRequest(f"config.{exc}") from None
+
+
+def _check_layer(env: CheckEnv, name: str, layer: int | None) -> None:
+    info = getattr(env.engine, "info", None)
+    if layer is not None and info is not None and not 0 <= layer < info.n_layers:
+        raise InvalidRequest(f"config.{name}: layer {layer} out of range [0, {info.n_layers})")
+
+
+def _prompts(cfg: Any) -> list[str]:
+    from ...audit.datasets import load_prompts
+
+    if cfg.prompts:
+        return [p for p in cfg.prompts if p.strip()]
+    return load_prompts(cfg.dataset, cfg.split, cfg.n, cfg.seed)
+
+
+# ---------------------------------------------------------------------------- latent_edges
+
+
+def _edges_config() -> type[BaseModel]:
+    from ...audit.latent_edges import LatentEdgesConfig
+
+    return LatentEdgesConfig
+
+
+def _check_edges(cfg: Any, env: CheckEnv) -> None:
+    _check_latents(cfg, env)
+    given = [n for n in ("direction_id", "direction_job_id", "direction") if getattr(cfg, n)]
+    if cfg.baseline == "direction" and len(given) != 1:
+        raise InvalidRequest("config.direction_id: baseline 'direction' needs exactly one of direction_id, "
+                             "direction_job_id, direction")
+    if cfg.baseline == "zero" and given:
+        raise InvalidRequest(f"config.{given[0]}: not read with baseline 'zero'")
+    _check_artifact(env, "direction_id", cfg.direction_id, "direction")
+    check_job(env, "direction_job_id", cfg.direction_job_id, ("refusal_direction", "chain"))
+    info = getattr(env.engine, "info", None)
+    if cfg.direction is not None and info is not None and len(cfg.direction) != info.d_model:
+        raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={info.d_model}")
+    if env.engine is not None and not hasattr(env.engine, "latent_edges"):
+        raise InvalidRequest("config: this server's engine cannot compute latent edges (no gradients)")
+    limit = getattr(getattr(env.engine, "limits", None), "max_attribution_steps", None)
+    if cfg.method == "ig" and limit is not None and cfg.n_steps > limit:
+        raise InvalidRequest(f"config.n_steps: {cfg.n_steps} exceeds the server limit {limit}")
+    if cfg.latents and info is not None:
+        reach = [ly for ly in cfg.latents if any(ly - cfg.max_back <= s < ly for s in info.sae_layers)]
+        if not reach:
+            raise InvalidRequest(f"config.latents: no SAE layer within max_back={cfg.max_back} layers before "
+                                 f"layers {sorted(cfg.latents)}")
+
+
+def _run_edges(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
+    from ...audit.latent_edges import run_latent_edges
+    from ...audit.refusal_latents import resolve_latents
+
+    direction = np.asarray(_direction_vector(ctx, cfg), dtype=np.float32) if cfg.baseline == "direction" else None
+    out = run_latent_edges(engine, cfg, ctx, _prompts(cfg), resolve_latents(cfg, ctx), direction)
+    return out, []
+
+
+# ---------------------------------------------------------------------------- jailbreak_suppression
+
+
+def _suppression_config() -> type[BaseModel]:
+    from ...audit.jailbreak_suppression import JailbreakSuppressionConfig
+
+    return JailbreakSuppressionConfig
+
+
+def _check_suppression(cfg: Any, env: CheckEnv) -> None:
+    _check_latents(cfg, env)
+    _check_templates(cfg)
+    limit = getattr(getattr(env.engine, "limits", None), "max_new_tokens", None)
+    if limit is not None and cfg.max_new_tokens > limit:
+        raise InvalidRequest(f"config.max_new_tokens: {cfg.max_new_tokens} exceeds the server limit {limit}")
+
+
+def _run_suppression(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
+    from ...audit.jailbreak_suppression import run_jailbreak_suppression
+    from ...audit.refusal_latents import resolve_latents
+
+    return run_jailbreak_suppression(engine, cfg, ctx, ctx.judge, _prompts(cfg), resolve_latents(cfg, ctx)), []
+
+
+# ---------------------------------------------------------------------------- probe_ood
+
+
+def _probe_config() -> type[BaseModel]:
+    from ...audit.probe_ood import ProbeOODConfig
+
+    return ProbeOODConfig
+
+
+def _check_probe(cfg: Any, env: CheckEnv) -> None:
+    _check_latents(cfg, env)
+    _check_templates(cfg)
+    _check_layer(env, "dense_layer", cfg.dense_layer)
+
+
+def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
+    from ...audit.datasets import load_prompts
+    from ...audit.probe_ood import run_probe_ood
+    from ...audit.refusal_latents import resolve_latents
+
+    texts = {f"{split}_{cls}": load_prompts(ds, split, n, cfg.seed)
+             for split, n in (("train", cfg.n_train), ("test", cfg.n_test))
+             for cls, ds in (("harmful", cfg.harmful_dataset), ("harmless", cfg.harmless_dataset))}
+    return run_probe_ood(engine, cfg, ctx, texts, resolve_latents(cfg, ctx)), []
+
+
+register_kind(JobKind("latent_edges", _edges_config, _run_edges,
+                      "Yeo et al.: upstream -> downstream latent attribution into the refusal latents "
+                      "(up to max_back layers back) and the upstream ablation check", _check_edges))
+register_kind(JobKind("jailbreak_suppression", _suppression_config, _run_suppression,
+                      "refusal-latent activation under jailbreak templates, drop split by judged success "
+                      "(gated and ungated)", _check_suppression))
+register_kind(JobKind("probe_ood", _probe_config, _run_probe,
+                      "logistic probe on the refusal latents vs a dense residual probe, tested on "
+                      "jailbreak-wrapped prompts", _check_probe))
