@@ -24,17 +24,19 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .jailbreaks import DEFAULT_TEMPLATES, resolve, templates, wrap
 from .judges import JudgeItem
-from .refusal_latents import LatentsSource
+from .refusal_latents import latents_key
 from .spec import Prompt, Request, SamplingParams
 from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
 
 
-class JailbreakSuppressionConfig(LatentsSource):
-    """The `jailbreak_suppression` job."""
+class JailbreakSuppressionConfig(BaseModel):
+    """The `jailbreak_suppression` algorithm (the refusal latents are an argument; a job names them)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = "temaq-abliterated:harmful"
     split: Literal["train", "val", "test", "all"] = "test"
@@ -117,7 +119,7 @@ def run_jailbreak_suppression(engine: Any, cfg: JailbreakSuppressionConfig, ctx:
     if not prompts:
         raise ValueError("no prompts")
     tmpl = resolve(cfg.templates, cfg.custom_templates)
-    lat_key = ";".join(f"{ly}:{','.join(map(str, ids))}" for ly, ids in sorted(latents.items()))
+    lat_key = latents_key(latents)
     base_fp = fingerprint([*(f"{k}\x01{v}" for k, v in tmpl.items()), lat_key,
                            cfg.model_dump_json(include={"chat", "last_n", "max_new_tokens"}),
                            str(getattr(judge, "name", type(judge).__name__))])

@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
-from .refusal_latents import LatentsSource
+from .refusal_latents import latents_key
 from .spec import AblateDirection, Prompt, Request, ScaleLatents
 from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
 
@@ -85,8 +85,11 @@ class EdgeResponse:
     wall_s: float = 0.0
 
 
-class LatentEdgesConfig(LatentsSource):
-    """The `latent_edges` job: edges into the refusal latents, then the upstream ablation check."""
+class LatentEdgesConfig(BaseModel):
+    """The `latent_edges` algorithm: edges into the refusal latents, then the upstream ablation check.
+    (The refusal latents and the direction are arguments of `run_latent_edges`; a job names them.)"""
+
+    model_config = ConfigDict(extra="forbid")
 
     dataset: str = "temaq-abliterated:harmful"
     split: Literal["train", "val", "test", "all"] = "test"
@@ -95,9 +98,6 @@ class LatentEdgesConfig(LatentsSource):
     prompts: list[str] = Field(default_factory=list)  # inline prompts, instead of the dataset
     chat: bool = True
     baseline: Literal["direction", "zero"] = "direction"  # direction: the refusal direction ablated (the paper's)
-    direction_id: str | None = None
-    direction_job_id: str | None = None
-    direction: list[float] | None = None
     max_back: int = Field(default=3, ge=1, le=8)  # upstream SAE layers within this many layers
     method: Literal["atp", "ig"] = "ig"
     n_steps: int = Field(default=10, ge=1)
@@ -184,7 +184,7 @@ def run_latent_edges(engine: Any, cfg: LatentEdgesConfig, ctx: Any, prompts: Seq
     if ref is None:
         raise ValueError("the engine reports no 'I' token id")
     fb = special.get(cfg.fallback_token, ref)
-    down_json = ";".join(f"{ly}:{','.join(map(str, ids))}" for ly, ids in sorted(downstream.items()))
+    down_json = latents_key(downstream)
     dir_fp = "" if direction is None else fingerprint([np.asarray(direction, dtype=np.float32).tobytes().hex()])
     cfg_fp = cfg.model_dump_json(include={"chat", "baseline", "max_back", "method", "n_steps", "fallback_token"})
     fps = {i: fingerprint([t, cfg_fp, down_json, dir_fp]) for i, t in enumerate(prompts)}

@@ -24,18 +24,20 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from .jailbreaks import DEFAULT_TEMPLATES, resolve, templates, wrap
-from .refusal_latents import LatentsSource
+from .refusal_latents import latents_key
 from .spec import Request
 from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
 
 GROUPS = ("train_harmful", "train_harmless", "test_harmful", "test_harmless", "ood_harmful", "ood_harmless")
 
 
-class ProbeOODConfig(LatentsSource):
-    """The `probe_ood` job."""
+class ProbeOODConfig(BaseModel):
+    """The `probe_ood` algorithm (the refusal latents are an argument; a job names them)."""
+
+    model_config = ConfigDict(extra="forbid")
 
     harmful_dataset: str = "temaq-abliterated:harmful"
     harmless_dataset: str = "temaq-abliterated:harmless"
@@ -147,7 +149,7 @@ def run_probe_ood(engine: Any, cfg: ProbeOODConfig, ctx: Any, texts: dict[str, l
     for g in ("train_harmful", "train_harmless"):
         if not groups[g]:
             raise ValueError(f"no {g} prompts")
-    lat_key = ";".join(f"{ly}:{','.join(map(str, ids))}" for ly, ids in sorted(latents.items()))
+    lat_key = latents_key(latents)
     base = fingerprint([lat_key, str(layer), str(cfg.chat)])
     feats: dict[str, list[dict[str, list[float]]]] = {}
     total = sum(len(v) for v in groups.values())

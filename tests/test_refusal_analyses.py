@@ -65,8 +65,7 @@ def _ids(engine: HFEngine) -> tuple[int, int]:
 def _edges_cfg(**kw):
     from refusal_audit.audit.latent_edges import LatentEdgesConfig
 
-    base = dict(latents=DOWNSTREAM, direction=planted.directions()[0].tolist(), n_steps=2, ablate_k=1, top_k=3,
-                batch_size=2)
+    base = dict(n_steps=2, ablate_k=1, top_k=3, batch_size=2)
     return LatentEdgesConfig(**{**base, **kw})
 
 
@@ -252,7 +251,7 @@ def test_jailbreak_suppression_equals_encode(edge_engine: HFEngine) -> None:
     from refusal_audit.audit.jailbreaks import wrap
 
     eng = edge_engine
-    cfg = JailbreakSuppressionConfig(latents=DOWNSTREAM, templates=["prefix_injection"], custom_templates=TEMPLATES,
+    cfg = JailbreakSuppressionConfig(templates=["prefix_injection"], custom_templates=TEMPLATES,
                                      last_n=2, max_new_tokens=3, batch_size=4)
     texts = planted.HARMFUL[:3]
     judge = _StubGate()
@@ -325,7 +324,7 @@ def test_probe_ood_matches_numpy_probe_and_resumes(edge_engine: HFEngine) -> Non
     eng = edge_engine
     texts = {"train_harmful": planted.HARMFUL[:8], "train_harmless": planted.HARMLESS[:8],
              "test_harmful": planted.HARMFUL[8:12], "test_harmless": planted.HARMLESS[8:12]}
-    cfg = ProbeOODConfig(latents=DOWNSTREAM, templates=[], custom_templates=TEMPLATES, l2=0.1, batch_size=8,
+    cfg = ProbeOODConfig(templates=[], custom_templates=TEMPLATES, l2=0.1, batch_size=8,
                          dense_layer=1)
     out = run_probe_ood(eng, cfg, LocalContext(), texts, DOWNSTREAM)
     wrapped = {f"ood_{c}": [TEMPLATES[list(TEMPLATES)[i % 3]].replace("{{ prompt }}", t)

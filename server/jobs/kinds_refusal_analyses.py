@@ -8,19 +8,68 @@ the field) and is resumable through per-prompt checkpoints (see each audit modul
 
 from __future__ import annotations
 
-from typing import Any
+from functools import lru_cache
+from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, model_validator
 
 from ...audit.errors import InvalidRequest
-from .kinds import CheckEnv, JobKind, _check_artifact, _direction_vector, check_job, register_kind
+from .inputs import CheckEnv, JobInputs, algorithm_config, check_inputs, direction_vector, job_config
+from .kinds import JobKind, register_kind
+
+FEATURES_KINDS = ("refusal_features",)
+
+
+class RefusalLatentsSource(JobInputs):
+    """The refusal latents: a refusal_features job's global set (its first `k_latents`), a registered
+    latent set, or an explicit {layer: ids} (exactly one)."""
+
+    JOB_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"features_job_id": FEATURES_KINDS}
+    ARTIFACT_FIELDS: ClassVar[dict[str, str]] = {"latent_set_id": "latent_set"}
+    features_job_id: str | None = None
+    latent_set_id: str | None = None
+    latents: dict[int, list[int]] | None = None
+    k_latents: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> RefusalLatentsSource:
+        given = [n for n in ("features_job_id", "latent_set_id", "latents") if getattr(self, n)]
+        if len(given) != 1:
+            raise ValueError("give exactly one of features_job_id, latent_set_id, latents"
+                             + (f" (got {', '.join(given)})" if given else ""))
+        if self.k_latents is not None and not self.features_job_id:
+            raise ValueError("k_latents is only read with features_job_id")
+        return self
+
+
+class OptionalDirection(JobInputs):
+    """The refusal direction when the algorithm needs one: a registered artifact, a job's, or inline
+    (at most one; the kind's check says when one is required)."""
+
+    JOB_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"direction_job_id": ("refusal_direction", "chain")}
+    ARTIFACT_FIELDS: ClassVar[dict[str, str]] = {"direction_id": "direction"}
+    direction_id: str | None = None
+    direction_job_id: str | None = None
+    direction: list[float] | None = None
+
+
+def refusal_latents(ctx: Any, cfg: Any) -> dict[int, list[int]]:
+    """Resolve a `RefusalLatentsSource` config to {layer: ids}."""
+    from ...audit.refusal_latents import global_set_latents, normalise
+
+    if cfg.latents:
+        return normalise(cfg.latents)
+    if cfg.latent_set_id:
+        if getattr(ctx, "artifacts", None) is None:
+            raise RuntimeError("latent_set_id needs the server's artifact store")
+        return normalise(ctx.artifacts.latent_set(cfg.latent_set_id))
+    return normalise(global_set_latents(ctx.job_result(cfg.features_job_id), cfg.k_latents))
 
 
 def _check_latents(cfg: Any, env: CheckEnv) -> None:
-    """The refusal-latent source: a refusal_features job, a latent set, or ids the engine's SAEs have."""
-    check_job(env, "features_job_id", cfg.features_job_id, ("refusal_features",))
-    _check_artifact(env, "latent_set_id", cfg.latent_set_id, "latent_set")
+    """Every reference (check_inputs), and explicit ids against the engine's SAEs."""
+    check_inputs(cfg, env)
     info = getattr(env.engine, "info", None)
     if cfg.latents and info is not None:
         for ly, ids in cfg.latents.items():
@@ -58,10 +107,11 @@ def _prompts(cfg: Any) -> list[str]:
 # ---------------------------------------------------------------------------- latent_edges
 
 
+@lru_cache(maxsize=1)
 def _edges_config() -> type[BaseModel]:
     from ...audit.latent_edges import LatentEdgesConfig
 
-    return LatentEdgesConfig
+    return job_config(LatentEdgesConfig, RefusalLatentsSource, OptionalDirection)
 
 
 def _check_edges(cfg: Any, env: CheckEnv) -> None:
@@ -72,8 +122,6 @@ def _check_edges(cfg: Any, env: CheckEnv) -> None:
                              "direction_job_id, direction")
     if cfg.baseline == "zero" and given:
         raise InvalidRequest(f"config.{given[0]}: not read with baseline 'zero'")
-    _check_artifact(env, "direction_id", cfg.direction_id, "direction")
-    check_job(env, "direction_job_id", cfg.direction_job_id, ("refusal_direction", "chain"))
     info = getattr(env.engine, "info", None)
     if cfg.direction is not None and info is not None and len(cfg.direction) != info.d_model:
         raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={info.d_model}")
@@ -90,21 +138,21 @@ def _check_edges(cfg: Any, env: CheckEnv) -> None:
 
 
 def _run_edges(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.latent_edges import run_latent_edges
-    from ...audit.refusal_latents import resolve_latents
+    from ...audit.latent_edges import LatentEdgesConfig, run_latent_edges
 
-    direction = np.asarray(_direction_vector(ctx, cfg), dtype=np.float32) if cfg.baseline == "direction" else None
-    out = run_latent_edges(engine, cfg, ctx, _prompts(cfg), resolve_latents(cfg, ctx), direction)
-    return out, []
+    direction = np.asarray(direction_vector(ctx, cfg), dtype=np.float32) if cfg.baseline == "direction" else None
+    algo = algorithm_config(cfg, LatentEdgesConfig)
+    return run_latent_edges(engine, algo, ctx, _prompts(algo), refusal_latents(ctx, cfg), direction), []
 
 
 # ---------------------------------------------------------------------------- jailbreak_suppression
 
 
+@lru_cache(maxsize=1)
 def _suppression_config() -> type[BaseModel]:
     from ...audit.jailbreak_suppression import JailbreakSuppressionConfig
 
-    return JailbreakSuppressionConfig
+    return job_config(JailbreakSuppressionConfig, RefusalLatentsSource)
 
 
 def _check_suppression(cfg: Any, env: CheckEnv) -> None:
@@ -116,19 +164,20 @@ def _check_suppression(cfg: Any, env: CheckEnv) -> None:
 
 
 def _run_suppression(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.jailbreak_suppression import run_jailbreak_suppression
-    from ...audit.refusal_latents import resolve_latents
+    from ...audit.jailbreak_suppression import JailbreakSuppressionConfig, run_jailbreak_suppression
 
-    return run_jailbreak_suppression(engine, cfg, ctx, ctx.judge, _prompts(cfg), resolve_latents(cfg, ctx)), []
+    algo = algorithm_config(cfg, JailbreakSuppressionConfig)
+    return run_jailbreak_suppression(engine, algo, ctx, ctx.judge, _prompts(algo), refusal_latents(ctx, cfg)), []
 
 
 # ---------------------------------------------------------------------------- probe_ood
 
 
+@lru_cache(maxsize=1)
 def _probe_config() -> type[BaseModel]:
     from ...audit.probe_ood import ProbeOODConfig
 
-    return ProbeOODConfig
+    return job_config(ProbeOODConfig, RefusalLatentsSource)
 
 
 def _check_probe(cfg: Any, env: CheckEnv) -> None:
@@ -139,13 +188,13 @@ def _check_probe(cfg: Any, env: CheckEnv) -> None:
 
 def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     from ...audit.datasets import load_prompts
-    from ...audit.probe_ood import run_probe_ood
-    from ...audit.refusal_latents import resolve_latents
+    from ...audit.probe_ood import ProbeOODConfig, run_probe_ood
 
+    algo = algorithm_config(cfg, ProbeOODConfig)
     texts = {f"{split}_{cls}": load_prompts(ds, split, n, cfg.seed)
              for split, n in (("train", cfg.n_train), ("test", cfg.n_test))
              for cls, ds in (("harmful", cfg.harmful_dataset), ("harmless", cfg.harmless_dataset))}
-    return run_probe_ood(engine, cfg, ctx, texts, resolve_latents(cfg, ctx)), []
+    return run_probe_ood(engine, algo, ctx, texts, refusal_latents(ctx, cfg)), []
 
 
 register_kind(JobKind("latent_edges", _edges_config, _run_edges,
