@@ -412,3 +412,91 @@ def test_report_sections_render() -> None:
     for title in ("Upstream latents driving", "Jailbreaks suppress", "Refusal-latent probe"):
         assert title in page
     assert "0.45" in page and "0.73" in page and "0.87" in page and "<pre>" not in page
+
+
+# ---------------------------------------------------------------------------- the thin client path
+
+
+def test_jailbreak_suppression_and_ablation_check_through_thin_client(edge_engine: HFEngine, tmp_path) -> None:
+    """The torch-free parts run through AuditClient in an interpreter that cannot import torch, and give
+    the in-process numbers."""
+    import json
+
+    from refusal_audit.audit.jailbreak_suppression import (
+        JailbreakSuppressionConfig,
+        run_jailbreak_suppression,
+    )
+    from refusal_audit.audit.latent_edges import ablation_check
+    from refusal_audit.server.app import ThreadedServer
+    from refusal_audit.server.config import LimitsConfig, ServerConfig
+    from test_remote_audit import _thin
+
+    texts = planted.HARMFUL[:2]
+    cfg = dict(templates=["prefix_injection"], custom_templates={"short": TEMPLATES["short"]}, max_new_tokens=3)
+    local = run_jailbreak_suppression(edge_engine, JailbreakSuppressionConfig(**cfg), LocalContext(), SubstringJudge(),
+                                      texts, DOWNSTREAM)
+    ps = [user_prompt(t) for t in texts]
+    local_abl = ablation_check(edge_engine, ps, DOWNSTREAM, [(UP, UP_LATENT)], 0.0, 4)
+    srv = ThreadedServer(ServerConfig(model="planted", host="127.0.0.1", port=0, data_dir=tmp_path,
+                                      limits=LimitsConfig(max_latents_per_request=40)),
+                         edge_engine, jobs_factory=lambda **_kw: None).start()
+    try:
+        out = _thin(f"""
+            import json
+            from refusal_audit.audit.context import LocalContext
+            from refusal_audit.audit.jailbreak_suppression import JailbreakSuppressionConfig, run_jailbreak_suppression
+            from refusal_audit.audit.judges import SubstringJudge
+            from refusal_audit.audit.latent_edges import ablation_check
+            from refusal_audit.audit.spec import user_prompt
+            from refusal_audit.client import AuditClient
+            latents = {{{DOWN}: {list(planted.PLANTED)!r}}}
+            texts = {texts!r}
+            with AuditClient({srv.address!r}, timeout=120) as c:
+                js = run_jailbreak_suppression(c, JailbreakSuppressionConfig(**{cfg!r}), LocalContext(), SubstringJudge(),
+                                               texts, latents)
+                abl = ablation_check(c, [user_prompt(t) for t in texts], latents, [({UP}, {UP_LATENT})], 0.0, 4)
+            print(json.dumps({{"summary": js["summary"], "ablation": abl}}))
+        """)
+    finally:
+        srv.stop()
+    got = json.loads(out)
+    for key in ("plain", "wrapped", "relative_drop"):
+        assert got["summary"]["all"][key] == pytest.approx(local["summary"]["all"][key], rel=1e-5, abs=1e-6)
+    assert got["summary"]["gated"]["jailbroken"]["n"] == local["summary"]["gated"]["jailbroken"]["n"]
+    assert got["ablation"]["relative_drop"] == pytest.approx(local_abl["relative_drop"], rel=1e-6)
+    assert local_abl["relative_drop"] > 0.5
+
+
+def test_job_runners_resolve_a_refusal_features_job(edge_engine: HFEngine) -> None:
+    """The kinds' runners: latents from a refusal_features job's global set (first k_latents), the
+    direction inline; configs as StartJob parses them."""
+    import json
+
+    from refusal_audit.server.jobs import KINDS
+    from refusal_audit.server.jobs.kinds import validate_config
+
+    features = {"kind": "refusal_features",
+                "selection": {"global_set": [[DOWN, i, 1.0] for i in planted.PLANTED] + [[UP, 7, 0.1]]}}
+
+    class Ctx(LocalContext):
+        def job_result(self, job_id: str) -> dict:
+            assert job_id == "job_rf"
+            return features
+
+    def run(kind: str, config: dict) -> dict:
+        k = KINDS[kind]
+        out, artifacts = k.runner(edge_engine, validate_config(k, json.dumps(config)), Ctx())
+        assert artifacts == [] and out["kind"] == kind
+        return out
+
+    src = {"features_job_id": "job_rf", "k_latents": 3}
+    edges = run("latent_edges", {**src, "prompts": planted.HARMFUL[:2], "direction": planted.directions()[0].tolist(),
+                                 "method": "atp", "ablate_k": 1})
+    assert edges["downstream"] == {str(DOWN): sorted(planted.PLANTED)}
+    assert edges["top_upstream"][0][:2] == [UP, UP_LATENT] and edges["ablation"]["top"]["relative_drop"] > 0.5
+    js = run("jailbreak_suppression", {**src, "prompts": planted.HARMFUL[:1], "templates": ["prefix_injection"],
+                                       "max_new_tokens": 2})
+    assert js["latents"] == {str(DOWN): sorted(planted.PLANTED)} and js["summary"]["n_pairs"] == 1
+    probe = run("probe_ood", {"latents": {str(DOWN): list(planted.PLANTED)}, "n_train": 3, "n_test": 2,
+                              "templates": ["prefix_injection"], "dense_layer": 1})
+    assert probe["n"]["train_harmful"] == 3 and probe["n"]["ood_harmful"] == 2
