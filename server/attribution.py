@@ -47,7 +47,7 @@ from ..audit.attribution import (
 )
 from ..audit.errors import InvalidRequest, NotFound
 from ..audit.spec import Prompt, Request
-from .interventions import compile_plan
+from .interventions import check_interventions
 from .sae_runtime import LayerSAE
 
 if TYPE_CHECKING:
@@ -338,13 +338,7 @@ def attribute(engine: HFEngine, request: AttributionRequest, max_steps: int = DE
 
 
 def _check_baseline_interventions(engine: HFEngine, request: AttributionRequest) -> None:
-    try:
-        compile_plan([request.baseline.interventions], [1], engine.saes, engine.n_layers, engine.d_model,
-                     engine.device, engine.resolver, engine.limits.max_latents_per_request)
-    except InvalidRequest as exc:
-        raise InvalidRequest(str(exc).replace("items[0].interventions", "baseline.interventions")) from None
-    except NotFound as exc:
-        raise NotFound(f"baseline.interventions: {exc}") from None
+    check_interventions(engine, request.baseline.interventions, "baseline.interventions", prompt_len=1)
 
 
 def _attribute_chunk(

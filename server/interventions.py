@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -481,6 +482,30 @@ def compile_plan(
             layers=[None] * len(ops_add),
         )
     return plan
+
+
+def check_interventions(
+    engine: Any, interventions: Sequence[Intervention], field_name: str, resolver: Resolver | None = None,
+    prompt_len: int | None = None, seq_len: int | None = None,
+) -> None:
+    """Validate one list of interventions against `engine`'s model and SAEs without running anything
+    (a job config at StartJob, an attribution baseline). Errors name `field_name` instead of
+    ``items[0].interventions``. Prompt unknown (`prompt_len` None): explicit positions are checked
+    against the longest prompt and generation the limits allow, so only positions that can never
+    exist are rejected."""
+    limits = engine.limits
+    if prompt_len is None:
+        prompt_len = int(limits.max_prompt_tokens)
+        seq_len = prompt_len + int(limits.max_new_tokens)
+    try:
+        compile_plan([list(interventions)], [prompt_len], engine.saes, engine.n_layers, engine.d_model,
+                     torch.device("cpu"), resolver if resolver is not None else engine.resolver,
+                     limits.max_latents_per_request, seq_lens=None if seq_len is None else [seq_len])
+    except InvalidRequest as exc:
+        msg = str(exc).replace("items[0].interventions", field_name)
+        raise InvalidRequest(msg.replace(" of items[0] ", " ") if seq_len is not None else msg) from None
+    except NotFound as exc:
+        raise NotFound(f"{field_name}: {exc}") from None
 
 
 HookFn = Callable[[torch.Tensor, TokenContext], torch.Tensor]

@@ -207,7 +207,12 @@ def sae_rows(
         raise InvalidRequest("top_k: ranks by a direction, so it cannot be combined with chosen latents")
     chosen = {int(ly): [int(i) for i in ids] for ly, ids in (latents or {}).items()}
     wanted = [int(ly) for ly in layers] if layers else (sorted(chosen) if chosen else sorted(saes))
-    for ly in [*wanted, *chosen]:
+    for ly in chosen:  # name the field the layer came from: `latents`, not `layers`
+        if ly not in saes:
+            raise InvalidRequest(f"latents[{ly}]: no SAE at layer {ly} (SAE layers: {sorted(saes)})")
+        if ly not in wanted:
+            raise InvalidRequest(f"latents[{ly}]: layer {ly} is not among the requested layers {sorted(wanted)}")
+    for ly in wanted:
         if ly not in saes:
             raise InvalidRequest(f"layers: no SAE at layer {ly} (SAE layers: {sorted(saes)})")
     v: np.ndarray | None = None

@@ -9,7 +9,8 @@ string field (GenerateRequest)``. The field is found by re-parsing the bytes wit
 message's schema whose string fields are bytes fields (protobuf's own parser, not a hand-rolled
 one) and finding the value that is not UTF-8.
 
-Client-streaming handlers (only grpc's reflection service has them) are left as they are.
+Request-streaming handlers (only grpc's reflection service has them: a bidi stream) get each
+request of the stream through the same deserializer; the first undecodable one aborts the call.
 """
 
 from __future__ import annotations
@@ -188,13 +189,48 @@ def _sync_behavior(behavior: Callable[..., Any], streaming: bool) -> Callable[..
     return unary
 
 
+def _aio_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """A request-streaming aio behavior whose request iterator aborts at an undecodable request."""
+
+    async def checked(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        async for request in requests:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            yield request
+
+    def call(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+        return behavior(checked(requests, context), context)
+
+    return call
+
+
+def _sync_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
+    """The same for thread-pool servers."""
+
+    def checked(requests: Any, context: grpc.ServicerContext) -> Any:
+        for request in requests:
+            if isinstance(request, Undecodable):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            yield request
+
+    def call(requests: Any, context: grpc.ServicerContext) -> Any:
+        return behavior(checked(requests, context), context)
+
+    return call
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler | None, aio: bool) -> grpc.RpcMethodHandler | None:
-    """The same handler with undecodable requests answered INVALID_ARGUMENT (unary requests only)."""
-    if handler is None or handler.request_streaming or handler.request_deserializer is None:
+    """The same handler with undecodable requests answered INVALID_ARGUMENT naming the field."""
+    if handler is None or handler.request_deserializer is None:
         return handler
     make = _aio_behavior if aio else _sync_behavior
     kw = dict(request_deserializer=_safe(handler.request_deserializer),
               response_serializer=handler.response_serializer)
+    if handler.request_streaming:  # the requests arrive as an iterator: check each one as it is read
+        checked = _aio_requests if aio else _sync_requests
+        if handler.response_streaming:
+            return grpc.stream_stream_rpc_method_handler(make(checked(handler.stream_stream), True), **kw)
+        return grpc.stream_unary_rpc_method_handler(make(checked(handler.stream_unary), False), **kw)
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(make(handler.unary_stream, True), **kw)
     return grpc.unary_unary_rpc_method_handler(make(handler.unary_unary, False), **kw)

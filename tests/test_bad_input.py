@@ -502,6 +502,25 @@ def test_undecodable_request_is_invalid_argument(server: ThreadedServer, client:
     assert client.generate(GOOD, max_new_tokens=2)[0].prompt_tokens > 0
 
 
+def test_undecodable_request_to_reflection_is_invalid_argument(server: ThreadedServer, client: AuditClient) -> None:
+    """grpc's reflection service (a bidi stream: request-streaming, unlike our RPCs) is wrapped too."""
+    from grpc_reflection.v1alpha import reflection_pb2
+
+    method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+    good = reflection_pb2.ServerReflectionRequest(list_services="hello")
+    with grpc.insecure_channel(server.address) as ch:
+        call = ch.stream_stream(method, request_serializer=lambda b: b,
+                                response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
+        ok = list(call(iter([good.SerializeToString()]), timeout=30))
+        assert "refusal_audit.v1.AuditService" in [s.name for s in ok[0].list_services_response.service]
+        with pytest.raises(grpc.RpcError) as exc:
+            list(call(iter([good.SerializeToString(), _corrupt(good, b"hello", b"hel\xfeo")]), timeout=30))
+    err = exc.value
+    assert err.code() == INVALID, (err.code(), err.details())
+    assert "list_services: invalid UTF-8 in a string field (ServerReflectionRequest)" in (err.details() or ""), err.details()
+    assert client.generate(GOOD, max_new_tokens=2)[0].prompt_tokens > 0
+
+
 def test_undecodable_request_to_the_judge_is_invalid_argument() -> None:
     """The judge sidecar (a thread-pool grpc server) maps undecodable requests the same way."""
     from refusal_audit.proto.generated import judge_pb2

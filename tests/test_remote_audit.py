@@ -189,7 +189,7 @@ def test_sae_rows_rpc_matches_engine(client: AuditClient, planted) -> None:
     cases: list[tuple[dict[str, Any], str, str]] = [
         (dict(), "INVALID_ARGUMENT", "latents"),
         (dict(direction=np.ones(3)), "INVALID_ARGUMENT", "direction"),
-        (dict(latents={0: [1]}), "INVALID_ARGUMENT", "layers"),
+        (dict(latents={0: [1]}), "INVALID_ARGUMENT", "latents[0]: no SAE at layer 0"),
         (dict(latents={PLANTED_LAYER: [99]}), "INVALID_ARGUMENT", f"latents[{PLANTED_LAYER}]"),
         (dict(direction_id="dir_missing"), "NOT_FOUND", "direction_id"),
         (dict(direction=v, top_k=-1), "INVALID_ARGUMENT", "top_k"),

@@ -77,6 +77,12 @@ def score(*items: dict[str, Any], **kw: Any) -> dict[str, Any]:
 LOGP = {"logprob": {"token": 5}}
 
 
+def job_iv(*ivs: dict[str, Any]) -> dict[str, Any]:
+    """A StartJob request for a refusal_rate job whose config carries these interventions."""
+    return {"kind": "refusal_rate", "config_json": json.dumps({"max_new_tokens": 4, "prompts": ["hi"],
+                                                                "interventions": list(ivs)})}
+
+
 def attr(*items: dict[str, Any], **kw: Any) -> dict[str, Any]:
     """An AttributeRequest JSON (log P(token 5); one item "hi" when none is given)."""
     return {"items": [{"prompt": HI, **it} for it in items or ({},)], "metric": LOGP, **kw}
@@ -275,7 +281,8 @@ CASES: list[Case] = [
     C("attr-latents-layer", A, attr(latents=[{"layer": 0, "latents": [1]}]), INV, "latents"),
     C("attr-latents-values", A, attr(latents=[{"layer": 1, "latents": [1], "values": [2.0]}]), INV, "latents.values"),
     # ---- Tokenize and SAERows
-    C("tok-empty", "Audit/Tokenize", {}, INV, "empty request"),
+    C("tok-empty", "Audit/Tokenize", {}, INV, "prompts: empty request"),
+    C("tok-empty-raw", "Audit/Tokenize", {"raw": True}, INV, "prompts: empty request"),
     C("tok-prompt-unset", "Audit/Tokenize", {"prompts": [HI, {}]}, INV, "prompts[1]"),
     C("tok-empty-text", "Audit/Tokenize", {"prompts": [{"text": ""}]}, INV, "prompts[0]"),
     C("tok-too-many", "Audit/Tokenize", {"prompts": [HI] * 5}, EXH, "max_batch_items"),
@@ -283,9 +290,14 @@ CASES: list[Case] = [
     C("tok-raw-messages", "Audit/Tokenize", {"prompts": [{"messages": {"messages": [{"role": "user", "content": "x"}]}}],
                                              "raw": True}, INV, "raw"),
     C("sae-nothing", "Audit/SAERows", {"decoder": True}, INV, "latents"),
-    C("sae-layer-no-sae", "Audit/SAERows", {"layers": [3], "direction": {"values": ONES}}, INV, "layer"),
+    C("sae-layer-no-sae", "Audit/SAERows", {"layers": [3], "direction": {"values": ONES}}, INV, "layers: no SAE at layer 3"),
     C("sae-latent-too-large", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [500]}]}, INV, "latents[1]"),
-    C("sae-latents-layer-0", "Audit/SAERows", {"latents": [{"layer": 0, "latents": [1]}]}, INV, "layer 0"),
+    C("sae-latents-layer-0", "Audit/SAERows", {"latents": [{"layer": 0, "latents": [1]}]}, INV,
+      "latents[0]: no SAE at layer 0"),
+    C("sae-latents-layer-no-sae", "Audit/SAERows", {"latents": [{"layer": 3, "latents": [1]}], "direction": {"values": ONES}},
+      INV, "latents[3]: no SAE at layer 3"),
+    C("sae-latents-not-in-layers", "Audit/SAERows", {"layers": [1], "latents": [{"layer": 2, "latents": [1]}]}, INV,
+      "latents[2]: layer 2 is not among the requested layers"),
     C("sae-latents-values", "Audit/SAERows", {"latents": [{"layer": 1, "latents": [1], "values": [1.0]}]}, INV, "latents.values"),
     C("sae-too-many", "Audit/SAERows", {"latents": [{"layer": 1, "latents": list(range(11))}], "decoder": True}, EXH, "latents"),
     C("sae-dir-dim", "Audit/SAERows", {"direction": {"values": [1.0, 2.0]}}, INV, "direction"),
@@ -328,6 +340,21 @@ CASES: list[Case] = [
       INV, "config.max_new_tokens"),
     C("job-config-artifact", "Audit/StartJob", {"kind": "refusal_rate", "config_json": '{"latent_set_id": "fs_nope"}'},
       INV, "config.latent_set_id"),
+    C("job-iv-layer", "Audit/StartJob", job_iv({"type": "ablate_latents", "latents": {"9": [1]}}), INV,
+      "config.interventions[0].latents: no SAE at layer 9"),
+    C("job-iv-latent", "Audit/StartJob", job_iv({"type": "ablate_latents", "latents": {"1": [500]}}), INV,
+      "config.interventions[0].latents[1]"),
+    C("job-iv-direction-dim", "Audit/StartJob", job_iv({"type": "ablate_direction", "direction": [1.0, 2.0]}), INV,
+      "config.interventions[0].direction"),
+    C("job-iv-direction-id", "Audit/StartJob", job_iv({"type": "ablate_direction", "direction_id": "dir_nope"}), INV,
+      "config.interventions: direction_id"),
+    C("job-iv-latent-set-id", "Audit/StartJob", job_iv({"type": "scale_latents", "latent_set_id": "fs_nope", "factor": 2}),
+      INV, "config.interventions: latent_set_id"),
+    C("job-iv-position", "Audit/StartJob", job_iv({"type": "ablate_latents", "latents": {"1": [1]},
+                                                   "scope": {"kind": "positions", "positions": [1000]}}), INV,
+      "config.interventions[0].scope.positions[0]"),
+    C("job-iv-overflow", "Audit/StartJob", job_iv({"type": "clamp_latents", "latents": {"1": [1]}, "value": 3e38}), INV,
+      "config.interventions[0].value"),
     C("job-get-unknown", "Audit/GetJob", {"id": "job_nope"}, NF, "id"),
     C("job-get-empty", "Audit/GetJob", {}, NF, "id"),
     C("job-watch-unknown", "Audit/WatchJob", {"id": "job_nope"}, NF, "id"),

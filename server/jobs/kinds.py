@@ -33,7 +33,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ...audit.codec import reject_json_constant
-from ...audit.errors import InvalidRequest, validation_message
+from ...audit.errors import InvalidRequest, NotFound, validation_message
 from ...audit.spec import AblateDirection, AblateLatents, Intervention, Request, SamplingParams, user_prompt
 from . import fanout
 from .inputs import (
@@ -120,6 +120,21 @@ def _check_refusal_rate(cfg: RefusalRateConfig, env: CheckEnv) -> None:
     limit = getattr(getattr(env.engine, "limits", None), "max_new_tokens", None)
     if limit is not None and cfg.max_new_tokens > limit:
         raise InvalidRequest(f"config.max_new_tokens: {cfg.max_new_tokens} exceeds the server limit {limit}")
+    check_config_interventions(env, "interventions", cfg.interventions)
+
+
+def check_config_interventions(env: CheckEnv, field_name: str, interventions: list[Any]) -> None:
+    """Submit-time validation of a config's interventions against the served model (layers, latent
+    ids, direction sizes, finite values, registered artifacts, positions that can exist), so a bad
+    one is INVALID_ARGUMENT at StartJob instead of a job that fails later."""
+    if not interventions or env.engine is None or not hasattr(env.engine, "saes"):
+        return
+    from ..interventions import check_interventions
+
+    try:
+        check_interventions(env.engine, interventions, f"config.{field_name}", resolver=env.artifacts)
+    except NotFound as exc:  # an unknown artifact inside a config is a bad config, as for latent_set_id
+        raise InvalidRequest(str(exc)) from None
 
 
 def refusal_rate_interventions(cfg: RefusalRateConfig) -> list[Any]:
