@@ -164,6 +164,9 @@ def test_atp_edges_equal_autograd_directional_derivative(edge_engine: HFEngine) 
             for j in range(len(dlat))]
     assert abs(got).min() > 0.1  # a real effect, so the comparison means something
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+    # the error term (direction ablation changes what the SAE does not reconstruct) is well above the
+    # tolerance, so a wrong or missing error edge fails the comparison
+    assert abs(up.error).min() > 10 * (1e-4 * abs(got).max() + 1e-5)
     # the downstream latents' own AtP attribution is what `attribute` returns for them
     from refusal_audit.audit.attribution import AttributionRequest
 
