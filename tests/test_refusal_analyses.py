@@ -503,3 +503,36 @@ def test_job_runners_resolve_a_refusal_features_job(edge_engine: HFEngine) -> No
     probe = run("probe_ood", {"latents": {str(DOWN): list(planted.PLANTED)}, "n_train": 3, "n_test": 2,
                               "templates": ["prefix_injection"], "dense_layer": 1})
     assert probe["n"]["train_harmful"] == 3 and probe["n"]["ood_harmful"] == 2
+
+
+def test_jobs_through_audit_client(edge_engine: HFEngine, tmp_path) -> None:
+    """StartJob through AuditClient on a served planted model: a bad config is INVALID_ARGUMENT naming the
+    field (the server keeps serving), latent_edges and jailbreak_suppression run to SUCCEEDED, and the
+    report renders their sections."""
+    from refusal_audit.audit.report import render_html
+    from refusal_audit.client import AuditClient, RemoteError
+    from refusal_audit.server.app import ThreadedServer
+    from refusal_audit.server.config import LimitsConfig, ServerConfig
+
+    srv = ThreadedServer(ServerConfig(model="planted", host="127.0.0.1", port=0, data_dir=tmp_path,
+                                      limits=LimitsConfig(max_latents_per_request=40)), edge_engine).start()
+    try:
+        with AuditClient(srv.address, timeout=120) as c:
+            with pytest.raises(RemoteError, match="config.latents"):
+                c.jobs.start("latent_edges", {"latents": {"9": [1]}, "baseline": "zero"})
+            lat = {str(DOWN): list(planted.PLANTED)}
+            e = c.jobs.start("latent_edges", {"latents": lat, "prompts": planted.HARMFUL[:2], "method": "atp",
+                                              "direction": planted.directions()[0].tolist(), "ablate_k": 1})
+            j = c.jobs.start("jailbreak_suppression", {"latents": lat, "prompts": planted.HARMFUL[:1],
+                                                       "templates": ["prefix_injection"], "max_new_tokens": 2})
+            results = {}
+            for job in (e, j):
+                final = c.jobs.wait(job.id, timeout=120)
+                assert final.state == "SUCCEEDED", final.error
+                results[final.kind] = c.jobs.result(job.id).result
+    finally:
+        srv.stop()
+    assert results["latent_edges"]["top_upstream"][0][:2] == [UP, UP_LATENT]
+    assert results["jailbreak_suppression"]["judge"] == "substring+coherence"  # the server's gated judge
+    page = render_html(results)
+    assert "Upstream latents driving" in page and "Jailbreaks suppress" in page
