@@ -507,8 +507,8 @@ def test_job_runners_resolve_a_refusal_features_job(edge_engine: HFEngine) -> No
 
 def test_jobs_through_audit_client(edge_engine: HFEngine, tmp_path) -> None:
     """StartJob through AuditClient on a served planted model: a bad config is INVALID_ARGUMENT naming the
-    field (the server keeps serving), latent_edges and jailbreak_suppression run to SUCCEEDED, and the
-    report renders their sections."""
+    field (the server keeps serving), latent_edges (explicit latents) and jailbreak_suppression (a registered
+    latent set) run to SUCCEEDED, and the report renders their sections."""
     from refusal_audit.audit.report import render_html
     from refusal_audit.client import AuditClient, RemoteError
     from refusal_audit.server.app import ThreadedServer
@@ -523,7 +523,8 @@ def test_jobs_through_audit_client(edge_engine: HFEngine, tmp_path) -> None:
             lat = {str(DOWN): list(planted.PLANTED)}
             e = c.jobs.start("latent_edges", {"latents": lat, "prompts": planted.HARMFUL[:2], "method": "atp",
                                               "direction": planted.directions()[0].tolist(), "ablate_k": 1})
-            j = c.jobs.start("jailbreak_suppression", {"latents": lat, "prompts": planted.HARMFUL[:1],
+            set_id = c.register_latent_set("refusal", {DOWN: list(planted.PLANTED)}).id
+            j = c.jobs.start("jailbreak_suppression", {"latent_set_id": set_id, "prompts": planted.HARMFUL[:1],
                                                        "templates": ["prefix_injection"], "max_new_tokens": 2})
             results = {}
             for job in (e, j):
@@ -534,5 +535,6 @@ def test_jobs_through_audit_client(edge_engine: HFEngine, tmp_path) -> None:
         srv.stop()
     assert results["latent_edges"]["top_upstream"][0][:2] == [UP, UP_LATENT]
     assert results["jailbreak_suppression"]["judge"] == "substring+coherence"  # the server's gated judge
+    assert results["jailbreak_suppression"]["latents"] == {str(DOWN): sorted(planted.PLANTED)}  # from the set
     page = render_html(results)
     assert "Upstream latents driving" in page and "Jailbreaks suppress" in page
