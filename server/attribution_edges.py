@@ -25,12 +25,14 @@ layer and n = 1 the edges of all its latents plus its error term sum to ḡ_d ·
 J the Jacobian of z_d w.r.t. that layer's residual (tested).
 
 Cost per prompt row and downstream layer: n + 1 forward passes for ḡ (+1 for a separate clean pass
-under rule="midpoint", +1 for an `interventions` baseline run), n more for the edges; n backward
-passes for ḡ and n x |D| (partial, to the upstream layers) for the edges.
+under rule="midpoint", +1 for an `interventions` baseline run), n more for the edges (partial: they
+stop at L_d, counted as whole passes); n backward passes for ḡ and n x |D| (partial, to the upstream
+layers) for the edges.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -60,8 +62,13 @@ if TYPE_CHECKING:
 MAX_BACK_LIMIT = 8
 
 
+class _StopForward(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by the read hook once z_d is read: the edge pass needs nothing after layer L_d."""
+
+
 class _ReadPatcher(_Patcher):
-    """The attribution patcher that also re-encodes the downstream layer's input with gradients."""
+    """The attribution patcher that also re-encodes the downstream layer's input with gradients (and,
+    in the edge pass, stops the forward pass there)."""
 
     def __init__(self, engine: HFEngine, states: dict[int, _LayerState], mask: torch.Tensor, read_layer: int,
                  read_ids: Sequence[int]) -> None:
@@ -81,6 +88,7 @@ class _ReadPatcher(_Patcher):
             if self.read:
                 h = output[0] if isinstance(output, tuple) else output
                 self.z_read = sae.encode(h.to(sae.sae.dtype)).index_select(-1, self.read_ids)
+                raise _StopForward
             return inner(module, args, output)
 
         return hook
@@ -188,7 +196,8 @@ def _edges_chunk(
 
     def edge_step(alpha: float, g_bar: torch.Tensor) -> None:
         with engine._active(None), patcher.installed(), torch.enable_grad():
-            forward(alpha, True, read=True)
+            with contextlib.suppress(_StopForward):  # the read hook ends the pass at L_d
+                forward(alpha, True, read=True)
             assert patcher.z_read is not None
             inputs = [t for u in ups for t in patcher.leaves[u]]
             weight = (g_bar * mask).to(patcher.z_read.dtype)
