@@ -175,11 +175,14 @@ def latent_sets_for(cfg: DownstreamConfig, stage2: Any, stage3: Any = None) -> l
 
 def run_downstream(engine: Engine, cfg: DownstreamConfig, ctx: StageContext, direction: Any = None,
                    latent_sets: Sequence[dict[int, Sequence[int]]] = (), instructions: Sequence[str] | None = None,
-                   references: Sequence[str] | None = None, general_texts: Sequence[str] | None = None) -> DownstreamResult:
+                   references: Sequence[str] | None = None, general_texts: Sequence[str] | None = None,
+                   extra_conditions: Sequence[tuple[str, Sequence[Intervention]]] = ()) -> DownstreamResult:
     """CE on both samples under baseline / direction ablation / each latent set (module doc).
 
     `direction`: a vector (ablated inline), a registered direction id (str), or None (skipped).
-    `instructions` / `references` / `general_texts` override the configured sources."""
+    `instructions` / `references` / `general_texts` override the configured sources.
+    `extra_conditions`: further named intervention lists (e.g. a ScaleLatents steering), reported
+    per sample under ``extra`` by name."""
     t0 = time.perf_counter()
     # instruction sample + completions
     if instructions is None:
@@ -229,6 +232,8 @@ def run_downstream(engine: Engine, cfg: DownstreamConfig, ctx: StageContext, dir
         conditions.append(("direction", [iv]))
     for j, s in enumerate(latent_sets):
         conditions.append((f"set/{j}", list(ablate({int(k): list(v) for k, v in s.items()}))))
+    extra = [(f"extra/{name}", list(ivs)) for name, ivs in extra_conditions]
+    conditions += extra
     total = len(samples_in) * len(conditions)
     n_done = 0
     out: dict[str, dict[str, Any]] = {}
@@ -254,6 +259,8 @@ def run_downstream(engine: Engine, cfg: DownstreamConfig, ctx: StageContext, dir
                                              "per_set": set_means,
                                              "per_set_stats": [stats[c].to_json() for c, _ in conditions
                                                                if c.startswith("set/")]} if set_means else None}
+        if extra:
+            entry["extra"] = {c.removeprefix("extra/"): stats[c].to_json() for c, _ in extra}
         out[name] = entry
     if general_note:
         out["general_text"] = {"n": 0, "note": general_note, "baseline": {"mean": None}, "direction": None,

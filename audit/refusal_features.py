@@ -20,8 +20,11 @@ so it compares with stage 2's forward-pass counts.
 (`ScaleLatents`, z_i <- alpha z_i at every position, generated tokens included; the paper uses -3 on
 Gemma-2-2B and -1 on Llama-3.1-8B) over a grid of (alpha, k): the judged refusal rate of greedy
 generations and the cross-entropy cost on given (prompt, completion) pairs, next to the unsteered
-run. `run_refusal_features` chains both with checkpoints (the `refusal_features` job kind):
-``refusal_features/selection`` once the sets are found, ``refusal_features/sweep/{alpha}/{k}`` per
+run. `per_prompt_row` validates each prompt's own top-k set (alpha 0 = ablation, how stage 2
+verifies its per-prompt sets), so the two methods' jailbreak rates compare on the same prompts.
+`run_refusal_features` chains them with checkpoints (the `refusal_features` job kind):
+``refusal_features/selection`` once the sets are found, ``refusal_features/per_prompt/{alpha}`` per
+per-prompt factor, ``refusal_features/sweep/{alpha}/{k}`` per
 sweep point (``.../base`` for the unsteered run), each fingerprinted by the prompts and config, so a
 restarted job redoes nothing it finished.
 """
@@ -203,12 +206,7 @@ def steering_row(
         comps.extend(engine.generate(part))
     verdicts = judge.judge([JudgeItem(behavior=b, generation=c.text, prompt=p)
                             for b, c, p in zip(behaviors, comps, prompts, strict=True)])
-    n = max(1, len(verdicts))
-    row: dict[str, Any] = {
-        "refusal_rate": sum(bool(v.refused) for v in verdicts) / n,
-        "jailbreak_rate": sum(bool(v.jailbroken) for v in verdicts) / n,
-        "generations": len(comps),
-    }
+    row: dict[str, Any] = {**judged_rates(verdicts), "generations": len(comps)}
     if ce_prompts:
         losses = []
         for part_idx in chunks(list(range(len(ce_prompts))), batch_size):
@@ -217,6 +215,39 @@ def steering_row(
         row["ce"] = float(np.mean([r.loss for r in losses]))
     row["wall_s"] = time.perf_counter() - t0
     return row
+
+
+def judged_rates(verdicts: Sequence[Any]) -> dict[str, Any]:
+    """Refusal and jailbreak rates of judge verdicts; ungated counts degenerate text as a jailbreak too
+    (the coherence gate's verdicts: ungated jailbroken == jailbroken or degenerate)."""
+    n = max(1, len(verdicts))
+    degenerate = [bool(getattr(v, "degenerate", False)) for v in verdicts]
+    return {
+        "refusal_rate": sum(bool(v.refused) for v in verdicts) / n,
+        "jailbreak_rate": sum(bool(v.jailbroken) for v in verdicts) / n,
+        "jailbreak_rate_ungated": sum(bool(v.jailbroken) or d for v, d in zip(verdicts, degenerate, strict=True)) / n,
+        "n_degenerate": sum(degenerate),
+        "jailbroken": [bool(v.jailbroken) for v in verdicts],
+    }
+
+
+def per_prompt_row(
+    engine: Any, prompts: Sequence[Prompt], behaviors: Sequence[str], sets: Sequence[dict[int, list[int]]],
+    alpha: float, judge: Any, max_new_tokens: int, batch_size: int = 8,
+) -> dict[str, Any]:
+    """Each prompt under its own latent set scaled by alpha (alpha 0: ablated, as stage 2 verifies its
+    per-prompt sets): greedy generations judged; a prompt with an empty set runs unsteered."""
+    t0 = time.perf_counter()
+    sp = SamplingParams(max_new_tokens=max_new_tokens)
+    reqs = [Request(prompt=p, interventions=(scale(s, alpha),) if s else (), sampling=sp)
+            for p, s in zip(prompts, sets, strict=True)]
+    comps = []
+    for part in chunks(reqs, batch_size):
+        comps.extend(engine.generate(part))
+    verdicts = judge.judge([JudgeItem(behavior=b, generation=c.text, prompt=p)
+                            for b, c, p in zip(behaviors, comps, prompts, strict=True)])
+    return {"alpha": float(alpha), **judged_rates(verdicts), "set_sizes": [sum(len(v) for v in s.values()) for s in sets],
+            "generations": len(comps), "wall_s": time.perf_counter() - t0}
 
 
 class RefusalFeaturesConfig(BaseModel):
@@ -239,6 +270,9 @@ class RefusalFeaturesConfig(BaseModel):
     fallback_token: str = "Here"
     alphas: list[float] = Field(default_factory=lambda: [-3.0, -1.0, 0.0])
     ks: list[int] = Field(default_factory=lambda: [5, 10, 20])
+    layers: list[int] | None = None  # SAE layers for candidates and attribution (None: every SAE layer)
+    # each prompt's own top per_prompt_k set under these factors (0: ablation, stage 2's verification)
+    per_prompt_alphas: list[float] = Field(default_factory=lambda: [0.0])
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=8, ge=1)
 
@@ -257,7 +291,7 @@ def run_refusal_features(
         raise ValueError("the engine reports no 'I' token id; pass refusal_token_id")
     fb = fallback_token_id if fallback_token_id is not None else engine.info.special_token_ids.get(cfg.fallback_token, ref)
     direction = np.asarray(direction, dtype=np.float32)
-    fp = fingerprint([*prompts, cfg.model_dump_json(exclude={"alphas", "ks", "max_new_tokens"}),
+    fp = fingerprint([*prompts, cfg.model_dump_json(exclude={"alphas", "ks", "max_new_tokens", "per_prompt_alphas"}),
                       direction.tobytes().hex()])
     sel_key = "refusal_features/selection"
     got = resumed(ctx, sel_key, fp)
@@ -267,7 +301,7 @@ def run_refusal_features(
         ctx.progress("refusal_features: attribution", 0, len(prompts))
         feats = select_refusal_features(engine, eps, direction, int(ref), int(fb),
                                         cfg.candidates_per_layer, cfg.per_prompt_k, cfg.global_k, cfg.n_steps,
-                                        cfg.rule, cfg.batch_size)
+                                        cfg.rule, cfg.batch_size, cfg.layers)
         sel = feats.to_json()
         save_fingerprinted(ctx, sel_key, fp, selection=sel)
         ctx.progress("refusal_features: attribution", len(prompts), len(prompts))
@@ -277,8 +311,21 @@ def run_refusal_features(
     set_id = ctx.register_latent_set("refusal_features_global", feats.global_latents(),
                                      {"source": "refusal_features", "k": len(global_set)})
     harmless_p = [as_prompt(t, cfg.chat) for t in harmless]
+    per_prompt: list[dict[str, Any]] = []
+    sets = [latents_of(p) for p in feats.per_prompt]
+    for pa in cfg.per_prompt_alphas:
+        key, row_fp = f"refusal_features/per_prompt/{pa}", fingerprint([fp, str(cfg.max_new_tokens)])
+        ctx.progress("refusal_features: per-prompt validation", len(per_prompt), len(cfg.per_prompt_alphas))
+        got = resumed(ctx, key, row_fp)
+        if got is None:
+            ctx.check_cancelled()
+            got = {"row": per_prompt_row(engine, eps, list(prompts), sets, pa, ctx.judge, cfg.max_new_tokens,
+                                         cfg.batch_size)}
+            save_fingerprinted(ctx, key, row_fp, row=got["row"])
+        per_prompt.append(got["row"])
     points: list[tuple[float | None, int]] = [(None, 0)] + [(float(a), int(k)) for k in cfg.ks for a in cfg.alphas]
     rows = []
+    ctx.progress("refusal_features: steering", 0, len(points))
     for n_done, (alpha, k) in enumerate(points):
         key = f"refusal_features/sweep/{'base' if alpha is None else f'{alpha}/{k}'}"
         row_fp = fingerprint([fp, str(cfg.max_new_tokens), *harmless])
@@ -296,4 +343,13 @@ def run_refusal_features(
         rows.append(row)
         ctx.progress("refusal_features: steering", n_done + 1, len(points))
     return {"kind": "refusal_features", "selection": sel, "latent_set_id": set_id, "sweep": rows,
+            "per_prompt_validation": per_prompt, "n_prompts": len(prompts), "prompts": list(prompts),
             "wall_s": time.perf_counter() - t0}
+
+
+def latents_of(ranked: Sequence[Sequence[Any]]) -> dict[int, list[int]]:
+    """{layer: latent ids} of a ranked (layer, latent, score) list."""
+    out: dict[int, list[int]] = {}
+    for t in ranked:
+        out.setdefault(int(t[0]), []).append(int(t[1]))
+    return out

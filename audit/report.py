@@ -21,6 +21,7 @@ from typing import Any
 from . import (
     report_analysis,  # noqa: F401  (registers the analysis sections)
     report_attribution,  # noqa: F401  (registers the refusal_features section)
+    report_comparison,  # noqa: F401  (registers the method comparison and compute sections)
     report_refusal_analyses,  # noqa: F401  (latent_edges, jailbreak_suppression, probe_ood sections)
 )
 from .codec import to_jsonable

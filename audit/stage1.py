@@ -183,6 +183,7 @@ def run_stage1(
     ranking = {ly: [int(i) for i in rows[ly].latents] for ly in layers}
     ranking_cosines = {ly: [float(c) for c in np.asarray(rows[ly].cosines)] for ly in layers}
     ks = cfg.ks()
+    ctx.progress(STAGE, 0, len(ks))  # stage 1 starts: watchers and the compute meter see it before any generation
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens)
     fp = fingerprint([*prompts, str(ranking), cfg.model_dump_json(include={
         "chat", "k_start", "k_step", "k_max", "exclude_layers", "rank_by", "max_new_tokens", "check_baseline"})])

@@ -9,7 +9,7 @@ from planted import DISTRACTOR_LAYER, HARMFUL, PLANTED, PLANTED_LAYER
 # Eight prompts, each with a 20-latent pool: the three planted latents, twelve layer-3 distractors
 # and five layer-2 ones (what stage 1 would hand stage 2 on the planted model).
 POOL = {PLANTED_LAYER: sorted([*PLANTED, 0, 1, 2, 3, 4, 6, 7, 9, 10, 11, 12, 13]), DISTRACTOR_LAYER: [0, 1, 2, 3, 4]}
-TIMING_KEYS = {"wall_s", "latent_set_id", "union_set_id", "placement", "resumed_prompts"}
+TIMING_KEYS = {"wall_s", "latent_set_id", "union_set_id", "placement", "resumed_prompts", "compute"}
 
 
 def stage1_result(n: int = 8) -> dict[str, Any]:

@@ -45,7 +45,7 @@ def test_every_analysis_runs_and_has_a_report_section(demo_run) -> None:
     results, html, report = demo_run
     names = [name for name, _ in demo_analyses.ANALYSES]
     assert names == ["stage3", "probe_baseline", "random_baseline", "obrien_baseline", "hydra", "causality",
-                     "downstream_ce", "taxonomy"]
+                     "downstream_ce", "taxonomy", "refusal_features", "method_comparison"]
     for name in ["direction", "stage1", "stage2", *names]:
         assert report[name]["kind"] == name, report[name]
         assert f'<section id="{name}">' in html
@@ -63,6 +63,33 @@ def test_demo_analyses_find_the_planted_structure(demo_run) -> None:
     assert sorted(results["taxonomy"]["categories"]) == sorted(
         ["triggers for offensive language", "dangerous or sensitive topics", "misinformation",
          "privacy violations", "copyright violations"])
+
+
+def test_method_comparison_puts_both_seeds_on_the_same_prompts(demo_run) -> None:
+    """Attribution ran on stage 1's prompts; the comparison's counts match each method's own records
+    (computed independently: stage 2's per-prompt score rows, the attribution's own pass counters)."""
+    results, html, _ = demo_run
+    rf, cmp_ = results["refusal_features"], results["method_comparison"]
+    texts = [p["prompt"] for p in results["stage1"]["prompts"]]
+    assert rf["prompts"] == texts and cmp_["n_prompts"] == len(texts)
+    assert [r["prompt"] for r in cmp_["per_prompt"]] == texts
+    # no meter in this fixture: the cost falls back to the methods' own counters
+    s2 = results["stage2"]["prompts"]
+    cost = cmp_["cost"]
+    assert cost["stage2_search_fwd_equiv"] == sum(p["forward_passes"] for p in s2)
+    assert cost["attribution_search_fwd_equiv"] == rf["selection"]["forward_equivalents"]
+    # per prompt: 1 jailbreak-token score + (10 IG steps + baseline + patched) forwards + 10 backwards
+    assert cost["attribution_per_prompt"] == 1 + 12 + 2 * 10
+    by = {m["method"].split(" (")[0]: m for m in cmp_["methods"]}
+    assert by["stage 2"]["jailbreak_rate"] == results["stage2"]["summary"]["jailbreak_successes"] / len(texts)
+    ppv0 = next(r for r in rf["per_prompt_validation"] if r["alpha"] == 0.0)
+    assert [r["attribution_jailbroken@0"] for r in cmp_["per_prompt"]] == ppv0["jailbroken"]
+    # the planted model: both methods find the planted latents, so the per-prompt sets overlap
+    assert any((r["jaccard_stage2_attribution"] or 0) > 0 for r in cmp_["per_prompt"])
+    ce_names = set(cmp_["ce_samples"])
+    assert ce_names == {"instructions", "general_text"}
+    assert by["stage 2"]["ce_delta"] and set(by["stage 2"]["ce_delta"]) == ce_names
+    assert "Seed 1 vs seed 2" in html and "forward-equiv." in html
 
 
 def test_shipped_coconot_file_is_the_safety_category_with_its_licence() -> None:
@@ -126,6 +153,25 @@ def test_first_demo_run_writes_sections_as_they_finish_and_gates_every_rate(firs
     assert "asr_ungated" in first["stage2"]["summary"] and "asr_mean_ungated" in first["random_baseline"]["summary"]
 
 
+def test_demo_meters_every_section_and_agrees_with_stage2s_own_counts(first_demo) -> None:
+    """The run's MeteredEngine charges the chain's engine calls to direction / stage1 / stage2 by the
+    stages' progress reports; stage 2 counts its score rows and generations itself, independently."""
+    comp = first_demo.first["compute"]
+    assert comp["kind"] == "compute"
+    assert {"coherence_gate", "chain", "direction_ablation_rates", "random_baseline"} <= set(comp["sections"])
+    stages = comp["sections"]["chain"]["stages"]
+    assert {"direction", "stage1", "stage2"} <= set(stages)
+    s2 = first_demo.first["stage2"]["prompts"]
+    c2 = stages["stage2"]
+    assert c2["generations"] == sum(p["generations"] for p in s2)
+    assert c2["forward_passes"] - c2["generations"] == sum(p["forward_passes"] for p in s2)
+    assert c2["backward_passes"] == 0 and stages["stage1"]["generations"] > 0
+    # the coherence gate's NLL checks of stage 2's jailbreaks are listed apart, not in stage 2's passes
+    n_jb = sum(1 for p in s2 for t in p["taus"] if t["jailbroken"] or t["degenerate"])
+    if n_jb:
+        assert stages["stage2: judge"]["forward_passes"] > 0
+
+
 def test_second_demo_run_reuses_every_section_without_loading_the_model(first_demo) -> None:
     loads: list = []
     second = _small_demo(first_demo.root, first_demo.analyses, loads=loads)
@@ -139,7 +185,7 @@ def test_second_demo_run_reuses_every_section_without_loading_the_model(first_de
     saved = json.loads((first_demo.root / "runs" / "cache" / "rendered.json").read_text())
     assert report.section_key("stage2", second["stage2"]) in saved
     for name in ("coherence_gate", "direction", "stage1", "stage2", "direction_ablation_rates",
-                 "random_baseline", "peek"):
+                 "random_baseline", "peek", "compute"):  # the cached sections keep their measured compute
         assert second[name] == first_demo.first[name], name
 
 

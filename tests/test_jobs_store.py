@@ -331,6 +331,9 @@ def test_refusal_rate_kind_with_artifacts(tmp_path: Path, tiny_engine: Any) -> N
         if res["n_jailbroken_ungated"]:
             assert res["coherence_gate"]["nll_threshold"] > res["coherence_gate"]["nll_quantile_value"]
         assert 0.0 <= res["refusal_rate"] <= 1.0
+        # the manager meters every job's engine: one generation (one prefill) per prompt, charged to the job
+        assert res["compute"]["total"]["generations"] == 3 and res["compute"]["total"]["backward_passes"] == 0
+        assert res["compute"]["total"]["forward_passes"] == 3
         assert res["interventions"][0]["latent_set_id"] == fs.id
         assert mgr.store.count_checkpoints(job.id) == 3
         with pytest.raises(InvalidRequest, match=r"config\.latent_set_id: .*not registered"):

@@ -4,7 +4,10 @@ in-process, run the audit chain on held-out prompts, and write the HTML+JSON rep
 The chain: refusal direction (Arditi et al.) -> generation on held-out harmful/harmless prompts with
 and without direction ablation (the refusal-rate change) -> stage 1 (top-K latents by decoder
 cosine) -> stage 2 (greedy block pruning), then the stage-3 / baseline / hydra / causality / CE /
-taxonomy analyses (`demo_analyses`). Every stage goes through the same engine protocol a remote client would use.
+taxonomy analyses, the second seed's attribution pipeline (`refusal_features`) and the comparison of
+the two seeds' methods on the same prompts (`demo_analyses`). Every stage goes through the same engine
+protocol a remote client would use, wrapped in a `compute.MeteredEngine`: the report's compute section
+and the comparison's pass counts come from that one meter.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from rich.console import Console
 from sae_lens import SAE
 
 from ...audit.codec import to_jsonable
+from ...audit.compute import ComputeMeter, MeteredEngine, stages_json
 from ...audit.context import LocalContext
 from ...audit.judges import (
     CoherenceGate,
@@ -236,7 +240,9 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
                       f"SAEs at layers {list(info.sae_layers)}")
         return eng
 
-    engine = _LazyEngine(load)
+    meter = ComputeMeter()  # every engine call charged to the stage the run last reported (audit/compute.py)
+    raw = _LazyEngine(load)
+    engine = MeteredEngine(raw, meter)
     split = split if split is not None else make_split(FinetuneConfig())
     n_test = n_prompts or (4 if small else 8)
     cfgs = configs if configs is not None else demo_configs(small)
@@ -251,15 +257,19 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     harmless.val = harmless.val[: cfgs.direction.n_val]
 
     def on_progress(stage: str, done: int, total: int, partial: dict[str, Any] | None) -> None:
+        meter.set_stage(stage)
         if total and (done == total or done % max(1, total // 4) == 0):
             console.print(f"  {stage}: {done}/{total}")
 
     ctx.on_progress = on_progress
-    results: dict[str, Any] = {}
+    compute: dict[str, Any] = {}  # {section: compute.stages_json}, cached with the section
+    results: dict[str, Any] = {"compute": {"kind": "compute", "sections": compute}}
     objects: dict[str, Any] = {}  # result objects handed between sections (stage 3's rankings, the calibration)
 
     def gate() -> CoherenceGate:
-        return CoherenceGate(SubstringJudge(), engine, GateCalibration.from_json(results["coherence_gate"]))
+        # the gate's NLL checks are charged to "<stage>: judge", apart from the stage's own passes
+        return CoherenceGate(SubstringJudge(), MeteredEngine(raw, meter, tag="judge"),
+                             GateCalibration.from_json(results["coherence_gate"]))
 
     def sec_gate() -> dict[str, Any]:
         prompts = calibration_prompts(split, small)
@@ -334,17 +344,22 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
             objects.update(entry["objects"])
             ctx.directions.update(entry["directions"])
             ctx.latent_sets.update(entry["latent_sets"])
+            compute[name] = entry.get("compute")
             timings[name] = 0.0
             reused.append(name)
         else:
             t0 = time.perf_counter()
+            meter.take()
+            meter.set_stage(name)
             out = fn()
+            compute[name] = stages_json(meter.take())
             results.update(out)
             timings[name] = time.perf_counter() - t0
             ok = not any(isinstance(v, dict) and v.get("kind") == "error" for v in out.values())
             if ok:
                 cache.put(name, fp, {"results": out, "objects": dict(objects), "directions": dict(ctx.directions),
-                                     "latent_sets": dict(ctx.latent_sets), "seconds": timings[name]})
+                                     "latent_sets": dict(ctx.latent_sets), "seconds": timings[name],
+                                     "compute": compute[name]})
             write_report(results, run_dir, title=title)  # the sections so far, readable now
         if name == "coherence_gate":
             ctx.judge = gate()  # every later verdict passes the gate

@@ -9,6 +9,9 @@ Sizes are the demo's: stage 3 trains on the fine-tune's training prompts (harmfu
 an equal number, 80/10/10), the sweeps use short greedy generations, and the downstream CE uses
 held-out harmless prompts plus CPython documentation as general text. Everything is offline: the
 CoCoNot "Requests with safety concerns" prompts ship with the package (MIT, `data/`).
+
+The last two entries are the second seed paper's: `refusal_features` (attribution-found latents,
+steering validation) on stage 1's prompts, then `method_comparison` (audit/comparison.py).
 """
 
 from __future__ import annotations
@@ -27,9 +30,12 @@ from ...audit.baselines import (
     run_random_baseline,
 )
 from ...audit.causality import CausalityConfig, run_causality
+from ...audit.comparison import ce_conditions, compare_methods
 from ...audit.downstream import DownstreamConfig, latent_sets_for, run_downstream
 from ...audit.hydra import HydraConfig, run_hydra
+from ...audit.refusal_features import RefusalFeaturesConfig, run_refusal_features
 from ...audit.stage3 import FeatureConfig, Stage3Config, SweepConfig, run_stage3
+from ...audit.sweep import rankings_from
 from ...audit.taxonomy import TaxonomyConfig, latents_from_results, run_taxonomy
 from .finetune import Split as FinetuneSplit
 from .train_saes import cpython_docs_text
@@ -137,6 +143,38 @@ def taxonomy(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneS
     return run_taxonomy(engine, latents, cfg, ctx).to_json()
 
 
+def refusal_features(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                     objects: dict[str, Any]) -> dict[str, Any]:
+    """The second seed's pipeline on stage 1's prompts, with stage 1's SAE layers as candidate layers:
+    IG attribution from the direction-ablated baseline, each prompt's top set ablated / scaled by -3,
+    the global set's steering sweep (CE on held-out harmless prompts)."""
+    did = results["direction"]["direction_id"]
+    direction = ctx.directions[did][0]
+    prompts = [p["prompt"] for p in results["stage1"]["prompts"]]
+    cfg = RefusalFeaturesConfig(layers=list(results["stage1"].get("layers") or []) or None,
+                                alphas=[-3.0, -1.0, 0.0], ks=[5, 10, 20], per_prompt_alphas=[0.0, -3.0],
+                                max_new_tokens=MAX_NEW_TOKENS, batch_size=8, n_harmless=8 if small else 12)
+    return run_refusal_features(engine, cfg, ctx, direction, prompts, split.harmless_heldout[: cfg.n_harmless])
+
+
+def method_comparison(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                      objects: dict[str, Any]) -> dict[str, Any]:
+    """Stages 1-3 vs attribution on the same prompts (`audit.comparison`); CE of every method's sets on
+    one sample (held-out harmless instructions with the model's answers + CPython docs, as downstream_ce)."""
+    rf = results.get("refusal_features") or {}
+    if rf.get("kind") != "refusal_features":
+        raise RuntimeError("refusal_features did not run")
+    s3 = results.get("stage3") if (results.get("stage3") or {}).get("kind") == "stage3" else None
+    rankings = rankings_from(objects["stage3"]) if "stage3" in objects else None
+    conds = ce_conditions(results["stage2"], rf, s3, rankings, max_sets=2 if small else 4)
+    n = 8 if small else 12
+    cfg = DownstreamConfig(n_instructions=n, n_general=n, max_text_chars=800, answer_max_new_tokens=32)
+    ce = run_downstream(engine, cfg, ctx, instructions=split.harmless_heldout[:n],
+                        general_texts=general_text_sample(n), extra_conditions=conds).to_json()
+    compute = (results.get("compute") or {}).get("sections")
+    return compare_methods(results.get("stage1"), results["stage2"], rf, s3, rankings, compute, ce)
+
+
 ANALYSES: list[tuple[str, Analysis]] = [
     ("stage3", stage3),
     ("probe_baseline", probe_baseline),
@@ -146,4 +184,6 @@ ANALYSES: list[tuple[str, Analysis]] = [
     ("causality", causality),
     ("downstream_ce", downstream_ce),
     ("taxonomy", taxonomy),
+    ("refusal_features", refusal_features),
+    ("method_comparison", method_comparison),
 ]

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from ...audit.codec import dumps, to_jsonable
+from ...audit.compute import ComputeMeter, MeteredEngine, stages_json
 from ...audit.context import Cancelled
 from ...audit.errors import InvalidRequest, LimitExceeded, NotFound
 from ...audit.judges import Judge, JudgeError, SubstringJudge
@@ -315,13 +316,21 @@ class JobManager:
             if spec is None:
                 raise RuntimeError(f"job kind {rec.kind!r} is not available on this server")
             cfg = validate_config(spec, rec.config_json)
-            ctx = JobContext(job_id, self.store, out_dir, self.judge, self.artifacts,
-                             on_progress=lambda s, d, t, e, p: self._progress(live, s, d, t, e, p),
+            meter = ComputeMeter(rec.kind)  # passes and seconds per stage, for every kind (audit/compute.py)
+
+            def on_progress(s: str, d: int, t: int, e: float, p: dict[str, Any] | None) -> None:
+                meter.set_stage(s)
+                self._progress(live, s, d, t, e, p)
+
+            ctx = JobContext(job_id, self.store, out_dir, self.judge, self.artifacts, on_progress=on_progress,
                              cancel_event=live.cancel, stop_event=self._stop, job_result=self._job_result)
             if self.store.get(job_id).cancel_requested:  # cancelled between the transition and now
                 live.cancel.set()
             ctx.check_cancelled()
-            result, ids = spec.runner(self.engine, cfg, ctx)
+            result, ids = spec.runner(MeteredEngine(self.engine, meter), cfg, ctx)
+            if isinstance(result, dict):
+                # this attempt's engine calls (a resumed job's replayed checkpoints cost nothing here)
+                result.setdefault("compute", stages_json(meter.take()))
             ids = list(dict.fromkeys([*ids, *ctx.registered_artifact_ids()]))
             cal = getattr(self.judge, "calibrated", None)
             if cal is not None and isinstance(result, dict):

@@ -1,0 +1,137 @@
+"""`audit.compute`: the engine meter charges every counted call to the stage the run last reported, and
+`audit.comparison`'s pure parts (Jaccard, rates, the search-cost ratio) on hand-made results."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from refusal_audit.audit.comparison import compare_methods, jaccard
+from refusal_audit.audit.compute import Compute, ComputeMeter, MeteredEngine, stages_json
+from refusal_audit.audit.context import LocalContext
+
+
+class FakeEngine:
+    """Returns one result per request; attribute reports 5 forward and 4 backward passes per item."""
+
+    info = "info"
+
+    def score(self, requests, token_ids, top_k=0):
+        return [0.0] * len(requests)
+
+    def generate(self, requests):
+        return [SimpleNamespace(token_ids=[1] * (i + 1), text="") for i in range(len(requests))]
+
+    def residuals(self, requests, layers=None, positions=(-1,)):
+        return np.zeros((len(requests), 1, 1, 2))
+
+    def attribute(self, request):
+        n = len(request)
+        return SimpleNamespace(forward_passes=5 * n, backward_passes=4 * n)
+
+
+class NoGrad:
+    def score(self, requests, token_ids, top_k=0):
+        return []
+
+
+def test_meter_charges_each_call_to_the_current_stage() -> None:
+    t = [0.0]
+    meter = ComputeMeter(clock=lambda: t[0])
+    eng = MeteredEngine(FakeEngine(), meter)
+    meter.set_stage("a")
+    eng.score(["p", "q", "r"], [1])
+    eng.generate(["p", "q"])  # 2 prefills, 1 + 2 generated tokens
+    t[0] = 2.0
+    meter.set_stage("b")
+    eng.attribute(["p", "q"])
+    eng.residuals(["p"])
+    t[0] = 5.0
+    got = meter.take()
+    assert got["a"].forward_passes == 5 and got["a"].generations == 2 and got["a"].generated_tokens == 3
+    assert got["a"].backward_passes == 0 and got["a"].engine_calls == 2 and got["a"].wall_s == 2.0
+    assert got["b"].forward_passes == 11 and got["b"].backward_passes == 8
+    assert got["b"].forward_equivalents == 11 + 16 and got["b"].wall_s == 3.0
+    assert meter.take() == {}  # counting restarts from zero (no time passed, nothing charged)
+    js = stages_json(got)
+    assert js["total"]["forward_equivalents"] == 5 + 27 and set(js["stages"]) == {"a", "b"}
+    assert Compute.from_json(js["stages"]["b"]) == got["b"]
+
+
+def test_metered_engine_is_transparent() -> None:
+    inner = FakeEngine()
+    eng = MeteredEngine(inner, ComputeMeter())
+    assert eng.info == "info" and eng.wrapped is inner
+    eng.resolver = "r"  # attribute writes reach the wrapped engine (the demo sets its resolver)
+    assert inner.resolver == "r"  # type: ignore[attr-defined]
+    plain = MeteredEngine(NoGrad(), ComputeMeter())
+    assert not hasattr(plain, "attribute")  # the job checks still see an engine that cannot attribute
+    with pytest.raises(AttributeError):
+        _ = plain.encode
+
+
+def test_local_context_progress_switches_the_stage() -> None:
+    meter = ComputeMeter()
+    ctx = LocalContext(on_progress=lambda s, d, t, p: meter.set_stage(s))
+    eng = MeteredEngine(FakeEngine(), meter)
+    ctx.progress("stage2", 0, 1)
+    eng.score(["p"], [1])
+    ctx.progress("stage3", 0, 1)
+    eng.score(["p", "q"], [1])
+    got = meter.snapshot()
+    assert got["stage2"].forward_passes == 1 and got["stage3"].forward_passes == 2
+
+
+def _lat(*pairs: tuple[int, int]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for ly, i in pairs:
+        out.setdefault(str(ly), []).append(i)
+    return out
+
+
+def test_compare_methods_on_hand_made_results() -> None:
+    """Two prompts: stage 2 ran on both and jailbroke the first; attribution's per-prompt sets are known,
+    so the Jaccard overlaps, rates and the search-cost ratio are checked by hand."""
+    assert jaccard({1, 2}, {2, 3}) == pytest.approx(1 / 3) and jaccard(set(), set()) is None
+    texts = ["a", "b"]
+    stage1 = {"prompts": [{"index": 0, "prompt": "a", "status": "jailbroken", "latents": _lat((3, 1), (3, 2), (3, 5))},
+                          {"index": 1, "prompt": "b", "status": "jailbroken", "latents": _lat((3, 1), (4, 7))}]}
+    stage2 = {"config": {"seeds": [0, 1, 2], "block_size": 5},
+              "prompts": [{"index": 0, "prompt": "a", "final_latents": _lat((3, 1), (3, 2)), "jailbroken": True,
+                           "forward_passes": 300, "pool_size": 3, "taus": []},
+                          {"index": 1, "prompt": "b", "final_latents": {}, "jailbroken": False,
+                           "forward_passes": 100, "pool_size": 2, "taus": [{"degenerate": True}]}]}
+    rf = {"prompts": texts, "selection": {
+        "per_prompt": [[[3, 2, 1.0], [4, 9, 0.5]], [[3, 1, 1.0]]], "global_set": [[3, 2, 1.0]],
+        "candidates": {"3": [1, 2], "4": [9]}, "forward_equivalents": 40.0, "forward_passes": 20,
+        "backward_passes": 10, "per_prompt_k": 2},
+        "per_prompt_validation": [{"alpha": 0.0, "jailbreak_rate": 0.5, "jailbreak_rate_ungated": 0.5,
+                                   "jailbroken": [True, False]}],
+        "sweep": [{"alpha": None, "k": 0}, {"alpha": -3.0, "k": 1, "jailbreak_rate": 1.0}]}
+    ce = {"samples": {"instructions": {"baseline": {"mean": 2.0},
+                                       "extra": {"stage2/0": {"mean": 2.5}, "attribution/0": {"mean": 2.25},
+                                                 "attribution/global/-3": {"mean": 3.0}}}}}
+    out = compare_methods(stage1, stage2, rf, ce=ce)
+    a, b = out["per_prompt"]
+    assert a["jaccard_stage2_attribution"] == pytest.approx(1 / 3)  # {3:1,3:2} vs {3:2,4:9}
+    assert b["jaccard_stage2_attribution"] is None and b["stage2_jailbroken_ungated"] and not b["stage2_jailbroken"]
+    assert a["attribution_jailbroken@0"] is True and b["attribution_jailbroken@0"] is False
+    by = {m["method"].split(" (")[0]: m for m in out["methods"]}
+    assert by["stage 2"]["jailbreak_rate"] == 0.5 and by["stage 2"]["jailbreak_rate_ungated"] == 1.0
+    assert by["stage 2"]["ce_delta"] == {"instructions": 0.5}
+    assert by["attribution per-prompt top-2, x0"]["ce_delta"] == {"instructions": 0.25}
+    assert by["attribution global top-1, x-3"]["ce_delta"] == {"instructions": 1.0}
+    cost = out["cost"]
+    assert cost["stage2_per_prompt"] == 200 and cost["attribution_per_prompt"] == 20
+    assert cost["ratio_stage2_over_attribution"] == 10 and cost["meets_10x"]
+    assert cost["break_even_pool_10x"] == pytest.approx(5 * (200 - 2) / 3)
+    layer3 = next(r for r in out["per_layer"] if r["layer"] == 3)
+    assert layer3["stage2_union"] == 2 and layer3["attribution_union"] == 2 and layer3["stage2_in_candidates"] == 2
+    assert layer3["jaccard_stage2_attribution"] == 1.0
+    # with a meter's record, the cost comes from it (generation prefills excluded from the search)
+    compute = {"chain": {"stages": {"stage2": Compute(forward_passes=90, generations=10).to_json()}},
+               "refusal_features": {"stages": {"refusal_features: attribution":
+                                               Compute(forward_passes=4, backward_passes=3).to_json()}}}
+    cost = compare_methods(stage1, stage2, rf, compute=compute)["cost"]
+    assert cost["stage2_per_prompt"] == 40 and cost["attribution_per_prompt"] == 5 and not cost["meets_10x"]
