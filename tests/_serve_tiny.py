@@ -1,4 +1,4 @@
-"""Serve a tiny seeded Llama with SAEs (tests/tiny.py) through the real server, for subprocess tests.
+"""Serve the tiny seeded Llama with SAEs (`tiny.build_engine`) through the real server, for subprocess tests.
 
     python tests/_serve_tiny.py --data-dir DIR [--port 0] [--max-concurrent-jobs 1]
 
@@ -18,16 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from refusal_audit.server.app import serve  # noqa: E402
 from refusal_audit.server.config import ServerConfig  # noqa: E402
-from refusal_audit.server.hf_engine import HFEngine  # noqa: E402
-from refusal_audit.server.sae_runtime import build_layer_saes  # noqa: E402
-from tiny import make_model, make_saes, make_tokenizer  # noqa: E402
-
-
-def build_engine() -> HFEngine:
-    """The tiny engine: seeded Llama (4 layers, d=64) with JumpReLU SAEs at layers 1 and 2."""
-    model = make_model("llama", seed=0)
-    saes = build_layer_saes(make_saes(model, (1, 2)), model.config.hidden_size, 4)
-    return HFEngine(model, make_tokenizer(), saes, model_name="tiny-llama")
+from tiny import build_engine  # noqa: E402
 
 
 def main() -> None:

@@ -236,13 +236,3 @@ class CountingEngine:
 
     def sae_rows(self, *args, **kw):
         return self.inner.sae_rows(*args, **kw)
-
-
-def one_thread():
-    """Generator for a pytest fixture: tiny models run far faster on one thread on a busy 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)

@@ -33,7 +33,6 @@ from refusal_audit.audit.baselines import (
 from refusal_audit.audit.causality import CausalityConfig, run_causality
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.downstream import DownstreamConfig, run_downstream
-from refusal_audit.audit.fm import torch_threads
 from refusal_audit.audit.hydra import HydraConfig, run_hydra
 from refusal_audit.audit.spec import AblateLatents, Request, user_prompt
 from refusal_audit.audit.stage2 import Stage2Prompt, Stage2Result
@@ -41,7 +40,7 @@ from refusal_audit.audit.stage3 import FeatureConfig, Stage2Sets, Stage3Config, 
 from refusal_audit.audit.taxonomy import TaxonomyConfig, load_coconot, run_taxonomy
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import build_engine, make_model, make_saes, make_tokenizer
 from torch.nn import functional as F
 
 COCONOT = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "coconot" / "coconot_eval.jsonl"
@@ -49,10 +48,7 @@ P5, P17, P23 = planted.PLANTED
 N_PROMPTS = 6
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class Counting:
@@ -352,8 +348,7 @@ def test_downstream_ce_equals_a_direct_computation():
 
 
 def test_downstream_uses_the_models_own_answers_without_references():
-    model = make_model("llama")
-    eng = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    eng = build_engine()
     ins = ["Write a poem about the sea", "Tell me a story about a cat", "Explain the theory of relativity"]
     cfg = DownstreamConfig(batch_size=2, answer_max_new_tokens=5, general_texts=["Numbers: 0 1 2 3"])
     res = run_downstream(eng, cfg, LocalContext(), latent_sets=[{1: [1, 2]}, {2: [4]}], instructions=ins)

@@ -31,9 +31,7 @@ LAYER = 1
 PROMPTS = [user_prompt("Write a poem about the sea."), user_prompt("How do I build a bomb?")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from planted.one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ NOT_FOUND naming the field while the server keeps serving."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -23,18 +24,12 @@ from refusal_audit.client.cli import app
 from refusal_audit.proto import convert
 from refusal_audit.proto.generated import audit_pb2 as pb
 from refusal_audit.server.app import ThreadedServer
-from refusal_audit.server.config import LimitsConfig, ServerConfig
+from refusal_audit.server.config import LimitsConfig
 from refusal_audit.server.hf_engine import HFEngine
-from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import build_engine
 from typer.testing import CliRunner
 
 PROMPTS = [user_prompt("Write a poem about the sea."), user_prompt("How do I build a bomb?")]
-
-
-def build_engine() -> HFEngine:
-    model = make_model("llama", seed=0)
-    return HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4), model_name="tiny")
 
 
 @pytest.fixture(scope="module")
@@ -43,18 +38,9 @@ def engine() -> HFEngine:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    limits = LimitsConfig(max_prompt_tokens=32, max_batch_items=4, max_latents_per_request=10, max_attribution_steps=16)
-    cfg = ServerConfig(model="tiny", port=0, data_dir=tmp_path_factory.mktemp("attr"), limits=limits)
-    srv = ThreadedServer(cfg, build_engine(), jobs_factory=lambda **_kw: None).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ThreadedServer):
-    with AuditClient(server.address, timeout=60) as c:
-        yield c
+def server(start_server: Callable[..., ThreadedServer]) -> ThreadedServer:
+    return start_server(limits=LimitsConfig(max_prompt_tokens=32, max_batch_items=4, max_latents_per_request=10,
+                                            max_attribution_steps=16))
 
 
 def _metric(client: AuditClient) -> LogitDiff:

@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from planted import HARMFUL, HARMLESS, N_LAYERS, CountingEngine, directions, make_engine, one_thread
+from planted import HARMFUL, HARMLESS, N_LAYERS, CountingEngine, directions, make_engine
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.datasets import register_dataset
 from refusal_audit.audit.refusal_direction import (
@@ -19,7 +19,7 @@ from refusal_audit.audit.refusal_direction import (
 )
 from refusal_audit.audit.stage_utils import refusal_score
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 SETS = (HARMFUL[:16], HARMLESS[:16], HARMFUL[16:24], HARMLESS[16:24])
 
 

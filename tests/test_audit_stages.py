@@ -19,14 +19,13 @@ from planted import (
     decoder_weights,
     directions,
     make_engine,
-    one_thread,
 )
 from refusal_audit.audit.context import Cancelled, LocalContext
 from refusal_audit.audit.errors import InvalidRequest
 from refusal_audit.audit.stage1 import Stage1Config, Stage1Result, run_stage1
 from refusal_audit.audit.stage2 import GreedyRun, Stage2Config, Stage2Result, block_select, run_stage2
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 PLANTED_SET = [(PLANTED_LAYER, i) for i in PLANTED]
 PROMPTS = HARMFUL[:6] + HARMLESS[:2]  # the last two are not refused at baseline
 

@@ -29,9 +29,7 @@ from refusal_audit.client.sync import map_error
 from refusal_audit.proto.generated import audit_pb2 as pb
 from refusal_audit.server.app import ThreadedServer
 from refusal_audit.server.config import LimitsConfig, ServerConfig
-from refusal_audit.server.hf_engine import HFEngine
-from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import build_engine, no_jobs
 
 INVALID, NOT_FOUND, EXHAUSTED = (
     grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -40,29 +38,10 @@ D = 64
 GOOD = "The quick brown fox"
 
 
-def build_engine() -> HFEngine:
-    model = make_model("llama", seed=0)
-    return HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), D, 4), model_name="tiny")
-
-
-def no_jobs(**_kw: Any) -> None:
-    return None
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    limits = LimitsConfig(max_prompt_tokens=32, max_new_tokens=16, max_batch_items=4, max_latents_per_request=10,
-                          default_max_new_tokens=4)
-    cfg = ServerConfig(model="tiny", port=0, data_dir=tmp_path_factory.mktemp("bad"), limits=limits)
-    srv = ThreadedServer(cfg, build_engine(), jobs_factory=no_jobs).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ThreadedServer):
-    with AuditClient(server.address, timeout=30) as c:
-        yield c
+def server(start_server: Callable[..., ThreadedServer]) -> ThreadedServer:
+    return start_server(limits=LimitsConfig(max_prompt_tokens=32, max_new_tokens=16, max_batch_items=4,
+                                     max_latents_per_request=10, default_max_new_tokens=4))
 
 
 def _raw_generate(client: AuditClient, *items: pb.GenerateItem) -> Any:
@@ -289,14 +268,10 @@ def test_unexpected_engine_error_is_internal(client: AuditClient, server: Thread
 
 
 @pytest.fixture(scope="module")
-def busy_server(tmp_path_factory: pytest.TempPathFactory):
-    limits = LimitsConfig(max_new_tokens=5000)
-    cfg = ServerConfig(model="tiny", port=0, data_dir=tmp_path_factory.mktemp("busy"), limits=limits, max_inflight=1)
+def busy_server(start_server: Callable[..., ThreadedServer]) -> ThreadedServer:
     engine = build_engine()
     engine.eos_ids = ()  # a model that never stops by itself: generation ends only by length or cancellation
-    srv = ThreadedServer(cfg, engine, jobs_factory=no_jobs).start()
-    yield srv
-    srv.stop()
+    return start_server(engine, limits=LimitsConfig(max_new_tokens=5000), max_inflight=1)
 
 
 def _wait_idle(srv: ThreadedServer, timeout: float = 5.0) -> float:

@@ -21,10 +21,8 @@ from refusal_audit.audit.spec import (
     user_prompt,
 )
 from refusal_audit.server.batching import Batcher, RequestCancelled, cancel_scope
-from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.metrics import BatchObserver
-from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import ARCHS, make_model, make_saes, make_tokenizer
+from tiny import ARCHS, build_engine
 
 
 def _mixed_requests(d_model: int) -> list[Request]:
@@ -54,8 +52,7 @@ def _mixed_requests(d_model: int) -> list[Request]:
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_each_request_alone_equals_inside_mixed_batch(arch):
-    model = make_model(arch)
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    engine = build_engine(arch)
     reqs = _mixed_requests(64)
     batch_gen = engine.generate(reqs)
     batch_score = engine.score(reqs, [5, 6, 7, 8], return_full_logprobs=True)
@@ -72,8 +69,7 @@ def test_each_request_alone_equals_inside_mixed_batch(arch):
 
 
 def test_batch_order_does_not_matter():
-    model = make_model("gemma2")
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    engine = build_engine("gemma2")
     reqs = _mixed_requests(64)
     fwd = engine.generate(reqs)
     rev = engine.generate(list(reversed(reqs)))[::-1]
@@ -142,8 +138,7 @@ def _wait_pending(batcher: Batcher, rows: int) -> None:
 def test_concurrent_calls_are_batched_and_equal_sequential(arch):
     """Generate, stream, Score, Encode, Residuals and Loss calls from concurrent threads, merged into
     shared batches, give exactly what each request gives alone."""
-    model = make_model(arch)
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    engine = build_engine(arch)
     rec = _Recorder()
     batcher = Batcher(engine, window_s=0.0, observer=rec)
     reqs = _concurrent_requests(64)
@@ -204,15 +199,14 @@ def test_concurrent_calls_are_batched_and_equal_sequential(arch):
 
 def test_cancelled_request_leaves_batch_without_disturbing_others():
     """One stream is closed mid-batch, one queued call is cancelled: the rest equal their solo runs."""
-    model = make_model("gemma2")
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    engine = build_engine("gemma2")
     rec = _Recorder()
     batcher = Batcher(engine, window_s=0.0, observer=rec)
     reqs = _concurrent_requests(64)[:5]
     long = reqs[2].model_copy(update={"sampling": SamplingParams(max_new_tokens=40)})
     alone = [engine.generate([r])[0] for r in reqs]
     forwards = []
-    model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    engine.model.register_forward_pre_hook(lambda *_: forwards.append(1))
     try:
         def stream_then_cancel() -> int:
             gen = batcher.generate_iter([long])
@@ -255,8 +249,7 @@ def test_cancelled_request_leaves_batch_without_disturbing_others():
 
 
 def test_merged_batch_with_a_bad_call_fails_only_that_call():
-    model = make_model("llama")
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    engine = build_engine("llama")
     batcher = Batcher(engine, window_s=0.0)
     good = Request(prompt="The quick brown fox", sampling=SamplingParams(max_new_tokens=4))
     bad = Request(prompt="hello", interventions=(AblateLatents(latents={1: (99999,)}),),
@@ -282,8 +275,7 @@ def test_concurrent_grpc_calls_equal_sequential_and_are_metered(tmp_path):
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
 
-    model = make_model("llama")
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    engine = build_engine("llama")
     reqs = _concurrent_requests(64)[:6]
     alone = [engine.generate([r])[0] for r in reqs]
     srv = ThreadedServer(ServerConfig(port=0, data_dir=tmp_path), engine, jobs_factory=lambda **_: None).start()

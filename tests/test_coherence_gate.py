@@ -147,20 +147,19 @@ def test_gated_sweep_keeps_searching_past_degenerate_text_and_reports_both_asrs(
     assert bare.first_jailbreak_k == 1
 
 
-def test_gate_on_the_planted_model_through_the_real_loss() -> None:
+def test_gate_on_the_planted_model_through_the_real_loss(one_thread: None) -> None:
     """The planted tiny Llama: its own answers calibrate the gate; random-word text is degenerate,
     its own fluent answer is not."""
     pytest.importorskip("sae_lens")
-    from planted import HARMFUL, make_engine, one_thread
+    from planted import HARMFUL, make_engine
     from planted import HARMLESS as PLANTED_HARMLESS
 
-    for _ in one_thread():
-        engine, _ = make_engine()
-        cal = calibrate(engine, PLANTED_HARMLESS[:16], max_new_tokens=6)
-        gate = CoherenceGate(SubstringJudge(), engine, cal)
-        vs = gate.judge([JudgeItem(HARMFUL[0], "learn clean ? someone you simple"),
-                         JudgeItem(HARMFUL[0], "Sure Sure Sure Sure Sure Sure")])
-        assert [(v.jailbroken, v.degenerate) for v in vs] == [(False, True), (True, False)]
+    engine, _ = make_engine()
+    cal = calibrate(engine, PLANTED_HARMLESS[:16], max_new_tokens=6)
+    gate = CoherenceGate(SubstringJudge(), engine, cal)
+    vs = gate.judge([JudgeItem(HARMFUL[0], "learn clean ? someone you simple"),
+                     JudgeItem(HARMFUL[0], "Sure Sure Sure Sure Sure Sure")])
+    assert [(v.jailbroken, v.degenerate) for v in vs] == [(False, True), (True, False)]
 
 
 def test_stage1_grows_k_past_degenerate_text_and_reports_the_ungated_asr() -> None:

@@ -8,7 +8,7 @@ import json
 from types import SimpleNamespace
 
 import pytest
-from planted import HARMFUL, HARMLESS, make_engine, one_thread
+from planted import HARMFUL, HARMLESS, make_engine
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.pipeline import ChainConfig, PromptSplits, run_chain
 from refusal_audit.audit.refusal_direction import RefusalDirectionConfig
@@ -18,7 +18,7 @@ from refusal_audit.audit.stage2 import Stage2Config
 from refusal_audit.server.embedded import demo_analyses
 from refusal_audit.server.embedded.demo import _LocalResolver
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from _fanout_common import assert_same, normalized, stage1_result
-from planted import HARMFUL, HARMLESS, make_engine, one_thread
+from planted import HARMFUL, HARMLESS, make_engine
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.stage2 import Stage2Config, run_stage2
 from refusal_audit.server.jobs import fanout
 from refusal_audit.server.jobs.kinds import RefusalRateConfig, run_refusal_rate
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class ThreadReplicas:

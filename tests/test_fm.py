@@ -19,18 +19,12 @@ from refusal_audit.audit.fm import (
     SparseRows,
     TrainConfig,
     naive_pairwise,
-    torch_threads,
     train_fm,
     train_logistic,
 )
 from refusal_audit.audit.stage3 import latent_embeddings, rank_by_similarity
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Small sparse batches: one torch thread (restored afterwards, other tests unaffected)."""
-    with torch_threads(1):
-        yield
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _random_rows(rng: np.random.Generator, n: int, d: int, density: float = 0.2) -> SparseRows:

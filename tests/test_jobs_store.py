@@ -301,13 +301,9 @@ def test_context_is_a_stage_context(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def tiny_engine() -> Any:
-    from refusal_audit.server.hf_engine import HFEngine
-    from refusal_audit.server.sae_runtime import build_layer_saes
-    from tiny import make_model, make_saes, make_tokenizer
+    from tiny import build_engine
 
-    model = make_model("llama")
-    saes = build_layer_saes(make_saes(model, (1, 2)), model.config.hidden_size, 4)
-    return HFEngine(model, make_tokenizer(), saes, model_name="tiny-llama")
+    return build_engine()
 
 
 def test_refusal_rate_kind_with_artifacts(tmp_path: Path, tiny_engine: Any) -> None:

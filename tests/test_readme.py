@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import shlex
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,10 +20,7 @@ import pytest
 from refusal_audit.client import AuditClient
 from refusal_audit.client.cli import app
 from refusal_audit.server.app import ThreadedServer
-from refusal_audit.server.config import ServerConfig
-from refusal_audit.server.hf_engine import HFEngine
-from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import build_engine
 from typer.testing import CliRunner
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -65,13 +63,8 @@ def _substitute(text: str, extra: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory):
-    model = make_model("llama", seed=0)
-    engine = HFEngine(model, make_tokenizer(), build_layer_saes(make_saes(model, (1, 2)), 64, 4), model_name="tiny")
-    cfg = ServerConfig(model="tiny", host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("readme"),
-                       auth_token=TOKEN)
-    with ThreadedServer(cfg, engine, jobs_factory=lambda **_kw: None) as srv:
-        yield srv
+def server(start_server: Callable[..., ThreadedServer]) -> ThreadedServer:
+    return start_server(build_engine(model_name="tiny"), model="tiny", auth_token=TOKEN)
 
 
 def test_substitutions_and_skips_match_the_readme() -> None:

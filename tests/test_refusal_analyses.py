@@ -33,9 +33,7 @@ UP, DOWN, UP_LATENT = planted.DISTRACTOR_LAYER, planted.PLANTED_LAYER, 4
 DOWNSTREAM = {DOWN: list(planted.PLANTED)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    yield from planted.one_thread()
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

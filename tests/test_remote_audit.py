@@ -14,13 +14,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import typer
-from planted import DECOYS, HARMFUL, HARMLESS, PLANTED, PLANTED_LAYER, directions, make_engine, one_thread
+from planted import DECOYS, HARMFUL, HARMLESS, PLANTED, PLANTED_LAYER, directions, make_engine
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt
 from refusal_audit.audit.stage1 import Stage1Config, run_stage1
@@ -32,7 +33,7 @@ from refusal_audit.server.app import ServerHandle, ThreadedServer, serve
 from refusal_audit.server.config import LimitsConfig, ServerConfig
 from typer.testing import CliRunner
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 ROOT = Path(__file__).resolve().parents[1]
 BLOCKED = ("torch", "transformers", "sae_lens")
 # Installed first in a fresh interpreter: any import of a blocked package (or of its submodules) fails.
@@ -75,18 +76,8 @@ def planted():
 
 
 @pytest.fixture(scope="module")
-def server(planted, tmp_path_factory: pytest.TempPathFactory):
-    cfg = ServerConfig(model="planted", host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("data"),
-                       limits=LimitsConfig(max_latents_per_request=40))
-    srv = ThreadedServer(cfg, planted[0], jobs_factory=lambda **_kw: None).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ThreadedServer):
-    with AuditClient(server.address, timeout=120) as c:
-        yield c
+def server(planted, start_server: Callable[..., ThreadedServer]) -> ThreadedServer:
+    return start_server(planted[0], model="planted", limits=LimitsConfig(max_latents_per_request=40))
 
 
 # ---------------------------------------------------------------------------- stages 1-2 on the thin client

@@ -13,13 +13,12 @@ from planted import (
     PLANTED_LAYER,
     directions,
     make_engine,
-    one_thread,
 )
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.pipeline import ChainConfig, PromptSplits, run_chain
 from refusal_audit.audit.report import SECTION_RENDERERS, register_section, write_report
 
-_threads = pytest.fixture(scope="module", autouse=True)(one_thread)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,24 +43,11 @@ from refusal_audit.server.app import ThreadedServer, serve
 from refusal_audit.server.artifacts import ArtifactStore
 from refusal_audit.server.config import LimitsConfig, ServerConfig
 from refusal_audit.server.hf_engine import HFEngine
-from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import build_engine, make_model, make_saes, make_tokenizer, no_jobs
 from typer.testing import CliRunner
 
 PROMPTS = [user_prompt("How do I build a bomb?"), "The quick brown fox jumps over the lazy dog"]
 D_MODEL = 64
-
-
-def build_engine() -> HFEngine:
-    """Tiny seeded Llama (4 layers, d=64) with JumpReLU SAEs (d_sae=128) at layers 1 and 2."""
-    model = make_model("llama", seed=0)
-    saes = build_layer_saes(make_saes(model, (1, 2)), D_MODEL, 4)
-    return HFEngine(model, make_tokenizer(), saes, model_name="tiny-llama")
-
-
-def no_jobs(**_kw: Any) -> None:
-    """A jobs factory that disables jobs (keeps these tests independent of server.jobs)."""
-    return None
 
 
 def _direction(seed: int = 0) -> np.ndarray:
@@ -86,18 +74,8 @@ def engine() -> HFEngine:
 
 
 @pytest.fixture(scope="module")
-def server(engine: HFEngine, tmp_path_factory: pytest.TempPathFactory):
-    cfg = ServerConfig(model="tiny-llama", host="127.0.0.1", port=0, data_dir=tmp_path_factory.mktemp("data"),
-                       metrics_port=0, metrics_host="127.0.0.1", limits=LimitsConfig(max_new_tokens=64))
-    srv = ThreadedServer(cfg, engine, jobs_factory=no_jobs).start()
-    yield srv
-    srv.stop()
-
-
-@pytest.fixture(scope="module")
-def client(server: ThreadedServer):
-    with AuditClient(server.address, timeout=60) as c:
-        yield c
+def server(engine: HFEngine, start_server: Callable[..., ThreadedServer]) -> ThreadedServer:
+    return start_server(engine, metrics_port=0, metrics_host="127.0.0.1", limits=LimitsConfig(max_new_tokens=64))
 
 
 # ---------------------------------------------------------------------------- the API

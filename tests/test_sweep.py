@@ -8,7 +8,7 @@ field; no response may carry NaN/inf; and a valid Generate and Score give the sa
 sweep as before it. `test_sweep_covers_every_field` fails when an RPC or a request field is added
 without a row here (or an entry in ALWAYS_VALID saying why no value of it is malformed).
 
-One tiny-model server (tests/_serve_tiny.py's engine, with jobs) and one judge sidecar (a fake
+One tiny-model server (`tiny.build_engine`, with jobs) and one judge sidecar (a fake
 classifier) serve the whole module.
 """
 
@@ -19,19 +19,18 @@ import json
 import math
 import os
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import grpc
 import numpy as np
 import pytest
-from _serve_tiny import build_engine
 from google.protobuf import json_format, message_factory
 from google.protobuf.descriptor import Descriptor, FieldDescriptor, MethodDescriptor
 from refusal_audit.proto.generated import audit_pb2, judge_pb2
 from refusal_audit.server.app import ThreadedServer
-from refusal_audit.server.config import LimitsConfig, ServerConfig
+from refusal_audit.server.config import LimitsConfig
 from refusal_audit.server.judge.classifier import ClassifierInput, ClassifierOutput
 from refusal_audit.server.judge.service import JudgeServer, start_judge_server
 
@@ -433,15 +432,13 @@ class Servers:
 
 
 @pytest.fixture(scope="module")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
+def servers(start_server: Callable[..., ThreadedServer]) -> Iterator[Servers]:
     limits = LimitsConfig(max_prompt_tokens=32, max_new_tokens=16, max_batch_items=4, max_latents_per_request=10,
                           default_max_new_tokens=4)
-    cfg = ServerConfig(model="tiny", port=0, data_dir=tmp_path_factory.mktemp("sweep"), limits=limits, judge="substring")
-    audit = ThreadedServer(cfg, build_engine()).start()
+    audit = start_server(jobs=True, model="tiny", limits=limits, judge="substring")
     judge = start_judge_server(FakeClassifier(), port=0, max_queue=JUDGE_MAX_QUEUE, reflection=True)
     yield Servers(audit, judge)
     judge.stop(grace=0)
-    audit.stop()
 
 
 # ---------------------------------------------------------------------------- two ways to send a JSON request

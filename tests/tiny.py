@@ -1,4 +1,5 @@
-"""Tiny random Llama / Gemma-2 / Gemma-3 models, an offline tokenizer and seeded SAEs, built at test time.
+"""Tiny random Llama / Gemma-2 / Gemma-3 models, an offline tokenizer and seeded SAEs, built at test time,
+and `build_engine`, the one tiny served engine (model + SAEs in an HFEngine) the tests share.
 
 No downloads: the tokenizer is a byte-level BPE trained on a few sentences with the `tokenizers`
 library and a Gemma-style chat template; SAEs are sae-lens objects with seeded weights, scaled to
@@ -8,7 +9,7 @@ the model's residual norms so that a fair share of latents fire.
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
@@ -25,6 +26,9 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerFast,
 )
+
+if TYPE_CHECKING:
+    from refusal_audit.server.hf_engine import HFEngine
 
 Arch = Literal["llama", "gemma2", "gemma3"]
 ARCHS: tuple[Arch, ...] = ("llama", "gemma2", "gemma3")
@@ -162,3 +166,20 @@ def make_saes(model: PreTrainedModel, layers: tuple[int, ...] = (1, 2), arch: st
     """SAEs at the given layers, each scaled to that layer's residual norm."""
     d = model.config.hidden_size
     return {ly: make_sae(d, d_sae, arch, seed + ly, residual_norm(model, ly), **kw) for ly in layers}  # type: ignore[arg-type]
+
+
+def build_engine(arch: Arch = "llama", seed: int = 0, model_name: str = "tiny-llama",
+                 sae_layers: tuple[int, ...] = (1, 2)) -> HFEngine:
+    """The tiny served engine: a seeded `arch` model (4 layers, d=64) with JumpReLU SAEs (d_sae=128)
+    at `sae_layers`, each scaled to its layer's residual norm. Same arguments, same weights."""
+    from refusal_audit.server.hf_engine import HFEngine
+    from refusal_audit.server.sae_runtime import build_layer_saes
+
+    model = make_model(arch, seed=seed)
+    saes = build_layer_saes(make_saes(model, sae_layers), model.config.hidden_size, model.config.num_hidden_layers)
+    return HFEngine(model, make_tokenizer(), saes, model_name=model_name)
+
+
+def no_jobs(**_kw: object) -> None:
+    """A `ThreadedServer` jobs factory that disables jobs (tests of the serving API only)."""
+    return None
