@@ -352,6 +352,12 @@ def run_stage2(engine: Engine, stage1: Stage1Result | dict[str, Any], cfg: Stage
             save_fingerprinted(ctx, f"stage2/prompt/{res.index}", fps[res.index], result=res.to_json())
             ctx.progress(STAGE, len(done), len(items),
                          {"index": res.index, "final_size": len(res.final_latents), "jailbroken": res.jailbroken})
+    return stage2_result(items, done, cfg, ctx, t0)
+
+
+def stage2_result(items: list[tuple[int, str, list[Latent]]], done: dict[int, Stage2Prompt], cfg: Stage2Config,
+                  ctx: StageContext, t0: float) -> Stage2Result:
+    """The result in item order; the union of the final sets registered as a latent set (`register_sets`)."""
     result = Stage2Result([done[i] for i, _, _ in items], config=cfg.model_dump(mode="json"))
     if cfg.register_sets and result.union():
         result.union_set_id = ctx.register_latent_set(

@@ -397,17 +397,8 @@ def _attribute_chunk(
     else:
         metric_clean = run(0.0, grad=False, record_clean=True)
     fwd += B
-    metric_baseline: torch.Tensor | None = None
-    kind = request.baseline.kind
-    for ly, st in states.items():
-        assert st.z_clean is not None and st.e_clean is not None
-        if kind == "zero":
-            st.z_base, st.e_base = torch.zeros_like(st.z_clean), st.e_clean
-        elif kind == "mean":
-            mz, me = means[ly]
-            st.z_base, st.e_base = mz.expand_as(st.z_clean), me.expand_as(st.e_clean)
-    if kind == "interventions":
-        metric_baseline = _baseline_run(engine, request, requests, ids, layers, states, pos_t, neg_t, is_diff)
+    metric_baseline = _set_baselines(engine, request, requests, ids, layers, states, means, pos_t, neg_t, is_diff)
+    if metric_baseline is not None:
         fwd += B
     for a in alphas:
         run(a, grad=True)
@@ -454,6 +445,26 @@ def _attribute_chunk(
             layers=per_layer,
         ))
     return results, fwd, bwd
+
+
+def _set_baselines(
+    engine: HFEngine, request: AttributionRequest, requests: list[Request], ids: list[list[int]],
+    layers: list[int], states: dict[int, _LayerState], means: Any, pos_t: torch.Tensor, neg_t: torch.Tensor,
+    is_diff: torch.Tensor,
+) -> torch.Tensor | None:
+    """Set each layer's baseline (z_b, e_b) from its clean run: zeros, reference means, or a forward
+    pass under the baseline interventions, whose metric is returned (None for the other kinds)."""
+    kind = request.baseline.kind
+    for ly, st in states.items():
+        assert st.z_clean is not None and st.e_clean is not None
+        if kind == "zero":
+            st.z_base, st.e_base = torch.zeros_like(st.z_clean), st.e_clean
+        elif kind == "mean":
+            mz, me = means[ly]
+            st.z_base, st.e_base = mz.expand_as(st.z_clean), me.expand_as(st.e_clean)
+    if kind != "interventions":
+        return None
+    return _baseline_run(engine, request, requests, ids, layers, states, pos_t, neg_t, is_diff)
 
 
 def _baseline_run(

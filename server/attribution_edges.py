@@ -47,11 +47,11 @@ from ..audit.spec import Request
 from .attribution import (
     _BYTES_BUDGET,
     DEFAULT_MAX_STEPS,
-    _baseline_run,
     _engine_means,
     _LayerState,
     _metric,
     _Patcher,
+    _set_baselines,
     scope_positions,
     validate_request,
 )
@@ -228,17 +228,9 @@ def _edges_chunk(
             metric_clean = forward(0.0, False, record_clean=True).detach()
         rest = alphas
     fwd += B
-    kind = request.baseline.kind
-    metric_baseline: torch.Tensor | None = None  # only an interventions baseline has a run of its own
-    for ly, st in states.items():
-        assert st.z_clean is not None and st.e_clean is not None
-        if kind == "zero":
-            st.z_base, st.e_base = torch.zeros_like(st.z_clean), st.e_clean
-        elif kind == "mean":
-            mz, me = means[ly]
-            st.z_base, st.e_base = mz.expand_as(st.z_clean), me.expand_as(st.e_clean)
-    if kind == "interventions":
-        metric_baseline = _baseline_run(engine, request, requests, ids, layers, states, pos_t, neg_t, is_diff)
+    # only an interventions baseline has a run (and a metric) of its own
+    metric_baseline = _set_baselines(engine, request, requests, ids, layers, states, means, pos_t, neg_t, is_diff)
+    if metric_baseline is not None:
         fwd += B
     for a in rest:
         metric_step(a)

@@ -118,8 +118,8 @@ def stage2_seed_unit(engine: Any, index: int, text: str, pool: list[list[int]], 
 
 def run_stage2(engine: Any, stage1: Any, cfg: Any, ctx: Any) -> Any:
     """`audit.stage2.run_stage2` with the (prompt, seed) greedy loops as units on the replicas."""
-    from ...audit.stage2 import STAGE, Stage2Prompt, Stage2Result, _Acct, _scorer, finish_group, stage2_items
-    from ...audit.stage_utils import as_prompt, latents_to_dict, restore_items, save_fingerprinted
+    from ...audit.stage2 import STAGE, Stage2Prompt, _Acct, _scorer, finish_group, stage2_items, stage2_result
+    from ...audit.stage_utils import as_prompt, restore_items, save_fingerprinted
 
     t0 = time.perf_counter()
     items, toks, fps = stage2_items(engine, stage1, cfg)
@@ -130,7 +130,7 @@ def run_stage2(engine: Any, stage1: Any, cfg: Any, ctx: Any) -> Any:
     ctx.progress(STAGE, len(done), len(items))
     by_index = {i: (i, text, pool) for i, text, pool in pending}
     seeds = list(cfg.seeds)
-    cfg_json = _stage2_cfg_json(cfg)
+    cfg_json = cfg.model_dump_json()  # the Stage2Config the units rebuild
     payloads = [{"index": i, "text": text, "pool": [list(x) for x in pool], "cfg_json": cfg_json, "toks": toks,
                  "seed": seed} for i, text, pool in pending for seed in seeds]
     partial: dict[int, dict[int, tuple[dict[str, Any], str]]] = {i: {} for i, _, _ in pending}
@@ -171,22 +171,10 @@ def run_stage2(engine: Any, stage1: Any, cfg: Any, ctx: Any) -> Any:
             finish(i)
 
     run_units(engine, UNIT_STAGE2, payloads, on_result, ctx.check_cancelled)
-    result = Stage2Result([done[i] for i, _, _ in items], config=cfg.model_dump(mode="json"))
-    if cfg.register_sets and result.union():
-        result.union_set_id = ctx.register_latent_set(
-            "stage2/union", latents_to_dict(result.union()),
-            {"kind": "stage2_union", **result.summary(), "counts": [list(c) for c in result.latent_counts()]},
-        )
-    result.wall_s = time.perf_counter() - t0
+    result = stage2_result(items, done, cfg, ctx, t0)
     result.placement = placement  # type: ignore[attr-defined]
     return result
 
-
-def _stage2_cfg_json(cfg: Any) -> str:
-    """The plain Stage2Config part of a job config (the job adds stage1_result / ids)."""
-    from ...audit.stage2 import Stage2Config
-
-    return Stage2Config.model_validate(cfg.model_dump(include=set(Stage2Config.model_fields))).model_dump_json()
 
 
 # ---------------------------------------------------------------------------- refusal_rate

@@ -117,10 +117,15 @@ class RefusalRateConfig(BaseModel):
 def _check_refusal_rate(cfg: RefusalRateConfig, env: CheckEnv) -> None:
     check_artifact(env, "latent_set_id", cfg.latent_set_id, "latent_set")
     check_artifact(env, "direction_id", cfg.direction_id, "direction")
-    limit = getattr(getattr(env.engine, "limits", None), "max_new_tokens", None)
-    if limit is not None and cfg.max_new_tokens > limit:
-        raise InvalidRequest(f"config.max_new_tokens: {cfg.max_new_tokens} exceeds the server limit {limit}")
+    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
     check_config_interventions(env, "interventions", cfg.interventions)
+
+
+def check_limit(env: CheckEnv, field_name: str, value: int, limit_name: str = "max_new_tokens") -> None:
+    """Submit-time check of a config value against the server's limit `limit_name` (when it has one)."""
+    limit = getattr(getattr(env.engine, "limits", None), limit_name, None)
+    if limit is not None and value > limit:
+        raise InvalidRequest(f"config.{field_name}: {value} exceeds the server limit {limit_name}={limit}")
 
 
 def check_config_interventions(env: CheckEnv, field_name: str, interventions: list[Any]) -> None:

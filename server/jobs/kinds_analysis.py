@@ -47,15 +47,7 @@ from .inputs import (
     stage3_result,
     steering_layer,
 )
-from .kinds import JobKind, register_kind, result_dict
-
-
-def _check_max_new_tokens(env: CheckEnv, *values: int) -> None:
-    limit = getattr(getattr(env.engine, "limits", None), "max_new_tokens", None)
-    for v in values:
-        if limit is not None and v > limit:
-            raise InvalidRequest(f"config: max_new_tokens {v} exceeds the server limit {limit}")
-
+from .kinds import JobKind, check_limit, register_kind, result_dict
 
 # ---------------------------------------------------------------------------- stage 3
 
@@ -70,7 +62,7 @@ def _stage3_config() -> type[BaseModel]:
 def _check_stage3(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the stage-2 sets to extend")
     check_inputs(cfg, env)
-    _check_max_new_tokens(env, cfg.sweep.max_new_tokens)
+    check_limit(env, "sweep.max_new_tokens", cfg.sweep.max_new_tokens)
 
 
 def _run_stage3(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -94,7 +86,7 @@ def _probe_config() -> type[BaseModel]:
 def _check_probe(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the stage-2 sets the top-K latents are added to")
     check_inputs(cfg, env)
-    _check_max_new_tokens(env, cfg.sweep.max_new_tokens)
+    check_limit(env, "sweep.max_new_tokens", cfg.sweep.max_new_tokens)
 
 
 def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -115,7 +107,7 @@ def _random_config() -> type[BaseModel]:
 def _check_random(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the set sizes to match")
     check_inputs(cfg, env)
-    _check_max_new_tokens(env, cfg.max_new_tokens)
+    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
 
 
 def _run_random(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -134,7 +126,7 @@ def _obrien_config() -> type[BaseModel]:
 
 def _check_obrien(cfg: Any, env: CheckEnv) -> None:
     check_inputs(cfg, env)
-    _check_max_new_tokens(env, cfg.max_new_tokens)
+    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
 
 
 def _run_obrien(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -158,7 +150,8 @@ def _hydra_config() -> type[BaseModel]:
 def _check_hydra(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the stage-2 sets to analyse")
     check_inputs(cfg, env)
-    _check_max_new_tokens(env, cfg.max_new_tokens, cfg.clamp_max_new_tokens)
+    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
+    check_limit(env, "clamp_max_new_tokens", cfg.clamp_max_new_tokens)
 
 
 def _run_hydra(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -178,7 +171,7 @@ def _check_causality(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the stage-2 sets")
     need(cfg, "stage3_job_id", "the stage-3 rankings")
     check_inputs(cfg, env)
-    _check_max_new_tokens(env, cfg.max_new_tokens)
+    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
 
 
 def _run_causality(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -203,7 +196,7 @@ def _check_downstream(cfg: Any, env: CheckEnv) -> None:
     check_inputs(cfg, env)
     if cfg.latent_sets_from == "stage3" and not (cfg.stage3_job_id and cfg.stage2_job_id):
         raise InvalidRequest("config.stage3_job_id: latent_sets_from='stage3' needs stage2_job_id and stage3_job_id")
-    _check_max_new_tokens(env, cfg.answer_max_new_tokens)
+    check_limit(env, "answer_max_new_tokens", cfg.answer_max_new_tokens)
 
 
 def _run_downstream(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 
 from ...audit.errors import InvalidRequest
 from .inputs import CheckEnv, DirectionSource, algorithm_config, check_inputs, direction_vector, job_config
-from .kinds import JobKind, register_kind
+from .kinds import JobKind, check_limit, register_kind
 
 
 @lru_cache(maxsize=1)
@@ -30,9 +30,7 @@ def _check(cfg: Any, env: CheckEnv) -> None:
     check_inputs(cfg, env)
     if env.engine is not None and not hasattr(env.engine, "attribute"):
         raise InvalidRequest("config: this server's engine cannot attribute (no gradients)")
-    limit = getattr(getattr(env.engine, "limits", None), "max_attribution_steps", None)
-    if limit is not None and cfg.n_steps > limit:
-        raise InvalidRequest(f"config.n_steps: {cfg.n_steps} exceeds the server limit {limit}")
+    check_limit(env, "n_steps", cfg.n_steps, "max_attribution_steps")
 
 
 def _run(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:

@@ -16,7 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 
 from ...audit.errors import InvalidRequest
 from .inputs import CheckEnv, JobInputs, algorithm_config, check_inputs, direction_vector, job_config
-from .kinds import JobKind, register_kind
+from .kinds import JobKind, check_limit, register_kind
 
 FEATURES_KINDS = ("refusal_features",)
 
@@ -127,9 +127,8 @@ def _check_edges(cfg: Any, env: CheckEnv) -> None:
         raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={info.d_model}")
     if env.engine is not None and not hasattr(env.engine, "latent_edges"):
         raise InvalidRequest("config: this server's engine cannot compute latent edges (no gradients)")
-    limit = getattr(getattr(env.engine, "limits", None), "max_attribution_steps", None)
-    if cfg.method == "ig" and limit is not None and cfg.n_steps > limit:
-        raise InvalidRequest(f"config.n_steps: {cfg.n_steps} exceeds the server limit {limit}")
+    if cfg.method == "ig":
+        check_limit(env, "n_steps", cfg.n_steps, "max_attribution_steps")
     if cfg.latents and info is not None:
         reach = [ly for ly in cfg.latents if any(ly - cfg.max_back <= s < ly for s in info.sae_layers)]
         if not reach:
@@ -158,9 +157,7 @@ def _suppression_config() -> type[BaseModel]:
 def _check_suppression(cfg: Any, env: CheckEnv) -> None:
     _check_latents(cfg, env)
     _check_templates(cfg)
-    limit = getattr(getattr(env.engine, "limits", None), "max_new_tokens", None)
-    if limit is not None and cfg.max_new_tokens > limit:
-        raise InvalidRequest(f"config.max_new_tokens: {cfg.max_new_tokens} exceeds the server limit {limit}")
+    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
 
 
 def _run_suppression(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
