@@ -14,7 +14,7 @@ from refusal_audit.server.embedded.base_model import BaseConfig
 from refusal_audit.server.embedded.build import BuildConfig
 from refusal_audit.server.embedded.finetune import FinetuneConfig, probe_path, read_prompts
 from refusal_audit.server.embedded.train_saes import SaeBuildConfig
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tiny import train_bpe, wrap_tokenizer
 from transformers import (
     Gemma3ForCausalLM,
     Gemma3TextConfig,
@@ -32,18 +32,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     (the loader must add Gemma's)."""
     corpus = read_prompts(probe_path("harmful"))[:60] + read_prompts(probe_path("harmless"))[:60]
     corpus += ["I cannot help with that. I'm sorry, but I can't assist.", "Sure! Here is a short answer."]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=SPECIALS,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(corpus * 2, trainer)
-    bos = tok.token_to_id("<bos>")
-    tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
+    return wrap_tokenizer(train_bpe(corpus * 2, 512, SPECIALS), chat_template=None)
 
 
 def make_model(vocab_size: int, arch: Literal["gemma3", "llama"] = "gemma3", seed: int = 0) -> PreTrainedModel:

@@ -25,6 +25,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
+from tiny import wrap_tokenizer
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -73,13 +74,7 @@ def make_tokenizer() -> PreTrainedTokenizerFast:
     vocab = {w: i for i, w in enumerate(dict.fromkeys(VOCAB))}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    ptok = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
-    ptok.chat_template = CHAT_TEMPLATE
-    ptok.padding_side = "left"
-    return ptok
+    return wrap_tokenizer(tok, CHAT_TEMPLATE)
 
 
 def _single_id(tok: PreTrainedTokenizerFast, token: str) -> int:

@@ -54,33 +54,40 @@ CORPUS = [
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]
 
 
-@lru_cache(maxsize=1)
-def _tokenizer_json() -> str:
+def train_bpe(corpus: list[str], vocab_size: int, specials: list[str]) -> Tokenizer:
+    """A byte-level BPE trained on `corpus` (offline, `tokenizers`) that prepends <bos>; the order
+    of `specials` fixes their ids."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400, special_tokens=SPECIALS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tok.train_from_iterator(CORPUS * 4, trainer)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(corpus, trainer)
     bos = tok.token_to_id("<bos>")
     tok.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", bos)])
-    return tok.to_str()
+    return tok
+
+
+def wrap_tokenizer(tok: Tokenizer, chat_template: str | None = CHAT_TEMPLATE) -> PreTrainedTokenizerFast:
+    """`tok` as a transformers tokenizer with the Gemma-style specials (and chat template, left padding)."""
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>",
+        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
+    )
+    if chat_template is not None:
+        fast.chat_template = chat_template
+        fast.padding_side = "left"
+    return fast
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json() -> str:
+    return train_bpe(CORPUS * 4, 400, SPECIALS).to_str()
 
 
 def make_tokenizer() -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer with Gemma-style specials and chat template, built offline."""
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-        additional_special_tokens=["<start_of_turn>", "<end_of_turn>"],
-    )
-    tok.chat_template = CHAT_TEMPLATE
-    tok.padding_side = "left"
-    return tok
+    return wrap_tokenizer(Tokenizer.from_str(_tokenizer_json()))
 
 
 def make_model(arch: Arch = "llama", seed: int = 0, n_layers: int = 4, d_model: int = 64) -> PreTrainedModel:
