@@ -145,13 +145,18 @@ def taxonomy(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneS
 
 def refusal_features(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
                      objects: dict[str, Any]) -> dict[str, Any]:
-    """The second seed's pipeline on stage 1's prompts, with stage 1's SAE layers as candidate layers:
-    IG attribution from the direction-ablated baseline, each prompt's top set ablated / scaled by -3,
-    the global set's steering sweep (CE on held-out harmless prompts)."""
+    """The second seed's pipeline on stage 1's prompts, on stage 1's candidates: its SAE layers and, per
+    layer, the top k_max latents by decoder cosine (every latent a stage-1 pool can hold; the paper's
+    10 per layer would leave 20 candidates for a top 20 on the small build's two layers). IG
+    attribution from the direction-ablated baseline (its passes do not depend on the candidate count),
+    each prompt's top set ablated / scaled by -3, the global set's steering sweep (CE on held-out
+    harmless prompts)."""
     did = results["direction"]["direction_id"]
     direction = ctx.directions[did][0]
-    prompts = [p["prompt"] for p in results["stage1"]["prompts"]]
-    cfg = RefusalFeaturesConfig(layers=list(results["stage1"].get("layers") or []) or None,
+    s1 = results["stage1"]
+    prompts = [p["prompt"] for p in s1["prompts"]]
+    cfg = RefusalFeaturesConfig(layers=list(s1.get("layers") or []) or None,
+                                candidates_per_layer=int((s1.get("config") or {}).get("k_max") or 10),
                                 alphas=[-3.0, -1.0, 0.0], ks=[5, 10, 20], per_prompt_alphas=[0.0, -3.0],
                                 max_new_tokens=MAX_NEW_TOKENS, batch_size=8, n_harmless=8 if small else 12)
     return run_refusal_features(engine, cfg, ctx, direction, prompts, split.harmless_heldout[: cfg.n_harmless])
