@@ -24,16 +24,16 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
-from .jailbreaks import DEFAULT_TEMPLATES, resolve, templates, wrap
+from .jailbreaks import TemplateChoice, wrap
 from .judges import JudgeItem
 from .refusal_latents import latents_key
 from .spec import Prompt, Request, SamplingParams
 from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
 
 
-class JailbreakSuppressionConfig(BaseModel):
+class JailbreakSuppressionConfig(TemplateChoice):
     """The `jailbreak_suppression` algorithm (the refusal latents are an argument; a job names them)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -44,25 +44,9 @@ class JailbreakSuppressionConfig(BaseModel):
     seed: int = 0
     prompts: list[str] = Field(default_factory=list)  # inline harmful requests, instead of the dataset
     chat: bool = True
-    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # shipped template names
-    custom_templates: dict[str, str] = Field(default_factory=dict)  # name -> text with "{{ prompt }}"
     last_n: int = Field(default=1, ge=1)  # prompt tokens (from the end) the activation is summed over
     max_new_tokens: int = Field(default=64, ge=1)
     batch_size: int = Field(default=8, ge=1)
-
-    @field_validator("templates")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in templates()]
-        if unknown:
-            raise ValueError(f"unknown jailbreak template {unknown[0]!r} (see audit/data/jailbreak_templates.json)")
-        return v
-
-    @field_validator("custom_templates")
-    @classmethod
-    def _placeholder(cls, v: dict[str, str]) -> dict[str, str]:
-        resolve([], v, "custom_templates") if v else None
-        return v
 
 
 def activation(res: Any, last_n: int) -> float:
@@ -118,7 +102,7 @@ def run_jailbreak_suppression(engine: Any, cfg: JailbreakSuppressionConfig, ctx:
     t0 = time.perf_counter()
     if not prompts:
         raise ValueError("no prompts")
-    tmpl = resolve(cfg.templates, cfg.custom_templates)
+    tmpl = cfg.chosen()
     lat_key = latents_key(latents)
     base_fp = fingerprint([*(f"{k}\x01{v}" for k, v in tmpl.items()), lat_key,
                            cfg.model_dump_json(include={"chat", "last_n", "max_new_tokens"}),

@@ -12,6 +12,8 @@ from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 PLACEHOLDER = "{{ prompt }}"
 # A default mix of classic role-play, instruction-override and output-shaping attacks.
 DEFAULT_TEMPLATES = (
@@ -51,3 +53,32 @@ def resolve(names: Sequence[str], custom: Mapping[str, str] | None = None,
 def wrap(template: str, request: str) -> str:
     """The template with the request in place of every placeholder."""
     return template.replace(PLACEHOLDER, request)
+
+
+class TemplateChoice(BaseModel):
+    """The templates a config wraps requests in: shipped names plus custom ones, validated on load
+    (a config that names an unknown template, or a custom one without the placeholder, is rejected)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))  # shipped template names
+    custom_templates: dict[str, str] = Field(default_factory=dict)  # name -> text with "{{ prompt }}"
+
+    @field_validator("templates")
+    @classmethod
+    def _known(cls, v: list[str]) -> list[str]:
+        unknown = [t for t in v if t not in templates()]
+        if unknown:
+            raise ValueError(f"unknown jailbreak template {unknown[0]!r} (see audit/data/jailbreak_templates.json)")
+        return v
+
+    @field_validator("custom_templates")
+    @classmethod
+    def _placeholder(cls, v: dict[str, str]) -> dict[str, str]:
+        if v:
+            resolve([], v, "custom_templates")
+        return v
+
+    def chosen(self) -> dict[str, str]:
+        """{name: template} of every chosen template (shipped, then custom)."""
+        return resolve(self.templates, self.custom_templates)

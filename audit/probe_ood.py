@@ -24,9 +24,9 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import ConfigDict, Field
 
-from .jailbreaks import DEFAULT_TEMPLATES, resolve, templates, wrap
+from .jailbreaks import TemplateChoice, wrap
 from .refusal_latents import latents_key
 from .spec import Request
 from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
@@ -34,7 +34,7 @@ from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerpri
 GROUPS = ("train_harmful", "train_harmless", "test_harmful", "test_harmless", "ood_harmful", "ood_harmless")
 
 
-class ProbeOODConfig(BaseModel):
+class ProbeOODConfig(TemplateChoice):
     """The `probe_ood` algorithm (the refusal latents are an argument; a job names them)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -45,19 +45,9 @@ class ProbeOODConfig(BaseModel):
     n_test: int | None = Field(default=32, ge=1)  # per class, test split (plain and wrapped)
     seed: int = 0
     chat: bool = True
-    templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
-    custom_templates: dict[str, str] = Field(default_factory=dict)
     dense_layer: int | None = None  # the dense probe's residual layer (default: the deepest refusal-latent layer)
     l2: float = Field(default=1e-2, ge=0.0)
     batch_size: int = Field(default=8, ge=1)
-
-    @field_validator("templates")
-    @classmethod
-    def _known(cls, v: list[str]) -> list[str]:
-        unknown = [t for t in v if t not in templates()]
-        if unknown:
-            raise ValueError(f"unknown jailbreak template {unknown[0]!r} (see audit/data/jailbreak_templates.json)")
-        return v
 
 
 def fit_logistic(X: np.ndarray, y: np.ndarray, l2: float) -> tuple[np.ndarray, float, np.ndarray, np.ndarray]:
@@ -140,7 +130,7 @@ def run_probe_ood(engine: Any, cfg: ProbeOODConfig, ctx: Any, texts: dict[str, l
                   latents: dict[int, list[int]]) -> dict[str, Any]:
     """`texts`: plain requests of train_/test_ harmful / harmless; the ood groups wrap the test ones."""
     t0 = time.perf_counter()
-    tmpl = resolve(cfg.templates, cfg.custom_templates)
+    tmpl = cfg.chosen()
     names = list(tmpl)
     layer = cfg.dense_layer if cfg.dense_layer is not None else max(latents)
     groups: dict[str, list[str]] = {g: list(texts[g]) for g in GROUPS[:4]}

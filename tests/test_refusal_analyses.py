@@ -369,6 +369,8 @@ def test_probe_ood_matches_numpy_probe_and_resumes(edge_engine: HFEngine) -> Non
     ("jailbreak_suppression", {"latents": {"3": [5]}, "custom_templates": {"aim": "{{ prompt }}"}}, "custom_templates"),
     ("jailbreak_suppression", {"features_job_id": "nojob"}, "features_job_id"),
     ("probe_ood", {"latents": {"3": [5]}, "dense_layer": 7}, "dense_layer"),
+    ("probe_ood", {"latents": {"3": [5]}, "templates": ["nope"]}, "templates"),
+    ("probe_ood", {"latents": {"3": [5]}, "custom_templates": {"x": "no slot"}}, "custom_templates"),
     ("probe_ood", {"latents": {"3": [5]}, "k_latents": 3}, "k_latents"),
 ])
 def test_start_job_validation_names_field(edge_engine: HFEngine, kind: str, config: dict, field: str) -> None:
