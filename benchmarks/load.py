@@ -40,7 +40,8 @@ PROMPTS = ["Explain photosynthesis briefly.", "Write a haiku about rain.", "What
            "Why is the sky blue?"]
 
 
-def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int) -> Any:
+def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int,
+                  vllm_compiled: bool = False) -> Any:
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from refusal_audit.server.hf_engine import HFEngine
@@ -58,7 +59,7 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
     else:
         from refusal_audit.server.vllm_engine import VLLMEngine
 
-        engine = VLLMEngine.from_config(model, saes)
+        engine = VLLMEngine.from_config(model, saes, **({"enforce_eager": False} if vllm_compiled else {}))
     return ThreadedServer(cfg, engine=engine).start()
 
 
@@ -179,6 +180,7 @@ def main() -> None:
     ap.add_argument("--server", default=None, help="address of a running server (default: start one)")
     ap.add_argument("--metrics", default=None, help="its /metrics URL (default: the started server's)")
     ap.add_argument("--engine", default="hf", choices=["hf", "vllm"])
+    ap.add_argument("--vllm-compiled", action="store_true", help="--engine vllm without enforce_eager (torch.compile)")
     ap.add_argument("--model", default="embedded:gemma-3-270m")
     ap.add_argument("--clients", default="1,4,16,64")
     ap.add_argument("--total", type=int, default=16, help="requests per client count (at least --min-per-client each)")
@@ -200,7 +202,8 @@ def main() -> None:
     server = None
     address, metrics_url = args.server, args.metrics
     if address is None:
-        server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256)
+        server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256,
+                               vllm_compiled=args.vllm_compiled)
         address = server.address
         if server.handle.metrics_port:
             metrics_url = f"http://127.0.0.1:{server.handle.metrics_port}/metrics"

@@ -16,6 +16,10 @@ configurations; the prefix cache is reset before every vLLM run so masked and un
 the same prefill).
 
     python benchmarks/overhead_vllm.py [--batch 8] [--new-tokens 32] [--repeats 3] [--out benchmarks/RESULTS_vllm.md]
+
+`--compiled` runs both vLLM engines without enforce_eager (torch.compile; piecewise CUDA graphs on a
+GPU, the hooks as a custom op: docs/engines.md "Compiled mode"); `--model` takes any model the
+engine loads (the SAEs get its hidden size).
 """
 
 from __future__ import annotations
@@ -118,6 +122,8 @@ def main() -> None:
     ap.add_argument("--latents", default="0,10,100,2000", help="latents per request (comma-separated)")
     ap.add_argument("--layers", default="3,6,9,12")
     ap.add_argument("--d-sae", type=int, default=16384)
+    ap.add_argument("--model", default=MODEL, help="hub id, local dir, .gguf or embedded:NAME")
+    ap.add_argument("--compiled", action="store_true", help="vLLM without enforce_eager (torch.compile, CUDA graphs)")
     ap.add_argument("--no-plain", action="store_true", help="skip the plain-vLLM baseline")
     ap.add_argument("--no-hf", action="store_true", help="skip the HF engine")
     ap.add_argument("--hf-latents", default="0,2000", help="HF configurations (latents per request)")
@@ -131,20 +137,28 @@ def main() -> None:
 
     layers = [int(x) for x in args.layers.split(",")]
     ns = [int(x) for x in args.latents.split(",")]
-    saes = {ly: gemmascope_shaped_sae(640, args.d_sae, seed=ly) for ly in layers}
-    vkw = dict(kv_cache_memory_bytes=1024**3, max_model_len=1024)
+    from refusal_audit.server.vllm_engine.engine import resolve_model_dir
+    from transformers import AutoConfig
+
+    model_name = args.model
+    cfg = AutoConfig.from_pretrained(resolve_model_dir(model_name))
+    d_model = int((cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).hidden_size)
+    saes = {ly: gemmascope_shaped_sae(d_model, args.d_sae, seed=ly) for ly in layers}
+    vkw: dict[str, Any] = dict(kv_cache_memory_bytes=1024**3, max_model_len=1024)
+    if args.compiled:
+        vkw["enforce_eager"] = False
     t0 = time.perf_counter()
-    hooked = VLLMEngine.from_config(MODEL, saes, **vkw)
+    hooked = VLLMEngine.from_config(model_name, saes, **vkw)
     startup = {"vllm-hooked": time.perf_counter() - t0}
     engines: dict[str, Any] = {"vllm-hooked": hooked}
     if not args.no_plain:
         t0 = time.perf_counter()
-        engines["vllm-plain"] = VLLMEngine.from_config(MODEL, {}, hooks=False, **vkw)
+        engines["vllm-plain"] = VLLMEngine.from_config(model_name, {}, hooks=False, **vkw)
         startup["vllm-plain"] = time.perf_counter() - t0
     if not args.no_hf:
         torch.set_num_threads(args.hf_threads)
-        model, tok = load_model(MODEL)
-        engines["hf"] = HFEngine(model, tok, build_layer_saes(saes, 640, len(model.model.layers)), model_name=MODEL)
+        model, tok = load_model(model_name)
+        engines["hf"] = HFEngine(model, tok, build_layer_saes(saes, d_model, len(model.model.layers)), model_name=model_name)
     configs: list[tuple[str, str, int]] = []
     if "vllm-plain" in engines:
         configs.append(("vllm-plain", "vllm-plain", 0))
@@ -181,7 +195,8 @@ def main() -> None:
                f"(worker torch threads: {facts.get('torch_threads')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
     md = [
-        f"### {MODEL}, batch {args.batch} x {args.new_tokens} new tokens, SAEs 640->{args.d_sae} at layers {layers}",
+        f"### {model_name}{' (vLLM compiled)' if args.compiled else ''}, batch {args.batch} x {args.new_tokens} new tokens, "
+        f"SAEs {d_model}->{args.d_sae} at layers {layers}",
         "",
         f"Machine: {machine}. Repeats: {args.repeats} (median tokens/s; latency percentiles over all requests).",
         f"Start-up: {', '.join(f'{k} {v:.0f} s' for k, v in startup.items())}. Load average (1 min) before / after: "

@@ -294,6 +294,9 @@ def register(app: typer.Typer) -> None:
         replicas: Annotated[int, typer.Option("--replicas", help="engine replicas with --ray")] = 2,
         tensor_parallel_size: Annotated[int, typer.Option(
             "--tensor-parallel-size", help="--engine vllm: GPUs (ranks) per model; hooks on every rank")] = 1,
+        vllm_compiled: Annotated[bool, typer.Option(
+            "--vllm-compiled", help="--engine vllm: torch.compile + piecewise CUDA graphs, hooks as a custom op "
+            "(default: eager)")] = False,
         replica_cpus: Annotated[float, typer.Option("--replica-cpus", help="CPUs per replica (--ray)")] = 1.0,
         replica_gpus: Annotated[float, typer.Option("--replica-gpus", help="GPUs per replica (--ray; 1 on GPUs)")] = 0.0,
     ) -> None:
@@ -314,7 +317,7 @@ def register(app: typer.Typer) -> None:
                 metrics_port=metrics_port, max_inflight=max_inflight, max_concurrent_jobs=max_concurrent_jobs,
                 dtype=dtype, device=device, grace_s=grace, batch_window_ms=batch_window_ms,
                 batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens,
-                tensor_parallel_size=tensor_parallel_size,
+                tensor_parallel_size=tensor_parallel_size, vllm_compiled=vllm_compiled,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),
                 limits=LimitsConfig(max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,

@@ -67,6 +67,9 @@ class ServerConfig(BaseModel):
     max_message_mb: int = Field(default=256, gt=0)
     tensor_parallel_size: int = Field(default=1, ge=1)  # --engine vllm: ranks per model (vLLM's own executor)
     distributed_executor_backend: Literal["mp", "ray"] | None = None  # vLLM's TP executor (None: vLLM's default)
+    # --engine vllm: run the model compiled (torch.compile; piecewise CUDA graphs on GPU) with the hooks as a
+    # custom op. Off by default: on CPU compiling costs ~2 min of start-up for no speed (docs/engines.md)
+    vllm_compiled: bool = False
     ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
     # cross-request batching on the HF engine (server/batching.py); max rows = limits.max_batch_items
     batch_window_ms: float = Field(default=5.0, ge=0)  # collect until no call arrived for this long; 0 = none

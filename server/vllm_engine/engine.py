@@ -52,6 +52,7 @@ from ..engine_base import EngineBase
 from ..hf_engine import HFEngine
 from ..interventions import Resolver, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes, load_sae
+from .compiled import HOOKED_WORKER, add_splitting_op, compilation_config
 from .worker import EXTRA_ARGS_KEY, VLLMInternalsError, sae_payload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -309,6 +310,10 @@ class VLLMEngine(EngineBase):
         if int(self.worker_facts["n_layers"]) != self.n_layers:
             self.close()
             raise VLLMInternalsError(f"as many decoder layers as the config says ({self.n_layers}, found {self.worker_facts})")
+        if hooks and self.worker_facts.get("compiled") and not self.worker_facts.get("op_calls"):
+            # vLLM ran the compiled model at warm-up: with the op in its graph, the op ran (as a no-op)
+            self.close()
+            raise VLLMInternalsError("the intervention op inside the compiled model (warm-up never called it)")
 
     # ------------------------------------------------------------------ construction
 
@@ -354,14 +359,15 @@ class VLLMEngine(EngineBase):
             if os.environ.get(key, val) != val:
                 log.warning("overriding %s=%s with %s (the SAE hooks need it)", key, os.environ[key], val)
             os.environ[key] = val
-        if vllm_kwargs.get("enforce_eager") is False:
-            raise InvalidRequest("enforce_eager=False: torch.compile / CUDA graphs would skip the SAE hooks")
         if vllm_kwargs.get("worker_extension_cls") not in (None, WORKER_EXTENSION):
             raise InvalidRequest("worker_extension_cls is set by the engine")
+        compiled = vllm_kwargs.get("enforce_eager") is False
+        if self.hooks and compiled and vllm_kwargs.get("worker_cls") not in (None, HOOKED_WORKER):
+            raise InvalidRequest("worker_cls is set by the engine when the hooks run compiled (enforce_eager=False)")
         args: dict[str, Any] = {
             "model": self.model_dir,
             "dtype": self.dtype,
-            "enforce_eager": True,
+            "enforce_eager": True,  # eager unless asked: see docs/engines.md "Compiled mode"
             "skip_tokenizer_init": True,  # we tokenize (HFEngine.render) and detokenize ourselves
             "enable_prefix_caching": True,
             "max_model_len": self.max_model_len,
@@ -376,10 +382,17 @@ class VLLMEngine(EngineBase):
         ):
             args["kv_cache_memory_bytes"] = 2 * 1024**3  # CPU: a bounded KV cache, not a share of host RAM
         args.update(vllm_kwargs)
-        if self.hooks:
-            args["enforce_eager"] = True
-            args["worker_extension_cls"] = WORKER_EXTENSION
-        return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        if not self.hooks:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        args["worker_extension_cls"] = WORKER_EXTENSION
+        if not compiled:
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+        # compiled: the hooks go in at model load (before vLLM traces the model), the op splits the graph
+        args["worker_cls"] = HOOKED_WORKER
+        args["compilation_config"] = compilation_config(args.get("compilation_config"))
+        vllm_config = AsyncEngineArgs(**args).create_engine_config()
+        add_splitting_op(vllm_config)
+        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=bool(args["disable_log_stats"]))
 
     def close(self) -> None:
         """Shut the vLLM engine (and its engine-core process) down; idempotent."""
@@ -757,5 +770,7 @@ def build_engine(config: ServerConfig) -> VLLMEngine:
         tp["tensor_parallel_size"] = config.tensor_parallel_size
         if config.distributed_executor_backend:
             tp["distributed_executor_backend"] = config.distributed_executor_backend
+    if config.vllm_compiled:
+        tp["enforce_eager"] = False  # the hooks as a custom op inside the compiled model (compiled.py)
     return VLLMEngine.from_config(config.model, list(config.saes), config.limits, dtype=config.dtype,
                                   hf_device=config.device, **tp)

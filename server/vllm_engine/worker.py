@@ -3,9 +3,10 @@
 vLLM mixes `SAEWorkerExtension` into its worker class (`worker_extension_cls`), so its methods
 run inside the engine-core process, next to the model runner, and are reached through
 `collective_rpc`. `ra_install` receives the SAE weights once (plain tensors plus the sae-lens
-config dict, no pickled code), registers torch hooks on every decoder layer and wraps the
-runner's `_model_forward`, which is where each real forward step starts (profile and dummy runs
-call the model directly and so run unhooked).
+config dict, no pickled code). The hooks on every decoder layer and the wrapper around the
+runner's `_model_forward` (where each real forward step starts; profile and dummy runs call the
+model directly and so run without a plan) are put in by `attach_hooks`: from `ra_install` in
+eager mode, or right after model load in compiled mode (`compiled.py`, enforce_eager=False).
 
 Per step (`_HookRuntime.begin_step`):
   * rows = the requests of the flattened batch, in `input_batch.req_ids` order; each row's
@@ -17,12 +18,16 @@ Per step (`_HookRuntime.begin_step`):
     position < the row's prompt length: exact for prefill, chunked prefill, prefix-cache hits
     (computed tokens start at num_computed_tokens), decode and recomputation after preemption.
     The context is packed (`TokenContext.packed`): the hooks act on the flattened [1, N, d]
-    stream with one gather over the union of latents and per-(op, token) masks — no Python
-    loop over requests in the hooks.
+    stream, one gather per distinct latent set — no Python loop over requests in the hooks.
+
+Each hook is one call of the custom op `refusal_audit::edit_stream` (`server/intervention_op.py`),
+which torch.compile keeps opaque in the graph; the wrapped `_model_forward` makes this runtime the
+op's plan handle (`intervention_op.active`) for the step.
 
 The residual stream in vLLM is `hidden + residual` (decoder layers return the pair and the
-next layer's fused add-norm sums them). A hook that edits the stream materialises the sum,
-edits it, and hands on `(stream', zeros)`: the next add-norm then sees exactly stream'.
+next layer's fused add-norm sums them). An op call that edits the stream materialises the sum,
+edits it, and writes `(stream', zeros)` into the pair in place: the next add-norm then sees
+exactly stream', and the tensors keep their addresses (what CUDA graph pieces require).
 Hook points mirror the HF engine: a pre-hook per layer (direction ablation of resid_pre),
 forward hooks on the attention/MLP contribution modules (after Gemma's post-norms; the same
 `contribution_modules` as the HF engine), and a post-hook per layer (latent ablation/clamp of
@@ -45,6 +50,7 @@ from torch import nn
 
 from ...audit.spec import Intervention
 from ..hf_engine import contribution_modules, decoder_layers
+from ..intervention_op import SITE_CONTRIB, SITE_POST, SITE_PRE, active, edit_at_site, edit_stream, op_calls
 from ..interventions import BatchPlan, TokenContext, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes
 
@@ -222,65 +228,50 @@ class _HookRuntime:
             self.ablation_layers is None or idx in self.ablation_layers
         )
 
-    # ------------------------------------------------------------------ hooks
+    # ------------------------------------------------------------------ the op's plan handle
 
-    def pre_hook(self, idx: int, module: nn.Module, args: tuple, kwargs: dict) -> Any:
-        """resid_pre: direction ablation of the stream entering layer idx."""
-        if not self.ablates_at(idx):
-            return None
-        t0 = time.perf_counter()
-        plan, ctx = self.plan, self.ctx
-        assert plan is not None and plan.ablations is not None and ctx is not None
-        hidden, residual, positional = _split_layer_args(args, kwargs)
-        stream = hidden if residual is None else hidden + residual
-        new = plan.ablations.ablate(stream.unsqueeze(0), ctx, idx).squeeze(0)
-        new_res = None if residual is None else torch.zeros_like(new)
-        self.stats["hook_s"] += time.perf_counter() - t0
-        if positional:
-            return (args[0], new, new_res, *args[3:]), kwargs
-        new_args, kwargs = list(args), dict(kwargs)
-        if len(new_args) > 1:
-            new_args[1] = new
-        else:
-            kwargs["hidden_states"] = new
-        if residual is not None:
-            kwargs["residual"] = new_res
-        return tuple(new_args), kwargs
-
-    def contrib_hook(self, idx: int, module: nn.Module, args: tuple, output: Any) -> Any:
-        """Attention / MLP contributions to the stream: direction ablation."""
-        if not self.ablates_at(idx):
-            return None
-        t0 = time.perf_counter()
-        plan, ctx = self.plan, self.ctx
-        assert plan is not None and plan.ablations is not None and ctx is not None
-        out = output[0] if isinstance(output, tuple) else output
-        new = plan.ablations.ablate(out.unsqueeze(0), ctx, idx).squeeze(0)
-        self.stats["hook_s"] += time.perf_counter() - t0
-        return (new, *output[1:]) if isinstance(output, tuple) else new
-
-    def post_hook(self, idx: int, module: nn.Module, args: tuple, output: Any) -> Any:
-        """resid_post (the SAE's input): latent ablation / clamp, then direction addition."""
+    def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
+        """`intervention_op.StepSource`: the edited packed stream [N, d] at one hook point, or None."""
         plan, ctx = self.plan, self.ctx
         if plan is None or ctx is None:
             return None
-        lp = plan.latent_layers.get(idx)
-        ap = plan.additions.get(idx)
-        if lp is None and ap is None:
+        if site != SITE_POST and not self.ablates_at(layer):
             return None
         t0 = time.perf_counter()
-        hidden, residual = output[0], output[1]
-        stream = (hidden if residual is None else hidden + residual).unsqueeze(0)
-        new = stream
-        if lp is not None:
-            new = lp.apply(new, ctx)
-        if ap is not None:
-            new = ap.add(new, ctx)
-        self.stats["hook_s"] += time.perf_counter() - t0
-        if new is stream:
-            return None
-        new = new.squeeze(0)
-        return (new, torch.zeros_like(new), *output[2:])
+        try:
+            new = edit_at_site(plan, ctx, x.unsqueeze(0), layer, site)
+            return None if new is None else new.squeeze(0)
+        finally:
+            self.stats["hook_s"] += time.perf_counter() - t0
+
+
+# ---------------------------------------------------------------------- hooks: one op call each
+# The hooks carry only constants (layer index, site), so torch.compile traces each into the graph
+# as a call of the opaque op, which reads the step's plan from `intervention_op.active` at run time.
+
+
+def _pre_hook(idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """resid_pre: direction ablation of the stream entering layer idx (hidden + residual)."""
+    hidden, residual, _ = _split_layer_args(args, kwargs)
+    edit_stream(hidden, residual, idx, SITE_PRE)
+
+
+def _contrib_hook(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
+    """Attention / MLP contributions to the stream: direction ablation."""
+    edit_stream(output[0] if isinstance(output, tuple) else output, None, idx, SITE_CONTRIB)
+
+
+def _post_hook(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
+    """resid_post (the SAE's input, hidden + residual): latent ablation / clamp, then direction addition."""
+    edit_stream(output[0], output[1], idx, SITE_POST)
+
+
+def _hook_layers(layers: nn.ModuleList) -> None:
+    for idx, layer in enumerate(layers):
+        layer.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True)
+        for mod in contribution_modules(layer):
+            mod.register_forward_hook(functools.partial(_contrib_hook, idx))
+        layer.register_forward_hook(functools.partial(_post_hook, idx))
 
 
 def _check_runner(runner: Any) -> None:
@@ -310,6 +301,50 @@ def _check_layer(layer: nn.Module) -> None:
         )
 
 
+def _compiled(runner: Any) -> bool:
+    """Does vLLM run this model under torch.compile (enforce_eager=False)?"""
+    cc = getattr(getattr(runner, "vllm_config", None), "compilation_config", None)
+    mode = getattr(cc, "mode", 0)
+    return bool(int(getattr(mode, "value", mode) or 0))
+
+
+def attach_hooks(worker: Any) -> _HookRuntime:
+    """Hook the decoder layers of the worker's model (no SAEs yet) and wrap the runner's forward.
+
+    Under torch.compile this must run before the model's first forward (vLLM traces the model once,
+    at warm-up, and never looks at Python hooks again): `compiled.HookedWorker.load_model` calls it
+    right after loading. In eager mode `ra_install` calls it."""
+    runner: Any = getattr(worker, "model_runner", None)
+    _check_runner(runner)
+    model = runner.get_model() if hasattr(runner, "get_model") else runner.model
+    try:
+        layers = decoder_layers(model)
+    except Exception as exc:
+        raise VLLMInternalsError(f"a decoder layer list in {type(model).__name__} ({exc})") from exc
+    if any(type(layer).__name__ == "PPMissingLayer" for layer in layers):
+        raise VLLMInternalsError("all decoder layers in this worker (pipeline parallelism is not supported)")
+    for layer in layers:
+        _check_layer(layer)
+    cfg: Any = getattr(model, "config", None)
+    text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    rt = _HookRuntime(runner, {}, len(layers), int(getattr(text_cfg, "hidden_size", 0) or 0))
+    _hook_layers(layers)
+    original = runner._model_forward
+
+    def model_forward(*args: Any, **kwargs: Any) -> Any:
+        positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        rt.begin_step(positions)
+        try:
+            with active(rt):
+                return original(*args, **kwargs)
+        finally:
+            rt.end_step()
+
+    runner._model_forward = model_forward
+    worker._ra_runtime = rt
+    return rt
+
+
 class SAEWorkerExtension:
     """Mixed into vLLM's worker class. Public methods are reached through `collective_rpc`.
 
@@ -317,46 +352,21 @@ class SAEWorkerExtension:
     """
 
     def ra_install(self, payload: dict[str, Any]) -> dict[str, Any]:
-        """Load the SAEs (once), hook the decoder layers and the runner's forward; returns model facts."""
-        runner: Any = getattr(self, "model_runner", None)
-        _check_runner(runner)
-        model = runner.get_model() if hasattr(runner, "get_model") else runner.model
-        try:
-            layers = decoder_layers(model)
-        except Exception as exc:
-            raise VLLMInternalsError(f"a decoder layer list in {type(model).__name__} ({exc})") from exc
-        if any(type(layer).__name__ == "PPMissingLayer" for layer in layers):
-            raise VLLMInternalsError("all decoder layers in this worker (pipeline parallelism is not supported)")
-        for layer in layers:
-            _check_layer(layer)
-        cfg = getattr(model, "config", None)
-        d_model = int(getattr(cfg, "hidden_size", 0) or payload["d_model"])
-        n_layers = len(layers)
-        device = torch.device(getattr(runner, "device", "cpu"))
-        saes = saes_from_payload(payload["saes"], d_model, n_layers, device)
-        existing: _HookRuntime | None = getattr(self, "_ra_runtime", None)
-        if existing is not None:  # re-install: swap the SAEs, keep the hooks
-            existing.saes = saes
-            existing._plans.clear()
-            return self._ra_facts(existing)
-        rt = _HookRuntime(runner, saes, n_layers, d_model)
-        for idx, layer in enumerate(layers):
-            layer.register_forward_pre_hook(functools.partial(rt.pre_hook, idx), with_kwargs=True)
-            for mod in contribution_modules(layer):
-                mod.register_forward_hook(functools.partial(rt.contrib_hook, idx))
-            layer.register_forward_hook(functools.partial(rt.post_hook, idx))
-        original = runner._model_forward
+        """Load the SAEs (again: a re-install swaps them) into the hooks; returns model facts.
 
-        def model_forward(*args: Any, **kwargs: Any) -> Any:
-            positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
-            rt.begin_step(positions)
-            try:
-                return original(*args, **kwargs)
-            finally:
-                rt.end_step()
-
-        runner._model_forward = model_forward
-        self._ra_runtime = rt
+        Eager mode hooks the layers now; compiled mode finds them hooked at model load (or fails)."""
+        rt: _HookRuntime | None = getattr(self, "_ra_runtime", None)
+        if rt is None:
+            if _compiled(getattr(self, "model_runner", None)):
+                raise VLLMInternalsError(
+                    "the SAE hooks in place before torch.compile traced the model (vLLM's worker_cls must be "
+                    "refusal_audit's HookedWorker when enforce_eager=False; the engine sets it)"
+                )
+            rt = attach_hooks(self)
+        if not rt.d_model:
+            rt.d_model = int(payload["d_model"])
+        rt.saes = saes_from_payload(payload["saes"], rt.d_model, rt.n_layers, rt.device)
+        rt._plans.clear()
         return self._ra_facts(rt)
 
     def _ra_facts(self, rt: _HookRuntime) -> dict[str, Any]:
@@ -367,6 +377,8 @@ class SAEWorkerExtension:
             "vllm_version": _vllm_version(),
             "torch_threads": torch.get_num_threads(),
             "runner": type(rt.runner).__name__,
+            "compiled": _compiled(rt.runner),
+            "op_calls": op_calls(),
         }
 
     def ra_stats(self, reset: bool = False) -> dict[str, Any]:
