@@ -409,7 +409,7 @@ def test_stage_kinds_chained_by_job_id_and_chain(tmp_path: Path) -> None:
         with pytest.raises(InvalidRequest, match="exactly one of direction_id, direction_job_id, direction"):
             mgr.submit("stage1", json.dumps(s1cfg))
         ch, chres = run("chain", {"direction": dcfg, "stage1": s1cfg, "stage2": s2cfg})
-        assert sorted(chres) == ["coherence_gate", "direction", "stage1", "stage2"]  # the gate that judged it
+        assert sorted(chres) == ["coherence_gate", "compute", "direction", "stage1", "stage2"]  # gate + metered passes
         assert isinstance(chres["direction"]["arrays"]["direction"], np.ndarray)
         assert chres["stage2"]["summary"] == s2res["summary"]
         _, from_chain = run("stage1", {**s1cfg, "direction_job_id": ch.id})  # a chain's direction feeds stage 1

@@ -88,8 +88,10 @@ class FromDirectionJob(JobInputs):
     direction_job_id: str | None = None
 
 
-class DirectionSource(JobInputs):
-    """The refusal direction: a registered artifact, an earlier job's, or inline (exactly one)."""
+class OptionalDirection(JobInputs):
+    """A refusal direction when the algorithm may use one: a registered artifact, an earlier job's,
+    or inline (at most one is read; the kind's check says when one is required). An inline
+    direction's size is checked against the served model by `check_inputs`."""
 
     JOB_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"direction_job_id": DIRECTION_KINDS}
     ARTIFACT_FIELDS: ClassVar[dict[str, str]] = {"direction_id": "direction"}
@@ -97,9 +99,17 @@ class DirectionSource(JobInputs):
     direction_job_id: str | None = None
     direction: list[float] | None = None
 
+    def direction_fields(self) -> list[str]:
+        """The direction fields that are set."""
+        return [n for n in ("direction_id", "direction_job_id", "direction") if getattr(self, n)]
+
+
+class DirectionSource(OptionalDirection):
+    """The refusal direction: a registered artifact, an earlier job's, or inline (exactly one)."""
+
     @model_validator(mode="after")
     def _one_direction(self) -> DirectionSource:
-        given = [n for n in ("direction_id", "direction_job_id", "direction") if getattr(self, n)]
+        given = self.direction_fields()
         if len(given) != 1:
             raise ValueError("give exactly one of direction_id, direction_job_id, direction"
                              + (f" (got {', '.join(given)})" if given else ""))
@@ -146,7 +156,8 @@ def check_job(env: CheckEnv, field_name: str, job_id: str | None, kinds: tuple[s
 
 
 def check_inputs(cfg: BaseModel, env: CheckEnv) -> None:
-    """Check every job / artifact reference the config's input mixins declare."""
+    """Check every job / artifact reference the config's input mixins declare, and the size of an
+    inline direction against the served model."""
     for klass in type(cfg).__mro__:
         if not (isinstance(klass, type) and issubclass(klass, JobInputs)):
             continue
@@ -154,6 +165,10 @@ def check_inputs(cfg: BaseModel, env: CheckEnv) -> None:
             check_job(env, name, getattr(cfg, name, None), kinds)
         for name, kind in vars(klass).get("ARTIFACT_FIELDS", {}).items():
             check_artifact(env, name, getattr(cfg, name, None), kind)
+    d_model = getattr(getattr(env.engine, "info", None), "d_model", None)
+    if isinstance(cfg, OptionalDirection) and cfg.direction is not None and d_model is not None \
+            and len(cfg.direction) != d_model:
+        raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={d_model}")
 
 
 def need(cfg: Any, field: str, why: str) -> str:
@@ -208,7 +223,7 @@ def _direction_array(d: dict[str, Any]) -> np.ndarray:
 
 
 def direction_vector(ctx: Any, cfg: Any) -> np.ndarray:
-    """The refusal direction of a `DirectionSource` config: inline, a registered artifact, or a job's."""
+    """The refusal direction of a `DirectionSource` (or `OptionalDirection`) config: inline, a registered artifact, or a job's."""
     if cfg.direction:
         return np.asarray(cfg.direction, dtype=np.float32)
     if cfg.direction_id:

@@ -277,14 +277,6 @@ def _stage1_config() -> type[BaseModel]:
     return job_config(Stage1Config, DirectionSource)
 
 
-def _check_stage1(cfg: Any, env: CheckEnv) -> None:
-    check_inputs(cfg, env)
-    if cfg.direction is not None and env.engine is not None and hasattr(env.engine, "info"):
-        d = env.engine.info.d_model
-        if len(cfg.direction) != d:
-            raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={d}")
-
-
 def _run_stage1(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     """Stage 1 (the engine ranks its SAE latents against the direction: `sae_rows`)."""
     from ...audit.stage1 import Stage1Config, run_stage1_from_config
@@ -365,7 +357,7 @@ register_kind(JobKind("refusal_direction", _direction_config, _run_direction,
                       "Arditi et al. difference-of-means refusal direction (registers a direction artifact)"))
 register_kind(JobKind("stage1", _stage1_config, _run_stage1,
                       "top-K SAE latents aligned with the direction, grown per prompt until it jailbreaks",
-                      check=_check_stage1))
+                      check=check_inputs))
 register_kind(JobKind("stage2", _stage2_config, _run_stage2,
                       "greedy block pruning of stage-1 pools to faithful latent sets (registers latent sets)",
                       check=check_inputs))

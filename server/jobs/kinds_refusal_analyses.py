@@ -15,7 +15,15 @@ import numpy as np
 from pydantic import BaseModel, Field, model_validator
 
 from ...audit.errors import InvalidRequest
-from .inputs import CheckEnv, JobInputs, algorithm_config, check_inputs, direction_vector, job_config
+from .inputs import (
+    CheckEnv,
+    JobInputs,
+    OptionalDirection,
+    algorithm_config,
+    check_inputs,
+    direction_vector,
+    job_config,
+)
 from .kinds import JobKind, check_limit, register_kind
 
 FEATURES_KINDS = ("refusal_features",)
@@ -41,17 +49,6 @@ class RefusalLatentsSource(JobInputs):
         if self.k_latents is not None and not self.features_job_id:
             raise ValueError("k_latents is only read with features_job_id")
         return self
-
-
-class OptionalDirection(JobInputs):
-    """The refusal direction when the algorithm needs one: a registered artifact, a job's, or inline
-    (at most one; the kind's check says when one is required)."""
-
-    JOB_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {"direction_job_id": ("refusal_direction", "chain")}
-    ARTIFACT_FIELDS: ClassVar[dict[str, str]] = {"direction_id": "direction"}
-    direction_id: str | None = None
-    direction_job_id: str | None = None
-    direction: list[float] | None = None
 
 
 def refusal_latents(ctx: Any, cfg: Any) -> dict[int, list[int]]:
@@ -116,15 +113,13 @@ def _edges_config() -> type[BaseModel]:
 
 def _check_edges(cfg: Any, env: CheckEnv) -> None:
     _check_latents(cfg, env)
-    given = [n for n in ("direction_id", "direction_job_id", "direction") if getattr(cfg, n)]
+    given = cfg.direction_fields()
     if cfg.baseline == "direction" and len(given) != 1:
         raise InvalidRequest("config.direction_id: baseline 'direction' needs exactly one of direction_id, "
                              "direction_job_id, direction")
     if cfg.baseline == "zero" and given:
         raise InvalidRequest(f"config.{given[0]}: not read with baseline 'zero'")
     info = getattr(env.engine, "info", None)
-    if cfg.direction is not None and info is not None and len(cfg.direction) != info.d_model:
-        raise InvalidRequest(f"config.direction: {len(cfg.direction)} values, expected d_model={info.d_model}")
     if env.engine is not None and not hasattr(env.engine, "latent_edges"):
         raise InvalidRequest("config: this server's engine cannot compute latent edges (no gradients)")
     if cfg.method == "ig":
