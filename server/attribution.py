@@ -341,6 +341,25 @@ def _check_baseline_interventions(engine: HFEngine, request: AttributionRequest)
     check_interventions(engine, request.baseline.interventions, "baseline.interventions", prompt_len=1)
 
 
+def chunk_inputs(
+    engine: HFEngine, ids: list[list[int]], positions: list[list[int]], metrics: list[LogitDiff | LogProb],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, Any]:
+    """What one attribution chunk runs on: the left-padded (input_ids, attention mask, position ids),
+    the [B, T, 1] mask of the scoped positions, the metric's (positive, negative, is-a-logit-diff)
+    tensors, and the engine's prompt context for hooks."""
+    dev = engine.device
+    input_ids, attn, pos_ids = engine._left_pad(ids)
+    T = input_ids.shape[1]
+    mask = torch.zeros(len(ids), T, 1, device=dev)
+    for b, (seq, ps) in enumerate(zip(ids, positions, strict=True)):
+        mask[b, [T - len(seq) + p for p in ps], 0] = 1.0
+    pos_t = torch.tensor([m.positive if isinstance(m, LogitDiff) else m.token for m in metrics], device=dev)
+    neg_t = torch.tensor([m.negative if isinstance(m, LogitDiff) else m.token for m in metrics], device=dev)
+    is_diff = torch.tensor([isinstance(m, LogitDiff) for m in metrics], device=dev)
+    plen = torch.tensor([len(x) for x in ids], dtype=torch.long, device=dev)
+    return input_ids, attn, pos_ids, mask, pos_t, neg_t, is_diff, engine._prompt_ctx(attn, pos_ids, plen)
+
+
 def _attribute_chunk(
     engine: HFEngine,
     request: AttributionRequest,
@@ -352,21 +371,11 @@ def _attribute_chunk(
     means: dict[int, tuple[torch.Tensor, torch.Tensor]],
     n_steps: int,
 ) -> tuple[list[AttributionResult], int, int]:
-    dev = engine.device
     B = len(requests)
-    input_ids, attn, pos_ids = engine._left_pad(ids)
+    input_ids, attn, pos_ids, mask, pos_t, neg_t, is_diff, ctx = chunk_inputs(engine, ids, positions, metrics)
     T = input_ids.shape[1]
-    plen = torch.tensor([len(x) for x in ids], dtype=torch.long, device=dev)
-    mask = torch.zeros(B, T, 1, device=dev)
-    for b, (seq, ps) in enumerate(zip(ids, positions, strict=True)):
-        off = T - len(seq)
-        mask[b, [off + p for p in ps], 0] = 1.0
-    pos_t = torch.tensor([m.positive if isinstance(m, LogitDiff) else m.token for m in metrics], device=dev)
-    neg_t = torch.tensor([m.negative if isinstance(m, LogitDiff) else m.token for m in metrics], device=dev)
-    is_diff = torch.tensor([isinstance(m, LogitDiff) for m in metrics], device=dev)
     states = {ly: _LayerState(engine.saes[ly]) for ly in layers}
     patcher = _Patcher(engine, states, mask)
-    ctx = engine._prompt_ctx(attn, pos_ids, plen)
 
     def run(alpha: float, grad: bool, record_clean: bool = False) -> torch.Tensor:
         patcher.alpha, patcher.want_grad, patcher.record_clean = alpha, grad, record_clean
@@ -412,7 +421,7 @@ def _attribute_chunk(
     results = []
     for b in range(B):
         off = T - len(ids[b])
-        cols = torch.tensor([off + p for p in positions[b]], dtype=torch.long, device=dev)
+        cols = torch.tensor([off + p for p in positions[b]], dtype=torch.long, device=engine.device)
         per_layer: dict[int, LayerAttribution] = {}
         for ly in layers:
             st = states[ly]

@@ -52,6 +52,7 @@ from .attribution import (
     _metric,
     _Patcher,
     _set_baselines,
+    chunk_inputs,
     scope_positions,
     validate_request,
 )
@@ -159,19 +160,11 @@ def _edges_chunk(
 ) -> tuple[list[tuple[EdgeLayer, float, float | None]], int, int]:
     dev = engine.device
     B = len(requests)
-    input_ids, attn, pos_ids = engine._left_pad(ids)
+    input_ids, attn, pos_ids, mask, pos_t, neg_t, is_diff, ctx = chunk_inputs(engine, ids, positions, metrics)
     T = input_ids.shape[1]
-    plen = torch.tensor([len(x) for x in ids], dtype=torch.long, device=dev)
-    mask = torch.zeros(B, T, 1, device=dev)
-    for b, (seq, ps) in enumerate(zip(ids, positions, strict=True)):
-        mask[b, [T - len(seq) + p for p in ps], 0] = 1.0
-    pos_t = torch.tensor([m.positive if isinstance(m, LogitDiff) else m.token for m in metrics], device=dev)
-    neg_t = torch.tensor([m.negative if isinstance(m, LogitDiff) else m.token for m in metrics], device=dev)
-    is_diff = torch.tensor([isinstance(m, LogitDiff) for m in metrics], device=dev)
     layers = [*ups, ld]
     states = {ly: _LayerState(engine.saes[ly]) for ly in layers}
     patcher = _ReadPatcher(engine, states, mask, ld, down)
-    ctx = engine._prompt_ctx(attn, pos_ids, plen)
     n = request.steps
     down_t = patcher.read_ids
     g_sum = torch.zeros(B, T, len(down), device=dev)
