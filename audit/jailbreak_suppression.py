@@ -30,7 +30,7 @@ from .jailbreaks import TemplateChoice, wrap
 from .judges import JudgeItem
 from .refusal_latents import latents_key
 from .spec import Prompt, Request, SamplingParams
-from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
+from .stage_utils import as_prompt, chunks, fingerprint, restore_items, save_fingerprinted
 
 
 class JailbreakSuppressionConfig(TemplateChoice):
@@ -108,11 +108,7 @@ def run_jailbreak_suppression(engine: Any, cfg: JailbreakSuppressionConfig, ctx:
                            cfg.model_dump_json(include={"chat", "last_n", "max_new_tokens"}),
                            str(getattr(judge, "name", type(judge).__name__))])
     fps = {i: fingerprint([t, base_fp]) for i, t in enumerate(prompts)}
-    rows: dict[int, dict[str, Any]] = {}
-    for i, fp in fps.items():
-        got = resumed(ctx, f"jailbreak_suppression/{i}", fp)
-        if got is not None:
-            rows[i] = got["row"]
+    rows: dict[int, dict[str, Any]] = restore_items(ctx, "jailbreak_suppression", fps, dict, field="row")
     restored = len(rows)
     ctx.progress("jailbreak_suppression", restored, len(prompts))
     sp = SamplingParams(max_new_tokens=cfg.max_new_tokens)

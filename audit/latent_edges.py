@@ -34,7 +34,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
 from .refusal_latents import latents_key
 from .spec import AblateDirection, Prompt, Request, ScaleLatents
-from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
+from .stage_utils import as_prompt, chunks, fingerprint, restore_items, resumed, save_fingerprinted
 
 
 @dataclass
@@ -188,11 +188,7 @@ def run_latent_edges(engine: Any, cfg: LatentEdgesConfig, ctx: Any, prompts: Seq
     dir_fp = "" if direction is None else fingerprint([np.asarray(direction, dtype=np.float32).tobytes().hex()])
     cfg_fp = cfg.model_dump_json(include={"chat", "baseline", "max_back", "method", "n_steps", "fallback_token"})
     fps = {i: fingerprint([t, cfg_fp, down_json, dir_fp]) for i, t in enumerate(prompts)}
-    rows: dict[int, dict[str, Any]] = {}
-    for i, fp in fps.items():
-        got = resumed(ctx, f"latent_edges/prompt/{i}", fp)
-        if got is not None:
-            rows[i] = got["row"]
+    rows: dict[int, dict[str, Any]] = restore_items(ctx, "latent_edges/prompt", fps, dict, field="row")
     restored = len(rows)
     ctx.progress("latent_edges: edges", restored, len(prompts))
     if cfg.baseline == "direction":

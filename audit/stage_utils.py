@@ -140,14 +140,15 @@ def save_fingerprinted(ctx: StageContext, key: str, fp: str, **fields: Any) -> N
     ctx.save_checkpoint(key, {"fingerprint": fp, **fields})
 
 
-def restore_items(ctx: StageContext, prefix: str, fps: Mapping[int, str], load: Callable[[Any], T]) -> dict[int, T]:
-    """Per-item resume: ``load(result)`` for every item i whose checkpoint ``{prefix}/{i}`` has
-    fingerprint ``fps[i]`` (the others are still to do; save them with `save_fingerprinted`)."""
+def restore_items(ctx: StageContext, prefix: str, fps: Mapping[int, str], load: Callable[[Any], T],
+                  field: str = "result") -> dict[int, T]:
+    """Per-item resume: ``load(checkpoint[field])`` for every item i whose checkpoint ``{prefix}/{i}``
+    has fingerprint ``fps[i]`` (the others are still to do; save them with `save_fingerprinted`)."""
     done: dict[int, T] = {}
     for i, fp in fps.items():
         got = resumed(ctx, f"{prefix}/{i}", fp)
         if got is not None:
-            done[i] = load(got["result"])
+            done[i] = load(got[field])
     return done
 
 
