@@ -29,7 +29,7 @@ from pydantic import ConfigDict, Field
 from .jailbreaks import TemplateChoice, wrap
 from .refusal_latents import latents_key
 from .spec import Request
-from .stage_utils import as_prompt, chunks, fingerprint, resumed, save_fingerprinted
+from .stage_utils import as_prompt, chunks, fingerprint, restore_items, save_fingerprinted
 
 GROUPS = ("train_harmful", "train_harmless", "test_harmful", "test_harmless", "ood_harmful", "ood_harmless")
 
@@ -145,18 +145,15 @@ def run_probe_ood(engine: Any, cfg: ProbeOODConfig, ctx: Any, texts: dict[str, l
     total = sum(len(v) for v in groups.values())
     done = restored = 0
     for g in GROUPS:
-        got: dict[int, dict[str, list[float]]] = {}
-        for i, t in enumerate(groups[g]):
-            ck = resumed(ctx, f"probe_ood/{g}/{i}", fingerprint([t, base]))
-            if ck is not None:
-                got[i] = ck["features"]
+        fps = {i: fingerprint([t, base]) for i, t in enumerate(groups[g])}
+        got: dict[int, dict[str, list[float]]] = restore_items(ctx, f"probe_ood/{g}", fps, dict, field="features")
         restored += len(got)
         pending = [i for i in range(len(groups[g])) if i not in got]
         for idx in chunks(pending, cfg.batch_size):
             ctx.check_cancelled()
             fs = features(engine, [as_prompt(groups[g][i], cfg.chat) for i in idx], latents, layer, cfg.batch_size)
             for i, f in zip(idx, fs, strict=True):
-                save_fingerprinted(ctx, f"probe_ood/{g}/{i}", fingerprint([groups[g][i], base]), features=f)
+                save_fingerprinted(ctx, f"probe_ood/{g}/{i}", fps[i], features=f)
                 got[i] = f
             ctx.progress("probe_ood: features", done + len(got), total)
         feats[g] = [got[i] for i in range(len(groups[g]))]
