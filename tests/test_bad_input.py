@@ -477,23 +477,47 @@ def test_undecodable_request_is_invalid_argument(server: ThreadedServer, client:
     assert client.generate(GOOD, max_new_tokens=2)[0].prompt_tokens > 0
 
 
-def test_undecodable_request_to_reflection_is_invalid_argument(server: ThreadedServer, client: AuditClient) -> None:
-    """grpc's reflection service (a bidi stream: request-streaming, unlike our RPCs) is wrapped too."""
+def _reflection_rejects_undecodable(address: str, service: str) -> None:
+    """grpc's reflection service (a bidi stream: request-streaming, unlike our RPCs) answers an
+    undecodable request in its stream INVALID_ARGUMENT naming the field, and a good one normally."""
     from grpc_reflection.v1alpha import reflection_pb2
 
     method = "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
     good = reflection_pb2.ServerReflectionRequest(list_services="hello")
-    with grpc.insecure_channel(server.address) as ch:
+    with grpc.insecure_channel(address) as ch:
         call = ch.stream_stream(method, request_serializer=lambda b: b,
                                 response_deserializer=reflection_pb2.ServerReflectionResponse.FromString)
         ok = list(call(iter([good.SerializeToString()]), timeout=30))
-        assert "refusal_audit.v1.AuditService" in [s.name for s in ok[0].list_services_response.service]
+        assert service in [s.name for s in ok[0].list_services_response.service]
         with pytest.raises(grpc.RpcError) as exc:
             list(call(iter([good.SerializeToString(), _corrupt(good, b"hello", b"hel\xfeo")]), timeout=30))
     err = exc.value
     assert err.code() == INVALID, (err.code(), err.details())
     assert "list_services: invalid UTF-8 in a string field (ServerReflectionRequest)" in (err.details() or ""), err.details()
+
+
+def test_undecodable_request_to_reflection_is_invalid_argument(server: ThreadedServer, client: AuditClient) -> None:
+    _reflection_rejects_undecodable(server.address, "refusal_audit.v1.AuditService")
     assert client.generate(GOOD, max_new_tokens=2)[0].prompt_tokens > 0
+
+
+def test_undecodable_request_to_the_judges_reflection_is_invalid_argument() -> None:
+    """The judge sidecar's reflection (a thread-pool server: the sync interceptor) is wrapped the same way."""
+    from refusal_audit.server.judge.classifier import ClassifierOutput
+    from refusal_audit.server.judge.service import start_judge_server
+
+    class Fake:
+        def classify(self, items: Any) -> list[ClassifierOutput]:
+            return [ClassifierOutput(yes=True, p_yes=0.9, p_no=0.1) for _ in items]
+
+        def info(self) -> dict[str, Any]:
+            return {"judge": "fake", "model": "fake"}
+
+    js = start_judge_server(Fake(), port=0, reflection=True)
+    try:
+        _reflection_rejects_undecodable(f"127.0.0.1:{js.port}", "refusal_audit.v1.JudgeService")
+    finally:
+        js.stop(grace=0)
 
 
 def test_undecodable_request_to_the_judge_is_invalid_argument() -> None:
