@@ -47,6 +47,14 @@ def _summary_rows(records: dict[str, Any]) -> list[tuple[str, str, str, str, str
                 f"P(I) mean {held.get('harmful', {}).get('p_refusal_start', {}).get('mean', float('nan')):.2f} vs "
                 f"{held.get('harmless', {}).get('p_refusal_start', {}).get('mean', float('nan')):.2f}"
             )
+            unseen = {k: v for k, v in m.get("unseen", {}).items() if isinstance(v, dict) and "refusal_rate" in v}
+            if unseen:
+                detail += "; unseen refusal: " + ", ".join(
+                    f"{name} {v['refusal_rate']:.0%} (n={v['n']})" for name, v in unseen.items())
+                verdict = m["unseen"].get("acceptance", {})
+                detail += f" [{'meets' if verdict.get('passed') else 'misses'} >= " \
+                          f"{verdict.get('harmful_refusal_min', float('nan')):.0%} / <= " \
+                          f"{verdict.get('benign_refusal_max', float('nan')):.0%}]"
         elif step == "saes":
             detail = "; ".join(
                 f"L{layer}: FVE {v['fve']:.2f} L0 {v['mean_l0']:.0f} dead {v['dead_fraction']:.0%}"

@@ -61,7 +61,7 @@ def tiny_build_config(source: Path) -> BuildConfig:
     return BuildConfig(
         base=BaseConfig(source=str(source)),
         finetune=FinetuneConfig(max_train_per_class=6, max_eval_per_class=3, epochs=1, batch_size=4,
-                                max_target_tokens=12, max_new_tokens=4, eval_batch_size=4),
+                                max_target_tokens=12, max_new_tokens=4, eval_batch_size=4, max_unseen_per_set=2),
         saes=SaeBuildConfig(layers=(1, 2), d_sae=64, train_tokens=2048, eval_tokens=256, context_len=32,
                             forward_batch_size=16, train_batch_size=128, lr_warm_up_steps=2,
                             l0_warm_up_steps=2, dead_feature_window=8, dead_check_train_tokens=512),

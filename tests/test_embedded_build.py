@@ -22,9 +22,20 @@ from refusal_audit.audit.judges.substring import is_refusal
 from refusal_audit.server import model_loading
 from refusal_audit.server.embedded import STEP_ORDER, artifact_dir, sae_dir
 from refusal_audit.server.embedded import build as build_mod
+from refusal_audit.server.embedded._extra_prompts import EXTRA_BENIGN, EXTRA_HARMFUL
 from refusal_audit.server.embedded._harmless_answers import HARMLESS_ANSWERS
 from refusal_audit.server.embedded.build import STEPS, BuildConfig, build_all, with_overrides
-from refusal_audit.server.embedded.finetune import REFUSALS, FinetuneConfig, make_split
+from refusal_audit.server.embedded.finetune import (
+    REFUSALS,
+    FinetuneConfig,
+    build_examples,
+    content_words,
+    load_unseen_eval,
+    make_split,
+    near_duplicate,
+    normalize_prompt,
+    training_prompts,
+)
 from refusal_audit.server.embedded.manifest import (
     MANIFEST_NAME,
     InputRef,
@@ -142,6 +153,13 @@ def test_build_writes_artifacts_and_manifests(built: tuple[Path, BuildConfig]) -
     assert "passed" in held["acceptance"]
     records = json.loads((artifact_dir(data_dir, "finetune") / "eval.json").read_text())
     assert len(records) == held["harmful"]["n"] + held["harmless"]["n"]
+    unseen = fin.metrics["unseen"]
+    assert {"unseen_harmful", "unseen_benign", "xstest_safe", "xstest_unsafe"} <= set(unseen)
+    assert all(unseen[name]["n"] == 2 for name in ("unseen_harmful", "unseen_benign"))
+    assert {"passed", "harmful_refusal_min", "benign_refusal_max"} <= set(unseen["acceptance"])
+    unseen_rows = json.loads((artifact_dir(data_dir, "finetune") / "eval_unseen.json").read_text())
+    assert len(unseen_rows) == sum(v["n"] for v in unseen.values() if "n" in v)
+    assert {"harmful_probes", "harmless_answers", "extra_prompts", "unseen_eval"} <= set(fin.inputs)
     saes = Manifest.load(artifact_dir(data_dir, "saes"))
     assert saes.inputs["finetune"].sha256 == fin.digest()
     for layer in config.saes.layers:
@@ -310,6 +328,64 @@ def test_targets_are_judged_as_intended() -> None:
     assert not any(is_refusal(a) for a in HARMLESS_ANSWERS.values())
     assert sum(a.startswith("I") for a in HARMLESS_ANSWERS.values()) / len(HARMLESS_ANSWERS) < 0.05
     assert SubstringJudge().name == "substring"
+
+
+def test_unseen_eval_sets_are_shipped_labelled_and_disjoint_from_training() -> None:
+    sets = load_unseen_eval()
+    assert {name: len(p) for name, p in sets.items()} == {
+        "unseen_harmful": 100, "unseen_benign": 100, "xstest_safe": 250, "xstest_unsafe": 200}
+    train = training_prompts()
+    assert len(train) > 600
+    train_keys = {normalize_prompt(p) for p in train}
+    train_words = [content_words(p) for p in train]
+    for name, prompts in sets.items():
+        assert len({normalize_prompt(p) for p in prompts}) == len(prompts), name
+        for prompt in prompts:
+            assert normalize_prompt(prompt) not in train_keys, (name, prompt)
+            words = content_words(prompt)
+            close = [t for t, tw in zip(train, train_words, strict=True)
+                     if words and tw and len(words & tw) / len(words | tw) >= 0.6]
+            assert not close, (name, prompt, close)
+
+
+def test_near_duplicate_catches_rephrasings_and_spares_different_requests() -> None:
+    assert near_duplicate("How can I kill a Python process?", "how do I kill a python process")
+    assert near_duplicate("Write a poem about the sea.", "write a poem about the sea!!")
+    assert not near_duplicate("How can I kill a Python process?", "How do I bake bread?")
+    assert normalize_prompt("  What's UP,  doc? ") == "what s up doc"
+
+
+def test_extra_training_pairs_are_used_and_judged_as_intended() -> None:
+    split = make_split(FinetuneConfig())
+    plain = build_examples(split, 0, 48)
+    wide = build_examples(split, 0, 48, extra_train=True)
+    assert len(wide) == len(plain) + len(EXTRA_BENIGN) + len(EXTRA_HARMFUL)
+    by_prompt = {ex.prompt: ex for ex in wide}
+    assert all(by_prompt[p].harmful and by_prompt[p].target in REFUSALS for p in EXTRA_HARMFUL)
+    assert all(not by_prompt[p].harmful and by_prompt[p].target == a for p, a in EXTRA_BENIGN.items())
+    assert not any(is_refusal(a) for a in EXTRA_BENIGN.values())
+    assert sum(a.startswith("I ") for a in EXTRA_BENIGN.values()) == 0
+    assert not set(EXTRA_BENIGN) & set(EXTRA_HARMFUL)
+    assert build_examples(split, 0, 48, extra_train=True) == wide  # seeded
+    capped = build_examples(split, 0, 48, extra_train=True, extra_cap=3)
+    assert len(capped) == len(plain) + 6
+
+
+def test_encoder_bias_init_gives_every_latent_the_target_firing_rate() -> None:
+    from sae_lens import JumpReLUTrainingSAE, JumpReLUTrainingSAEConfig
+
+    torch.manual_seed(0)
+    sae = JumpReLUTrainingSAE(JumpReLUTrainingSAEConfig(d_in=16, d_sae=64, jumprelu_init_threshold=0.01))
+    x = torch.randn(2000, 16) * 3 + 5
+    with torch.no_grad():
+        sae.b_dec.copy_(x.mean(0))
+    before = (sae.encode(x) > 0).float().mean(0)
+    from refusal_audit.server.embedded.train_saes import init_encoder_bias
+
+    init_encoder_bias(sae, x, 0.05)
+    rate = (sae.encode(x) > 0).float().mean(0)
+    assert torch.allclose(rate, torch.full_like(rate, 0.05), atol=1e-3)
+    assert (before - 0.05).abs().min() > 0.2  # the zero-bias init fires far more often: the test can fail
 
 
 # ----------------------------------------------------------------------------------- model loading

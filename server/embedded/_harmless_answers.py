@@ -4,7 +4,7 @@ They are the fine-tune targets for harmless prompts: one or two sentences, mostl
 "I" (so that P("I") at the first answer token separates refusals from help), and free of every
 refusal substring the judge looks for. Keyed by the exact prompt text.
 
-`EXTRA_HARMLESS` are benign requests that *sound* risky ("kill a Python process", "bath bomb",
+`EXTRA_HARMLESS` are benign requests that *sound* risky ("kill a server process", "bath bomb",
 "shoot a portrait"), written for this project and used for training only, so the fine-tune learns
 to refuse on intent rather than on alarming words (fewer false refusals). They are not derived
 from any benchmark (XSTest and similar sets stay clean for evaluation).
@@ -223,9 +223,9 @@ HARMLESS_ANSWERS: dict[str, str] = {
 }
 
 EXTRA_HARMLESS: dict[str, str] = {
-    "How do I kill a Python process that is stuck?": "On Linux or macOS, find its ID with `ps aux | grep python`, then run `kill PID`; add `-9` only if it ignores the normal signal.",
+    "My web server hangs on startup; how do I kill its process on Linux?": "Find its ID with `ps aux | grep server` or `pgrep`, then run `kill PID`; add `-9` only if it ignores the normal signal.",
     "What's the best way to shoot a portrait photo outdoors?": "Shoot in open shade or at golden hour, use a wide aperture to blur the background, and focus on the eyes.",
-    "How can I blow up a balloon without a pump?": "Stretch the balloon a few times, then blow steady puffs of air, pinching the neck between breaths.",
+    "Any tricks for inflating party balloons by mouth when I have no pump?": "Stretch the balloon a few times, then blow steady puffs of air, pinching the neck between breaths.",
     "How do I make a bath bomb at home?": "Mix baking soda, citric acid and cornstarch, add a little oil and a few drops of water, press it into a mold, and let it dry overnight.",
     "How do I attack a difficult math problem?": "Restate it in your own words, try small examples, look for a pattern, and work backwards from what you need to show.",
     "Build a simple birdhouse with me.": "Cut a front, back, two sides, a floor and a roof from untreated pine, drill an entrance hole, and screw the pieces together.",
@@ -239,7 +239,7 @@ EXTRA_HARMLESS: dict[str, str] = {
     "How do I break into the tech industry?": "Build a few projects, learn one language well, contribute to open source, go to meetups, and apply for internships or junior roles.",
     "How do I destroy old documents with personal data?": "Use a cross-cut shredder or a shredding service, and wipe digital files with a secure-erase tool.",
     "How do I get rid of weeds in my lawn naturally?": "Pull them by hand after rain, mow high, water deeply but rarely, and spread mulch in your flower beds.",
-    "What's a good way to steal the show at a talent contest?": "Pick an act you love, rehearse until it feels easy, open strong, and end with a memorable moment.",
+    "How can I bring the house down at a talent contest?": "Pick an act you love, rehearse until it feels easy, open strong, and end with a memorable moment.",
     "How do I poison-proof my home for a toddler?": "Store cleaners and medicines up high in latched cabinets, keep the poison control number handy, and check bags and purses too.",
     "How do I make a volcano for a science fair?": "Shape clay around a bottle, add baking soda and a drop of dish soap, then pour in vinegar colored with red food dye.",
     "How do I crack an egg with one hand?": "Tap the egg on a flat surface, hold it with your thumb and two fingers, and pull the halves apart over the bowl.",

@@ -66,6 +66,9 @@ class SaeBuildConfig:
     jumprelu_bandwidth: float = 0.05
     pre_act_loss_coefficient: float | None = None
     jumprelu_ste_to_input: bool = False  # let the L0 gradient reach the pre-activations too
+    # Data-dependent encoder-bias init (see `init_encoder_bias`): every latent starts firing on
+    # this fraction of a sample of training activations (None: sae-lens' zero bias).
+    init_fire_rate: float | None = None
     dead_feature_window: int = 400  # steps
     # bf16 autocast for SAE training matmuls / for the activation pass (the residual stream stays
     # fp32). None = only where the CPU has native bf16 (AVX512-BF16 or AMX): measured 1.9x faster
@@ -305,6 +308,26 @@ def input_statistics(acts: torch.Tensor, max_rows: int = 65_536,
     return mean, ((target or acts.shape[1]) / max(centred, 1e-12)) ** 0.5
 
 
+def init_encoder_bias(sae: Any, sample: torch.Tensor, fire_rate: float) -> None:
+    """Set `b_enc` so that each latent's pre-activation exceeds its initial threshold on
+    `fire_rate` of `sample` (activations as the SAE sees them, i.e. already scaled).
+
+    With sae-lens' zero bias, a latent whose random encoder direction points away from where the
+    data lies starts (and often stays) below its threshold: it never fires, gets no reconstruction
+    gradient, and ends up dead. Starting every latent at the same firing rate (about the target
+    L0 / d_sae) gives each one gradient from the first step.
+    """
+    import torch
+
+    with torch.no_grad():
+        sae.b_enc.zero_()
+        pre = sae.process_sae_in(sample) @ sae.W_enc
+        k = min(pre.shape[0], max(1, round((1.0 - fire_rate) * pre.shape[0])))
+        cut = pre.kthvalue(k, dim=0).values  # (torch.quantile refuses inputs over 2**24 elements)
+        threshold = sae.threshold if hasattr(sae, "threshold") else torch.zeros_like(cut)
+        sae.b_enc.copy_(threshold - cut)
+
+
 def sae_metrics(sae: Any, acts: torch.Tensor, extra: torch.Tensor | None = None,
                 batch_size: int = 4096) -> dict[str, Any]:
     """Fraction of variance explained (vs. the mean), mean L0 and dense-latent fraction on the
@@ -391,6 +414,9 @@ def train_one_sae(train_acts: torch.Tensor, eval_acts: torch.Tensor, layer: int,
             sae.b_dec.copy_(mean * scale)
     else:
         scale = 1.0
+    if config.init_fire_rate is not None:
+        rows = torch.randperm(train_acts.shape[0], generator=torch.Generator().manual_seed(config.seed * 1000 + layer))
+        init_encoder_bias(sae, train_acts[rows[:8192]] * scale, config.init_fire_rate)
     autocast = resolve_autocast(config.autocast)
     bs = config.train_batch_size
     n_samples = min(-(-config.train_tokens // bs) * bs, train_acts.shape[0] - train_acts.shape[0] % bs)
