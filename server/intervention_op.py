@@ -34,7 +34,9 @@ OP_NAME = "refusal_audit::edit_stream"
 
 
 class StepSource(Protocol):
-    """What the op asks at run time: the edited stream for one hook point, or None (leave it)."""
+    """What the op asks at run time: is there work at this hook point, and the edited stream (None: leave it)."""
+
+    def acts_at(self, layer: int, site: int) -> bool: ...
 
     def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None: ...
 
@@ -59,6 +61,14 @@ def active(source: StepSource | None) -> Iterator[None]:
         _ACTIVE.source = prev
 
 
+def plan_acts_at(plan: BatchPlan, layer: int, site: int) -> bool:
+    """Has `plan` any op at this hook point? (Cheap: lets the op skip materialising hidden + residual.)"""
+    if site == SITE_POST:
+        return layer in plan.latent_layers or layer in plan.additions
+    abl = plan.ablations
+    return abl is not None and any(ls is None or layer in ls for ls in abl.layers)
+
+
 def edit_at_site(plan: BatchPlan, ctx: TokenContext, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
     """The shared module's edit of stream/contribution `x` ([B, T, d], or packed [1, N, d]) at a hook point."""
     if site == SITE_POST:
@@ -80,8 +90,11 @@ class PlanSource:
         self.plan, self.ctx = plan, ctx
         self.calls = 0  # op calls that found this source active (each compiled/eager hook point once)
 
-    def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
+    def acts_at(self, layer: int, site: int) -> bool:
         self.calls += 1
+        return plan_acts_at(self.plan, layer, site)
+
+    def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
         return edit_at_site(self.plan, self.ctx, x, layer, site)
 
 
@@ -93,7 +106,7 @@ def edit_stream(stream: torch.Tensor, residual: torch.Tensor | None, layer: int,
     next layer reads); without an active plan, or with nothing to do here, both stay untouched."""
     _CALLS[0] += 1
     source: StepSource | None = getattr(_ACTIVE, "source", None)
-    if source is None:
+    if source is None or not source.acts_at(layer, site):
         return
     x = stream if residual is None else stream + residual
     new = source.edit(x, layer, site)

@@ -230,12 +230,19 @@ class _HookRuntime:
 
     # ------------------------------------------------------------------ the op's plan handle
 
+    def acts_at(self, layer: int, site: int) -> bool:
+        """`intervention_op.StepSource`: has this step's plan an op at this hook point?"""
+        plan = self.plan
+        if plan is None or self.ctx is None:
+            return False
+        if site == SITE_POST:
+            return layer in plan.latent_layers or layer in plan.additions
+        return self.ablates_at(layer)
+
     def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
         """`intervention_op.StepSource`: the edited packed stream [N, d] at one hook point, or None."""
         plan, ctx = self.plan, self.ctx
         if plan is None or ctx is None:
-            return None
-        if site != SITE_POST and not self.ablates_at(layer):
             return None
         t0 = time.perf_counter()
         try:
