@@ -109,6 +109,9 @@ def test_compiled_scores_match(engines: _Three) -> None:
 
 
 class _Double:
+    def acts_at(self, layer: int, site: int) -> bool:
+        return site == SITE_POST
+
     def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
         return 2.0 * x if site == SITE_POST else None
 
