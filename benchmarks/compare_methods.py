@@ -1,6 +1,6 @@
 """Seed 1 (stages 1-3) vs seed 2 (attribution, `refusal_features`) on the built demo model, in one run.
 
-    python benchmarks/compare_methods.py [--data-dir DIR] [--small] [--prompts 8] [--threads 1] [--out DIR]
+    python benchmarks/compare_methods.py [--data-dir DIR] [--small] [--prompts 8] [--threads 1] [--out DIR] [--json F]
 
 Runs `refusal-audit demo`'s own sections (coherence gate, direction -> stage 1 -> stage 2, refusal
 rates) then stage 3, `refusal_features` and `method_comparison` from `demo_analyses` (the other
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=8, help="held-out harmful prompts for stages 1-2 and attribution")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP contention on a shared box)")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
     args = ap.parse_args()
 
     import torch
@@ -50,7 +51,10 @@ def main() -> None:
                     for m in cmp_.get("methods", [])],
         "cost": cmp_.get("cost"), "per_layer": cmp_.get("per_layer"), "error": cmp_.get("error"),
     }
-    print(json.dumps(out, indent=1, default=str))
+    text = json.dumps(out, indent=1, default=str)
+    print(text)
+    if args.json:
+        args.json.write_text(text)
 
 
 if __name__ == "__main__":
