@@ -73,8 +73,8 @@ def stage3_sets(stage3: dict[str, Any] | None, rankings: dict[int, list[Latent]]
 def ce_conditions(stage2: dict[str, Any], rf: dict[str, Any], stage3: dict[str, Any] | None = None,
                   stage3_rankings: dict[int, list[Latent]] | None = None, max_sets: int = 4,
                   global_alphas: Sequence[float] = (0.0, -3.0)) -> list[tuple[str, list[Intervention]]]:
-    """The CE conditions, named ``method/...``: the first `max_sets` stage-2-jailbroken prompts' sets for
-    stage 2, stage 3 and attribution (the same prompts for all three, so the costs are matched), the
+    """The CE conditions, named ``method/...``: `max_sets` stage-2-jailbroken prompts' sets (those stage 3
+    also jailbroke first) for stage 2, stage 3 and attribution (the same prompts, so the costs are matched), the
     stage-2 union, and attribution's global set scaled by each of `global_alphas` (0 = ablation)."""
     prompts, per, glob = attribution_sets(rf)
     by_text = {t: j for j, t in enumerate(prompts)}
@@ -82,7 +82,8 @@ def ce_conditions(stage2: dict[str, Any], rf: dict[str, Any], stage3: dict[str, 
           if p.get("jailbroken")}
     s3 = stage3_sets(stage3, stage3_rankings, {i: s for i, (_, s) in s2.items()})
     conds: list[tuple[str, list[Intervention]]] = []
-    for i in sorted(s2)[:max_sets]:
+    # prompts where stage 3 also found a set first, so every per-prompt method gets a CE on the same prompts
+    for i in sorted(s2, key=lambda i: (not s3.get(i, (None,))[0], i))[:max_sets]:
         text, s = s2[i]
         conds.append((f"stage2/{i}", list(ablate(latents_to_dict(sorted(s))))))
         s3set = s3.get(i, (None, False, False))[0]
@@ -181,7 +182,7 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
     c_s3 = (compute or {}).get(sec["stage3"], {}).get("total") if compute else None
     c_attr = _stage(compute, sec["refusal_features"], ATTR_STAGE)
     c_val = {k: v for k, v in (((compute or {}).get(sec["refusal_features"]) or {}).get("stages") or {}).items()
-             if k != ATTR_STAGE}
+             if k != ATTR_STAGE and v.get("engine_calls")}
     n_s2 = sum(1 for r in rows if r["stage2_ran"])
     sel = rf.get("selection") or {}
     methods = [

@@ -135,3 +135,17 @@ def test_compare_methods_on_hand_made_results() -> None:
                                                Compute(forward_passes=4, backward_passes=3).to_json()}}}
     cost = compare_methods(stage1, stage2, rf, compute=compute)["cost"]
     assert cost["stage2_per_prompt"] == 40 and cost["attribution_per_prompt"] == 5 and not cost["meets_10x"]
+
+
+def test_ce_conditions_prefer_prompts_every_method_has_a_set_for() -> None:
+    from refusal_audit.audit.comparison import ce_conditions
+
+    stage2 = {"prompts": [{"index": 0, "prompt": "a", "final_latents": _lat((3, 1)), "jailbroken": True},
+                          {"index": 1, "prompt": "b", "final_latents": _lat((3, 2)), "jailbroken": True}]}
+    stage3 = {"prompts": [{"index": 0, "first_jailbreak_k": None}, {"index": 1, "first_jailbreak_k": 1}]}
+    rf = {"prompts": ["a", "b"], "selection": {"per_prompt": [[[3, 1, 1.0]], [[3, 4, 1.0]]], "global_set": [[3, 4, 1.0]]}}
+    names = [n for n, _ in ce_conditions(stage2, rf, stage3, {0: [(3, 7)], 1: [(3, 9)]}, max_sets=1)]
+    assert names == ["stage2/1", "stage3/1", "attribution/1", "stage2/union", "attribution/global/0",
+                     "attribution/global/-3"]
+    conds = dict(ce_conditions(stage2, rf, stage3, {0: [(3, 7)], 1: [(3, 9)]}, max_sets=1))
+    assert conds["stage3/1"][0].latents == {3: (2, 9)}  # stage 2's set plus the FM top-1

@@ -349,8 +349,8 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
             reused.append(name)
         else:
             t0 = time.perf_counter()
+            meter.set_stage(name)  # what ran between sections (the gate's set-up) goes to the previous one
             meter.take()
-            meter.set_stage(name)
             out = fn()
             compute[name] = stages_json(meter.take())
             results.update(out)
