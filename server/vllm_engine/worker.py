@@ -20,8 +20,9 @@ Per step (`_HookRuntime.begin_step`):
     The context is packed (`TokenContext.packed`): the hooks act on the flattened [1, N, d]
     stream, one gather per distinct latent set — no Python loop over requests in the hooks.
 
-Each hook is one call of the custom op `refusal_audit::edit_stream` (`server/intervention_op.py`),
-which torch.compile keeps opaque in the graph; the wrapped `_model_forward` makes this runtime the
+Each hook is one call of `intervention_op.edit`: the custom op `refusal_audit::edit_stream`
+(`server/intervention_op.py`) while torch.compile traces, which keeps it opaque in the graph, and
+the op's function called directly when running eagerly (no dispatcher cost); the wrapped `_model_forward` makes this runtime the
 op's plan handle (`intervention_op.active`) for the step.
 
 The residual stream in vLLM is `hidden + residual` (decoder layers return the pair and the
@@ -50,7 +51,7 @@ from torch import nn
 
 from ...audit.spec import Intervention
 from ..hf_engine import contribution_modules, decoder_layers
-from ..intervention_op import SITE_CONTRIB, SITE_POST, SITE_PRE, active, edit_at_site, edit_stream, op_calls
+from ..intervention_op import SITE_CONTRIB, SITE_POST, SITE_PRE, active, edit, edit_at_site, op_calls
 from ..interventions import BatchPlan, TokenContext, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes
 
@@ -260,17 +261,17 @@ class _HookRuntime:
 def _pre_hook(idx: int, module: nn.Module, args: tuple, kwargs: dict) -> None:
     """resid_pre: direction ablation of the stream entering layer idx (hidden + residual)."""
     hidden, residual, _ = _split_layer_args(args, kwargs)
-    edit_stream(hidden, residual, idx, SITE_PRE)
+    edit(hidden, residual, idx, SITE_PRE)
 
 
 def _contrib_hook(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
     """Attention / MLP contributions to the stream: direction ablation."""
-    edit_stream(output[0] if isinstance(output, tuple) else output, None, idx, SITE_CONTRIB)
+    edit(output[0] if isinstance(output, tuple) else output, None, idx, SITE_CONTRIB)
 
 
 def _post_hook(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
     """resid_post (the SAE's input, hidden + residual): latent ablation / clamp, then direction addition."""
-    edit_stream(output[0], output[1], idx, SITE_POST)
+    edit(output[0], output[1], idx, SITE_POST)
 
 
 def _hook_layers(layers: nn.ModuleList) -> None:
