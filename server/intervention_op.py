@@ -130,7 +130,7 @@ def _edit_stream_fake(stream: torch.Tensor, residual: torch.Tensor | None, layer
 
 def edit(stream: torch.Tensor, residual: torch.Tensor | None, layer: int, site: int) -> None:
     """What a hook calls: the op while torch.compile traces (a graph node), the same function directly
-    when running eagerly (the dispatcher costs tens of microseconds per call, a plain call about one)."""
+    when running eagerly (the dispatcher costs ~100 microseconds per call on this CPU, a plain call ~10)."""
     if torch.compiler.is_compiling():
         edit_stream(stream, residual, layer, site)
     else:
