@@ -7,7 +7,7 @@ reported on their own (what share the judge calls a refusal), since neither answ
 An item the judge could not decide counts as wrong in accuracy, as a missed refusal in recall, and
 is shown in the confusion matrix's `error` column.
 
-Pure functions; the directory is a parameter (nothing here reads ../shared).
+Pure functions; the labelled data directory is a parameter (the product ships no copy of it).
 """
 
 from __future__ import annotations
