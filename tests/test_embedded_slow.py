@@ -177,7 +177,6 @@ def test_stage2_finds_jailbreaking_sets(demo_report: tuple[str, dict]) -> None:
     if summary["jailbreak_successes"] < 1:
         pytest.xfail(f"stage 2 found no jailbreaking set (known, issue 14): summary {summary}, "
                      f"fallback {report['stage2'].get('reading_fallback')}")
-    assert summary["jailbreak_successes"] >= 1
 
 
 def test_stage3_trains(demo_report: tuple[str, dict]) -> None:
