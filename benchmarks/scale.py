@@ -1,6 +1,6 @@
 """1 vs 2 engine replicas on a local Ray cluster, in one run: a fixed stage-2 job and concurrent Score calls.
 
-    python benchmarks/scale.py [--prompts 8] [--score-calls 48] [--concurrency 4] [--json out.json]
+    python benchmarks/scale.py [--prompts 32] [--score-calls 192] [--concurrency 4] [--json out.json]
 
 Needs the `[ray]` extra. The model is the planted tiny Llama of the tests (saved to a temporary
 directory and loaded by each replica with the server's loader, one torch thread per replica), so
@@ -87,8 +87,8 @@ def run(n_replicas: int, model: str, saes: list[str], args: argparse.Namespace) 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--score-calls", type=int, default=48)
+    ap.add_argument("--prompts", type=int, default=32)
+    ap.add_argument("--score-calls", type=int, default=192)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()

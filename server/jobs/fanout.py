@@ -28,7 +28,7 @@ import logging
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from concurrent.futures import FIRST_COMPLETED, Future, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 from ...audit.spec import Request
@@ -163,14 +163,27 @@ def run_stage2(engine: Any, stage1: Any, cfg: Any, ctx: Any) -> Any:
                      {"index": i, "final_size": len(res.final_latents), "jailbroken": res.jailbroken,
                       "replicas": sorted(set(where.values()))})
 
+    # A finished prompt's verification (a generate call on a replica, judged here) runs in one
+    # finisher thread, so the loop keeps handing out (prompt, seed) units meanwhile; one thread
+    # keeps the checkpoints in completion order.
+    finisher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stage2-finish")
+    finishing: list[Future[None]] = []
+
     def on_result(k: int, out: dict[str, Any], replica: str) -> None:
         p = payloads[k]
         i = int(p["index"])
         partial[i][int(p["seed"])] = (out, replica)
         if len(partial[i]) == len(seeds):
-            finish(i)
+            finishing.append(finisher.submit(finish, i))
+        for f in [f for f in finishing if f.done()]:
+            f.result()  # a failed verification fails the job now, not at the end
 
-    run_units(engine, UNIT_STAGE2, payloads, on_result, ctx.check_cancelled)
+    try:
+        run_units(engine, UNIT_STAGE2, payloads, on_result, ctx.check_cancelled)
+        for f in finishing:
+            f.result()
+    finally:
+        finisher.shutdown(wait=True, cancel_futures=True)
     result = stage2_result(items, done, cfg, ctx, t0)
     result.placement = placement  # type: ignore[attr-defined]
     return result
