@@ -41,8 +41,9 @@ from ..audit.spec import (
     TokenScope,
     user_prompt,
 )
+from ._channel import DEFAULT_ADDRESS, SERVER_ENV, TOKEN_ENV
 from .errors import RemoteError
-from .sync import DEFAULT_ADDRESS, SERVER_ENV, TOKEN_ENV, AuditClient
+from .sync import AuditClient
 
 # ---------------------------------------------------------------------------- shared options
 

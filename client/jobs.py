@@ -88,6 +88,13 @@ class JobResult:
     result: dict[str, Any] | None
     artifacts: list[Any] = field(default_factory=list)  # proto.convert.Artifact
 
+    @classmethod
+    def from_pb(cls, m: pb.JobResult) -> JobResult:
+        from ..proto.convert import artifact_from_pb
+
+        return cls(Job.from_pb(m.job), json.loads(m.result_json) if m.result_json else None,
+                   [artifact_from_pb(a) for a in m.artifacts])
+
 
 def config_json(config: dict[str, Any] | BaseModel | str | None) -> str:
     """A config as JSON: a dict, a pydantic model (e.g. RefusalDirectionConfig) or JSON text."""
@@ -100,13 +107,17 @@ def config_json(config: dict[str, Any] | BaseModel | str | None) -> str:
     return json.dumps(config)
 
 
-class JobsAPI:
-    """The six job RPCs over an AuditService stub (plus `wait`)."""
+class _JobsBase:
+    """The stub, bearer metadata and per-call timeout both jobs APIs send with."""
 
     def __init__(self, stub: Any, metadata: Sequence[tuple[str, str]] = (), timeout: float | None = 60.0) -> None:
         self.stub = stub
         self.metadata = tuple(metadata)
         self.timeout = timeout
+
+
+class JobsAPI(_JobsBase):
+    """The six job RPCs over an AuditService stub (plus `wait`)."""
 
     def _call(self, method: str, request: Any) -> Any:
         try:
@@ -132,11 +143,7 @@ class JobsAPI:
 
     def result(self, job_id: str) -> JobResult:
         """The job, its result dict (None unless SUCCEEDED) and its registered artifacts."""
-        from ..proto.convert import artifact_from_pb
-
-        resp = self._call("GetJobResult", pb.GetJobResultRequest(id=job_id))
-        result = json.loads(resp.result_json) if resp.result_json else None
-        return JobResult(Job.from_pb(resp.job), result, [artifact_from_pb(a) for a in resp.artifacts])
+        return JobResult.from_pb(self._call("GetJobResult", pb.GetJobResultRequest(id=job_id)))
 
     def watch(self, job_id: str, timeout: float | None = None) -> Iterator[JobEvent]:
         """Events until the job is terminal (the last event has the final state). `timeout` bounds
@@ -172,14 +179,9 @@ class JobsAPI:
                 raise TimeoutError(f"job {job_id} not finished after {timeout}s")
 
 
-class AsyncJobsAPI:
+class AsyncJobsAPI(_JobsBase):
     """The job RPCs for the asyncio client (`AsyncAuditClient.jobs`): same methods, awaitable;
     `watch` is an async iterator."""
-
-    def __init__(self, stub: Any, metadata: Sequence[tuple[str, str]] = (), timeout: float | None = 60.0) -> None:
-        self.stub = stub
-        self.metadata = tuple(metadata)
-        self.timeout = timeout
 
     async def _call(self, method: str, request: Any) -> Any:
         try:
@@ -201,11 +203,7 @@ class AsyncJobsAPI:
         return [Job.from_pb(j) for j in resp.jobs]
 
     async def result(self, job_id: str) -> JobResult:
-        from ..proto.convert import artifact_from_pb
-
-        resp = await self._call("GetJobResult", pb.GetJobResultRequest(id=job_id))
-        result = json.loads(resp.result_json) if resp.result_json else None
-        return JobResult(Job.from_pb(resp.job), result, [artifact_from_pb(a) for a in resp.artifacts])
+        return JobResult.from_pb(await self._call("GetJobResult", pb.GetJobResultRequest(id=job_id)))
 
     async def watch(self, job_id: str, timeout: float | None = None) -> AsyncIterator[JobEvent]:
         """Events until the job is terminal."""

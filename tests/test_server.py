@@ -259,6 +259,15 @@ def test_async_client(server: ThreadedServer, client: AuditClient) -> None:
             art = await ac.register_latent_set("async-set", {2: [1, 2]})
             assert (await ac.artifact(art.id)).latents == {2: [1, 2]}
             assert art.id in {a.id for a in await ac.artifacts()}
+            assert await ac.tokenize(PROMPTS) == client.tokenize(PROMPTS)
+            np.testing.assert_allclose(await ac.p_token(reqs, i_id), client.p_token(reqs, i_id))
+            ranked = await ac.sae_rows(direction=_direction(), top_k=3, decoder=False)
+            local = client.sae_rows(direction=_direction(), top_k=3, decoder=False)
+            assert {ly: list(x.latents) for ly, x in ranked.items()} == {ly: list(x.latents) for ly, x in local.items()}
+            d = await ac.register_direction("async-dir", _direction(2), layer=1)
+            got = await ac.artifact(d.id)
+            assert got.direction is not None and got.direction_layer == 1
+            np.testing.assert_allclose(got.direction, _direction(2))
             with pytest.raises(RemoteError) as exc:
                 await ac.generate(PROMPTS, [AblateLatents(latent_set_id="fs_000000000000")])
             assert exc.value.code == grpc.StatusCode.NOT_FOUND
