@@ -29,12 +29,10 @@ from refusal_audit.audit.spec import Request
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.intervention_op import OP_NAME, SITE_POST, active
 from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import make_model, make_saes, make_tokenizer, vllm_missing
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or CUDA torchvision/torchaudio builds breaking the import on CPU
-    pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+if reason := vllm_missing():
+    pytest.skip(reason, allow_module_level=True)
 
 from refusal_audit.server.vllm_engine import VLLMEngine  # noqa: E402
 from refusal_audit.server.vllm_engine.compiled import add_splitting_op, compilation_config  # noqa: E402

@@ -40,12 +40,10 @@ from refusal_audit.audit.spec import (
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.interventions import Resolver
 from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import ARCHS, CORPUS, make_model, make_saes, make_tokenizer
+from tiny import ARCHS, CORPUS, make_model, make_saes, make_tokenizer, vllm_missing
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or CUDA torchvision/torchaudio builds breaking the import on CPU
-    pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+if reason := vllm_missing():
+    pytest.skip(reason, allow_module_level=True)
 
 from refusal_audit.server.vllm_engine import VLLMEngine  # noqa: E402
 

@@ -26,12 +26,10 @@ from refusal_audit.audit.spec import (
 )
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_sae
+from tiny import make_sae, vllm_missing
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:
-    pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+if reason := vllm_missing():
+    pytest.skip(reason, allow_module_level=True)
 
 from refusal_audit.server.vllm_engine import VLLMEngine  # noqa: E402
 

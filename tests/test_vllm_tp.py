@@ -30,12 +30,10 @@ from refusal_audit.audit.spec import (
 )
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.sae_runtime import build_layer_saes
-from tiny import make_model, make_saes, make_tokenizer
+from tiny import make_model, make_saes, make_tokenizer, vllm_missing
 
-try:
-    import vllm  # noqa: F401
-except Exception as exc:  # ImportError, or CUDA torchvision/torchaudio builds breaking the import on CPU
-    pytest.skip(f"vllm is not importable here ({type(exc).__name__}: {exc})", allow_module_level=True)
+if reason := vllm_missing():
+    pytest.skip(reason, allow_module_level=True)
 if len(os.sched_getaffinity(0)) < 2:
     pytest.skip("tensor parallelism 2 needs 2 CPUs (one OpenMP thread bound per rank)", allow_module_level=True)
 

@@ -190,3 +190,15 @@ def build_engine(arch: Arch = "llama", seed: int = 0, model_name: str = "tiny-ll
 def no_jobs(**_kw: object) -> None:
     """A `ThreadedServer` jobs factory that disables jobs (tests of the serving API only)."""
     return None
+
+
+
+def vllm_missing() -> str | None:
+    """Why vLLM cannot run here (None where `import vllm` works): an ImportError, or a CUDA
+    torchvision/torchaudio build breaking the import on CPU. vLLM test modules skip with it:
+    `if reason := vllm_missing(): pytest.skip(reason, allow_module_level=True)`."""
+    try:
+        import vllm  # noqa: F401
+    except Exception as exc:
+        return f"vllm is not importable here ({type(exc).__name__}: {exc})"
+    return None
