@@ -23,7 +23,7 @@ import statistics
 import time
 
 import torch
-from overhead_vllm import gemmascope_shaped_sae  # type: ignore[import-not-found]
+from _common import gemmascope_shaped_sae
 from refusal_audit.audit.spec import AblateLatents
 from refusal_audit.server.interventions import TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes

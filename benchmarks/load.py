@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from overhead import gemmascope_shaped_sae, spread_latents  # noqa: E402
+from _common import gemmascope_shaped_sae, percentile, spread_latents  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
@@ -152,13 +152,6 @@ def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_
     return lv
 
 
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return float("nan")
-    s = sorted(xs)
-    return s[min(len(s) - 1, int(round(q * (len(s) - 1))))]
-
-
 def check_level(lv: Level, address: str, sample: int, new_tokens: int, n_latents: int, layers: list[int],
                 d_sae: int, rng: random.Random) -> tuple[bool, int, int]:
     """(exactly one answer per issued request, sampled answers equal to alone, sample size)."""
@@ -232,7 +225,7 @@ def main() -> None:
                 "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
                 "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,
                 "p50_s": statistics.median(lv.latencies) if lv.latencies else float("nan"),
-                "p95_s": _pct(lv.latencies, 0.95),
+                "p95_s": percentile(lv.latencies, 0.95),
                 "mean_batch": _delta(after, before, "refusal_audit_batch_size_sum") / bs_n if bs_n else float("nan"),
                 "mean_queue_wait_s": (_delta(after, before, "refusal_audit_queue_wait_seconds_sum") / qw_n
                                       if qw_n else float("nan")),

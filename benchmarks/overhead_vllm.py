@@ -34,46 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import PROMPTS, gemmascope_shaped_sae, percentile, spread_latents
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.model_loading import load_model
 from refusal_audit.server.sae_runtime import build_layer_saes
-from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
 
 MODEL = "embedded:gemma-3-270m"
-PROMPTS = [
-    "Write a short story about a lighthouse keeper.",
-    "Explain how vaccines train the immune system.",
-    "Give me three tips for learning a new language.",
-    "What causes the seasons on Earth?",
-    "Describe the water cycle in simple terms.",
-    "How do I make a good cup of coffee?",
-    "Summarise the plot of a heist movie you invent.",
-    "List some benefits of regular exercise.",
-]
-
-
-def gemmascope_shaped_sae(d_in: int, d_sae: int, seed: int) -> JumpReLUSAE:
-    """A random JumpReLU SAE with GemmaScope-2's shapes (weights random: for timing only)."""
-    g = torch.Generator().manual_seed(seed)
-    sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu"))
-    with torch.no_grad():
-        sae.W_enc.copy_(torch.randn(d_in, d_sae, generator=g) / d_in**0.5)
-        sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_sae**0.5)
-        sae.b_enc.zero_()
-        sae.b_dec.zero_()
-        sae.threshold.fill_(0.5)
-    return sae.eval()
-
-
-def spread_latents(n: int, layers: list[int], d_sae: int, seed: int) -> dict[int, tuple[int, ...]]:
-    """n latent ids spread evenly over the layers (distinct per layer, seeded)."""
-    g = torch.Generator().manual_seed(seed)
-    out: dict[int, tuple[int, ...]] = {}
-    for i, layer in enumerate(layers):
-        k = n // len(layers) + (1 if i < n % len(layers) else 0)
-        out[layer] = tuple(sorted(torch.randperm(d_sae, generator=g)[:k].tolist()))
-    return out
 
 
 def requests_for(n_latents: int, batch: int, new_tokens: int, layers: list[int], d_sae: int) -> list[Request]:
@@ -97,11 +64,6 @@ def run_once(engine: Any, reqs: list[Request]) -> tuple[float, int, list[float]]
         if ev.finished:
             latencies[ev.index] = time.perf_counter() - t0
     return time.perf_counter() - t0, n_tok, latencies
-
-
-def percentile(xs: list[float], q: float) -> float:
-    s = sorted(xs)
-    return s[min(len(s) - 1, max(0, round(q / 100 * (len(s) - 1))))]
 
 
 def cpu_model() -> str:
@@ -190,7 +152,7 @@ def main() -> None:
     for name, _, n in configs:
         tps = statistics.median(raw[name]["tps"])
         hook = statistics.median(raw[name]["hook_s"]) if raw[name]["hook_s"] else None
-        rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 50), percentile(raw[name]["lat"], 99), hook))
+        rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook))
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "
                f"(worker torch threads: {facts.get('torch_threads')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
