@@ -10,9 +10,9 @@ import hashlib
 import json
 import math
 from collections.abc import Iterable
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this sample greedily (argmax), as vLLM does: dividing logits by a smaller T
@@ -25,6 +25,22 @@ def _finite(values: Iterable[float], what: str = "entry") -> None:
     for i, v in enumerate(vals):
         if not math.isfinite(v):
             raise ValueError(f"{what} {i} must be finite, got {v}" if len(vals) > 1 else f"must be finite, got {v}")
+
+
+def _finite_vector(v: tuple[float, ...]) -> tuple[float, ...]:
+    """A field validator: the vector, when every entry is finite."""
+    _finite(v)
+    return v
+
+
+def _finite_float(v: float) -> float:
+    """A field validator: the value, when finite."""
+    _finite([v])
+    return v
+
+
+_FiniteFloat = Annotated[float, AfterValidator(_finite_float)]
+_FiniteVector = Annotated[tuple[float, ...], AfterValidator(_finite_vector)]  # a direction's entries
 
 
 class _Frozen(BaseModel):
@@ -68,7 +84,38 @@ class TokenScope(_Frozen):
 ALL_TOKENS = TokenScope()
 
 
-class AblateLatents(_Frozen):
+class _LatentEdit(_Frozen):
+    """The rule every SAE-latent edit shares: latents given inline ({layer: ids}) or as a registered
+    latent set, at least one. (Each subclass declares its fields, in its own order.)"""
+
+    if TYPE_CHECKING:
+        type: str
+        latents: dict[int, tuple[int, ...]]
+        latent_set_id: str | None
+
+    @model_validator(mode="after")
+    def _needs_latents(self) -> _LatentEdit:
+        if not self.latents and not self.latent_set_id:
+            raise ValueError(f"{self.type} needs latents or latent_set_id")
+        return self
+
+
+class _DirectionEdit(_Frozen):
+    """The rule every direction edit shares: a direction given inline or as a registered one."""
+
+    if TYPE_CHECKING:
+        type: str
+        direction: tuple[float, ...]
+        direction_id: str | None
+
+    @model_validator(mode="after")
+    def _needs_direction(self) -> _DirectionEdit:
+        if not self.direction and not self.direction_id:
+            raise ValueError(f"{self.type} needs direction or direction_id")
+        return self
+
+
+class AblateLatents(_LatentEdit):
     """Zero-ablate SAE latents, keeping the error term: h' = h - sum_{i in S} z_i W_dec[i]."""
 
     type: Literal["ablate_latents"] = "ablate_latents"
@@ -76,37 +123,23 @@ class AblateLatents(_Frozen):
     latent_set_id: str | None = None
     scope: TokenScope = ALL_TOKENS
 
-    @model_validator(mode="after")
-    def _check(self) -> AblateLatents:
-        if not self.latents and not self.latent_set_id:
-            raise ValueError("ablate_latents needs latents or latent_set_id")
-        return self
 
-
-class ClampLatents(_Frozen):
+class ClampLatents(_LatentEdit):
     """Clamp SAE latents to values: h' = h + sum_i (c_i - z_i) W_dec[i]."""
 
     type: Literal["clamp_latents"] = "clamp_latents"
     latents: dict[int, tuple[int, ...]] = Field(default_factory=dict)
     values: dict[int, tuple[float, ...]] = Field(default_factory=dict)  # per layer, aligned
-    value: float = 0.0  # for latents without their own value (and for latent_set_id)
+    value: _FiniteFloat = 0.0  # for latents without their own value (and for latent_set_id)
     latent_set_id: str | None = None
     scope: TokenScope = ALL_TOKENS
 
     @model_validator(mode="after")
     def _check(self) -> ClampLatents:
-        if not self.latents and not self.latent_set_id:
-            raise ValueError("clamp_latents needs latents or latent_set_id")
         for layer, vals in self.values.items():
             if vals and len(vals) != len(self.latents.get(layer, ())):
                 raise ValueError(f"clamp_latents.values[{layer}] must align with latents[{layer}]")
         return self
-
-    @field_validator("value")
-    @classmethod
-    def _finite_value(cls, v: float) -> float:
-        _finite([v])
-        return v
 
     @field_validator("values")
     @classmethod
@@ -120,7 +153,7 @@ class ClampLatents(_Frozen):
         return vals[k] if vals else self.value
 
 
-class ScaleLatents(_Frozen):
+class ScaleLatents(_LatentEdit):
     """Scale SAE latents by a factor, keeping the error term: z_i <- factor * z_i, i.e.
     h' = h + sum_i (factor - 1) z_i W_dec[i]. factor 0 is an ablation; a negative factor flips
     the latents' contribution (x-3 is the steering of "Understanding Refusal in Language Models
@@ -128,72 +161,30 @@ class ScaleLatents(_Frozen):
 
     type: Literal["scale_latents"] = "scale_latents"
     latents: dict[int, tuple[int, ...]] = Field(default_factory=dict)  # layer -> latent ids
-    factor: float
+    factor: _FiniteFloat
     latent_set_id: str | None = None
     scope: TokenScope = ALL_TOKENS
 
-    @model_validator(mode="after")
-    def _check(self) -> ScaleLatents:
-        if not self.latents and not self.latent_set_id:
-            raise ValueError("scale_latents needs latents or latent_set_id")
-        return self
 
-    @field_validator("factor")
-    @classmethod
-    def _finite_factor(cls, v: float) -> float:
-        _finite([v])
-        return v
-
-
-class AblateDirection(_Frozen):
+class AblateDirection(_DirectionEdit):
     """Arditi et al.: h' = h - (h.r)r at every layer input and attention/MLP output."""
 
     type: Literal["ablate_direction"] = "ablate_direction"
-    direction: tuple[float, ...] = ()
+    direction: _FiniteVector = ()
     direction_id: str | None = None
     layers: tuple[int, ...] = ()  # empty = all layers
     scope: TokenScope = ALL_TOKENS
 
-    @model_validator(mode="after")
-    def _check(self) -> AblateDirection:
-        if not self.direction and not self.direction_id:
-            raise ValueError("ablate_direction needs direction or direction_id")
-        return self
 
-    @field_validator("direction")
-    @classmethod
-    def _finite_direction(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        _finite(v)
-        return v
-
-
-class AddDirection(_Frozen):
+class AddDirection(_DirectionEdit):
     """Activation addition at the output of one layer: h' = h + coefficient * r."""
 
     type: Literal["add_direction"] = "add_direction"
-    direction: tuple[float, ...] = ()
+    direction: _FiniteVector = ()
     direction_id: str | None = None
     layer: int
-    coefficient: float = 1.0
+    coefficient: _FiniteFloat = 1.0
     scope: TokenScope = ALL_TOKENS
-
-    @model_validator(mode="after")
-    def _check(self) -> AddDirection:
-        if not self.direction and not self.direction_id:
-            raise ValueError("add_direction needs direction or direction_id")
-        return self
-
-    @field_validator("direction")
-    @classmethod
-    def _finite_direction(cls, v: tuple[float, ...]) -> tuple[float, ...]:
-        _finite(v)
-        return v
-
-    @field_validator("coefficient")
-    @classmethod
-    def _finite_coefficient(cls, v: float) -> float:
-        _finite([v])
-        return v
 
 
 Intervention = Annotated[
