@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Annotated, Literal, Protocol
+from typing import Annotated, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -174,12 +174,6 @@ class AttributionResponse:
     def forward_equivalents(self) -> float:
         """Forward passes plus two per backward pass (the usual cost of a backward)."""
         return float(self.forward_passes + 2 * self.backward_passes)
-
-
-class AttributionEngine(Protocol):
-    """An engine (or client) that can attribute."""
-
-    def attribute(self, request: AttributionRequest) -> AttributionResponse: ...
 
 
 def attribution_request(

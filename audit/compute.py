@@ -24,8 +24,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -108,14 +107,6 @@ class ComputeMeter:
             out, self.stages = self.stages, {}
             return out
 
-    @contextmanager
-    def stage_scope(self, stage: str) -> Iterator[None]:
-        prev = self.stage
-        self.set_stage(stage)
-        try:
-            yield
-        finally:
-            self.set_stage(prev)
 
 
 def stages_json(stages: dict[str, Compute]) -> dict[str, Any]:

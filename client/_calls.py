@@ -152,7 +152,8 @@ def _metadata_json(metadata: Mapping[str, Any] | None) -> str:
     return json.dumps(dict(metadata or {}), sort_keys=True)
 
 
-# ---------------------------------------------------------------------------- the calls (one per client method)
+# ---------------------------------------------------------------------------- the calls
+# One per client method, with its name and arguments (the client method's docstring says what it does).
 
 
 def get_info() -> Call[tuple[ModelInfo, Limits]]:
@@ -165,8 +166,7 @@ def generate(prompts: Any, interventions: Sequence[Any], sampling: dict[str, Any
 
 
 def generate_stream(prompts: Any, interventions: Sequence[Any], sampling: dict[str, Any]) -> Call[StreamEvent]:
-    msg = convert.generate_request_to_pb(as_requests(prompts, interventions, **sampling))
-    return Call("GenerateStream", msg, convert.stream_event_from_pb)
+    return Call("GenerateStream", generate(prompts, interventions, sampling).request, convert.stream_event_from_pb)
 
 
 def score(prompts: Any, token_ids: Sequence[int], top_k: int, full: bool, interventions: Sequence[Any]) -> Call[list[ScoreResult]]:

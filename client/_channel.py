@@ -1,5 +1,5 @@
-"""Connecting to a server: address and token resolution, TLS, channel options, and `ClientBase`,
-the connection state both clients (blocking and asyncio) open in the same way."""
+"""Connecting to a server: `ClientBase`, the connection state both clients (blocking and asyncio)
+open in the same way: address ($REFUSAL_AUDIT_SERVER), bearer token ($REFUSAL_AUDIT_TOKEN), TLS."""
 
 from __future__ import annotations
 
@@ -32,28 +32,6 @@ def channel_credentials(tls_ca: str | bytes | os.PathLike[str] | None, tls: bool
     return grpc.ssl_channel_credentials(root_certificates=root)
 
 
-def channel_options(extra: Sequence[tuple[str, Any]] = ()) -> list[tuple[str, Any]]:
-    """Large messages (residuals, full logprobs) plus any extra options."""
-    return [
-        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-        *extra,
-    ]
-
-
-def auth_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
-    """The `authorization: Bearer` metadata for a token (empty without one)."""
-    return (("authorization", f"Bearer {token}"),) if token else ()
-
-
-def resolve_address(address: str | None) -> str:
-    return address or os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS
-
-
-def resolve_token(token: str | None) -> str | None:
-    return token if token is not None else (os.environ.get(TOKEN_ENV) or None)
-
-
 class ClientBase:
     """The connection both clients hold: address, bearer metadata, default timeout, channel, stubs,
     the cached ModelInfo/Limits and the jobs API. Subclasses name the grpc flavour (`grpc` or
@@ -73,16 +51,16 @@ class ClientBase:
         tls: bool = False,
         options: Sequence[tuple[str, Any]] = (),
     ) -> None:
-        self.address = resolve_address(address)
+        self.address = address or os.environ.get(SERVER_ENV) or DEFAULT_ADDRESS
         self.timeout = timeout
-        self.metadata = auth_metadata(resolve_token(token))
+        token = token if token is not None else (os.environ.get(TOKEN_ENV) or None)
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         creds = channel_credentials(tls_ca, tls)
-        opts = channel_options(options)
-        self.channel = (
-            self._grpc.secure_channel(self.address, creds, options=opts)
-            if creds is not None
-            else self._grpc.insecure_channel(self.address, options=opts)
-        )
+        # large messages: residuals, full log-prob distributions
+        opts = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES), ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                *options]
+        self.channel = (self._grpc.insecure_channel(self.address, options=opts) if creds is None
+                        else self._grpc.secure_channel(self.address, creds, options=opts))
         self.stub = pb_grpc.AuditServiceStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._info: ModelInfo | None = None

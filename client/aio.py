@@ -6,7 +6,7 @@ Construct it inside a running event loop (grpc.aio channels bind to the loop tha
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -26,12 +26,10 @@ from ..audit.engine import (
 )
 from ..proto.convert import Artifact
 from . import _calls as calls
-from ._calls import Call, PromptLike
+from ._calls import Call, PromptLike, T
 from ._channel import ClientBase
 from .errors import map_error
 from .jobs import AsyncJobsAPI
-
-T = TypeVar("T")
 
 
 class AsyncAuditClient(ClientBase):

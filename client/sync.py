@@ -10,7 +10,7 @@ clauses work in-process and remotely.
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 import numpy as np
@@ -30,15 +30,13 @@ from ..audit.engine import (
 )
 from ..proto.convert import Artifact
 from . import _calls as calls
-from ._calls import Call, PromptLike, as_prompt, as_requests
+from ._calls import Call, PromptLike, T, as_prompt, as_requests
 from ._channel import DEFAULT_ADDRESS, SERVER_ENV, TOKEN_ENV, ClientBase
 from .errors import RemoteError, map_error
 from .jobs import JobsAPI
 
 __all__ = ["AuditClient", "RemoteError", "map_error", "as_prompt", "as_requests",
            "PromptLike", "DEFAULT_ADDRESS", "SERVER_ENV", "TOKEN_ENV"]
-
-T = TypeVar("T")
 
 
 class AuditClient(ClientBase):

@@ -115,10 +115,6 @@ class _ScopeTable:
         out = torch.where(kind == SCOPE_POSITIONS, m_pos, out)
         return out
 
-    def view_rows(self, ctx: TokenContext) -> torch.Tensor:
-        """Index of each op's row in dim 0 of the hidden states (0 for every op in the packed form)."""
-        return self.rows if ctx.row is None else torch.zeros_like(self.rows)
-
 
 def _scope_table(entries: list[tuple[int, TokenScope]], prompt_lens: Sequence[int], device: torch.device) -> _ScopeTable:
     rows, kinds, ns, pos_lists = [], [], [], []
