@@ -271,32 +271,27 @@ class ArtifactStore(Resolver):
 
     # ------------------------------------------------------------------ Resolver
 
+    def _payload(self, artifact_id: str, kind: str, attr: str, where: str = "") -> Any:
+        """The payload (`attr`) of a registered artifact of this kind; NotFound, prefixed by the
+        request field `where`, when the id is unknown or names another kind."""
+        prefix = f"{where}: " if where else ""
+        try:
+            rec = self.get(artifact_id)
+        except NotFound:
+            raise NotFound(f"{prefix}{artifact_id!r} is not registered") from None
+        value = getattr(rec, attr)
+        if rec.kind != kind or value is None:
+            raise NotFound(f"{prefix}{artifact_id!r} is a {rec.kind}, not a {kind.replace('_', ' ')}")
+        return value
+
     def latent_set(self, set_id: str) -> dict[int, builtins.list[int]]:
         """Resolver: the latents of a registered latent set."""
-        try:
-            rec = self.get(set_id)
-        except NotFound:
-            raise NotFound(f"latent_set_id: {set_id!r} is not registered") from None
-        if rec.kind != "latent_set" or rec.latents is None:
-            raise NotFound(f"latent_set_id: {set_id!r} is a {rec.kind}, not a latent set")
-        return rec.latents
+        return self._payload(set_id, "latent_set", "latents", "latent_set_id")
 
     def direction(self, direction_id: str) -> np.ndarray:
         """Resolver: the vector of a registered direction."""
-        try:
-            rec = self.get(direction_id)
-        except NotFound:
-            raise NotFound(f"direction_id: {direction_id!r} is not registered") from None
-        if rec.kind != "direction" or rec.direction is None:
-            raise NotFound(f"direction_id: {direction_id!r} is a {rec.kind}, not a direction")
-        return rec.direction
+        return self._payload(direction_id, "direction", "direction", "direction_id")
 
     def prompt_set(self, set_id: str) -> builtins.list[Prompt]:
         """Resolver: the prompts of a registered prompt set."""
-        try:
-            rec = self.get(set_id)
-        except NotFound:
-            raise NotFound(f"{set_id!r} is not registered") from None
-        if rec.kind != "prompt_set" or rec.prompts is None:
-            raise NotFound(f"{set_id!r} is a {rec.kind}, not a prompt set")
-        return rec.prompts
+        return self._payload(set_id, "prompt_set", "prompts")

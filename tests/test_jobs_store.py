@@ -417,3 +417,28 @@ def test_stage_kinds_chained_by_job_id_and_chain(tmp_path: Path) -> None:
     finally:
         mgr.stop()
         torch.set_num_threads(threads)
+
+
+def test_artifact_resolvers_name_the_field_and_the_kind(tmp_path: Path) -> None:
+    """Each resolver returns its kind's payload; an unknown id, or an id of another kind, is NotFound
+    naming the request field (none for prompt sets: their callers prefix it) and both kinds."""
+    from refusal_audit.server.artifacts import ArtifactStore
+
+    arts = ArtifactStore(tmp_path)
+    d = arts.register_direction("d", [1.0, 0.0, 2.0], layer=1)
+    fs = arts.register_latent_set("s", {2: [5, 3, 3]})
+    ps = arts.register_prompt_set("p", ["a", "b"])
+    np.testing.assert_array_equal(arts.direction(d.id), np.array([1.0, 0.0, 2.0], dtype=np.float32))
+    assert arts.latent_set(fs.id) == {2: [3, 5]} and arts.prompt_set(ps.id) == ["a", "b"]
+    cases = [
+        (lambda: arts.latent_set("fs_000000000000"), "latent_set_id: 'fs_000000000000' is not registered"),
+        (lambda: arts.latent_set(d.id), f"latent_set_id: '{d.id}' is a direction, not a latent set"),
+        (lambda: arts.direction(fs.id), f"direction_id: '{fs.id}' is a latent_set, not a direction"),
+        (lambda: arts.direction("dir_000000000000"), "direction_id: 'dir_000000000000' is not registered"),
+        (lambda: arts.prompt_set(d.id), f"'{d.id}' is a direction, not a prompt set"),
+        (lambda: arts.prompt_set("ps_000000000000"), "'ps_000000000000' is not registered"),
+    ]
+    for call, message in cases:
+        with pytest.raises(NotFound) as exc:
+            call()
+        assert str(exc.value) == message
