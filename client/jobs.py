@@ -90,6 +90,7 @@ class JobResult:
 
     @classmethod
     def from_pb(cls, m: pb.JobResult) -> JobResult:
+        """From a GetJobResult reply (the result JSON decoded; artifacts as `proto.convert.Artifact`)."""
         from ..proto.convert import artifact_from_pb
 
         return cls(Job.from_pb(m.job), json.loads(m.result_json) if m.result_json else None,
