@@ -160,3 +160,14 @@ def test_cli_eval_table_json_and_errors() -> None:
     assert runner.invoke(app, ["judge", "eval"]).exit_code == 2
     res = runner.invoke(app, ["judge", "eval", "--xstest-dir", str(_xstest_dir()), "--judge", "127.0.0.1:1", "--timeout", "5"])
     assert res.exit_code == 1 and "unavailable" in res.output
+
+
+def test_substring_judge_reads_apostrophe_variants_as_the_refusal_they_are() -> None:
+    """A damaged model writes "I can''t" or "I can`t"; the refusal list must still match (and plain text must not)."""
+    from refusal_audit.audit.judges.substring import is_refusal
+
+    for text in ("I can''t help with this because it is harmful.", "I can`t do that.", "I won\u2019t provide it.",
+                 "I CAN'''T assist."):
+        assert is_refusal(text), text
+    assert not is_refusal("I can make a cake: mix flour and eggs.")
+    assert not is_refusal("I cant remember the capital; it is Paris.")
