@@ -18,9 +18,9 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -34,6 +34,7 @@ from .manager import JobManager
 from .store import CANCELLED, FAILED, QUEUED, RUNNING, SUCCEEDED, JobRecord, JobStore
 
 log = logging.getLogger("refusal_audit.jobs")
+T = TypeVar("T")
 
 STATE_TO_PB = {
     QUEUED: pb.Job.QUEUED, RUNNING: pb.Job.RUNNING, SUCCEEDED: pb.Job.SUCCEEDED,
@@ -114,57 +115,51 @@ class JobsService:
 
     # ------------------------------------------------------------------ RPCs
 
+    async def _call(self, context: grpc.aio.ServicerContext, method: str, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on a worker thread (the store is sqlite); any error aborts the RPC with its status."""
+        try:
+            return await asyncio.to_thread(fn, *args)
+        except Exception as exc:
+            await abort_with(context, exc, method)
+            raise  # pragma: no cover - abort raises
+
     async def StartJob(self, request: pb.StartJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         """Validate and enqueue; the job row is committed before this returns."""
-        try:
-            if not request.kind:
-                raise InvalidRequest(f"kind: required; known kinds: {', '.join(sorted(self.manager.kinds))}")
-            rec = await asyncio.to_thread(self.manager.submit, request.kind, request.config_json)
-        except Exception as exc:
-            await abort_with(context, exc, "StartJob")
-        return job_to_pb(rec)
+        return job_to_pb(await self._call(context, "StartJob", self._submit, request.kind, request.config_json))
+
+    def _submit(self, kind: str, config_json: str) -> JobRecord:
+        if not kind:
+            raise InvalidRequest(f"kind: required; known kinds: {', '.join(sorted(self.manager.kinds))}")
+        return self.manager.submit(kind, config_json)
 
     async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
-        try:
-            rec = await asyncio.to_thread(self.manager.get, request.id)
-        except Exception as exc:
-            await abort_with(context, exc, "GetJob")
-        return job_to_pb(rec)
+        return job_to_pb(await self._call(context, "GetJob", self.manager.get, request.id))
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         """QUEUED -> CANCELLED at once; RUNNING -> stops at its next check (state still RUNNING here)."""
-        try:
-            rec = await asyncio.to_thread(self.manager.cancel, request.id)
-        except Exception as exc:
-            await abort_with(context, exc, "CancelJob")
-        return job_to_pb(rec)
+        return job_to_pb(await self._call(context, "CancelJob", self.manager.cancel, request.id))
 
     async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext) -> pb.ListJobsResponse:
-        try:
-            if request.limit < 0:
-                raise InvalidRequest("limit: must be >= 0")
-            if request.kind and request.kind not in self.manager.kinds:
-                raise InvalidRequest(
-                    f"kind: unknown job kind {request.kind!r}; known kinds: {', '.join(sorted(self.manager.kinds))}"
-                )
-            recs = await asyncio.to_thread(self.manager.list, request.kind, request.limit)
-        except Exception as exc:
-            await abort_with(context, exc, "ListJobs")
+        recs = await self._call(context, "ListJobs", self._list, request.kind, request.limit)
         return pb.ListJobsResponse(jobs=[job_to_pb(r) for r in recs])
+
+    def _list(self, kind: str, limit: int) -> list[JobRecord]:
+        if limit < 0:
+            raise InvalidRequest("limit: must be >= 0")
+        if kind and kind not in self.manager.kinds:
+            raise InvalidRequest(f"kind: unknown job kind {kind!r}; known kinds: {', '.join(sorted(self.manager.kinds))}")
+        return self.manager.list(kind, limit)
 
     async def GetJobResult(self, request: pb.GetJobResultRequest, context: grpc.aio.ServicerContext) -> pb.JobResult:
         """The job, its result JSON (arrays inlined as lists up to a size) and its artifacts.
 
         A job that has not succeeded has an empty result_json (its state and error say why)."""
-        try:
-            rec, result = await asyncio.to_thread(
-                self.manager.result, request.id, True, RESULT_INLINE_MAX_ELEMENTS
-            )
-            artifacts = await asyncio.to_thread(self._artifacts, rec.artifact_ids)
-        except Exception as exc:
-            await abort_with(context, exc, "GetJobResult")
+        return await self._call(context, "GetJobResult", self._result, request.id)
+
+    def _result(self, job_id: str) -> pb.JobResult:
+        rec, result = self.manager.result(job_id, True, RESULT_INLINE_MAX_ELEMENTS)
         text = json.dumps(result, separators=(",", ":")) if result is not None else ""
-        return pb.JobResult(job=job_to_pb(rec), result_json=text, artifacts=artifacts)
+        return pb.JobResult(job=job_to_pb(rec), result_json=text, artifacts=self._artifacts(rec.artifact_ids))
 
     def _artifacts(self, ids: list[str]) -> list[pb.Artifact]:
         out: list[pb.Artifact] = []
@@ -191,10 +186,7 @@ class JobsService:
             with contextlib.suppress(RuntimeError):
                 loop.call_soon_threadsafe(push, (rec, partial))
 
-        try:
-            unsubscribe = await asyncio.to_thread(self.manager.subscribe, request.id, on_change)
-        except Exception as exc:
-            await abort_with(context, exc, "WatchJob")
+        unsubscribe = await self._call(context, "WatchJob", self.manager.subscribe, request.id, on_change)
         try:
             current = await asyncio.to_thread(self.manager.get, request.id)
             last = _key(current)
