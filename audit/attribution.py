@@ -16,6 +16,7 @@ from typing import Annotated, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
+from .compute import forward_equivalents
 from .spec import Intervention, Prompt, _Frozen
 
 DEFAULT_IG_STEPS = 10  # the paper's
@@ -173,7 +174,7 @@ class AttributionResponse:
     @property
     def forward_equivalents(self) -> float:
         """Forward passes plus two per backward pass (the usual cost of a backward)."""
-        return float(self.forward_passes + 2 * self.backward_passes)
+        return forward_equivalents(self.forward_passes, self.backward_passes)
 
 
 def attribution_request(

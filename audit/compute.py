@@ -31,6 +31,11 @@ from typing import Any
 COUNTED = ("generate", "score", "encode", "residuals", "loss", "attribute", "latent_edges")
 
 
+def forward_equivalents(forward_passes: int, backward_passes: int) -> float:
+    """The one cost unit: forward passes plus two per backward pass (a backward costs about two forwards)."""
+    return float(forward_passes + 2 * backward_passes)
+
+
 @dataclass
 class Compute:
     """What one stage spent (module docstring)."""
@@ -45,7 +50,7 @@ class Compute:
 
     @property
     def forward_equivalents(self) -> float:
-        return float(self.forward_passes + 2 * self.backward_passes)
+        return forward_equivalents(self.forward_passes, self.backward_passes)
 
     def add(self, other: Compute) -> Compute:
         return Compute(*(a + b for a, b in zip(asdict(self).values(), asdict(other).values(), strict=True)))

@@ -40,6 +40,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
+from .compute import forward_equivalents
 from .judges import JudgeItem
 from .spec import AblateDirection, Intervention, Prompt, Request, SamplingParams, ScaleLatents
 from .stage_utils import chunks, fingerprint, resumed, save_fingerprinted
@@ -61,7 +62,7 @@ class RefusalFeatures:
 
     @property
     def forward_equivalents(self) -> float:
-        return float(self.forward_passes + 2 * self.backward_passes)
+        return forward_equivalents(self.forward_passes, self.backward_passes)
 
     def global_latents(self, k: int | None = None) -> dict[int, list[int]]:
         """The global top-k as {layer: latent ids}."""
