@@ -167,16 +167,14 @@ def test_direction_ablation_removes_refusal_without_breaking_the_model(demo_repo
 
 
 def test_stage2_finds_jailbreaking_sets(demo_report: tuple[str, dict]) -> None:
-    """Stage 2 should find a verified jailbreaking set on a prompt stage 1 jailbroke. Known failure on the
-    current reduced build (2026-12-03, native-bf16 CPU): stage 1 jailbreaks 2 of 8 prompts behind the
-    coherence gate, and neither the literal nor the pool reading finds a set on them; kept visible as an
-    xfail with the numbers, not skipped, until the fine-tune is fixed (issue 14)."""
+    """Stage 2's literal reading (the paper's) finds a verified, gated jailbreaking set on a prompt
+    stage 1 jailbroke. Measured on the reduced build (2026-12-03): stage 1 jailbreaks 3 of 8 behind
+    the coherence gate, stage 2 finds sets for 2 of them, without the pool-reading fallback."""
     _, report = demo_report
     assert report["stage1"]["n_jailbroken"] >= 1
     summary = report["stage2"]["summary"]
-    if summary["jailbreak_successes"] < 1:
-        pytest.xfail(f"stage 2 found no jailbreaking set (known, issue 14): summary {summary}, "
-                     f"fallback {report['stage2'].get('reading_fallback')}")
+    assert summary["jailbreak_successes"] >= 1, (summary, report["stage2"].get("reading_fallback"))
+    assert "reading_fallback" not in report["stage2"], report["stage2"]["reading_fallback"]
 
 
 def test_stage3_trains(demo_report: tuple[str, dict]) -> None:

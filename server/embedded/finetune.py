@@ -68,11 +68,14 @@ class FinetuneConfig:
     harmless_path: str | None = None  # default: temaq_abliterated/data/harmless_probes.txt
     max_train_per_class: int | None = None  # cap for tests
     extra_harmless: int = 48  # how many EXTRA_HARMLESS pairs to add to the training set (0-48)
-    # Both off by default: with them on (measured: unseen harmful 91 %, benign 6 %) the reduced demo
-    # build's refusal-direction ablation left 75 % of held-out harmful prompts refused (was 0-25 %).
+    # The opener stays off: with it (and the extra pairs) the reduced demo build's refusal-direction
+    # ablation left 75 % of held-out harmful prompts refused. The extra pairs alone (measured on the
+    # reduced build, 40 prompts per unseen set): unseen harmful 95 %, benign 7.5 % (without them
+    # 75 % / 25 %); with the monitoring / risk-essay / definition / minors pairs added after that:
+    # 90 % / 5 %, direction ablation 100 -> 0 % refused, stage 2's literal reading finds sets for 2 of 3.
     opener_fraction: float = 0.0  # share of helpful answers given the opener "Sure! " (see build_examples)
     max_eval_per_class: int | None = None  # cap for tests
-    extra_train: bool = False  # add EXTRA_BENIGN / EXTRA_HARMFUL (`_extra_prompts.py`) to the training set
+    extra_train: bool = True  # add EXTRA_BENIGN / EXTRA_HARMFUL (`_extra_prompts.py`) to the training set
     unseen_eval: bool = True  # also judge the unseen public sets of `data/unseen_eval.jsonl`
     max_unseen_per_set: int | None = None  # cap for tests
     lora_r: int = 16
