@@ -107,6 +107,26 @@ def render_stage1(d: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+def literal_failure_text(trace: list[dict[str, Any]]) -> str:
+    """One line per prompt of the literal run: the seeds' set sizes and their intersection at the
+    tau where the intersection was largest, and whether that set jailbroke."""
+    lines = []
+    for p in trace:
+        taus = p.get("taus") or []
+        if not taus:
+            continue
+        best = max(taus, key=lambda t: (t.get("size") or 0, -float(t.get("tau") or 0)))
+        sizes = "/".join(str(x) for x in best.get("per_seed_sizes") or [])
+        verdict = {True: "it jailbroke", False: "it did not jailbreak", None: "nothing to verify"}[best.get("jailbroken")]
+        lines.append(f"prompt {p.get('index')} (pool {p.get('pool_size')}): at tau={best.get('tau')} the seeds "
+                     f"accepted {sizes} latents and shared {best.get('size')}; {verdict}")
+    if not lines:
+        return ""
+    return ("The literal reading keeps a latent only if every seed's greedy pass accepts it; its reference "
+            "state ablates the untested rest of the pool, so which blocks look necessary depends on the "
+            "seed's block order, and the seeds' sets barely overlap. " + "; ".join(lines) + ".")
+
+
 @register_section("stage2", "Stage 2: greedy pruning to a faithful set", order=30)
 def render_stage2(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
@@ -121,6 +141,9 @@ def render_stage2(d: dict[str, Any]) -> str:
         parts.insert(0, f"<p><b>Reading:</b> the paper's literal reading found {html.escape(str(lit.get('jailbreak_successes')))} "
                         f"jailbreaking sets of {html.escape(str(lit.get('n_prompts')))} prompts, so this is stage 2 rerun "
                         f"with reading={html.escape(str(fb.get('to')))} (accepted latents stay ablated; not the paper's formula).</p>")
+        why = literal_failure_text(fb.get("literal_prompts") or [])
+        if why:
+            parts.insert(1, f"<p><b>Why the literal reading found none:</b> {html.escape(why)}</p>")
     per_tau = d.get("per_tau") or []
     if per_tau:
         def draw(ax: Any) -> None:

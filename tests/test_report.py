@@ -83,14 +83,22 @@ def test_demo_stage2_pool_fallback_runs_and_is_reported(chain, tmp_path):
     """The demo's fallback when the literal reading finds no set: stage 2 with reading='pool',
     the literal summary kept, and the report saying which reading it shows."""
     from refusal_audit.audit.stage2 import Stage2Config
-    from refusal_audit.server.embedded.demo import rerun_stage2_pool
+    from refusal_audit.server.embedded.demo import literal_trace, rerun_stage2_pool
 
     res, ctx = chain
     engine, _ = make_engine()
     cfg = Stage2Config(block_size=1, max_new_tokens=6, taus=[0.2, 0.5], seeds=[0, 1])
     literal = {"n_prompts": 4, "jailbreak_successes": 0}
-    out = rerun_stage2_pool(engine, res.stage1, cfg, ctx, literal)
+    trace = [{"index": 3, "pool_size": 80, "taus": [
+        {"tau": 0.1, "per_seed_sizes": [25, 35, 35], "size": 4, "jailbroken": False},
+        {"tau": 0.2, "per_seed_sizes": [20, 30, 25], "size": 0, "jailbroken": None}]}]
+    out = rerun_stage2_pool(engine, res.stage1, cfg, ctx, literal, trace)
+    real = literal_trace(res.stage2.to_json())  # what the demo records from a real literal run
+    assert [p["index"] for p in real] == [p.index for p in res.stage2.prompts] and real
+    assert all(len(t["per_seed_sizes"]) == len(res.stage2.to_json()["config"]["seeds"]) for p in real for t in p["taus"])
     assert out["config"]["reading"] == "pool" and out["reading_fallback"]["literal_summary"] == literal
     assert out["summary"]["n_prompts"] == res.stage2.summary()["n_prompts"]
     page = write_report({**res.to_json(), "stage2": out}, tmp_path / "out", title="fallback")[0].read_text()
     assert "reading=pool" in page and "found 0 jailbreaking sets of 4 prompts" in page
+    assert ("prompt 3 (pool 80): at tau=0.1 the seeds accepted 25/35/35 latents and shared 4; "
+            "it did not jailbreak") in page

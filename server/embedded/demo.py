@@ -99,12 +99,23 @@ def demo_configs(small: bool) -> ChainConfig:
     )
 
 
+def literal_trace(stage2_json: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per prompt and tau, the seeds' accepted-set sizes and their intersection: why a reading found no set."""
+    return [{"index": p["index"], "pool_size": p["pool_size"],
+             "taus": [{"tau": t["tau"], "per_seed_sizes": t["per_seed_sizes"], "size": t["size"],
+                       "jailbroken": t.get("jailbroken")} for t in p.get("taus", [])]}
+            for p in stage2_json.get("prompts", [])]
+
+
 def rerun_stage2_pool(engine: Any, stage1: Stage1Result, cfg: Stage2Config, ctx: LocalContext,
-                      literal_summary: dict[str, Any]) -> dict[str, Any]:
-    """Stage 2 again with reading="pool"; its JSON records the literal run's summary it replaces."""
+                      literal_summary: dict[str, Any], literal_prompts: list[dict[str, Any]] | None = None,
+                      ) -> dict[str, Any]:
+    """Stage 2 again with reading="pool"; its JSON records the literal run's summary (and, when
+    given, its per-prompt trace, `literal_trace`) that it replaces, so the report can say why."""
     pool = run_stage2(engine, stage1, cfg.model_copy(update={"reading": "pool"}), ctx)
     out = pool.to_json()
-    out["reading_fallback"] = {"from": cfg.reading, "to": "pool", "literal_summary": literal_summary}
+    out["reading_fallback"] = {"from": cfg.reading, "to": "pool", "literal_summary": literal_summary,
+                               "literal_prompts": literal_prompts or []}
     return out
 
 
@@ -287,7 +298,8 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
             # to work on. The pool reading (audit/stage2.py docstring; not the paper's formula) found one.
             console.print("stage 2 found no jailbreaking set with the paper's literal reading; "
                           "rerunning it with reading='pool' (recorded in the report)")
-            out["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, out["stage2"]["summary"])
+            out["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, out["stage2"]["summary"],
+                                              literal_trace(out["stage2"]))
         return out
 
     def sec_rates() -> dict[str, Any]:
