@@ -2,9 +2,9 @@
 check that the refusal fine-tune separates held-out harmful from harmless prompts, then run the
 demo's whole run step (direction -> stages 1-3 -> every analysis -> report) on it.
 
-Measured: 15.5 min on a 2-core AVX512 Xeon without native bf16 (base conversion ~1 min, unless a
-verified base is already in the default data dir, in which case it is copied; fine-tune ~7 min;
-small SAEs ~2 min; run step ~6 min); 10 min in CI.
+Measured: 21.5 min on a quiet 2-core Xeon with native bf16 at the fine-tune defaults of 2026-12-03
+(665 training pairs; base copied from the default data dir when a verified one is there, else
+~1.5 min more); 15.5 min before the extra training pairs, without native bf16.
 Run with `pytest -m slow tests/test_embedded_slow.py`.
 """
 
