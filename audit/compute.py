@@ -113,7 +113,6 @@ class ComputeMeter:
             return out
 
 
-
 def stages_json(stages: dict[str, Compute]) -> dict[str, Any]:
     """{stage: counts} plus their total, for a result's ``compute`` field."""
     total = Compute()

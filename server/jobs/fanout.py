@@ -2,8 +2,9 @@
 
 Ray-free: it talks to any engine that offers ``submit_unit(fn, payload, replica) -> Future[(result,
 replica)]``, ``live_replicas()`` and ``inflight(name)`` (`ReplicaSet` does). Everything that touches
-the job store (checkpoints, progress, artifact registration, judging) stays on the head, in the
-job's own thread, in the order results come back; so a killed server still resumes from the
+the job store (checkpoints, progress, artifact registration, judging) stays on the head, in one
+thread (the job's own; for stage 2, one finisher thread, so verifying a finished prompt does not
+stall handing out units), in the order results come back; so a killed server still resumes from the
 per-prompt checkpoints, and the job's result is the single engine's (the units call the same
 engine code on the same requests; only the timing fields `wall_s` differ).
 
@@ -176,6 +177,7 @@ def run_stage2(engine: Any, stage1: Any, cfg: Any, ctx: Any) -> Any:
         if len(partial[i]) == len(seeds):
             finishing.append(finisher.submit(finish, i))
         for f in [f for f in finishing if f.done()]:
+            finishing.remove(f)
             f.result()  # a failed verification fails the job now, not at the end
 
     try:
