@@ -18,6 +18,11 @@ the per-stage compute a `compute.MeteredEngine` recorded, it builds
 - ``cost``: stage 2's and attribution's *search* passes per prompt (forward-equivalents, a backward
   counted as two forwards, the verification generations excluded on both sides and listed apart),
   their ratio, and the break-even pool size at which stage 2 would cost 10x attribution.
+
+With `rf_atp` (a second `refusal_features` result with `method="atp"`: plain attribution patching,
+one gradient at the clean state, on the same prompts and candidates) every table gets AtP next to
+IG: its per-prompt sets' rows, their Jaccard overlaps with IG's and stage 2's sets, CE on the same
+prompts (conditions ``atp/<index>``), and its search cost and ratio to stage 2.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from .spec import Intervention, ScaleLatents
 from .stage_utils import Latent, ablate, latents_to_dict
 
 ATTR_STAGE = "refusal_features: attribution"
+ATP_STAGE = "refusal_features_atp: attribution"
 
 
 def _pairs(d: dict[Any, Sequence[int]] | None) -> set[Latent]:
@@ -72,12 +78,16 @@ def stage3_sets(stage3: dict[str, Any] | None, rankings: dict[int, list[Latent]]
 
 def ce_conditions(stage2: dict[str, Any], rf: dict[str, Any], stage3: dict[str, Any] | None = None,
                   stage3_rankings: dict[int, list[Latent]] | None = None, max_sets: int = 4,
-                  global_alphas: Sequence[float] = (0.0, -3.0)) -> list[tuple[str, list[Intervention]]]:
+                  global_alphas: Sequence[float] = (0.0, -3.0),
+                  rf_atp: dict[str, Any] | None = None) -> list[tuple[str, list[Intervention]]]:
     """The CE conditions, named ``method/...``: `max_sets` stage-2-jailbroken prompts' sets (those stage 3
-    also jailbroke first) for stage 2, stage 3 and attribution (the same prompts, so the costs are matched), the
-    stage-2 union, and attribution's global set scaled by each of `global_alphas` (0 = ablation)."""
+    also jailbroke first) for stage 2, stage 3, attribution and AtP (`rf_atp`; the same prompts, so the costs
+    are matched), the stage-2 union, and attribution's global set scaled by each of `global_alphas` (0 =
+    ablation)."""
     prompts, per, glob = attribution_sets(rf)
     by_text = {t: j for j, t in enumerate(prompts)}
+    atp_prompts, atp_per, _ = attribution_sets(rf_atp or {})
+    atp_by_text = {t: j for j, t in enumerate(atp_prompts)}
     s2 = {int(p["index"]): (p["prompt"], _pairs(p.get("final_latents"))) for p in stage2.get("prompts", [])
           if p.get("jailbroken")}
     s3 = stage3_sets(stage3, stage3_rankings, {i: s for i, (_, s) in s2.items()})
@@ -92,6 +102,9 @@ def ce_conditions(stage2: dict[str, Any], rf: dict[str, Any], stage3: dict[str, 
         j = by_text.get(text)
         if j is not None and j < len(per) and per[j]:
             conds.append((f"attribution/{i}", list(ablate(latents_to_dict(sorted(per[j]))))))
+        j = atp_by_text.get(text)
+        if j is not None and j < len(atp_per) and atp_per[j]:
+            conds.append((f"atp/{i}", list(ablate(latents_to_dict(sorted(atp_per[j]))))))
     union = set().union(*(s for _, s in s2.values())) if s2 else set()
     if union:
         conds.append(("stage2/union", list(ablate(latents_to_dict(sorted(union))))))
@@ -135,12 +148,17 @@ def _search(c: dict[str, Any] | None) -> float | None:
 def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: dict[str, Any],
                     stage3: dict[str, Any] | None = None, stage3_rankings: dict[int, list[Latent]] | None = None,
                     compute: dict[str, Any] | None = None, ce: dict[str, Any] | None = None,
-                    sections: dict[str, str] | None = None) -> dict[str, Any]:
+                    sections: dict[str, str] | None = None, rf_atp: dict[str, Any] | None = None) -> dict[str, Any]:
     """The comparison section's JSON (module docstring). `compute`: {section: compute.stages_json(...)};
-    `sections` names the sections holding stage 1/2, stage 3 and refusal_features (demo defaults)."""
+    `sections` names the sections holding stage 1/2, stage 3, refusal_features and refusal_features_atp
+    (demo defaults); `rf_atp`: the AtP selection's result, when one ran."""
     sec = {"stage1": "chain", "stage2": "chain", "stage3": "stage3", "refusal_features": "refusal_features",
-           **(sections or {})}
+           "refusal_features_atp": "refusal_features_atp", **(sections or {})}
     prompts, per, glob = attribution_sets(rf)
+    atp_prompts, atp_per_list, _ = attribution_sets(rf_atp or {})
+    atp_by_text = {t: s for t, s in zip(atp_prompts, atp_per_list, strict=False)}
+    atp_ppv = {float(r["alpha"]): r for r in (rf_atp or {}).get("per_prompt_validation") or []}
+    atp_index = {t: j for j, t in enumerate(atp_prompts)}
     ppv = {float(r["alpha"]): r for r in rf.get("per_prompt_validation") or []}
     s1 = {p["prompt"]: p for p in (stage1 or {}).get("prompts", [])}
     s2 = {p["prompt"]: p for p in stage2.get("prompts", [])}
@@ -171,6 +189,14 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
         for a, r in ppv.items():
             jb = r.get("jailbroken") or []
             row[f"attribution_jailbroken@{a:g}"] = bool(jb[j]) if j < len(jb) else None
+        if rf_atp is not None:
+            t_set = atp_by_text.get(text, set())
+            k = atp_index.get(text)
+            row.update({"atp_size": len(t_set), "jaccard_atp_attribution": jaccard(t_set, a_set),
+                        "jaccard_stage2_atp": jaccard(s2set, t_set) if s2set else None})
+            for a, r in atp_ppv.items():
+                jb = r.get("jailbroken") or []
+                row[f"atp_jailbroken@{a:g}"] = bool(jb[k]) if k is not None and k < len(jb) else None
         rows.append(row)
 
     def rate(key: str) -> float | None:
@@ -218,11 +244,23 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
             "mean_set_size": float(len(glob)), "unique_latents": len(glob),
             "jailbreak_rate": r.get("jailbreak_rate"), "jailbreak_rate_ungated": r.get("jailbreak_rate_ungated"),
             "ce_delta": by_cond.get(f"attribution/global/{r['alpha']:g}", {}), "compute": c_attr})
+    c_atp = _stage(compute, sec["refusal_features_atp"], ATP_STAGE)
+    atp_sel = (rf_atp or {}).get("selection") or {}
+    for a, r in sorted(atp_ppv.items(), reverse=True):
+        methods.append({
+            "method": f"AtP per-prompt top-{atp_sel.get('per_prompt_k', len(atp_per_list[0]) if atp_per_list else 0)}, "
+                      f"x{a:g} (seed 2, n=1)", "prompts_run": len(atp_per_list),
+            "mean_set_size": _mean([float(len(s)) for s in atp_per_list]),
+            "unique_latents": len(set().union(*atp_per_list)) if atp_per_list else 0,
+            "jailbreak_rate": r.get("jailbreak_rate"), "jailbreak_rate_ungated": r.get("jailbreak_rate_ungated"),
+            "ce_delta": _ce_family(by_cond, "atp") if a == 0.0 else {},
+            "compute": c_atp})
 
     # per layer: union sets
     a_union = set().union(*per) if per else set()
     s2_union = set().union(*s2_sets.values()) if s2_sets else set()
     s3_union = set().union(*(v[0] for v in s3.values() if v[0])) if s3 else set()
+    t_union = set().union(*atp_per_list) if atp_per_list else set()
     cands = _pairs({int(k): v for k, v in (sel.get("candidates") or {}).items()})
     layers = sorted({ly for ly, _ in a_union | s2_union | s3_union | cands})
     per_layer = []
@@ -236,6 +274,8 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
             "stage2_in_candidates": len(at(s2_union) & cands),
             "jaccard_stage2_attribution": jaccard(at(s2_union), at(a_union)),
             "jaccard_stage3_attribution": jaccard(at(s3_union), at(a_union)),
+            **({"atp_union": len(at(t_union)), "jaccard_atp_attribution": jaccard(at(t_union), at(a_union)),
+                "jaccard_stage2_atp": jaccard(at(s2_union), at(t_union))} if rf_atp is not None else {}),
         })
 
     # cost: search passes per prompt
@@ -265,6 +305,20 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
     if a_pp:
         # stage 2 costs about 2 + seeds * |C| / N score passes per prompt (audit/stage2.py)
         cost["break_even_pool_10x"] = block * (10 * a_pp - 2) / n_seeds
+    if rf_atp is not None:
+        t_search = _search(c_atp)
+        if t_search is None and atp_sel:
+            t_search = float(atp_sel.get("forward_equivalents", 0.0))
+        t_pp = t_search / len(atp_per_list) if t_search is not None and atp_per_list else None
+        t_ratio = s2_pp / t_pp if s2_pp and t_pp else None
+        cost.update({
+            "atp_search_fwd_equiv": t_search, "atp_prompts": len(atp_per_list), "atp_per_prompt": t_pp,
+            "atp_forward_passes": atp_sel.get("forward_passes"), "atp_backward_passes": atp_sel.get("backward_passes"),
+            "ratio_stage2_over_atp": t_ratio, "meets_10x_atp": bool(t_ratio is not None and t_ratio >= 10),
+            "ratio_attribution_over_atp": a_pp / t_pp if a_pp and t_pp else None,
+            "break_even_pool_10x_atp": block * (10 * t_pp - 2) / n_seeds if t_pp else None,
+            "mean_jaccard_atp_attribution": _mean([r.get("jaccard_atp_attribution") for r in rows]),
+        })
     return {"kind": "method_comparison", "n_prompts": n, "methods": methods, "per_prompt": rows,
             "per_layer": per_layer, "cost": cost,
             "ce_samples": {s: (e.get("baseline") or {}).get("mean") for s, e in ((ce or {}).get("samples") or {}).items()},

@@ -12,6 +12,11 @@ integrated-gradient attribution instead of per-latent forward passes (docs/attri
 4. per prompt the top `per_prompt_k` candidates by attribution, and a global top `global_k` by the
    mean attribution over prompts.
 
+`method="atp"` replaces step 3's 10-step path by plain attribution patching (one gradient, taken at
+the clean state, times baseline - clean: the IG left rule with n = 1, the issue's "n=1 case"); the
+rest is the same. It costs 1 scored forward + 3 forward (clean with gradient, baseline run, patched
+end point) + 1 backward per prompt, against IG's 1 + 12 forward + 10 backward.
+
 Compute is counted per prompt row: forward passes (the jailbreak-token scoring and the attribution's
 forward passes) and backward passes, plus `forward_equivalents` (a backward counted as two forwards),
 so it compares with stage 2's forward-pass counts.
@@ -34,7 +39,7 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
@@ -59,6 +64,8 @@ class RefusalFeatures:
     forward_passes: int = 0
     backward_passes: int = 0
     wall_s: float = 0.0
+    method: str = "ig"
+    n_steps: int = 0  # gradient evaluations along the path (atp: 1)
 
     @property
     def forward_equivalents(self) -> float:
@@ -80,6 +87,7 @@ class RefusalFeatures:
             "metric_clean": self.metric_clean, "metric_baseline": self.metric_baseline,
             "forward_passes": self.forward_passes, "backward_passes": self.backward_passes,
             "forward_equivalents": self.forward_equivalents, "wall_s": self.wall_s,
+            "method": self.method, "n_steps": self.n_steps,
         }
 
 
@@ -109,8 +117,10 @@ def select_refusal_features(
     rule: str = "left",
     batch_size: int = 8,
     layers: Sequence[int] | None = None,
+    method: Literal["ig", "atp"] = "ig",
 ) -> RefusalFeatures:
-    """Run steps 1-4 of the module docstring on an engine with `score` and `attribute`."""
+    """Run steps 1-4 of the module docstring on an engine with `score` and `attribute` (`method` "atp":
+    one gradient at the clean state; `n_steps` and `rule` are then not read)."""
     t0 = time.perf_counter()
     rows = engine.sae_rows(layers, direction=np.asarray(direction, dtype=np.float32), top_k=candidates_per_layer,
                            decoder=False)
@@ -130,7 +140,8 @@ def select_refusal_features(
         items = tuple(AttributionItem(prompt=prompts[i], metric=LogitDiff(positive=jb[i], negative=refusal_token_id))
                       for i in part_idx)
         req = AttributionRequest(
-            items=items, method="ig", n_steps=n_steps, rule=rule,  # type: ignore[arg-type]
+            items=items, method=method, n_steps=n_steps if method == "ig" else 0,
+            rule=rule if method == "ig" else "left",  # type: ignore[arg-type]
             baseline=Baseline(kind="interventions", interventions=(ablate,)), layers=tuple(layers), top_k=0,
             latents={ly: tuple(ids) for ly, ids in candidates.items()},
         )
@@ -151,7 +162,8 @@ def select_refusal_features(
 
     per_prompt = [ranked(scores[p], per_prompt_k) for p in range(len(prompts))]
     global_set = ranked(scores.mean(0), global_k) if len(prompts) else []
-    return RefusalFeatures(candidates, jb, per_prompt, global_set, m_clean, m_base, fwd, bwd, time.perf_counter() - t0)
+    return RefusalFeatures(candidates, jb, per_prompt, global_set, m_clean, m_base, fwd, bwd, time.perf_counter() - t0,
+                           method, n_steps if method == "ig" else 1)
 
 
 def steering_sweep(
@@ -266,6 +278,7 @@ class RefusalFeaturesConfig(BaseModel):
     candidates_per_layer: int = Field(default=10, ge=1)
     per_prompt_k: int = Field(default=20, ge=1)
     global_k: int = Field(default=20, ge=1)
+    method: Literal["ig", "atp"] = "ig"  # atp: one gradient at the clean state (n_steps, rule not read)
     n_steps: int = Field(default=10, ge=1)
     rule: str = "left"
     fallback_token: str = "Here"
@@ -280,9 +293,11 @@ class RefusalFeaturesConfig(BaseModel):
 
 def run_refusal_features(
     engine: Any, cfg: RefusalFeaturesConfig, ctx: Any, direction: np.ndarray, prompts: Sequence[str], harmless: Sequence[str] = (), refusal_token_id: int | None = None,
-    fallback_token_id: int | None = None,
+    fallback_token_id: int | None = None, name: str = "refusal_features",
 ) -> dict[str, Any]:
-    """Selection then the sweep, checkpointed (module docstring); registers the global set as a latent set."""
+    """Selection then the sweep, checkpointed (module docstring); registers the global set as a latent set.
+    `name` prefixes the checkpoint keys, the progress stages (what a compute meter charges) and the latent
+    set, so two selections (e.g. IG and AtP) can run in one context side by side."""
     from .stage_utils import as_prompt
 
     t0 = time.perf_counter()
@@ -294,29 +309,29 @@ def run_refusal_features(
     direction = np.asarray(direction, dtype=np.float32)
     fp = fingerprint([*prompts, cfg.model_dump_json(exclude={"alphas", "ks", "max_new_tokens", "per_prompt_alphas"}),
                       direction.tobytes().hex()])
-    sel_key = "refusal_features/selection"
+    sel_key = f"{name}/selection"
     got = resumed(ctx, sel_key, fp)
     if got is not None:
         sel = got["selection"]
     else:
-        ctx.progress("refusal_features: attribution", 0, len(prompts))
+        ctx.progress(f"{name}: attribution", 0, len(prompts))
         feats = select_refusal_features(engine, eps, direction, int(ref), int(fb),
                                         cfg.candidates_per_layer, cfg.per_prompt_k, cfg.global_k, cfg.n_steps,
-                                        cfg.rule, cfg.batch_size, cfg.layers)
+                                        cfg.rule, cfg.batch_size, cfg.layers, cfg.method)
         sel = feats.to_json()
         save_fingerprinted(ctx, sel_key, fp, selection=sel)
-        ctx.progress("refusal_features: attribution", len(prompts), len(prompts))
+        ctx.progress(f"{name}: attribution", len(prompts), len(prompts))
     global_set = [(int(a), int(b), float(c)) for a, b, c in sel["global_set"]]
     feats = RefusalFeatures({int(k): v for k, v in sel["candidates"].items()}, sel["jailbreak_token_ids"],
                             [[tuple(t) for t in p] for p in sel["per_prompt"]], global_set)  # type: ignore[misc]
-    set_id = ctx.register_latent_set("refusal_features_global", feats.global_latents(),
-                                     {"source": "refusal_features", "k": len(global_set)})
+    set_id = ctx.register_latent_set(f"{name}_global", feats.global_latents(),
+                                     {"source": name, "method": cfg.method, "k": len(global_set)})
     harmless_p = [as_prompt(t, cfg.chat) for t in harmless]
     per_prompt: list[dict[str, Any]] = []
     sets = [latents_of(p) for p in feats.per_prompt]
     for pa in cfg.per_prompt_alphas:
-        key, row_fp = f"refusal_features/per_prompt/{pa}", fingerprint([fp, str(cfg.max_new_tokens)])
-        ctx.progress("refusal_features: per-prompt validation", len(per_prompt), len(cfg.per_prompt_alphas))
+        key, row_fp = f"{name}/per_prompt/{pa}", fingerprint([fp, str(cfg.max_new_tokens)])
+        ctx.progress(f"{name}: per-prompt validation", len(per_prompt), len(cfg.per_prompt_alphas))
         got = resumed(ctx, key, row_fp)
         if got is None:
             ctx.check_cancelled()
@@ -326,9 +341,9 @@ def run_refusal_features(
         per_prompt.append(got["row"])
     points: list[tuple[float | None, int]] = [(None, 0)] + [(float(a), int(k)) for k in cfg.ks for a in cfg.alphas]
     rows = []
-    ctx.progress("refusal_features: steering", 0, len(points))
+    ctx.progress(f"{name}: steering", 0, len(points))
     for n_done, (alpha, k) in enumerate(points):
-        key = f"refusal_features/sweep/{'base' if alpha is None else f'{alpha}/{k}'}"
+        key = f"{name}/sweep/{'base' if alpha is None else f'{alpha}/{k}'}"
         row_fp = fingerprint([fp, str(cfg.max_new_tokens), *harmless])
         got = resumed(ctx, key, row_fp)
         if got is not None:
@@ -342,8 +357,8 @@ def run_refusal_features(
             row["ce_delta"] = row["ce"] - rows[0]["ce"]
         save_fingerprinted(ctx, key, row_fp, row=row)
         rows.append(row)
-        ctx.progress("refusal_features: steering", n_done + 1, len(points))
-    return {"kind": "refusal_features", "selection": sel, "latent_set_id": set_id, "sweep": rows,
+        ctx.progress(f"{name}: steering", n_done + 1, len(points))
+    return {"kind": "refusal_features", "name": name, "method": cfg.method, "selection": sel, "latent_set_id": set_id, "sweep": rows,
             "per_prompt_validation": per_prompt, "n_prompts": len(prompts), "prompts": list(prompts),
             "wall_s": time.perf_counter() - t0}
 

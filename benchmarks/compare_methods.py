@@ -1,11 +1,15 @@
 """Seed 1 (stages 1-3) vs seed 2 (attribution, `refusal_features`) on the built demo model, in one run.
 
     python benchmarks/compare_methods.py [--data-dir DIR] [--small] [--prompts 8] [--threads 1] [--out DIR] [--json F]
+                                         [--no-atp]
 
 Runs `refusal-audit demo`'s own sections (coherence gate, direction -> stage 1 -> stage 2, refusal
-rates) then stage 3, `refusal_features` and `method_comparison` from `demo_analyses` (the other
-analyses are skipped: they do not enter the comparison), every section recomputed (`rerun`), with the
-demo's `MeteredEngine` counting passes per stage. Prints the comparison's methods table and search
+rates) then stage 3, `refusal_features` (IG, 10 steps), `refusal_features_atp` (plain attribution
+patching, n = 1, on the same prompts and candidates; skipped with --no-atp) and `method_comparison`
+from `demo_analyses` (the other analyses are skipped: they do not enter the comparison), every section
+recomputed (`rerun`), with the demo's `MeteredEngine` counting passes per stage. The run writes its
+section cache under DIR/runs/cache and, without --out, its report under DIR/runs/<time>: point
+--data-dir at a directory of links to a build you must not write into. Prints the comparison's methods table and search
 cost as JSON and the load average before and after (this host is shared: report it with the times).
 The model must be built first (`refusal-audit build [--small]`).
 """
@@ -27,6 +31,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP contention on a shared box)")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None, help="also write the summary here")
+    ap.add_argument("--no-atp", action="store_true", help="skip the AtP (n = 1) selection")
     args = ap.parse_args()
 
     import torch
@@ -37,7 +42,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data_dir = args.data_dir or default_data_dir()
     load0, t0 = os.getloadavg(), time.time()
-    analyses = [(n, fn) for n, fn in demo_analyses.ANALYSES if n in ("stage3", "refusal_features", "method_comparison")]
+    analyses = [(n, fn) for n, fn in demo_analyses.ANALYSES if n in ("stage3", "refusal_features")]
+    if not args.no_atp:
+        analyses.append(demo_analyses.ATP_ANALYSIS)
+    analyses += [(n, fn) for n, fn in demo_analyses.ANALYSES if n == "method_comparison"]
     _, js = run_demo(data_dir, small=args.small, n_prompts=args.prompts, out_dir=args.out, rerun=True,
                      analysis_list=analyses)
     report = json.loads(js.read_text())
@@ -50,6 +58,7 @@ def main() -> None:
                                            "jailbreak_rate_ungated", "ce_delta", "compute")}
                     for m in cmp_.get("methods", [])],
         "cost": cmp_.get("cost"), "per_layer": cmp_.get("per_layer"), "error": cmp_.get("error"),
+        "per_prompt": cmp_.get("per_prompt"), "ce_samples": cmp_.get("ce_samples"),
     }
     text = json.dumps(out, indent=1, default=str)
     print(text)

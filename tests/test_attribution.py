@@ -114,8 +114,8 @@ def test_left_riemann_converges(tiny_engine: HFEngine) -> None:
     assert gaps[2] <= 0.1 * gaps[0]
 
 
-def _grad_at_clean(eng: HFEngine, prompt, metric: LogitDiff) -> tuple[torch.Tensor, torch.Tensor]:
-    """(h, d metric / d h) after LAYER at the clean state, by plain autograd on the model."""
+def _grad_at_clean(eng: HFEngine, prompt, metric: LogitDiff, layer: int = LAYER) -> tuple[torch.Tensor, torch.Tensor]:
+    """(h, d metric / d h) after `layer` at the clean state, by plain autograd on the model."""
     ids = eng.render(prompt)
     x = torch.tensor([ids])
     store = {}
@@ -125,7 +125,7 @@ def _grad_at_clean(eng: HFEngine, prompt, metric: LogitDiff) -> tuple[torch.Tens
         store["h"] = h
         return (h, *out[1:]) if isinstance(out, tuple) else h
 
-    handle = eng.model.model.layers[LAYER].register_forward_hook(hook)
+    handle = eng.layers[layer].register_forward_hook(hook)
     try:
         with torch.enable_grad():
             logits = eng.model(input_ids=x).logits[0, -1].float()
@@ -293,6 +293,51 @@ def test_refusal_features_selection_on_planted(planted_engine: HFEngine) -> None
     assert all(b > c for b, c in zip(out.metric_baseline, out.metric_clean, strict=True))
     n = len(prompts)
     assert out.forward_passes == n + n * (4 + 1 + 1) and out.backward_passes == n * 4
+
+
+def test_refusal_features_atp_is_the_one_step_case(planted_engine: HFEngine) -> None:
+    """method="atp" is IG's left rule with n = 1 (one gradient at the clean state, a_0 = 0): the same scores,
+    sets and metrics; it costs 1 scored + 3 forward (clean with gradient, baseline run, patched end point)
+    and 1 backward pass per prompt. Independently: each score is (z_b - z_c) . dM/dz at the clean state,
+    summed after BOS, computed here with autograd on hooks of our own."""
+    from refusal_audit.audit.refusal_features import select_refusal_features
+
+    eng = planted_engine
+    tok = eng.tokenizer
+    i_tok, sure = tok.convert_tokens_to_ids("I"), tok.convert_tokens_to_ids("Sure")
+    prompts = [user_prompt(t) for t in planted.HARMFUL[:2]]
+    r = planted.directions()[0]
+    kw = dict(candidates_per_layer=10, per_prompt_k=5, global_k=5, batch_size=2)
+    atp = select_refusal_features(eng, prompts, r, i_tok, sure, method="atp", **kw)  # type: ignore[arg-type]
+    ig1 = select_refusal_features(eng, prompts, r, i_tok, sure, n_steps=1, **kw)  # type: ignore[arg-type]
+    assert atp.method == "atp" and atp.n_steps == 1
+    n = len(prompts)
+    assert atp.forward_passes == n + 3 * n and atp.backward_passes == n and atp.forward_equivalents == 6 * n
+    assert atp.jailbreak_token_ids == ig1.jailbreak_token_ids
+    for p_atp, p_ig in zip(atp.per_prompt, ig1.per_prompt, strict=True):
+        assert [t[:2] for t in p_atp] == [t[:2] for t in p_ig]
+        np.testing.assert_allclose([t[2] for t in p_atp], [t[2] for t in p_ig], rtol=1e-5, atol=1e-7)
+    # independently, at one layer: score_i = sum over positions after BOS of (z_b - z_c)_i dM/dz_i at the clean
+    # state, dM/dz = (dM/dh) (dh/dz) by autograd through the SAE's decode on the raw model's clean gradient
+    layer = planted.PLANTED_LAYER
+    sae = eng.saes[layer]
+    prompt = prompts[0]
+    one = select_refusal_features(eng, [prompt], r, i_tok, sure, method="atp", layers=[layer],
+                                  **kw)  # type: ignore[arg-type]
+    metric = LogitDiff(positive=one.jailbreak_token_ids[0], negative=i_tok)
+    h_c, g = _grad_at_clean(eng, prompt, metric, layer)
+    pos = list(range(1, h_c.shape[0]))  # after BOS
+    ablate = AblateDirection(direction=tuple(float(x) for x in r))
+    h_b = torch.from_numpy(eng.residuals([Request(prompt=prompt, interventions=(ablate,))], [layer], pos)[0, 0])
+    with torch.no_grad():
+        z_c, z_b = sae.encode(h_c[pos]), sae.encode(h_b)
+    zc = z_c.clone().requires_grad_(True)
+    (gz,) = torch.autograd.grad(sae.decode(zc), [zc], grad_outputs=g[pos])
+    want = ((z_b - z_c) * gz).sum(0)
+    got = {i: s for ly, i, s in one.per_prompt[0]}
+    assert len(got) == 5 and max(abs(float(want[i])) for i in got) > 1e-3
+    for i, sc in got.items():
+        assert sc == pytest.approx(float(want[i]), rel=1e-3, abs=1e-5)
 
 
 def test_steering_sweep_on_planted(planted_engine: HFEngine) -> None:

@@ -149,3 +149,46 @@ def test_ce_conditions_prefer_prompts_every_method_has_a_set_for() -> None:
                      "attribution/global/-3"]
     conds = dict(ce_conditions(stage2, rf, stage3, {0: [(3, 7)], 1: [(3, 9)]}, max_sets=1))
     assert conds["stage3/1"][0].latents == {3: (2, 9)}  # stage 2's set plus the FM top-1
+
+
+def test_compare_methods_adds_atp_next_to_ig() -> None:
+    """A second (AtP) selection on the same prompts: its rows, overlaps with IG's and stage 2's sets, CE on
+    the same prompts and its own search cost and ratio, all checked by hand."""
+    from refusal_audit.audit.comparison import ce_conditions
+
+    stage2 = {"config": {"seeds": [0, 1, 2], "block_size": 5},
+              "prompts": [{"index": 0, "prompt": "a", "final_latents": _lat((3, 1), (3, 2)), "jailbroken": True,
+                           "forward_passes": 300, "pool_size": 3, "taus": []},
+                          {"index": 1, "prompt": "b", "final_latents": {}, "jailbroken": False,
+                           "forward_passes": 100, "pool_size": 2, "taus": []}]}
+    rf = {"prompts": ["a", "b"], "selection": {"per_prompt": [[[3, 2, 1.0], [4, 9, 0.5]], [[3, 1, 1.0]]],
+                                               "global_set": [[3, 2, 1.0]], "candidates": {"3": [1, 2], "4": [9]},
+                                               "forward_equivalents": 40.0, "per_prompt_k": 2},
+          "per_prompt_validation": [{"alpha": 0.0, "jailbreak_rate": 0.5, "jailbroken": [True, False]}]}
+    atp = {"prompts": ["a", "b"], "method": "atp",
+           "selection": {"per_prompt": [[[3, 1, 2.0], [3, 2, 1.0]], [[4, 9, 1.0]]], "global_set": [[3, 1, 1.5]],
+                         "forward_equivalents": 8.0, "forward_passes": 6, "backward_passes": 1, "per_prompt_k": 2},
+           "per_prompt_validation": [{"alpha": 0.0, "jailbreak_rate": 0.0, "jailbreak_rate_ungated": 0.5,
+                                      "jailbroken": [False, False]}]}
+    names = [n for n, _ in ce_conditions(stage2, rf, rf_atp=atp, global_alphas=())]
+    assert names == ["stage2/0", "attribution/0", "atp/0", "stage2/union"]
+    ce = {"samples": {"instructions": {"baseline": {"mean": 2.0},
+                                       "extra": {"attribution/0": {"mean": 2.25}, "atp/0": {"mean": 2.75}}}}}
+    out = compare_methods(None, stage2, rf, ce=ce, rf_atp=atp)
+    a, b = out["per_prompt"]
+    assert a["jaccard_stage2_atp"] == 1.0 and a["jaccard_atp_attribution"] == pytest.approx(1 / 3)
+    assert b["jaccard_stage2_atp"] is None and b["jaccard_atp_attribution"] == 0.0
+    assert a["atp_jailbroken@0"] is False and a["atp_size"] == 2
+    row = next(m for m in out["methods"] if m["method"].startswith("AtP per-prompt top-2, x0"))
+    assert row["jailbreak_rate"] == 0.0 and row["jailbreak_rate_ungated"] == 0.5
+    assert row["ce_delta"] == {"instructions": 0.75} and row["unique_latents"] == 3
+    layer3 = next(r for r in out["per_layer"] if r["layer"] == 3)
+    assert layer3["atp_union"] == 2 and layer3["jaccard_stage2_atp"] == 1.0 and layer3["jaccard_atp_attribution"] == 1.0
+    cost = out["cost"]  # stage 2: 400 / 2 prompts; IG 40 / 2; AtP 8 / 2
+    assert cost["atp_per_prompt"] == 4 and cost["ratio_stage2_over_atp"] == 50 and cost["meets_10x_atp"]
+    assert cost["ratio_attribution_over_atp"] == 5 and cost["ratio_stage2_over_attribution"] == 10
+    assert cost["mean_jaccard_atp_attribution"] == pytest.approx(1 / 6)
+    # without an AtP result nothing AtP appears
+    plain = compare_methods(None, stage2, rf, ce=ce)
+    assert "atp_per_prompt" not in plain["cost"] and "atp_size" not in plain["per_prompt"][0]
+    assert not any(m["method"].startswith("AtP") for m in plain["methods"])

@@ -35,7 +35,9 @@ def demo_run(tmp_path_factory: pytest.TempPathFactory):
     results = chain.to_json()
     split = SimpleNamespace(harmful_train=HARMFUL, harmless_train=HARMLESS, harmless_heldout=HARMLESS[24:])
     objects: dict = {}
-    for name, fn in demo_analyses.ANALYSES:
+    # with the AtP selection the benchmark adds (benchmarks/compare_methods.py), before the comparison
+    analyses = demo_analyses.ANALYSES[:-1] + [demo_analyses.ATP_ANALYSIS] + demo_analyses.ANALYSES[-1:]
+    for name, fn in analyses:
         results[name] = fn(engine, results, ctx, split=split, small=True, objects=objects)
     html, js = write_report(results, out)
     return results, html.read_text(), json.loads(js.read_text())
@@ -49,6 +51,7 @@ def test_every_analysis_runs_and_has_a_report_section(demo_run) -> None:
     for name in ["direction", "stage1", "stage2", *names]:
         assert report[name]["kind"] == name, report[name]
         assert f'<section id="{name}">' in html
+    assert report["refusal_features_atp"]["kind"] == "refusal_features" and '<section id="refusal_features_atp">' in html
     assert "could not render this section" not in html
 
 
@@ -90,6 +93,19 @@ def test_method_comparison_puts_both_seeds_on_the_same_prompts(demo_run) -> None
     assert ce_names == {"instructions", "general_text"}
     assert by["stage 2"]["ce_delta"] and set(by["stage 2"]["ce_delta"]) == ce_names
     assert "Seed 1 vs seed 2" in html and "forward-equiv." in html
+    # AtP (n = 1) next to IG: same prompts and candidates, its own counters, 6 forward-equivalents per prompt
+    atp = results["refusal_features_atp"]
+    assert atp["method"] == "atp" and atp["prompts"] == texts
+    assert atp["selection"]["candidates"] == rf["selection"]["candidates"]
+    assert cost["atp_search_fwd_equiv"] == atp["selection"]["forward_equivalents"]
+    assert cost["atp_per_prompt"] == 1 + 3 + 2 * 1
+    assert cost["ratio_attribution_over_atp"] == pytest.approx(33 / 6)
+    atp0 = next(r for r in atp["per_prompt_validation"] if r["alpha"] == 0.0)
+    assert [r["atp_jailbroken@0"] for r in cmp_["per_prompt"]] == atp0["jailbroken"]
+    assert [r["atp_size"] for r in cmp_["per_prompt"]] == [len(p) for p in atp["selection"]["per_prompt"]]
+    atp_row = next(m for m in cmp_["methods"] if m["method"].startswith("AtP per-prompt"))
+    assert atp_row["jailbreak_rate"] == atp0["jailbreak_rate"] and set(atp_row["ce_delta"]) == ce_names
+    assert all(r["jaccard_atp_attribution"] is not None for r in cmp_["per_prompt"])
 
 
 def test_shipped_coconot_file_is_the_safety_category_with_its_licence() -> None:

@@ -155,11 +155,30 @@ def refusal_features(engine: Any, results: dict[str, Any], ctx: Any, *, split: F
     direction = ctx.directions[did][0]
     s1 = results["stage1"]
     prompts = [p["prompt"] for p in s1["prompts"]]
-    cfg = RefusalFeaturesConfig(layers=list(s1.get("layers") or []) or None,
+    cfg = _rf_config(s1, small)
+    return run_refusal_features(engine, cfg, ctx, direction, prompts, split.harmless_heldout[: cfg.n_harmless])
+
+
+def _rf_config(s1: dict[str, Any], small: bool, **kw: Any) -> RefusalFeaturesConfig:
+    """refusal_features' config on stage 1's layers and candidates (`kw` overrides fields)."""
+    base: dict[str, Any] = dict(layers=list(s1.get("layers") or []) or None,
                                 candidates_per_layer=int((s1.get("config") or {}).get("k_max") or 10),
                                 alphas=[-3.0, -1.0, 0.0], ks=[5, 10, 20], per_prompt_alphas=[0.0, -3.0],
                                 max_new_tokens=MAX_NEW_TOKENS, batch_size=8, n_harmless=8 if small else 12)
-    return run_refusal_features(engine, cfg, ctx, direction, prompts, split.harmless_heldout[: cfg.n_harmless])
+    return RefusalFeaturesConfig(**{**base, **kw})
+
+
+def refusal_features_atp(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
+                         objects: dict[str, Any]) -> dict[str, Any]:
+    """`refusal_features` with plain attribution patching (`method="atp"`: one gradient at the clean state)
+    instead of 10-step IG, on the same prompts, candidates and baseline; validated only as the comparison
+    needs (each prompt's top set ablated; no global steering sweep). Not in `ANALYSES` (the demo does not
+    run it): `benchmarks/compare_methods.py` adds it, and `method_comparison` reports it when present."""
+    direction = ctx.directions[results["direction"]["direction_id"]][0]
+    s1 = results["stage1"]
+    cfg = _rf_config(s1, small, method="atp", alphas=[], ks=[], per_prompt_alphas=[0.0])
+    return run_refusal_features(engine, cfg, ctx, direction, [p["prompt"] for p in s1["prompts"]],
+                                split.harmless_heldout[: cfg.n_harmless], name="refusal_features_atp")
 
 
 def method_comparison(engine: Any, results: dict[str, Any], ctx: Any, *, split: FinetuneSplit, small: bool,
@@ -171,13 +190,14 @@ def method_comparison(engine: Any, results: dict[str, Any], ctx: Any, *, split: 
         raise RuntimeError("refusal_features did not run")
     s3 = results.get("stage3") if (results.get("stage3") or {}).get("kind") == "stage3" else None
     rankings = rankings_from(objects["stage3"]) if "stage3" in objects else None
-    conds = ce_conditions(results["stage2"], rf, s3, rankings, max_sets=2 if small else 4)
+    atp = results.get("refusal_features_atp") if (results.get("refusal_features_atp") or {}).get("kind") == "refusal_features" else None
+    conds = ce_conditions(results["stage2"], rf, s3, rankings, max_sets=2 if small else 4, rf_atp=atp)
     n = 8 if small else 12
     cfg = DownstreamConfig(n_instructions=n, n_general=n, max_text_chars=800, answer_max_new_tokens=32)
     ce = run_downstream(engine, cfg, ctx, instructions=split.harmless_heldout[:n],
                         general_texts=general_text_sample(n), extra_conditions=conds).to_json()
     compute = (results.get("compute") or {}).get("sections")
-    return compare_methods(results.get("stage1"), results["stage2"], rf, s3, rankings, compute, ce)
+    return compare_methods(results.get("stage1"), results["stage2"], rf, s3, rankings, compute, ce, rf_atp=atp)
 
 
 ANALYSES: list[tuple[str, Analysis]] = [
@@ -192,3 +212,5 @@ ANALYSES: list[tuple[str, Analysis]] = [
     ("refusal_features", refusal_features),
     ("method_comparison", method_comparison),
 ]
+# run before method_comparison to add plain AtP (n = 1) to the comparison (benchmarks/compare_methods.py)
+ATP_ANALYSIS: tuple[str, Analysis] = ("refusal_features_atp", refusal_features_atp)
