@@ -38,6 +38,14 @@ def render_comparison(d: dict[str, Any]) -> str:
         [[c.get("stage2_per_prompt"), c.get("attribution_per_prompt"), c.get("ratio_stage2_over_attribution"), verdict,
           c.get("stage2_mean_pool"),
           f"{fmt(c.get('break_even_pool_10x'))} (N={c.get('stage2_block_size')}, {c.get('stage2_seeds')} seeds)"]]))
+    if "atp_per_prompt" in c:
+        parts.append("<p>Plain attribution patching (AtP, one gradient at the clean state, the IG left rule with "
+                     "n = 1) on the same prompts and candidates:</p>" + table(
+            ["stage 2 / prompt", "AtP / prompt", "ratio", ">= 10x fewer for AtP", "IG / AtP",
+             "mean Jaccard AtP/IG per prompt", "pool for 10x"],
+            [[c.get("stage2_per_prompt"), c.get("atp_per_prompt"), c.get("ratio_stage2_over_atp"),
+              "yes" if c.get("meets_10x_atp") else "no", c.get("ratio_attribution_over_atp"),
+              c.get("mean_jaccard_atp_attribution"), c.get("break_even_pool_10x_atp")]]))
     parts.append("<p>Attribution costs a fixed number of passes per prompt whatever the candidate count (one score "
                  "for the jailbreak token, then per IG step a forward and a backward, plus the clean, baseline and "
                  "patched forwards); stage 2 costs about 2 + seeds x pool / block score passes per prompt, so the "
@@ -50,6 +58,10 @@ def render_comparison(d: dict[str, Any]) -> str:
             [[r["layer"], r["stage2_union"], r["stage3_union"], r["attribution_union"], r["attribution_global"],
               r["attribution_candidates"], r["stage2_in_candidates"], r["jaccard_stage2_attribution"],
               r["jaccard_stage3_attribution"]] for r in pl]))
+        if any("atp_union" in r for r in pl):
+            parts.append(table(["layer", "AtP (per-prompt union)", "Jaccard AtP/IG", "Jaccard s2/AtP"],
+                               [[r["layer"], r.get("atp_union"), r.get("jaccard_atp_attribution"),
+                                 r.get("jaccard_stage2_atp")] for r in pl]))
     pp = d.get("per_prompt") or []
     if pp:
         alphas = sorted({k for r in pp for k in r if k.startswith("attribution_jailbroken@")})
@@ -60,6 +72,12 @@ def render_comparison(d: dict[str, Any]) -> str:
               r.get("stage2_jailbroken"), r.get("stage3_size"), r.get("stage3_jailbroken"), r.get("attribution_size"),
               *[r.get(a) for a in alphas], r.get("jaccard_stage2_attribution"), r.get("jaccard_stage3_attribution")]
              for i, r in enumerate(pp)]))
+        atp_cols = sorted({k for r in pp for k in r if k.startswith("atp_jailbroken@")})
+        if atp_cols:
+            parts.append("<p>AtP per prompt:</p>" + table(
+                ["#", "AtP size", *[f"AtP jb {a.split('@')[1]}" for a in atp_cols], "Jaccard AtP/IG", "Jaccard s2/AtP"],
+                [[i, r.get("atp_size"), *[r.get(a) for a in atp_cols], r.get("jaccard_atp_attribution"),
+                  r.get("jaccard_stage2_atp")] for i, r in enumerate(pp)]))
     return "".join(parts)
 
 

@@ -188,6 +188,11 @@ def test_compare_methods_adds_atp_next_to_ig() -> None:
     assert cost["atp_per_prompt"] == 4 and cost["ratio_stage2_over_atp"] == 50 and cost["meets_10x_atp"]
     assert cost["ratio_attribution_over_atp"] == 5 and cost["ratio_stage2_over_attribution"] == 10
     assert cost["mean_jaccard_atp_attribution"] == pytest.approx(1 / 6)
+    from refusal_audit.audit.report_comparison import render_comparison
+
+    html = render_comparison(out)
+    assert "10x fewer for AtP" in html and "Jaccard AtP/IG" in html and "AtP jb 0" in html
+    assert "AtP" not in render_comparison(compare_methods(None, stage2, rf, ce=ce)).replace("(seed 2)", "")
     # without an AtP result nothing AtP appears
     plain = compare_methods(None, stage2, rf, ce=ce)
     assert "atp_per_prompt" not in plain["cost"] and "atp_size" not in plain["per_prompt"][0]
