@@ -27,6 +27,7 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import import_module
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -40,6 +41,7 @@ from .inputs import (
     CheckEnv,
     DirectionSource,
     FromStage1,
+    JobInputs,
     algorithm_config,
     check_artifact,
     check_inputs,
@@ -66,6 +68,19 @@ class JobKind:
         if isinstance(c, type) and issubclass(c, BaseModel):
             return c
         return cast("type[BaseModel]", c())  # type: ignore[call-arg]
+
+
+def stage_config(module: str, config: str, *inputs: type[JobInputs]) -> Callable[[], type[BaseModel]]:
+    """A kind's config factory: the algorithm config `audit.<module>.<config>` plus the `inputs`
+    mixins (`inputs.job_config`; the bare algorithm config when there are none). The stage is
+    imported when the config is first asked for, so the server starts without importing every stage."""
+
+    @lru_cache(maxsize=1)
+    def factory() -> type[BaseModel]:
+        algorithm: type[BaseModel] = getattr(import_module(f"...audit.{module}", __package__), config)
+        return job_config(algorithm, *inputs) if inputs else algorithm
+
+    return factory
 
 
 def validate_config(kind: JobKind, config_json: str) -> BaseModel:
@@ -246,16 +261,11 @@ def run_refusal_rate(engine: Any, cfg: RefusalRateConfig, ctx: Any) -> tuple[dic
 # ---------------------------------------------------------------------------- refusal_direction
 
 
-@lru_cache(maxsize=1)
-def _direction_config() -> type[BaseModel]:
-    from ...audit.refusal_direction import RefusalDirectionConfig
-
-    return RefusalDirectionConfig
-
-
 def _run_direction(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     """`audit.refusal_direction.run_refusal_direction`; its arrays go to safetensors."""
-    res = _direction_run(engine, cfg, ctx)
+    from ...audit.refusal_direction import run_refusal_direction
+
+    res = run_refusal_direction(engine, cfg, ctx)
     out = result_dict(res)
     ids = [res.direction_id] if getattr(res, "direction_id", None) else []
     return out, ids
@@ -269,28 +279,12 @@ def result_dict(res: Any) -> dict[str, Any]:
     return out
 
 
-@lru_cache(maxsize=1)
-def _stage1_config() -> type[BaseModel]:
-    """Stage1Config plus where the direction comes from (exactly one of three)."""
-    from ...audit.stage1 import Stage1Config
-
-    return job_config(Stage1Config, DirectionSource)
-
-
 def _run_stage1(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     """Stage 1 (the engine ranks its SAE latents against the direction: `sae_rows`)."""
     from ...audit.stage1 import Stage1Config, run_stage1_from_config
 
     res = run_stage1_from_config(engine, algorithm_config(cfg, Stage1Config), direction_vector(ctx, cfg), ctx)
     return result_dict(res), []
-
-
-@lru_cache(maxsize=1)
-def _stage2_config() -> type[BaseModel]:
-    """Stage2Config plus the stage-1 result (an earlier job's, or inline)."""
-    from ...audit.stage2 import Stage2Config
-
-    return job_config(Stage2Config, FromStage1)
 
 
 def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
@@ -314,13 +308,6 @@ def _run_stage2(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
 # ---------------------------------------------------------------------------- chain
 
 
-def _chain_config() -> type[BaseModel]:
-    """`audit.pipeline.ChainConfig`: {direction, stage1, stage2} stage configs."""
-    from ...audit.pipeline import ChainConfig
-
-    return ChainConfig
-
-
 def _run_chain(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     """`audit.pipeline.run_chain`: direction -> stage 1 (ranked against it) -> stage 2 in one job.
 
@@ -335,12 +322,6 @@ def _run_chain(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
     return out, []
 
 
-def _direction_run(engine: Any, cfg: Any, ctx: Any) -> Any:
-    from ...audit.refusal_direction import run_refusal_direction
-
-    return run_refusal_direction(engine, cfg, ctx)
-
-
 KINDS: dict[str, JobKind] = {}
 
 
@@ -353,13 +334,15 @@ def register_kind(kind: JobKind) -> JobKind:
 register_kind(JobKind("refusal_rate", RefusalRateConfig, run_refusal_rate,
                       "generate + judge on a prompt set under optional interventions; per-prompt verdicts",
                       check=_check_refusal_rate))
-register_kind(JobKind("refusal_direction", _direction_config, _run_direction,
+register_kind(JobKind("refusal_direction", stage_config("refusal_direction", "RefusalDirectionConfig"),
+                      _run_direction,
                       "Arditi et al. difference-of-means refusal direction (registers a direction artifact)"))
-register_kind(JobKind("stage1", _stage1_config, _run_stage1,
+# stage 1: where the direction comes from (exactly one of three); stage 2: the stage-1 result
+register_kind(JobKind("stage1", stage_config("stage1", "Stage1Config", DirectionSource), _run_stage1,
                       "top-K SAE latents aligned with the direction, grown per prompt until it jailbreaks",
                       check=check_inputs))
-register_kind(JobKind("stage2", _stage2_config, _run_stage2,
+register_kind(JobKind("stage2", stage_config("stage2", "Stage2Config", FromStage1), _run_stage2,
                       "greedy block pruning of stage-1 pools to faithful latent sets (registers latent sets)",
                       check=check_inputs))
-register_kind(JobKind("chain", _chain_config, _run_chain,
+register_kind(JobKind("chain", stage_config("pipeline", "ChainConfig"), _run_chain,
                       "refusal_direction -> stage1 -> stage2 in one job"))

@@ -19,7 +19,7 @@ Kinds (config: the `audit` module's algorithm config plus input mixins from `inp
 Each runner resolves the inputs into the stage's arguments, hands it its algorithm config only
 (`inputs.algorithm_config`) and returns ``(result_dict, artifact_ids)``; numpy arrays under
 ``result["arrays"]`` (rankings, FM weights, feature rows) are stored as safetensors by the job
-store. Audit modules are imported lazily (config factories), as in `kinds.py`.
+store. Audit modules are imported lazily (`kinds.stage_config`).
 
 The manager copies `KINDS` when it is created, so this module must be imported before: the
 server imports it next to `kinds` (``from . import kinds_analysis``).
@@ -27,10 +27,7 @@ server imports it next to `kinds` (``from . import kinds_analysis``).
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
-
-from pydantic import BaseModel
 
 from ...audit.errors import InvalidRequest
 from .inputs import (
@@ -41,22 +38,14 @@ from .inputs import (
     algorithm_config,
     check_inputs,
     direction_ref,
-    job_config,
     need,
     stage2_result,
     stage3_result,
     steering_layer,
 )
-from .kinds import JobKind, check_limit, register_kind, result_dict
+from .kinds import JobKind, check_limit, register_kind, result_dict, stage_config
 
 # ---------------------------------------------------------------------------- stage 3
-
-
-@lru_cache(maxsize=1)
-def _stage3_config() -> type[BaseModel]:
-    from ...audit.stage3 import Stage3Config
-
-    return job_config(Stage3Config, FromStage2, FromDirectionJob)
 
 
 def _check_stage3(cfg: Any, env: CheckEnv) -> None:
@@ -76,13 +65,6 @@ def _run_stage3(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
 # ---------------------------------------------------------------------------- baselines
 
 
-@lru_cache(maxsize=1)
-def _probe_config() -> type[BaseModel]:
-    from ...audit.baselines import ProbeConfig
-
-    return job_config(ProbeConfig, FromStage2, FromStage3, FromDirectionJob)
-
-
 def _check_probe(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the stage-2 sets the top-K latents are added to")
     check_inputs(cfg, env)
@@ -97,13 +79,6 @@ def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
     return result_dict(res), []
 
 
-@lru_cache(maxsize=1)
-def _random_config() -> type[BaseModel]:
-    from ...audit.baselines import RandomConfig
-
-    return job_config(RandomConfig, FromStage2)
-
-
 def _check_random(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the set sizes to match")
     check_inputs(cfg, env)
@@ -115,13 +90,6 @@ def _run_random(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
 
     res = run_random_baseline(engine, stage2_result(ctx, cfg), algorithm_config(cfg, RandomConfig), ctx)
     return result_dict(res), []
-
-
-@lru_cache(maxsize=1)
-def _obrien_config() -> type[BaseModel]:
-    from ...audit.baselines import ObrienConfig
-
-    return job_config(ObrienConfig, FromStage2)
 
 
 def _check_obrien(cfg: Any, env: CheckEnv) -> None:
@@ -140,13 +108,6 @@ def _run_obrien(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
 # ---------------------------------------------------------------------------- hydra / causality
 
 
-@lru_cache(maxsize=1)
-def _hydra_config() -> type[BaseModel]:
-    from ...audit.hydra import HydraConfig
-
-    return job_config(HydraConfig, FromStage2)
-
-
 def _check_hydra(cfg: Any, env: CheckEnv) -> None:
     need(cfg, "stage2_job_id", "the stage-2 sets to analyse")
     check_inputs(cfg, env)
@@ -158,13 +119,6 @@ def _run_hydra(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
     from ...audit.hydra import HydraConfig, run_hydra
 
     return result_dict(run_hydra(engine, stage2_result(ctx, cfg), algorithm_config(cfg, HydraConfig), ctx)), []
-
-
-@lru_cache(maxsize=1)
-def _causality_config() -> type[BaseModel]:
-    from ...audit.causality import CausalityConfig
-
-    return job_config(CausalityConfig, FromStage2, FromStage3)
 
 
 def _check_causality(cfg: Any, env: CheckEnv) -> None:
@@ -185,13 +139,6 @@ def _run_causality(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], lis
 # ---------------------------------------------------------------------------- downstream / taxonomy
 
 
-@lru_cache(maxsize=1)
-def _downstream_config() -> type[BaseModel]:
-    from ...audit.downstream import DownstreamConfig
-
-    return job_config(DownstreamConfig, FromDirectionJob, FromStage2, FromStage3)
-
-
 def _check_downstream(cfg: Any, env: CheckEnv) -> None:
     check_inputs(cfg, env)
     if cfg.latent_sets_from == "stage3" and not (cfg.stage3_job_id and cfg.stage2_job_id):
@@ -206,13 +153,6 @@ def _run_downstream(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], li
     stage2 = stage2_result(ctx, cfg) if cfg.stage2_job_id else None
     sets = latent_sets_for(algo, stage2, stage3_result(ctx, cfg)) if stage2 is not None else []
     return result_dict(run_downstream(engine, algo, ctx, direction=direction_ref(ctx, cfg), latent_sets=sets)), []
-
-
-@lru_cache(maxsize=1)
-def _taxonomy_config() -> type[BaseModel]:
-    from ...audit.taxonomy import TaxonomyConfig
-
-    return job_config(TaxonomyConfig, FromStage2, FromStage3)
 
 
 def _check_taxonomy(cfg: Any, env: CheckEnv) -> None:
@@ -240,25 +180,28 @@ def _run_taxonomy(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list
 
 
 ANALYSIS_KINDS: tuple[JobKind, ...] = (
-    JobKind("stage3", _stage3_config, _run_stage3,
+    JobKind("stage3", stage_config("stage3", "Stage3Config", FromStage2, FromDirectionJob), _run_stage3,
             "factorization machine on SAE features; top-K FM-similar latents ablated with each stage-2 set",
             check=_check_stage3),
-    JobKind("probe_baseline", _probe_config, _run_probe,
+    JobKind("probe_baseline",
+            stage_config("baselines", "ProbeConfig", FromStage2, FromStage3, FromDirectionJob), _run_probe,
             "logistic probe on the same features, top-|w| latents ablated with each stage-2 set; FM vs probe",
             check=_check_probe),
-    JobKind("random_baseline", _random_config, _run_random,
+    JobKind("random_baseline", stage_config("baselines", "RandomConfig", FromStage2), _run_random,
             "as many random active latents as each stage-2 set, ablated", check=_check_random),
-    JobKind("obrien_baseline", _obrien_config, _run_obrien,
+    JobKind("obrien_baseline", stage_config("baselines", "ObrienConfig", FromStage2), _run_obrien,
             "O'Brien et al.: latents active on >= k prompt tokens, ablated; ASR per k", check=_check_obrien),
-    JobKind("hydra", _hydra_config, _run_hydra,
+    JobKind("hydra", stage_config("hydra", "HydraConfig", FromStage2), _run_hydra,
             "inactive (redundant) stage-2 latents: necessity, wake-up under ablation, BOS clamping",
             check=_check_hydra),
-    JobKind("causality", _causality_config, _run_causality,
+    JobKind("causality", stage_config("causality", "CausalityConfig", FromStage2, FromStage3), _run_causality,
             "stage-3-only ablation: jailbreaks and the stage-2 latents it switches off", check=_check_causality),
-    JobKind("downstream_ce", _downstream_config, _run_downstream,
+    JobKind("downstream_ce",
+            stage_config("downstream", "DownstreamConfig", FromDirectionJob, FromStage2, FromStage3),
+            _run_downstream,
             "CE loss on harmless instructions and general text: baseline / direction / latent-set ablation",
             check=_check_downstream),
-    JobKind("taxonomy", _taxonomy_config, _run_taxonomy,
+    JobKind("taxonomy", stage_config("taxonomy", "TaxonomyConfig", FromStage2, FromStage3), _run_taxonomy,
             "map latents to CoCoNot unsafe subcategories by activation (Figure 3)", check=_check_taxonomy),
 )
 

@@ -9,21 +9,11 @@ and registers the global latent set. Resumable through the checkpoints documente
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any
 
-from pydantic import BaseModel
-
 from ...audit.errors import InvalidRequest
-from .inputs import CheckEnv, DirectionSource, algorithm_config, check_inputs, direction_vector, job_config
-from .kinds import JobKind, check_limit, register_kind
-
-
-@lru_cache(maxsize=1)
-def _config() -> type[BaseModel]:
-    from ...audit.refusal_features import RefusalFeaturesConfig
-
-    return job_config(RefusalFeaturesConfig, DirectionSource)
+from .inputs import CheckEnv, DirectionSource, algorithm_config, check_inputs, direction_vector
+from .kinds import JobKind, check_limit, register_kind, stage_config
 
 
 def _check(cfg: Any, env: CheckEnv) -> None:
@@ -44,6 +34,7 @@ def _run(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     return out, [out["latent_set_id"]]
 
 
-register_kind(JobKind("refusal_features", _config, _run,
+register_kind(JobKind("refusal_features",
+                      stage_config("refusal_features", "RefusalFeaturesConfig", DirectionSource), _run,
                       "Yeo et al.: cos-sim candidates -> IG attribution (direction-ablated baseline) -> top sets -> "
                       "ScaleLatents steering sweep (registers the global latent set)", _check))

@@ -8,11 +8,10 @@ the field) and is resumable through per-prompt checkpoints (see each audit modul
 
 from __future__ import annotations
 
-from functools import lru_cache
 from typing import Any, ClassVar
 
 import numpy as np
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from ...audit.errors import InvalidRequest
 from .inputs import (
@@ -22,9 +21,8 @@ from .inputs import (
     algorithm_config,
     check_inputs,
     direction_vector,
-    job_config,
 )
-from .kinds import JobKind, check_limit, register_kind
+from .kinds import JobKind, check_limit, register_kind, stage_config
 
 FEATURES_KINDS = ("refusal_features",)
 
@@ -104,13 +102,6 @@ def _prompts(cfg: Any) -> list[str]:
 # ---------------------------------------------------------------------------- latent_edges
 
 
-@lru_cache(maxsize=1)
-def _edges_config() -> type[BaseModel]:
-    from ...audit.latent_edges import LatentEdgesConfig
-
-    return job_config(LatentEdgesConfig, RefusalLatentsSource, OptionalDirection)
-
-
 def _check_edges(cfg: Any, env: CheckEnv) -> None:
     _check_latents(cfg, env)
     given = cfg.direction_fields()
@@ -142,13 +133,6 @@ def _run_edges(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
 # ---------------------------------------------------------------------------- jailbreak_suppression
 
 
-@lru_cache(maxsize=1)
-def _suppression_config() -> type[BaseModel]:
-    from ...audit.jailbreak_suppression import JailbreakSuppressionConfig
-
-    return job_config(JailbreakSuppressionConfig, RefusalLatentsSource)
-
-
 def _check_suppression(cfg: Any, env: CheckEnv) -> None:
     _check_latents(cfg, env)
     _check_templates(cfg)
@@ -163,13 +147,6 @@ def _run_suppression(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], l
 
 
 # ---------------------------------------------------------------------------- probe_ood
-
-
-@lru_cache(maxsize=1)
-def _probe_config() -> type[BaseModel]:
-    from ...audit.probe_ood import ProbeOODConfig
-
-    return job_config(ProbeOODConfig, RefusalLatentsSource)
 
 
 def _check_probe(cfg: Any, env: CheckEnv) -> None:
@@ -189,12 +166,17 @@ def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
     return run_probe_ood(engine, algo, ctx, texts, refusal_latents(ctx, cfg)), []
 
 
-register_kind(JobKind("latent_edges", _edges_config, _run_edges,
+register_kind(JobKind("latent_edges",
+                      stage_config("latent_edges", "LatentEdgesConfig", RefusalLatentsSource,
+                                   OptionalDirection), _run_edges,
                       "Yeo et al.: upstream -> downstream latent attribution into the refusal latents "
                       "(up to max_back layers back) and the upstream ablation check", _check_edges))
-register_kind(JobKind("jailbreak_suppression", _suppression_config, _run_suppression,
+register_kind(JobKind("jailbreak_suppression",
+                      stage_config("jailbreak_suppression", "JailbreakSuppressionConfig",
+                                   RefusalLatentsSource), _run_suppression,
                       "refusal-latent activation under jailbreak templates, drop split by judged success "
                       "(gated and ungated)", _check_suppression))
-register_kind(JobKind("probe_ood", _probe_config, _run_probe,
+register_kind(JobKind("probe_ood", stage_config("probe_ood", "ProbeOODConfig", RefusalLatentsSource),
+                      _run_probe,
                       "logistic probe on the refusal latents vs a dense residual probe, tested on "
                       "jailbreak-wrapped prompts", _check_probe))
