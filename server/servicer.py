@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import threading
 import time
@@ -101,6 +102,23 @@ def _context_code(context: grpc.aio.ServicerContext) -> str:
     if isinstance(code, grpc.StatusCode):
         return code.name
     return "UNKNOWN"
+
+
+Req = TypeVar("Req")
+S = TypeVar("S", bound="AuditServicer")
+
+
+def unary_rpc(
+    handler: Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[T]],
+) -> Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[T]]:
+    """A unary RPC: its handler runs under `AuditServicer._unary` (error mapping and metrics, labelled
+    with the handler's name, which is the RPC's)."""
+
+    @functools.wraps(handler)
+    async def rpc(self: S, request: Req, context: grpc.aio.ServicerContext) -> T:
+        return await self._unary(handler.__name__, context, lambda: handler(self, request, context))
+
+    return rpc
 
 
 class AuditServicer(pb_grpc.AuditServiceServicer):
@@ -252,11 +270,9 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
     # ------------------------------------------------------------------ info
 
+    @unary_rpc
     async def GetInfo(self, request: pb.GetInfoRequest, context: grpc.aio.ServicerContext) -> pb.ModelInfo:
-        async def body() -> pb.ModelInfo:
-            return convert.model_info_to_pb(self.engine.info, self.config.wire_limits, self.server_version)
-
-        return await self._unary("GetInfo", context, body)
+        return convert.model_info_to_pb(self.engine.info, self.config.wire_limits, self.server_version)
 
     # ------------------------------------------------------------------ generate
 
@@ -287,14 +303,12 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             self.metrics.tokens_per_second.set(n_tok / dt)
         return out
 
+    @unary_rpc
     async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext) -> pb.GenerateResponse:
-        async def body() -> pb.GenerateResponse:
-            reqs = self._generate_requests(request)
-            self.metrics.items.labels("Generate").inc(len(reqs))
-            comps = await self._in_engine("Generate", lambda c: self._generate_sync(reqs, c), context)
-            return pb.GenerateResponse(completions=[convert.completion_to_pb(c) for c in comps])
-
-        return await self._unary("Generate", context, body)
+        reqs = self._generate_requests(request)
+        self.metrics.items.labels("Generate").inc(len(reqs))
+        comps = await self._in_engine("Generate", lambda c: self._generate_sync(reqs, c), context)
+        return pb.GenerateResponse(completions=[convert.completion_to_pb(c) for c in comps])
 
     async def GenerateStream(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext
@@ -373,125 +387,111 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
     # ------------------------------------------------------------------ score / encode / residuals / loss
 
+    @unary_rpc
     async def Score(self, request: pb.ScoreRequest, context: grpc.aio.ServicerContext) -> pb.ScoreResponse:
-        async def body() -> pb.ScoreResponse:
-            reqs = self._items(request.items)
-            token_ids = [int(t) for t in request.token_ids]
-            if not token_ids and request.top_k <= 0 and not request.return_full_logprobs:
-                raise InvalidRequest("token_ids: empty (give token_ids, top_k or return_full_logprobs)")
-            self._check_token_ids(token_ids, "token_ids")
-            if request.top_k < 0:
-                raise InvalidRequest(f"top_k: must be >= 0, got {request.top_k}")
-            self.metrics.items.labels("Score").inc(len(reqs))
-            results = await self._in_engine(
-                "Score",
-                lambda _c: self.engine.score(reqs, token_ids, request.top_k, request.return_full_logprobs),
-                context,
-            )
-            guard_finite(reqs, [(r.logprobs, r.top_logprobs, r.full_logprobs) for r in results], "log-probs")
-            return pb.ScoreResponse(results=[convert.score_result_to_pb(r) for r in results])
+        reqs = self._items(request.items)
+        token_ids = [int(t) for t in request.token_ids]
+        if not token_ids and request.top_k <= 0 and not request.return_full_logprobs:
+            raise InvalidRequest("token_ids: empty (give token_ids, top_k or return_full_logprobs)")
+        self._check_token_ids(token_ids, "token_ids")
+        if request.top_k < 0:
+            raise InvalidRequest(f"top_k: must be >= 0, got {request.top_k}")
+        self.metrics.items.labels("Score").inc(len(reqs))
+        results = await self._in_engine(
+            "Score",
+            lambda _c: self.engine.score(reqs, token_ids, request.top_k, request.return_full_logprobs),
+            context,
+        )
+        guard_finite(reqs, [(r.logprobs, r.top_logprobs, r.full_logprobs) for r in results], "log-probs")
+        return pb.ScoreResponse(results=[convert.score_result_to_pb(r) for r in results])
 
-        return await self._unary("Score", context, body)
-
+    @unary_rpc
     async def Encode(self, request: pb.EncodeRequest, context: grpc.aio.ServicerContext) -> pb.EncodeResponse:
-        async def body() -> pb.EncodeResponse:
-            reqs = self._items(request.items)
-            latents = convert.encode_latents_from_pb(request)
-            if latents:
-                n = sum(len(v) for v in latents.values())
-                lim = self.config.limits.max_latents_per_request
-                if n > lim:
-                    raise InvalidRequest(f"latents: {n} latents exceed the limit of {lim} per request")
-            top_k = request.top_k or 16
-            layers = list(request.layers) or None
-            self.metrics.items.labels("Encode").inc(len(reqs))
-            results = await self._in_engine(
-                "Encode", lambda _c: self.engine.encode(reqs, layers, top_k, latents), context
-            )
-            guard_finite(reqs, [[v for la in r.layers.values() for v in (la.values, *(la.top_values or ()))]
-                                for r in results], "SAE activations")
-            return pb.EncodeResponse(results=[convert.encode_result_to_pb(r) for r in results])
-
-        return await self._unary("Encode", context, body)
-
-    async def Residuals(self, request: pb.ResidualsRequest, context: grpc.aio.ServicerContext) -> pb.ResidualsResponse:
-        async def body() -> pb.ResidualsResponse:
-            reqs = self._items(request.items)
-            layers = list(request.layers) or None
-            positions = list(request.positions) or [-1]
-            self.metrics.items.labels("Residuals").inc(len(reqs))
-            arr = await self._in_engine(
-                "Residuals", lambda _c: self.engine.residuals(reqs, layers, positions), context
-            )
-            guard_finite(reqs, [(a,) for a in np.asarray(arr)], "residuals")
-            return pb.ResidualsResponse(residuals=convert.tensor_to_pb(np.asarray(arr)))
-
-        return await self._unary("Residuals", context, body)
-
-    async def Loss(self, request: pb.LossRequest, context: grpc.aio.ServicerContext) -> pb.LossResponse:
-        async def body() -> pb.LossResponse:
-            reqs = self._items(request.items)
-            completions: list[str | None] = [it.completion or None for it in request.items]
-            self.metrics.items.labels("Loss").inc(len(reqs))
-            results = await self._in_engine("Loss", lambda _c: self.engine.loss(reqs, completions), context)
-            guard_finite(reqs, [(r.loss,) for r in results], "loss")
-            return pb.LossResponse(results=[convert.loss_result_to_pb(r) for r in results])
-
-        return await self._unary("Loss", context, body)
-
-    async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
-        async def body() -> pb.AttributeResponse:
-            self._check_items(len(request.items))
-            req = convert.attribute_request_from_pb(request)
-            fn = getattr(self.engine, "attribute", None)
-            if fn is None:
-                raise NotImplementedError("this engine cannot attribute (no gradients)")
-            self.metrics.items.labels("Attribute").inc(len(req.items))
-            resp = await self._in_engine("Attribute", lambda _c: fn(req), context)
-            return convert.attribute_response_to_pb(resp)
-
-        return await self._unary("Attribute", context, body)
-    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        async def body() -> pb.TokenizeResponse:
-            n, lim = len(request.prompts), self.config.limits.max_batch_items
+        reqs = self._items(request.items)
+        latents = convert.encode_latents_from_pb(request)
+        if latents:
+            n = sum(len(v) for v in latents.values())
+            lim = self.config.limits.max_latents_per_request
             if n > lim:
-                raise LimitExceeded(f"prompts: {n} prompts exceed max_batch_items={lim}")
-            if n == 0:
-                raise InvalidRequest("prompts: empty request")
-            prompts = convert.tokenize_prompts_from_pb(request)
-            ids = await self._in_engine("Tokenize", lambda _c: self.engine.tokenize(prompts, request.raw), context)
-            return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=t) for t in ids])
+                raise InvalidRequest(f"latents: {n} latents exceed the limit of {lim} per request")
+        top_k = request.top_k or 16
+        layers = list(request.layers) or None
+        self.metrics.items.labels("Encode").inc(len(reqs))
+        results = await self._in_engine(
+            "Encode", lambda _c: self.engine.encode(reqs, layers, top_k, latents), context
+        )
+        guard_finite(reqs, [[v for la in r.layers.values() for v in (la.values, *(la.top_values or ()))]
+                            for r in results], "SAE activations")
+        return pb.EncodeResponse(results=[convert.encode_result_to_pb(r) for r in results])
 
-        return await self._unary("Tokenize", context, body)
+    @unary_rpc
+    async def Residuals(self, request: pb.ResidualsRequest, context: grpc.aio.ServicerContext) -> pb.ResidualsResponse:
+        reqs = self._items(request.items)
+        layers = list(request.layers) or None
+        positions = list(request.positions) or [-1]
+        self.metrics.items.labels("Residuals").inc(len(reqs))
+        arr = await self._in_engine(
+            "Residuals", lambda _c: self.engine.residuals(reqs, layers, positions), context
+        )
+        guard_finite(reqs, [(a,) for a in np.asarray(arr)], "residuals")
+        return pb.ResidualsResponse(residuals=convert.tensor_to_pb(np.asarray(arr)))
 
+    @unary_rpc
+    async def Loss(self, request: pb.LossRequest, context: grpc.aio.ServicerContext) -> pb.LossResponse:
+        reqs = self._items(request.items)
+        completions: list[str | None] = [it.completion or None for it in request.items]
+        self.metrics.items.labels("Loss").inc(len(reqs))
+        results = await self._in_engine("Loss", lambda _c: self.engine.loss(reqs, completions), context)
+        guard_finite(reqs, [(r.loss,) for r in results], "loss")
+        return pb.LossResponse(results=[convert.loss_result_to_pb(r) for r in results])
+
+    @unary_rpc
+    async def Attribute(self, request: pb.AttributeRequest, context: grpc.aio.ServicerContext) -> pb.AttributeResponse:
+        self._check_items(len(request.items))
+        req = convert.attribute_request_from_pb(request)
+        fn = getattr(self.engine, "attribute", None)
+        if fn is None:
+            raise NotImplementedError("this engine cannot attribute (no gradients)")
+        self.metrics.items.labels("Attribute").inc(len(req.items))
+        resp = await self._in_engine("Attribute", lambda _c: fn(req), context)
+        return convert.attribute_response_to_pb(resp)
+    @unary_rpc
+    async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
+        n, lim = len(request.prompts), self.config.limits.max_batch_items
+        if n > lim:
+            raise LimitExceeded(f"prompts: {n} prompts exceed max_batch_items={lim}")
+        if n == 0:
+            raise InvalidRequest("prompts: empty request")
+        prompts = convert.tokenize_prompts_from_pb(request)
+        ids = await self._in_engine("Tokenize", lambda _c: self.engine.tokenize(prompts, request.raw), context)
+        return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=t) for t in ids])
+
+    @unary_rpc
     async def SAERows(self, request: pb.SAERowsRequest, context: grpc.aio.ServicerContext) -> pb.SAERowsResponse:
-        async def body() -> pb.SAERowsResponse:
-            latents = convert.latents_from_pb(request.latents) if request.latents else None
-            direction: np.ndarray | None = None
-            if request.HasField("direction"):
-                ref = request.direction
-                if ref.values and ref.direction_id:
-                    raise InvalidRequest("direction: give values or direction_id, not both")
-                if ref.direction_id:
-                    direction = await asyncio.to_thread(self.artifacts.direction, ref.direction_id)
-                elif ref.values:
-                    direction = np.asarray(ref.values, dtype=np.float32)
-                else:
-                    raise InvalidRequest("direction: empty (give values or direction_id)")
-            if latents is None and direction is None:
-                raise InvalidRequest("latents: give chosen latents or a direction to rank by")
-            d = self.engine.info.d_model
-            if direction is not None and direction.shape != (d,):
-                raise InvalidRequest(f"direction: {direction.size} values, expected d_model={d}")
-            if request.top_k < 0:
-                raise InvalidRequest(f"top_k: must be >= 0, got {request.top_k}")
-            self._check_rows_size(request, latents)
-            rows = await self._in_engine("SAERows", lambda _c: self.engine.sae_rows(
-                list(request.layers) or None, latents, direction, request.top_k,
-                "abs_cosine" if request.abs_cosine else "cosine", request.decoder, request.encoder), context)
-            return convert.sae_rows_to_pb(rows)
-
-        return await self._unary("SAERows", context, body)
+        latents = convert.latents_from_pb(request.latents) if request.latents else None
+        direction: np.ndarray | None = None
+        if request.HasField("direction"):
+            ref = request.direction
+            if ref.values and ref.direction_id:
+                raise InvalidRequest("direction: give values or direction_id, not both")
+            if ref.direction_id:
+                direction = await asyncio.to_thread(self.artifacts.direction, ref.direction_id)
+            elif ref.values:
+                direction = np.asarray(ref.values, dtype=np.float32)
+            else:
+                raise InvalidRequest("direction: empty (give values or direction_id)")
+        if latents is None and direction is None:
+            raise InvalidRequest("latents: give chosen latents or a direction to rank by")
+        d = self.engine.info.d_model
+        if direction is not None and direction.shape != (d,):
+            raise InvalidRequest(f"direction: {direction.size} values, expected d_model={d}")
+        if request.top_k < 0:
+            raise InvalidRequest(f"top_k: must be >= 0, got {request.top_k}")
+        self._check_rows_size(request, latents)
+        rows = await self._in_engine("SAERows", lambda _c: self.engine.sae_rows(
+            list(request.layers) or None, latents, direction, request.top_k,
+            "abs_cosine" if request.abs_cosine else "cosine", request.decoder, request.encoder), context)
+        return convert.sae_rows_to_pb(rows)
 
     def _check_rows_size(self, request: pb.SAERowsRequest, latents: dict[int, list[int]] | None) -> None:
         """Weight rows are d_model floats each: bound their count and the response's size up front."""
@@ -515,52 +515,42 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
     # ------------------------------------------------------------------ artifacts
 
+    @unary_rpc
     async def RegisterDirection(self, request: pb.RegisterDirectionRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
-        async def body() -> pb.Artifact:
-            if not request.values:
-                raise InvalidRequest("values: empty direction")
-            values = np.asarray(request.values, dtype=np.float32)
-            meta = convert.parse_metadata(request.metadata_json)
-            rec = await asyncio.to_thread(
-                self.artifacts.register_direction, request.name, values, request.layer, meta
-            )
-            return convert.artifact_to_pb(rec)
+        if not request.values:
+            raise InvalidRequest("values: empty direction")
+        values = np.asarray(request.values, dtype=np.float32)
+        meta = convert.parse_metadata(request.metadata_json)
+        rec = await asyncio.to_thread(
+            self.artifacts.register_direction, request.name, values, request.layer, meta
+        )
+        return convert.artifact_to_pb(rec)
 
-        return await self._unary("RegisterDirection", context, body)
-
+    @unary_rpc
     async def RegisterLatentSet(self, request: pb.RegisterLatentSetRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
-        async def body() -> pb.Artifact:
-            latents = convert.latents_from_pb(request.latents, "latents")
-            meta = convert.parse_metadata(request.metadata_json)
-            rec = await asyncio.to_thread(self.artifacts.register_latent_set, request.name, latents, meta)
-            return convert.artifact_to_pb(rec)
+        latents = convert.latents_from_pb(request.latents, "latents")
+        meta = convert.parse_metadata(request.metadata_json)
+        rec = await asyncio.to_thread(self.artifacts.register_latent_set, request.name, latents, meta)
+        return convert.artifact_to_pb(rec)
 
-        return await self._unary("RegisterLatentSet", context, body)
-
+    @unary_rpc
     async def RegisterPromptSet(self, request: pb.RegisterPromptSetRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
-        async def body() -> pb.Artifact:
-            prompts = [convert.prompt_from_pb(p, f"prompts[{i}]") for i, p in enumerate(request.prompts)]
-            meta = convert.parse_metadata(request.metadata_json)
-            rec = await asyncio.to_thread(self.artifacts.register_prompt_set, request.name, prompts, meta)
-            return convert.artifact_to_pb(rec, with_payload=False)
+        prompts = [convert.prompt_from_pb(p, f"prompts[{i}]") for i, p in enumerate(request.prompts)]
+        meta = convert.parse_metadata(request.metadata_json)
+        rec = await asyncio.to_thread(self.artifacts.register_prompt_set, request.name, prompts, meta)
+        return convert.artifact_to_pb(rec, with_payload=False)
 
-        return await self._unary("RegisterPromptSet", context, body)
-
+    @unary_rpc
     async def GetArtifact(self, request: pb.GetArtifactRequest, context: grpc.aio.ServicerContext) -> pb.Artifact:
-        async def body() -> pb.Artifact:
-            if not request.id:
-                raise InvalidRequest("id: empty artifact id")
-            rec = await asyncio.to_thread(self.artifacts.get, request.id)
-            return convert.artifact_to_pb(rec)
+        if not request.id:
+            raise InvalidRequest("id: empty artifact id")
+        rec = await asyncio.to_thread(self.artifacts.get, request.id)
+        return convert.artifact_to_pb(rec)
 
-        return await self._unary("GetArtifact", context, body)
-
+    @unary_rpc
     async def ListArtifacts(self, request: pb.ListArtifactsRequest, context: grpc.aio.ServicerContext) -> pb.ListArtifactsResponse:
-        async def body() -> pb.ListArtifactsResponse:
-            recs = await asyncio.to_thread(self.artifacts.list, request.kind or None)
-            return pb.ListArtifactsResponse(artifacts=[convert.artifact_to_pb(r, with_payload=False) for r in recs])
-
-        return await self._unary("ListArtifacts", context, body)
+        recs = await asyncio.to_thread(self.artifacts.list, request.kind or None)
+        return pb.ListArtifactsResponse(artifacts=[convert.artifact_to_pb(r, with_payload=False) for r in recs])
 
     # ------------------------------------------------------------------ jobs (delegated)
 
@@ -573,10 +563,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         return fn  # type: ignore[no-any-return]
 
     async def _delegate(self, name: str, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        async def body() -> Any:
-            return await self._jobs_method(name)(request, context)
-
-        return await self._unary(name, context, body)
+        return await self._unary(name, context, lambda: self._jobs_method(name)(request, context))
 
     async def StartJob(self, request: pb.StartJobRequest, context: grpc.aio.ServicerContext) -> pb.Job:
         return await self._delegate("StartJob", request, context)  # type: ignore[no-any-return]
