@@ -25,7 +25,16 @@ from . import (
     report_refusal_analyses,  # noqa: F401  (latent_edges, jailbreak_suppression, probe_ood sections)
 )
 from .codec import to_jsonable
-from .report_html import SECTION_RENDERERS, SectionRenderer, esc, figure, fmt, register_section, table
+from .report_html import (
+    SECTION_RENDERERS,
+    SectionRenderer,
+    esc,
+    figure,
+    fmt,
+    register_section,
+    table,
+    titled_table,
+)
 
 __all__ = ["SECTION_RENDERERS", "SectionRenderer", "esc", "figure", "fmt", "register_section", "render_html",
            "table", "write_report"]
@@ -102,8 +111,7 @@ def render_stage1(d: dict[str, Any]) -> str:
         parts.append(table(["K", "ASR (gated)", "ASR ungated"], [list(r) for r in zip(ks, asr, asr_u, strict=False)]))
     ranking, cosines = d.get("ranking") or {}, d.get("ranking_cosines") or {}
     rows = [[ly, ids[j], cosines.get(ly, [None] * (j + 1))[j]] for ly, ids in ranking.items() for j in range(min(5, len(ids)))]
-    if rows:
-        parts.append("<h3>Most aligned latents per layer</h3>" + table(["layer", "latent", "cosine"], rows))
+    parts.append(titled_table("Most aligned latents per layer", ["layer", "latent", "cosine"], rows))
     return "".join(parts)
 
 
@@ -162,16 +170,14 @@ def render_stage2(d: dict[str, Any]) -> str:
         parts.append(table(["tau", "jailbroken (gated)", "ASR (gated)", "ASR ungated", "mean size"],
                            [[t["tau"], t["jailbroken"], t["asr"], t.get("asr_ungated"), t["mean_size"]]
                             for t in per_tau]))
-    top = d.get("top_latents") or []
-    if top:
-        parts.append("<h3>Top latents</h3>" + table(["layer", "latent", "prompts"],
-                                                    [[t["layer"], t["latent"], t["count"]] for t in top[:50]]))
-    prompts = d.get("prompts") or []
-    if prompts:
-        parts.append("<h3>Per prompt</h3>" + table(
-            ["#", "prompt", "pool", "final tau", "set size", "jailbroken", "forward passes", "wall s"],
-            [[p["index"], p["prompt"][:80], p["pool_size"], p.get("final_tau"), p.get("final_size"), p["jailbroken"],
-              p["forward_passes"], p["wall_s"]] for p in prompts]))
+    top = (d.get("top_latents") or [])[:50]
+    parts.append(titled_table("Top latents", ["layer", "latent", "prompts"],
+                              [[t["layer"], t["latent"], t["count"]] for t in top]))
+    parts.append(titled_table(
+        "Per prompt",
+        ["#", "prompt", "pool", "final tau", "set size", "jailbroken", "forward passes", "wall s"],
+        [[p["index"], p["prompt"][:80], p["pool_size"], p.get("final_tau"), p.get("final_size"), p["jailbroken"],
+          p["forward_passes"], p["wall_s"]] for p in d.get("prompts") or []]))
     return "".join(parts)
 
 
@@ -210,10 +216,9 @@ def render_rates(d: dict[str, Any]) -> str:
     parts = [table(["prompts", "n", "refusal rate", "jailbreak rate (gated)", "jailbreak rate ungated",
                     "degenerate"], rows)]
     ex = (d.get("harmful_direction_ablated") or {}).get("examples") or []
-    if ex:
-        parts.append("<h3>Examples (harmful, direction ablated)</h3>" + table(
-            ["prompt", "completion", "refused", "degenerate"],
-            [[e["prompt"][:60], e["completion"][:120], e["refused"], e.get("degenerate")] for e in ex]))
+    parts.append(titled_table(
+        "Examples (harmful, direction ablated)", ["prompt", "completion", "refused", "degenerate"],
+        [[e["prompt"][:60], e["completion"][:120], e["refused"], e.get("degenerate")] for e in ex]))
     return "".join(parts)
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report_html import esc, figure, fmt, register_section, table
+from .report_html import esc, figure, fmt, register_section, table, titled_table
 
 # ---------------------------------------------------------------------------- stage 3 / probe
 
@@ -71,13 +71,13 @@ def render_stage3(d: dict[str, Any]) -> str:
             ax2.legend(loc="upper right", fontsize=8)
 
         parts.append(figure(draw, "FM training (best validation epoch kept)"))
-    prompts = d.get("prompts") or []
-    if prompts:
-        parts.append("<h3>Per prompt</h3>" + table(
-            ["#", "prompt", "stage-2 size", "stage-2 embedded", "ranked", "first jailbreak K", "top FM latents"],
-            [[p["index"], p["prompt"][:70], p["stage2_size"], p.get("stage2_embedded"), p["n_ranked"],
-              p.get("first_jailbreak_k"),
-              " ".join(f"{x['layer']}-{x['latent']}" for x in (p.get("top_latents") or [])[:5])] for p in prompts]))
+    parts.append(titled_table(
+        "Per prompt",
+        ["#", "prompt", "stage-2 size", "stage-2 embedded", "ranked", "first jailbreak K", "top FM latents"],
+        [[p["index"], p["prompt"][:70], p["stage2_size"], p.get("stage2_embedded"), p["n_ranked"],
+          p.get("first_jailbreak_k"),
+          " ".join(f"{x['layer']}-{x['latent']}" for x in (p.get("top_latents") or [])[:5])]
+         for p in d.get("prompts") or []]))
     return "".join(parts)
 
 
@@ -101,10 +101,9 @@ def render_probe(d: dict[str, Any]) -> str:
         per_k = d.get("per_k") or []
         parts.append(table(["K", "jailbroken (gated)", "ASR (gated)", "ASR ungated"],
                            [[r["k"], r["jailbroken"], r["asr"], r.get("asr_ungated")] for r in per_k]))
-    top = d.get("top_latents") or []
-    if top:
-        parts.append("<h3>Largest |w|</h3>" + table(["layer", "latent", "|w|"],
-                                                    [[t["layer"], t["latent"], t["abs_weight"]] for t in top[:20]]))
+    top = (d.get("top_latents") or [])[:20]
+    parts.append(titled_table("Largest |w|", ["layer", "latent", "|w|"],
+                              [[t["layer"], t["latent"], t["abs_weight"]] for t in top]))
     return "".join(parts)
 
 
@@ -176,11 +175,10 @@ def render_hydra(d: dict[str, Any]) -> str:
     top = s.get("top_tokens") or []
     if top:
         parts.append(table(["token", "activations", "share"], [[t["token"], t["count"], t["share"]] for t in top]))
-    woken = d.get("woken_latents") or []
-    if woken:
-        parts.append("<h3>Woken latents</h3>" + table(
-            ["layer", "latent", "prompts", "on BOS", "max activation"],
-            [[w["layer"], w["latent"], w["n_prompts"], w["n_bos"], w["max"]] for w in woken[:40]]))
+    woken = (d.get("woken_latents") or [])[:40]
+    parts.append(titled_table(
+        "Woken latents", ["layer", "latent", "prompts", "on BOS", "max activation"],
+        [[w["layer"], w["latent"], w["n_prompts"], w["n_bos"], w["max"]] for w in woken]))
     clamp = d.get("clamp") or {}
     if clamp.get("rows"):
         lat = clamp.get("latents") or {}

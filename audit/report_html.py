@@ -60,6 +60,11 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") 
     return f'<table class="{cls}"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
 
 
+def titled_table(title: str, headers: Sequence[str], rows: Sequence[Sequence[Any]], cls: str = "") -> str:
+    """A table under an <h3> `title` (HTML), or "" when there are no rows: the section leaves it out."""
+    return f"<h3>{title}</h3>" + table(headers, rows, cls) if rows else ""
+
+
 def figure(draw: Callable[[Any], None], caption: str, size: tuple[float, float] = (6.4, 3.6)) -> str:
     """Render `draw(ax)` with matplotlib (Agg) as an embedded PNG <figure>."""
     try:

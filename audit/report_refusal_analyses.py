@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .report_html import esc, register_section, table
+from .report_html import esc, register_section, table, titled_table
 
 
 @register_section("latent_edges", "Upstream latents driving the refusal latents (Yeo et al.)", order=38)
@@ -20,19 +20,17 @@ def render_latent_edges(d: dict[str, Any]) -> str:
     rows = [[name, len(a.get("upstream") or []), a.get("factor"), sum(a.get("before") or []),
              sum(a.get("after") or []), a.get("relative_drop")]
             for name, a in (("top upstream", ab.get("top")), ("random upstream (control)", ab.get("control"))) if a]
-    if rows:
-        parts.append("<h3>Ablation check (the paper: 0.45 relative drop)</h3>" + table(
-            ["upstream set", "latents", "factor", "downstream activation before", "after", "relative drop"], rows))
-    top = d.get("top_upstream") or []
-    if top:
-        parts.append("<h3>Upstream latents by mean edge into the refusal latents</h3>" + table(
-            ["#", "layer", "latent", "mean edge (summed over downstream)"],
-            [[i + 1, t[0], t[1], t[2]] for i, t in enumerate(top)]))
-    per = d.get("top_upstream_per_downstream") or {}
-    if per:
-        parts.append("<h3>Per downstream latent</h3>" + table(
-            ["downstream (layer/latent)", "top upstream (layer/latent: mean edge)"],
-            [[k, ", ".join(f"{u[0]}/{u[1]}: {u[2]:.3g}" for u in v)] for k, v in per.items()]))
+    parts.append(titled_table(
+        "Ablation check (the paper: 0.45 relative drop)",
+        ["upstream set", "latents", "factor", "downstream activation before", "after", "relative drop"], rows))
+    parts.append(titled_table(
+        "Upstream latents by mean edge into the refusal latents",
+        ["#", "layer", "latent", "mean edge (summed over downstream)"],
+        [[i + 1, t[0], t[1], t[2]] for i, t in enumerate(d.get("top_upstream") or [])]))
+    parts.append(titled_table(
+        "Per downstream latent", ["downstream (layer/latent)", "top upstream (layer/latent: mean edge)"],
+        [[k, ", ".join(f"{u[0]}/{u[1]}: {u[2]:.3g}" for u in v)]
+         for k, v in (d.get("top_upstream_per_downstream") or {}).items()]))
     return "".join(parts)
 
 
@@ -56,12 +54,10 @@ def render_jailbreak_suppression(d: dict[str, Any]) -> str:
                           row("not jailbroken (gated)", gated.get("not_jailbroken")),
                           row("jailbroken (ungated)", ungated.get("jailbroken")),
                           row("not jailbroken (ungated)", ungated.get("not_jailbroken"))])]
-    per = s.get("per_template") or {}
-    if per:
-        parts.append("<h3>Per template</h3>" + table(
-            ["template", "n", "jailbreak rate", "ungated", "relative drop"],
-            [[k, v.get("n"), v.get("jailbreak_rate"), v.get("jailbreak_rate_ungated"), v.get("relative_drop")]
-             for k, v in per.items()]))
+    parts.append(titled_table(
+        "Per template", ["template", "n", "jailbreak rate", "ungated", "relative drop"],
+        [[k, v.get("n"), v.get("jailbreak_rate"), v.get("jailbreak_rate_ungated"), v.get("relative_drop")]
+         for k, v in (s.get("per_template") or {}).items()]))
     return "".join(parts)
 
 
