@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from importlib import import_module
+from operator import attrgetter
 from typing import Any, Literal, cast
 
 import numpy as np
@@ -47,6 +48,7 @@ from .inputs import (
     check_inputs,
     direction_vector,
     job_config,
+    need,
     stage1_result,
 )
 
@@ -155,6 +157,21 @@ def check_config_interventions(env: CheckEnv, field_name: str, interventions: li
         check_interventions(env.engine, interventions, f"config.{field_name}", resolver=env.artifacts)
     except NotFound as exc:  # an unknown artifact inside a config is a bad config, as for latent_set_id
         raise InvalidRequest(str(exc)) from None
+
+
+def checks(needs: dict[str, str], *limited: str) -> Callable[[Any, CheckEnv], None]:
+    """A kind's submit-time check: the reference fields it cannot run without (field -> why, `inputs.need`),
+    every reference (`inputs.check_inputs`), then the `limited` config fields (dotted paths) against the
+    server's max_new_tokens."""
+
+    def check(cfg: Any, env: CheckEnv) -> None:
+        for name, why in needs.items():
+            need(cfg, name, why)
+        check_inputs(cfg, env)
+        for name in limited:
+            check_limit(env, name, attrgetter(name)(cfg))
+
+    return check
 
 
 def refusal_rate_interventions(cfg: RefusalRateConfig) -> list[Any]:

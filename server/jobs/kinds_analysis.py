@@ -43,15 +43,9 @@ from .inputs import (
     stage3_result,
     steering_layer,
 )
-from .kinds import JobKind, check_limit, register_kind, result_dict, stage_config
+from .kinds import JobKind, check_limit, checks, register_kind, result_dict, stage_config
 
 # ---------------------------------------------------------------------------- stage 3
-
-
-def _check_stage3(cfg: Any, env: CheckEnv) -> None:
-    need(cfg, "stage2_job_id", "the stage-2 sets to extend")
-    check_inputs(cfg, env)
-    check_limit(env, "sweep.max_new_tokens", cfg.sweep.max_new_tokens)
 
 
 def _run_stage3(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -65,12 +59,6 @@ def _run_stage3(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
 # ---------------------------------------------------------------------------- baselines
 
 
-def _check_probe(cfg: Any, env: CheckEnv) -> None:
-    need(cfg, "stage2_job_id", "the stage-2 sets the top-K latents are added to")
-    check_inputs(cfg, env)
-    check_limit(env, "sweep.max_new_tokens", cfg.sweep.max_new_tokens)
-
-
 def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     from ...audit.baselines import ProbeConfig, run_probe_baseline
 
@@ -79,22 +67,11 @@ def _run_probe(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[st
     return result_dict(res), []
 
 
-def _check_random(cfg: Any, env: CheckEnv) -> None:
-    need(cfg, "stage2_job_id", "the set sizes to match")
-    check_inputs(cfg, env)
-    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
-
-
 def _run_random(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     from ...audit.baselines import RandomConfig, run_random_baseline
 
     res = run_random_baseline(engine, stage2_result(ctx, cfg), algorithm_config(cfg, RandomConfig), ctx)
     return result_dict(res), []
-
-
-def _check_obrien(cfg: Any, env: CheckEnv) -> None:
-    check_inputs(cfg, env)
-    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
 
 
 def _run_obrien(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -108,24 +85,10 @@ def _run_obrien(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
 # ---------------------------------------------------------------------------- hydra / causality
 
 
-def _check_hydra(cfg: Any, env: CheckEnv) -> None:
-    need(cfg, "stage2_job_id", "the stage-2 sets to analyse")
-    check_inputs(cfg, env)
-    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
-    check_limit(env, "clamp_max_new_tokens", cfg.clamp_max_new_tokens)
-
-
 def _run_hydra(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
     from ...audit.hydra import HydraConfig, run_hydra
 
     return result_dict(run_hydra(engine, stage2_result(ctx, cfg), algorithm_config(cfg, HydraConfig), ctx)), []
-
-
-def _check_causality(cfg: Any, env: CheckEnv) -> None:
-    need(cfg, "stage2_job_id", "the stage-2 sets")
-    need(cfg, "stage3_job_id", "the stage-3 rankings")
-    check_inputs(cfg, env)
-    check_limit(env, "max_new_tokens", cfg.max_new_tokens)
 
 
 def _run_causality(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
@@ -182,20 +145,26 @@ def _run_taxonomy(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list
 ANALYSIS_KINDS: tuple[JobKind, ...] = (
     JobKind("stage3", stage_config("stage3", "Stage3Config", FromStage2, FromDirectionJob), _run_stage3,
             "factorization machine on SAE features; top-K FM-similar latents ablated with each stage-2 set",
-            check=_check_stage3),
+            check=checks({"stage2_job_id": "the stage-2 sets to extend"}, "sweep.max_new_tokens")),
     JobKind("probe_baseline",
             stage_config("baselines", "ProbeConfig", FromStage2, FromStage3, FromDirectionJob), _run_probe,
             "logistic probe on the same features, top-|w| latents ablated with each stage-2 set; FM vs probe",
-            check=_check_probe),
+            check=checks({"stage2_job_id": "the stage-2 sets the top-K latents are added to"},
+                         "sweep.max_new_tokens")),
     JobKind("random_baseline", stage_config("baselines", "RandomConfig", FromStage2), _run_random,
-            "as many random active latents as each stage-2 set, ablated", check=_check_random),
+            "as many random active latents as each stage-2 set, ablated",
+            check=checks({"stage2_job_id": "the set sizes to match"}, "max_new_tokens")),
     JobKind("obrien_baseline", stage_config("baselines", "ObrienConfig", FromStage2), _run_obrien,
-            "O'Brien et al.: latents active on >= k prompt tokens, ablated; ASR per k", check=_check_obrien),
+            "O'Brien et al.: latents active on >= k prompt tokens, ablated; ASR per k",
+            check=checks({}, "max_new_tokens")),
     JobKind("hydra", stage_config("hydra", "HydraConfig", FromStage2), _run_hydra,
             "inactive (redundant) stage-2 latents: necessity, wake-up under ablation, BOS clamping",
-            check=_check_hydra),
+            check=checks({"stage2_job_id": "the stage-2 sets to analyse"},
+                         "max_new_tokens", "clamp_max_new_tokens")),
     JobKind("causality", stage_config("causality", "CausalityConfig", FromStage2, FromStage3), _run_causality,
-            "stage-3-only ablation: jailbreaks and the stage-2 latents it switches off", check=_check_causality),
+            "stage-3-only ablation: jailbreaks and the stage-2 latents it switches off",
+            check=checks({"stage2_job_id": "the stage-2 sets", "stage3_job_id": "the stage-3 rankings"},
+                         "max_new_tokens")),
     JobKind("downstream_ce",
             stage_config("downstream", "DownstreamConfig", FromDirectionJob, FromStage2, FromStage3),
             _run_downstream,
