@@ -235,12 +235,13 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
     # ------------------------------------------------------------------ validation shared by RPCs
 
-    def _check_items(self, n: int) -> None:
+    def _check_items(self, n: int, field: str = "items") -> None:
+        """1 to max_batch_items items (prompts, for Tokenize) per request."""
         lim = self.config.limits.max_batch_items
         if n > lim:
-            raise LimitExceeded(f"items: {n} items exceed max_batch_items={lim}")
+            raise LimitExceeded(f"{field}: {n} {field} exceed max_batch_items={lim}")
         if n == 0:
-            raise InvalidRequest("items: empty request")
+            raise InvalidRequest(f"{field}: empty request")
 
     def _check_token_ids(self, ids: Sequence[int], where: str) -> None:
         vocab = self.engine.info.vocab_size
@@ -264,9 +265,13 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         self._check_items(len(items))
         return convert.requests_from_pb(items)
 
-    def _count_tokens(self, n: int) -> None:
+    def _count_tokens(self, n: int, t0: float) -> None:
+        """Add `n` generated tokens to the metrics, and their rate since `t0`."""
         if n:
             self.metrics.generated_tokens.inc(n)
+        dt = time.perf_counter() - t0
+        if dt > 0 and n:
+            self.metrics.tokens_per_second.set(n / dt)
 
     # ------------------------------------------------------------------ info
 
@@ -297,10 +302,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             finally:
                 gen.close()
             out = [c for c in results if c is not None]
-        self._count_tokens(n_tok)
-        dt = time.perf_counter() - t0
-        if dt > 0 and n_tok:
-            self.metrics.tokens_per_second.set(n_tok / dt)
+        self._count_tokens(n_tok, t0)
         return out
 
     @unary_rpc
@@ -353,10 +355,7 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
             except BaseException as exc:  # carried to the consumer, which maps it to a status
                 put(_Failure(exc))
             finally:
-                self._count_tokens(n_tok)
-                dt = time.perf_counter() - t0
-                if dt > 0 and n_tok:
-                    self.metrics.tokens_per_second.set(n_tok / dt)
+                self._count_tokens(n_tok, t0)
 
         self.admission.acquire()
         cancel = threading.Event()
@@ -455,13 +454,10 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
         self.metrics.items.labels("Attribute").inc(len(req.items))
         resp = await self._in_engine("Attribute", lambda _c: fn(req), context)
         return convert.attribute_response_to_pb(resp)
+
     @unary_rpc
     async def Tokenize(self, request: pb.TokenizeRequest, context: grpc.aio.ServicerContext) -> pb.TokenizeResponse:
-        n, lim = len(request.prompts), self.config.limits.max_batch_items
-        if n > lim:
-            raise LimitExceeded(f"prompts: {n} prompts exceed max_batch_items={lim}")
-        if n == 0:
-            raise InvalidRequest("prompts: empty request")
+        self._check_items(len(request.prompts), "prompts")
         prompts = convert.tokenize_prompts_from_pb(request)
         ids = await self._in_engine("Tokenize", lambda _c: self.engine.tokenize(prompts, request.raw), context)
         return pb.TokenizeResponse(results=[pb.TokenIds(token_ids=t) for t in ids])
