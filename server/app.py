@@ -30,7 +30,7 @@ from .config import ServerConfig
 from .engine_base import ServingEngine
 from .metrics import Metrics
 from .servicer import AuditServicer
-from .undecodable import DecodeErrorInterceptor
+from .undecodable import DecodeErrorInterceptor, handler_like
 
 log = logging.getLogger("refusal_audit.server")
 
@@ -201,14 +201,7 @@ def _deny(handler: grpc.RpcMethodHandler, reason: str) -> grpc.RpcMethodHandler:
     async def deny(_request: Any, context: grpc.aio.ServicerContext) -> None:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, reason)
 
-    kw = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(deny, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(deny, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(deny, **kw)
-    return grpc.unary_unary_rpc_method_handler(deny, **kw)
+    return handler_like(handler, deny, handler.request_deserializer)
 
 
 # ---------------------------------------------------------------------------- server

@@ -219,21 +219,28 @@ def _sync_requests(behavior: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
+def handler_like(handler: grpc.RpcMethodHandler, behavior: Callable[..., Any],
+                 request_deserializer: Callable[[bytes], Any] | None) -> grpc.RpcMethodHandler:
+    """A method handler of `handler`'s shape (request / response streaming or not) that runs `behavior`."""
+    kw = dict(request_deserializer=request_deserializer, response_serializer=handler.response_serializer)
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(behavior, **kw)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(behavior, **kw)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(behavior, **kw)
+    return grpc.unary_unary_rpc_method_handler(behavior, **kw)
+
+
 def wrap_handler(handler: grpc.RpcMethodHandler | None, aio: bool) -> grpc.RpcMethodHandler | None:
     """The same handler with undecodable requests answered INVALID_ARGUMENT naming the field."""
     if handler is None or handler.request_deserializer is None:
         return handler
-    make = _aio_behavior if aio else _sync_behavior
-    kw = dict(request_deserializer=_safe(handler.request_deserializer),
-              response_serializer=handler.response_serializer)
+    behavior = handler.unary_unary or handler.unary_stream or handler.stream_unary or handler.stream_stream
     if handler.request_streaming:  # the requests arrive as an iterator: check each one as it is read
-        checked = _aio_requests if aio else _sync_requests
-        if handler.response_streaming:
-            return grpc.stream_stream_rpc_method_handler(make(checked(handler.stream_stream), True), **kw)
-        return grpc.stream_unary_rpc_method_handler(make(checked(handler.stream_unary), False), **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(make(handler.unary_stream, True), **kw)
-    return grpc.unary_unary_rpc_method_handler(make(handler.unary_unary, False), **kw)
+        behavior = (_aio_requests if aio else _sync_requests)(behavior)
+    make = _aio_behavior if aio else _sync_behavior
+    return handler_like(handler, make(behavior, handler.response_streaming), _safe(handler.request_deserializer))
 
 
 class DecodeErrorInterceptor(grpc.aio.ServerInterceptor):
