@@ -14,7 +14,7 @@ from typing import Literal, Protocol, runtime_checkable
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from .spec import Intervention, Prompt, Request
+from .spec import Prompt, Request
 
 
 class Limits(BaseModel):
@@ -191,13 +191,3 @@ class Engine(Protocol):
         """Per SAE layer, the chosen `latents`' rows, or (with `direction` and no latents) the `top_k`
         latents (0 = all) ranked by cos(direction, W_dec[i]); cosines whenever a direction is given."""
         ...
-
-
-def requests_for(
-    prompts: Sequence[Prompt], interventions: Sequence[Intervention] = (), **sampling: object
-) -> list[Request]:
-    """Same interventions (and sampling) for every prompt: a convenience for the audit code."""
-    from .spec import SamplingParams
-
-    sp = SamplingParams(**sampling) if sampling else SamplingParams()  # type: ignore[arg-type]
-    return [Request(prompt=p, interventions=tuple(interventions), sampling=sp) for p in prompts]

@@ -16,7 +16,7 @@ addition  h' = h + a r.  Non-separable SAEs (TopK) go through sae-lens's full en
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -502,6 +502,3 @@ def check_interventions(
         raise InvalidRequest(msg.replace(" of items[0] ", " ") if seq_len is not None else msg) from None
     except NotFound as exc:
         raise NotFound(f"{field_name}: {exc}") from None
-
-
-HookFn = Callable[[torch.Tensor, TokenContext], torch.Tensor]

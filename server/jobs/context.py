@@ -94,7 +94,6 @@ class JobContext:
         # All checkpoints of the job, loaded once: resume reads them in bulk, not one query each.
         self._cache: dict[str, Any] = {k: json.loads(v) for k, v in store.checkpoints(job_id).items()}
         self.restored = len([k for k in self._cache if not k.startswith(ARTIFACT_KEY_PREFIX)])
-        self.checkpoint_hits = 0
 
     # ------------------------------------------------------------------ StageContext
 
@@ -106,10 +105,7 @@ class JobContext:
     def checkpoint(self, key: str) -> Any | None:
         """The saved result of a finished unit of work, or None."""
         with self._lock:
-            value = self._cache.get(key)
-            if value is not None:
-                self.checkpoint_hits += 1
-            return value
+            return self._cache.get(key)
 
     def save_checkpoint(self, key: str, value: Any) -> None:
         """Commit one finished unit's JSON-able result before the stage moves on."""
