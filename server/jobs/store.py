@@ -212,27 +212,19 @@ class JobStore:
         """Set columns of one job (artifact_ids: a list; cancel_requested: a bool)."""
         if not fields:
             return
-        if "artifact_ids" in fields:
-            fields["artifact_ids"] = json.dumps(list(fields["artifact_ids"]))
-        if "cancel_requested" in fields:
-            fields["cancel_requested"] = int(bool(fields["cancel_requested"]))
-        cols = ", ".join(f"{k}=?" for k in fields)
+        cols, values = _assignments(fields)
         with self._tx() as c:
-            cur = c.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*fields.values(), job_id))
+            cur = c.execute(f"UPDATE jobs SET {cols} WHERE id=?", (*values, job_id))
             if cur.rowcount == 0:
                 raise NotFound(f"id: job {job_id!r} not found")
 
     def transition(self, job_id: str, from_states: tuple[str, ...], **fields: Any) -> bool:
         """Compare-and-set: update only if the job is in one of `from_states`. True if it was."""
-        if "artifact_ids" in fields:
-            fields["artifact_ids"] = json.dumps(list(fields["artifact_ids"]))
-        if "cancel_requested" in fields:
-            fields["cancel_requested"] = int(bool(fields["cancel_requested"]))
-        cols = ", ".join(f"{k}=?" for k in fields)
+        cols, values = _assignments(fields)
         marks = ",".join("?" * len(from_states))
         with self._tx() as c:
             cur = c.execute(f"UPDATE jobs SET {cols} WHERE id=? AND state IN ({marks})",
-                            (*fields.values(), job_id, *from_states))
+                            (*values, job_id, *from_states))
             return cur.rowcount > 0
 
     def finish(self, job_id: str, state: str, *, error: str = "", result_json: str | None = None,
@@ -280,6 +272,15 @@ class JobStore:
 
     def count_checkpoints(self, job_id: str) -> int:
         return int(self._query("SELECT COUNT(*) FROM checkpoints WHERE job_id=?", (job_id,))[0][0])
+
+
+def _assignments(fields: dict[str, Any]) -> tuple[str, tuple[Any, ...]]:
+    """An UPDATE's ``col=?, ...`` and its values, artifact_ids as a JSON list and cancel_requested as 0/1."""
+    if "artifact_ids" in fields:
+        fields = {**fields, "artifact_ids": json.dumps(list(fields["artifact_ids"]))}
+    if "cancel_requested" in fields:
+        fields = {**fields, "cancel_requested": int(bool(fields["cancel_requested"]))}
+    return ", ".join(f"{k}=?" for k in fields), tuple(fields.values())
 
 
 class QueueFull(LimitExceeded):
