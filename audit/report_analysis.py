@@ -6,7 +6,7 @@ One renderer per result kind: ``stage3`` (jailbreaks per K, FM training, Table 2
 figure), ``hydra`` (redundant latents; the BOS clamp table, Tables 5/6), ``causality``,
 ``downstream_ce`` (Table 9) and ``taxonomy`` (Figure 3). Each takes the result JSON and returns
 an HTML fragment with figures embedded as base64 PNG (`report.figure`). Importing this module
-registers them (`audit.report` imports it, or call `register()`).
+registers them (`audit.report` imports it).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def _per_k_figure(series: dict[str, list[dict[str, Any]]], caption: str) -> str:
     return figure(draw, caption)
 
 
+@register_section("stage3", "Stage 3: interaction discovery (factorization machine)", order=40)
 def render_stage3(d: dict[str, Any]) -> str:
     s, fm, f, t = d.get("summary") or {}, d.get("fm") or {}, d.get("features") or {}, d.get("timings") or {}
     parts = [
@@ -81,6 +82,7 @@ def render_stage3(d: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+@register_section("probe_baseline", "FM vs linear probe", order=50)
 def render_probe(d: dict[str, Any]) -> str:
     s, pr = d.get("summary") or {}, d.get("probe") or {}
     parts = [f"<p>Logistic probe on the same SAE features ({esc(pr.get('source', ''))}): test accuracy "
@@ -110,6 +112,7 @@ def render_probe(d: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- controls
 
 
+@register_section("random_baseline", "Control: random active latents", order=55)
 def render_random(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
     parts = [table(["prompts", "draws", "jailbroken per draw (gated)", "ungated", "mean ASR (gated)",
@@ -128,6 +131,7 @@ def render_random(d: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+@register_section("obrien_baseline", "Baseline: O'Brien et al. (latents active on >= k tokens)", order=56)
 def render_obrien(d: dict[str, Any]) -> str:
     rows = d.get("per_k") or []
     parts = [f"<p>O'Brien et al.: per prompt, the latents active on at least k prompt tokens (layers "
@@ -155,6 +159,7 @@ def render_obrien(d: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- hydra / causality
 
 
+@register_section("hydra", "Redundant (hydra) latents", order=65)
 def render_hydra(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
     parts = [
@@ -193,6 +198,7 @@ def render_hydra(d: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+@register_section("causality", "Causal link between stage-2 and stage-3 latents", order=60)
 def render_causality(d: dict[str, Any]) -> str:
     s = d.get("summary") or {}
     parts = [table(["prompts", "jailbroken by stage-3 latents only (gated)", "fraction (gated)", "fraction ungated",
@@ -222,6 +228,7 @@ def render_causality(d: dict[str, Any]) -> str:
 # ---------------------------------------------------------------------------- downstream / taxonomy
 
 
+@register_section("downstream_ce", "Downstream cost: cross-entropy", order=70)
 def render_downstream(d: dict[str, Any]) -> str:
     rows = []
     for r in d.get("table") or []:
@@ -237,6 +244,7 @@ def render_downstream(d: dict[str, Any]) -> str:
     return "".join(parts)
 
 
+@register_section("taxonomy", "Mapping latents to the CoCoNot unsafe taxonomy", order=80)
 def render_taxonomy(d: dict[str, Any]) -> str:
     cats = d.get("categories") or []
     fig = d.get("figure") or {}
@@ -260,24 +268,3 @@ def render_taxonomy(d: dict[str, Any]) -> str:
                    [[c, (d.get("n_prompts") or {}).get(c), single.get(c), (fig.get("per_category_total") or {}).get(c)]
                     for c in cats])]
     return "".join(parts)
-
-
-SECTIONS: tuple[tuple[str, str, int, Any], ...] = (
-    ("stage3", "Stage 3: interaction discovery (factorization machine)", 40, render_stage3),
-    ("probe_baseline", "FM vs linear probe", 50, render_probe),
-    ("random_baseline", "Control: random active latents", 55, render_random),
-    ("obrien_baseline", "Baseline: O'Brien et al. (latents active on >= k tokens)", 56, render_obrien),
-    ("causality", "Causal link between stage-2 and stage-3 latents", 60, render_causality),
-    ("hydra", "Redundant (hydra) latents", 65, render_hydra),
-    ("downstream_ce", "Downstream cost: cross-entropy", 70, render_downstream),
-    ("taxonomy", "Mapping latents to the CoCoNot unsafe taxonomy", 80, render_taxonomy),
-)
-
-
-def register() -> None:
-    """Register every analysis section (idempotent)."""
-    for kind, title, order, fn in SECTIONS:
-        register_section(kind, title, order)(fn)
-
-
-register()
