@@ -15,7 +15,10 @@ every layer); latent-set ablation, once per prompt's set (stage 2, or stage 2 + 
 loss is averaged over texts per set, then mean and std over sets (Table 9's "Feat." column).
 
 Per text we keep the mean NLL; a condition's `mean` is the mean over texts, `token_mean` the
-token-weighted mean. Checkpoint per (sample, condition): ``downstream/{sample}/{condition}``.
+token-weighted mean. Checkpoints are content-addressed, ``downstream/{sample}/ce/{fingerprint}`` of the
+sample's texts and the condition's interventions (not its name), so a later call on the same context
+-- the demo's method comparison after its downstream CE -- reuses every condition already scored
+(the baseline; a stage-3 set that is also a named comparison condition) instead of recomputing it.
 """
 
 from __future__ import annotations
@@ -242,8 +245,8 @@ def run_downstream(engine: Engine, cfg: DownstreamConfig, ctx: StageContext, dir
         stats: dict[str, CEStats] = {}
         for cond, ivs in conditions:
             ctx.check_cancelled()
-            key = f"downstream/{name}/{cond}"
             fp = fingerprint([data_fp, json.dumps([iv.model_dump(mode="json") for iv in ivs], sort_keys=True)])
+            key = f"downstream/{name}/ce/{fp}"  # by content: the same interventions under another name resume
             got = resumed(ctx, key, fp)
             if got is not None:
                 stats[cond] = CEStats(list(got["per_text"]), list(got["n_tokens"]))

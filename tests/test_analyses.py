@@ -362,6 +362,31 @@ def test_downstream_uses_the_models_own_answers_without_references():
     assert res.samples["general_text"]["n"] == 1 and res.table()[1]["direction"] is None
 
 
+def test_downstream_reuses_conditions_scored_on_the_same_context():
+    """A second run on the same context (the demo's method comparison after its downstream CE) scores
+    only the conditions it has not seen: the answers, the baseline and a latent set that comes back
+    under another name are reused, and every number equals a from-scratch run's."""
+    eng = build_engine()
+    ins = ["Write a poem about the sea", "Tell me a story about a cat", "Explain the theory of relativity"]
+    cfg = DownstreamConfig(batch_size=2, answer_max_new_tokens=5, general_texts=["Numbers: 0 1 2 3"])
+    ctx = LocalContext()
+    run_downstream(eng, cfg, ctx, latent_sets=[{1: [1, 2]}], instructions=ins)
+    extra = [("same_set", [AblateLatents(latents={1: (1, 2)})]), ("new_set", [AblateLatents(latents={2: (4,)})])]
+    calls: dict[str, int] = {"loss": 0, "generate": 0}
+
+    class Counting:
+        def __getattr__(self, name: str) -> Any:
+            if name in calls:
+                calls[name] += 1
+            return getattr(eng, name)
+
+    again = run_downstream(Counting(), cfg, ctx, instructions=ins, extra_conditions=extra)
+    assert calls["generate"] == 0  # the model's answers come from the first run
+    assert calls["loss"] == 2 * 1 + 1  # only `new_set`: 3 instructions in batches of 2, 1 general text
+    fresh = run_downstream(build_engine(), cfg, LocalContext(), instructions=ins, extra_conditions=extra)
+    assert again.to_json()["samples"] == fresh.to_json()["samples"]
+
+
 # ---------------------------------------------------------------------------- taxonomy
 
 
