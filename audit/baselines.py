@@ -19,10 +19,10 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .context import StageContext
 from .datasets import load_prompts
@@ -39,6 +39,7 @@ from .stage_utils import (
     restore_items,
     resumed,
     save_fingerprinted,
+    sorted_grid,
 )
 from .sweep import (
     Stage2Item,
@@ -352,7 +353,8 @@ class ObrienConfig(BaseModel):
     split: str = "test"
     n: int | None = Field(32, ge=1)
     seed: int = 0
-    ks: list[int] = Field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 15, 20])
+    ks: Annotated[list[int], sorted_grid("ks", 1, int)] = Field(
+        default_factory=lambda: [1, 2, 3, 4, 5, 6, 8, 10, 15, 20])
     layers: list[int] | None = None  # None: every SAE layer not excluded
     exclude_layers: list[int] = Field(default_factory=lambda: [1, 2])
     encode_top_k: int = Field(512, ge=1, le=4096)
@@ -362,13 +364,6 @@ class ObrienConfig(BaseModel):
     only_jailbroken: bool = True
     max_prompts: int | None = Field(None, ge=1)
     check_baseline: bool = False  # generate unablated first; prompts not refused are left out of the ASR
-
-    @field_validator("ks")
-    @classmethod
-    def _ks(cls, v: list[int]) -> list[int]:
-        if not v or any(k < 1 for k in v):
-            raise ValueError("ks must be non-empty and >= 1")
-        return sorted(set(v))
 
 
 @dataclass

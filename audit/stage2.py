@@ -60,7 +60,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -81,6 +81,7 @@ from .stage_utils import (
     refusal_token_ids,
     restore_items,
     save_fingerprinted,
+    sorted_grid,
 )
 
 STAGE = "stage2"
@@ -93,7 +94,8 @@ class Stage2Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     block_size: int = Field(default=5, ge=1)
-    taus: list[float] = Field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 9)])
+    taus: Annotated[list[float], sorted_grid("taus", 0, float)] = Field(
+        default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 9)])
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
     reading: Reading = "literal"
     partial_last_block: bool = False  # also test the last |C \ K| < N latents as one block (not the paper)
@@ -105,13 +107,6 @@ class Stage2Config(BaseModel):
     prompts_per_group: int = Field(default=16, ge=1)
     max_prompts: int | None = Field(default=None, ge=1)
     register_sets: bool = True
-
-    @field_validator("taus")
-    @classmethod
-    def _taus(cls, v: list[float]) -> list[float]:
-        if not v or any(t < 0 for t in v):
-            raise ValueError("taus must be non-empty and >= 0")
-        return sorted(set(float(t) for t in v))
 
     @field_validator("seeds")
     @classmethod

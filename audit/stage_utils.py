@@ -10,6 +10,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+from pydantic import AfterValidator
 
 from .engine import Completion, Engine, ScoreResult
 from .spec import AblateLatents, Prompt, Request, user_prompt
@@ -113,6 +114,18 @@ def rank_latents(cosines: np.ndarray, k: int = 0, rank_by: str = "cosine") -> np
     key = np.abs(c) if rank_by == "abs_cosine" else c
     order = np.lexsort((np.arange(len(key)), -key))
     return order[:k] if k > 0 else order
+
+
+def sorted_grid(name: str, minimum: int, cast: Callable[[Any], T]) -> AfterValidator:
+    """A config's grid of values (ks, taus): non-empty, each >= `minimum`, returned sorted and
+    deduplicated, so runs over the same grid are the same run."""
+
+    def check(v: list[Any]) -> list[T]:
+        if not v or any(x < minimum for x in v):
+            raise ValueError(f"{name} must be non-empty and >= {minimum}")
+        return sorted(set(cast(x) for x in v))  # type: ignore[type-var]
+
+    return AfterValidator(check)
 
 
 def fingerprint(texts: Sequence[str]) -> str:

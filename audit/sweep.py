@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from .context import StageContext
 from .engine import Engine
@@ -31,6 +31,7 @@ from .stage_utils import (
     latents_to_dict,
     restore_items,
     save_fingerprinted,
+    sorted_grid,
 )
 
 # ---------------------------------------------------------------------------- stage-2 input
@@ -168,20 +169,14 @@ class SweepConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    ks: list[int] = Field(default_factory=lambda: list(range(100, 2001, 100)))
+    ks: Annotated[list[int], sorted_grid("ks", 0, int)] = Field(
+        default_factory=lambda: list(range(100, 2001, 100)))
     chat: bool = True
     max_new_tokens: int = Field(64, ge=1)
     batch_size: int = Field(16, ge=1)
     prompts_per_group: int = Field(8, ge=1)
     stop_at_first_jailbreak: bool = False  # saves generations; later Ks then count as jailbroken (assumed monotone)
     keep_completions: bool = True
-
-    @field_validator("ks")
-    @classmethod
-    def _ks(cls, v: list[int]) -> list[int]:
-        if not v or any(k < 0 for k in v):
-            raise ValueError("ks must be non-empty and >= 0")
-        return sorted(set(int(k) for k in v))
 
 
 def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[int, list[Latent]],
