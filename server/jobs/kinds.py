@@ -304,18 +304,12 @@ def _run_stage1(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[s
     return result_dict(res), []
 
 
-def _stage2(engine: Any, cfg: Any, stage1: Any, ctx: Any) -> Any:
-    if fanout.can_fan_out(engine):  # engine replicas (Ray): (prompt, seed) units on the replicas
-        return fanout.run_stage2(engine, stage1, cfg, ctx)
-    from ...audit.stage2 import run_stage2
-
-    return run_stage2(engine, stage1, cfg, ctx)
-
-
 def _run_stage2(engine: Any, cfg: Any, ctx: Any) -> tuple[dict[str, Any], list[str]]:
-    from ...audit.stage2 import Stage2Config
+    """Stage 2; on engine replicas (Ray) its (prompt, seed) units run on the replicas (`fanout.run_stage2`)."""
+    from ...audit.stage2 import Stage2Config, run_stage2
 
-    res = _stage2(engine, algorithm_config(cfg, Stage2Config), stage1_result(ctx, cfg), ctx)
+    run = fanout.run_stage2 if fanout.can_fan_out(engine) else run_stage2
+    res = run(engine, stage1_result(ctx, cfg), algorithm_config(cfg, Stage2Config), ctx)
     out = result_dict(res)
     if getattr(res, "placement", None) is not None:
         out["placement"] = res.placement  # which engine replica ran each (prompt, seed)
