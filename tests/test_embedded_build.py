@@ -292,19 +292,67 @@ def test_build_config_sizes() -> None:
 
 
 def test_autocast_follows_native_bf16_unless_set(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    from refusal_audit.server.embedded import train_saes
+    from refusal_audit.server.embedded import cpu_bf16
 
-    assert train_saes.resolve_autocast(True) is True and train_saes.resolve_autocast(False) is False
+    assert cpu_bf16.resolve_autocast(True) is True and cpu_bf16.resolve_autocast(False) is False
     for native in (True, False):
-        monkeypatch.setattr(train_saes, "native_bf16_cpu", lambda native=native: native)
-        assert train_saes.resolve_autocast(None) is native
+        monkeypatch.setattr(cpu_bf16, "native_bf16_cpu", lambda native=native: native)
+        assert cpu_bf16.resolve_autocast(None) is native
     monkeypatch.undo()
     # The detection reads the CPU flags: emulated bf16 (plain AVX512) does not count.
     fake = tmp_path / "cpuinfo"
     for flags, native in (("fpu avx512f avx512bw", False), ("fpu avx512f avx512_bf16", True), ("amx_bf16 sse", True)):
         fake.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
-        assert train_saes.native_bf16_cpu(fake) is native, flags
-    assert train_saes.native_bf16_cpu(tmp_path / "missing") is False
+        assert cpu_bf16.native_bf16_cpu(fake) is native, flags
+    assert cpu_bf16.native_bf16_cpu(tmp_path / "missing") is False
+
+
+def test_finetune_autocast_setting_follows_the_cpu_and_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fine-tune's `autocast` (training) and `autocast_eval` (generation) resolve like the SAE
+    step's; the settings survive the manifest's JSON and change the config hash."""
+    from refusal_audit.server.embedded import cpu_bf16, finetune
+    from refusal_audit.server.embedded.manifest import sha256_json, to_jsonable
+
+    for native in (True, False):
+        monkeypatch.setattr(cpu_bf16, "native_bf16_cpu", lambda native=native: native)
+        assert cpu_bf16.resolve_autocast(finetune.FinetuneConfig().autocast) is False  # fp32 unless asked
+        assert cpu_bf16.resolve_autocast(finetune.FinetuneConfig(autocast=None).autocast) is native
+        assert finetune.eval_autocast(finetune.FinetuneConfig()) is False
+        assert finetune.eval_autocast(finetune.FinetuneConfig(autocast_eval=None)) is native
+        assert finetune.eval_autocast(finetune.FinetuneConfig(autocast=False, autocast_eval=True)) is True
+    for cfg in (finetune.FinetuneConfig(), finetune.FinetuneConfig(autocast=True, autocast_eval=False)):
+        data = json.loads(json.dumps(to_jsonable(cfg)))
+        data["target_modules"] = tuple(data["target_modules"])
+        assert finetune.FinetuneConfig(**data) == cfg
+    hashes = {sha256_json(to_jsonable(finetune.FinetuneConfig(autocast=a))) for a in (None, True, False)}
+    assert len(hashes) == 3  # a forced setting is a different build
+
+
+def test_autocast_training_keeps_lora_state_fp32_and_the_merge_exact() -> None:
+    """Under bf16 autocast only the matmuls are bf16: the LoRA weights, their gradients and the AdamW
+    state stay fp32, and the merged weight is exactly W + scale * B @ A of those fp32 adapters."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from refusal_audit.server.embedded.cpu_bf16 import cpu_autocast
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights=False))
+    params = [p for p in peft.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    with cpu_autocast(True):
+        out = peft(torch.randn(5, 8))
+    assert out.dtype == torch.bfloat16  # the matmuls did run in bf16
+    out.float().pow(2).mean().backward()
+    opt.step()
+    assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in params)
+    assert all(t.dtype == torch.float32 for st in opt.state.values() for t in st.values() if t.dim())
+    layer: Any = peft.base_model.model[0]  # type: ignore[index]
+    want = layer.base_layer.weight.detach().clone() + layer.scaling["default"] * (
+        layer.lora_B["default"].weight @ layer.lora_A["default"].weight).detach()
+    merged: Any = peft.merge_and_unload()
+    assert merged[0].weight.dtype == torch.float32
+    torch.testing.assert_close(merged[0].weight, want, rtol=0, atol=1e-7)
 
 
 # ---------------------------------------------------------------------------------- fine-tune data

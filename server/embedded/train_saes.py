@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
+from .cpu_bf16 import resolve_autocast
 from .manifest import InputRef, StepOutput, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,22 +79,6 @@ class SaeBuildConfig:
     dead_check_train_tokens: int = 52_000  # training activations added to the dead-latent check
     include_chat: bool = True
     text_corpus: str = "cpython-docs"  # pydoc topics + stdlib docstrings (PSF License)
-
-
-def native_bf16_cpu(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
-    """Whether this CPU does bf16 matmuls in hardware (x86 AVX512-BF16 / AMX-BF16, Linux flags).
-
-    Elsewhere bf16 is emulated and slower than fp32, so autocast would only cost time."""
-    try:
-        flags = cpuinfo.read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return False
-    return any(flag in flags.split() for flag in ("avx512_bf16", "amx_bf16"))
-
-
-def resolve_autocast(setting: bool | None) -> bool:
-    """An explicit True/False wins; None means bf16 autocast only on a native-bf16 CPU."""
-    return native_bf16_cpu() if setting is None else bool(setting)
 
 
 # ------------------------------------------------------------------------------------------ corpus
