@@ -501,19 +501,21 @@ class HFEngine(EngineBase):
         input_ids, mask, pos = self._left_pad(full)
         plen = torch.tensor([len(p) for p in prompt_ids], dtype=torch.long, device=self.device)
         T = input_ids.shape[1]
+        # the 262k-vocab head dominates the cost: compute logits only from the first position that
+        # predicts a scored token (left padding: every row's scored tokens lie in the last `keep`)
+        first = [T - len(seq) + lo - 1 for seq, lo in zip(full, label_from, strict=True)]
+        keep = T - min(first)
         with self._active(plan), torch.no_grad():
             valid = mask.bool()
             is_prompt = valid & (pos < plen.unsqueeze(1))
             self._ctx = TokenContext(torch.where(valid, pos, torch.full_like(pos, -1)), is_prompt, plen)
-            logits = self._forward(input_ids, mask, pos, use_cache=False).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)
-        targets = input_ids[:, 1:]
-        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, T-1]
+            logits = self._forward(input_ids, mask, pos, use_cache=False, logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # positions T-keep .. T-2
+        targets = input_ids[:, T - keep + 1 :]
+        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
         out = []
-        for b, seq in enumerate(full):
-            start = T - len(seq)
-            lo = start + label_from[b] - 1  # predicting token at label_from from the one before
-            vals = nll[b, lo : T - 1]
+        for b in range(len(full)):
+            vals = nll[b, first[b] - (T - keep) :]
             out.append(LossResult(float(vals.mean()) if vals.numel() else float("nan"), int(vals.numel())))
         return out
 

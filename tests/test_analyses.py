@@ -347,6 +347,27 @@ def test_downstream_ce_equals_a_direct_computation():
     json.dumps(res.to_json())
 
 
+def test_engine_loss_on_mixed_rows_equals_a_full_forward_per_text():
+    """`engine.loss` computes the LM head only from the first scored position of a batch; a batch
+    mixing raw text (every token scored) with chat prompts + completions of other lengths gives
+    each row the NLL of a full, unbatched forward."""
+    model = make_model("llama")
+    tok = make_tokenizer()
+    eng = HFEngine(model, tok, build_layer_saes(make_saes(model, (1, 2)), 64, 4))
+    text = "The quick brown fox jumps over the lazy dog near the river bank."
+    chats = ["Hi", "Write a long and careful poem about the sea and the sky at night"]
+    answers = ["The sea and the sky and the stars at night, the moon above the waves.", "ok"]
+    res = eng.loss([Request(prompt=text)] + [Request(prompt=user_prompt(c)) for c in chats], [None, *answers])
+    ref = make_model("llama")
+    want = [_by_hand_ce(ref, tok(text, add_special_tokens=True)["input_ids"], [])]
+    for c, a in zip(chats, answers, strict=True):
+        chat = tok.apply_chat_template([{"role": "user", "content": c}], tokenize=False, add_generation_prompt=True)
+        want.append(_by_hand_ce(ref, tok(str(chat), add_special_tokens=False)["input_ids"],
+                                tok(a, add_special_tokens=False)["input_ids"]))
+    np.testing.assert_allclose([r.loss for r in res], want, rtol=1e-4, atol=1e-5)
+    assert [r.n_tokens for r in res][1:] == [len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers]
+
+
 def test_downstream_uses_the_models_own_answers_without_references():
     eng = build_engine()
     ins = ["Write a poem about the sea", "Tell me a story about a cat", "Explain the theory of relativity"]
