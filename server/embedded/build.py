@@ -69,7 +69,7 @@ class BuildConfig:
             # 256 steps are too few for the thresholds alone to reach a sparse code (measured: L0
             # 822 of 1024 at layer 3), so the L0 gradient also reaches the pre-activations, with a
             # smaller coefficient (measured: FVE 0.63 / 0.63, L0 131 / 134, dead 4.4 % / 3.4 %).
-            # The full build's fire-rate encoder init stays off here: at layer 3 it pushes L0 to
+            # The fire-rate encoder init (opt-in) stays off here too: at layer 3 it pushes L0 to
             # 153 (FVE 0.65 -> 0.68, dead 3.5 % -> 0.1 %), and this preset has few dead latents.
             saes = SaeBuildConfig(layers=(3, 9), d_sae=1024, train_tokens=32_768, eval_tokens=4_096,
                                   train_batch_size=128, lr_warm_up_steps=10, l0_warm_up_steps=50,

@@ -60,9 +60,9 @@ class SaeBuildConfig:
     normalize_activations: str = "centre_and_scale"
     centred_sq_norm: float | None = 1.0  # target E||scale*(x-mean)||^2 (None = d_in)
     sparsity_loss_mode: str = "step"
-    # 0.015 (was 0.01): with the fire-rate init below, L0 166 / 129 / 110 / 169 at layers 3 / 6 / 9 / 12
-    # (0.01 without it: 176 / 121 / 111 / 176); still over 150 at layers 3 and 12.
-    l0_coefficient: float = 0.015
+    # 0.015 with the fire-rate init below gives L0 166 / 129 / 110 / 169 at layers 3 / 6 / 9 / 12
+    # (0.01 without it: 176 / 121 / 111 / 176); see init_fire_rate for why it is not the default.
+    l0_coefficient: float = 0.01
     l0_warm_up_steps: int = 100
     target_l0: float | None = None  # only for sparsity_loss_mode="quadratic"
     jumprelu_init_threshold: float = 0.01
@@ -73,8 +73,11 @@ class SaeBuildConfig:
     # this fraction of a sample of training activations (None: sae-lens' zero bias). 0.03 ~ the
     # target L0 / d_sae. Measured with l0_coefficient 0.015 on the demo's activations, layers
     # 3 / 6 / 9 / 12: dead latents 10 / 23 / 36 / 1 % -> 8 / 8 / 12 / 0.2 %, FVE 0.95 / 0.92 /
-    # 0.86 / 0.84 -> 0.95 / 0.92 / 0.86 / 0.83 (benchmarks/RESULTS.md, "SAE dead latents").
-    init_fire_rate: float | None = 0.03
+    # 0.86 / 0.84 -> 0.95 / 0.92 / 0.86 / 0.83 (benchmarks/RESULTS.md, "SAE dead latents"). Not the
+    # default: a full demo build with those SAEs jailbroke 3 of 8 prompts in stage 1 (4 of 8 before)
+    # and stage 2 found no set at all (the pool reading found 2 of 4 before), so the demo's
+    # stage-2-based sections had nothing to analyse.
+    init_fire_rate: float | None = None
     dead_feature_window: int = 400  # steps
     # bf16 autocast for SAE training matmuls / for the activation pass (the residual stream stays
     # fp32). None = only where the CPU has native bf16 (AVX512-BF16 or AMX): measured 1.9x faster
