@@ -99,12 +99,10 @@ def ce_conditions(stage2: dict[str, Any], rf: dict[str, Any], stage3: dict[str, 
         s3set = s3.get(i, (None, False, False))[0]
         if s3set:
             conds.append((f"stage3/{i}", list(ablate(latents_to_dict(sorted(s3set))))))
-        j = by_text.get(text)
-        if j is not None and j < len(per) and per[j]:
-            conds.append((f"attribution/{i}", list(ablate(latents_to_dict(sorted(per[j]))))))
-        j = atp_by_text.get(text)
-        if j is not None and j < len(atp_per) and atp_per[j]:
-            conds.append((f"atp/{i}", list(ablate(latents_to_dict(sorted(atp_per[j]))))))
+        for family, index, sets in (("attribution", by_text, per), ("atp", atp_by_text, atp_per)):
+            j = index.get(text)
+            if j is not None and j < len(sets) and sets[j]:
+                conds.append((f"{family}/{i}", list(ablate(latents_to_dict(sorted(sets[j]))))))
     union = set().union(*(s for _, s in s2.values())) if s2 else set()
     if union:
         conds.append(("stage2/union", list(ablate(latents_to_dict(sorted(union))))))
@@ -143,6 +141,28 @@ def _search(c: dict[str, Any] | None) -> float | None:
     if not c:
         return None
     return float(c["forward_equivalents"]) - float(c.get("generations", 0))
+
+
+def _selection_search(c: dict[str, Any] | None, sel: dict[str, Any]) -> float | None:
+    """An attribution selection's search passes: the meter's count, else the selection's own."""
+    metered = _search(c)
+    if metered is None and sel:
+        return float(sel.get("forward_equivalents", 0.0))
+    return metered
+
+
+def _per_prompt_methods(label: str, family: str, note: str, sets: list[set[Latent]], ppv: dict[float, Any],
+                        sel: dict[str, Any], by_cond: dict[str, Any], c: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """One methods row per validated scale of an attribution selection's per-prompt sets (CE for the
+    ablation, x0, from the ``family/<index>`` conditions)."""
+    k = sel.get("per_prompt_k", len(sets[0]) if sets else 0)
+    return [{
+        "method": f"{label} per-prompt top-{k}, x{a:g} ({note})", "prompts_run": len(sets),
+        "mean_set_size": _mean([float(len(s)) for s in sets]),
+        "unique_latents": len(set().union(*sets)) if sets else 0,
+        "jailbreak_rate": r.get("jailbreak_rate"), "jailbreak_rate_ungated": r.get("jailbreak_rate_ungated"),
+        "ce_delta": _ce_family(by_cond, family) if a == 0.0 else {},
+        "compute": c} for a, r in sorted(ppv.items(), reverse=True)]
 
 
 def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: dict[str, Any],
@@ -227,15 +247,7 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
          "jailbreak_rate_ungated": (sum(1 for v in s3.values() if v[2]) / n) if n else None,
          "ce_delta": _ce_family(by_cond, "stage3"), "compute": c_s3},
     ]
-    for a, r in sorted(ppv.items(), reverse=True):
-        methods.append({
-            "method": f"attribution per-prompt top-{sel.get('per_prompt_k', len(per[0]) if per else 0)}, "
-                      f"x{a:g} (seed 2)", "prompts_run": len(per),
-            "mean_set_size": _mean([float(len(s)) for s in per]),
-            "unique_latents": len(set().union(*per)) if per else 0,
-            "jailbreak_rate": r.get("jailbreak_rate"), "jailbreak_rate_ungated": r.get("jailbreak_rate_ungated"),
-            "ce_delta": _ce_family(by_cond, "attribution") if a == 0.0 else {},
-            "compute": c_attr})
+    methods += _per_prompt_methods("attribution", "attribution", "seed 2", per, ppv, sel, by_cond, c_attr)
     for r in rf.get("sweep") or []:
         if r.get("alpha") is None or int(r.get("k", 0)) != len(glob):
             continue
@@ -246,15 +258,7 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
             "ce_delta": by_cond.get(f"attribution/global/{r['alpha']:g}", {}), "compute": c_attr})
     c_atp = _stage(compute, sec["refusal_features_atp"], ATP_STAGE)
     atp_sel = (rf_atp or {}).get("selection") or {}
-    for a, r in sorted(atp_ppv.items(), reverse=True):
-        methods.append({
-            "method": f"AtP per-prompt top-{atp_sel.get('per_prompt_k', len(atp_per_list[0]) if atp_per_list else 0)}, "
-                      f"x{a:g} (seed 2, n=1)", "prompts_run": len(atp_per_list),
-            "mean_set_size": _mean([float(len(s)) for s in atp_per_list]),
-            "unique_latents": len(set().union(*atp_per_list)) if atp_per_list else 0,
-            "jailbreak_rate": r.get("jailbreak_rate"), "jailbreak_rate_ungated": r.get("jailbreak_rate_ungated"),
-            "ce_delta": _ce_family(by_cond, "atp") if a == 0.0 else {},
-            "compute": c_atp})
+    methods += _per_prompt_methods("AtP", "atp", "seed 2, n=1", atp_per_list, atp_ppv, atp_sel, by_cond, c_atp)
 
     # per layer: union sets
     a_union = set().union(*per) if per else set()
@@ -282,9 +286,7 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
     s2_search = _search(c_s2)
     if s2_search is None and stage2.get("prompts"):
         s2_search = float(sum(p["forward_passes"] for p in stage2["prompts"]))
-    attr_search = _search(c_attr)
-    if attr_search is None and sel:
-        attr_search = float(sel.get("forward_equivalents", 0.0))
+    attr_search = _selection_search(c_attr, sel)
     cfg2 = stage2.get("config") or {}
     n_seeds, block = len(cfg2.get("seeds") or [0, 1, 2]), int(cfg2.get("block_size") or 5)
     s2_pp = s2_search / n_s2 if s2_search is not None and n_s2 else None
@@ -306,9 +308,7 @@ def compare_methods(stage1: dict[str, Any] | None, stage2: dict[str, Any], rf: d
         # stage 2 costs about 2 + seeds * |C| / N score passes per prompt (audit/stage2.py)
         cost["break_even_pool_10x"] = block * (10 * a_pp - 2) / n_seeds
     if rf_atp is not None:
-        t_search = _search(c_atp)
-        if t_search is None and atp_sel:
-            t_search = float(atp_sel.get("forward_equivalents", 0.0))
+        t_search = _selection_search(c_atp, atp_sel)
         t_pp = t_search / len(atp_per_list) if t_search is not None and atp_per_list else None
         t_ratio = s2_pp / t_pp if s2_pp and t_pp else None
         cost.update({
