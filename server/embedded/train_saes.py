@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .cpu_bf16 import resolve_autocast
+from .cpu_bf16 import cpu_autocast, resolve_autocast
 from .manifest import InputRef, StepOutput, sha256_bytes
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -225,8 +225,7 @@ def collect_activations(model: PreTrainedModel, sequences: Sequence[list[int]], 
 
     def forward(ids: torch.Tensor, attn: torch.Tensor, use_autocast: bool) -> dict[int, torch.Tensor]:
         captured.clear()
-        ctx = torch.autocast("cpu", dtype=torch.bfloat16) if use_autocast else contextlib.nullcontext()
-        with ctx, contextlib.suppress(_StopForward):
+        with cpu_autocast(use_autocast), contextlib.suppress(_StopForward):
             model.get_decoder()(input_ids=ids, attention_mask=attn, use_cache=False)
         return {k: v.float() for k, v in captured.items()}
 
