@@ -3,8 +3,10 @@
 GemmaScope-2-shaped JumpReLU SAE (640 -> 16,384, random weights: timing only), a packed step of
 8 requests (decode: 1 token each; prefill: `--prefill` tokens each). Configurations:
 
-  * distinct   every request ablates its own random `--latents`-latent set (per-row gathers: each
-               token touches its own request's latents only)
+  * batched    every request ablates its own random `--latents`-latent set; all groups in one padded
+               `torch.bmm` each for encode and decode (the default path for several groups)
+  * looped     the same plan through the per-group loop (one gather per distinct set: ~20 small
+               ops per group), `LatentLayerPlan(batched=False)`
   * shared     all requests ablate the same set (one group: the floor for this set size)
   * union      every request ablates the union of the 8 distinct sets: the matmul work of the old
                union gather (~3,600 latents per token for 8 x 500), without its masks
@@ -21,6 +23,7 @@ import argparse
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 from _common import gemmascope_shaped_sae
@@ -49,6 +52,8 @@ def main() -> None:
     }
     plans = {k: compile_plan(v, [args.prefill] * args.rows, saes, 4, d, torch.device("cpu")).latent_layers[1]
              for k, v in specs.items()}
+    plans = {"batched": plans["distinct"], "looped": replace(plans["distinct"], batched=False),
+             "shared": plans["shared"], "union": plans["union"]}
     load0 = os.getloadavg()[0]
     print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; torch threads 1")
     for step, per_row in (("decode", 1), ("prefill", args.prefill)):
@@ -60,8 +65,8 @@ def main() -> None:
         h = torch.randn(1, n, d, generator=g)
         times: dict[str, list[float]] = {k: [] for k in plans}
         with torch.inference_mode():
-            for p in plans.values():  # warm-up (slice caches)
-                p.apply(h, ctx)
+            outs = [p.apply(h, ctx) for p in plans.values()]  # warm-up (slice caches)
+            gap = float((outs[0] - outs[1]).abs().max())
             for _ in range(args.repeats):
                 for k, p in plans.items():
                     t0 = time.perf_counter()
@@ -69,7 +74,8 @@ def main() -> None:
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
         print(f"{step:8s} ({n:4d} tokens): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
-              + f"; distinct/union {med['distinct'] / med['union']:.2f}")
+              + f"; batched/looped {med['batched'] / med['looped']:.2f}, looped/union {med['looped'] / med['union']:.2f}"
+              + f"; max |batched - looped| {gap:.1e}")
     print(f"load average (1 min) before / after: {load0:.1f} / {os.getloadavg()[0]:.1f}")
 
 

@@ -38,6 +38,18 @@ class SAESlice:
     W_dec: torch.Tensor  # [k, d]
 
 
+@dataclass(frozen=True)
+class StackedSlices:
+    """The slices of G latent sets padded to a common width S_max and stacked, for one batched
+    matmul over all groups of a batch (`torch.bmm`). Padded columns/rows are zero (threshold 0), so a
+    padded latent encodes to exactly 0 and decodes to exactly 0 for any finite input."""
+
+    W_enc: torch.Tensor  # [G, d, S_max]
+    b_enc: torch.Tensor  # [G, 1, S_max]
+    threshold: torch.Tensor | None  # [G, 1, S_max]
+    W_dec: torch.Tensor  # [G, S_max, d]
+
+
 class LayerSAE:
     """One SAE on the residual stream after `layer`, with exact sparse-path helpers."""
 
@@ -56,6 +68,9 @@ class LayerSAE:
         self._cache: OrderedDict[tuple[int, ...], SAESlice] = OrderedDict()
         self._cache_bytes = cache_bytes  # LRU bounded by size, not count: a 3k-latent slice is ~15 MB at d=640
         self._cached_bytes = 0
+        self._stacks: OrderedDict[tuple[tuple[int, ...], ...], StackedSlices] = OrderedDict()
+        self._stacked_bytes = 0
+        self._stack_sizes: dict[tuple[tuple[int, ...], ...], int] = {}
         self._lock = threading.Lock()
         self._row_absmax: np.ndarray | None = None
 
@@ -106,6 +121,40 @@ class LayerSAE:
                 _, old = self._cache.popitem(last=False)
                 self._cached_bytes -= _nbytes(old)
         return sl
+
+    def stacked(self, keys: tuple[tuple[int, ...], ...]) -> StackedSlices:
+        """The slices of several latent sets (one batch composition), padded and stacked; LRU-cached per
+        composition and bounded by size like `slices` (decode steps repeat the same composition)."""
+        with self._lock:
+            hit = self._stacks.get(keys)
+            if hit is not None:
+                self._stacks.move_to_end(keys)
+                return hit
+        parts = [self.slices(k) for k in keys]
+        G, d, width = len(parts), self.d_in, max(len(k) for k in keys)
+        ref = parts[0].W_enc
+        W_enc = ref.new_zeros((G, d, width))
+        b_enc = ref.new_zeros((G, 1, width))
+        W_dec = ref.new_zeros((G, width, d))
+        thr = None if parts[0].threshold is None else ref.new_zeros((G, 1, width))
+        for g, sl in enumerate(parts):
+            k = sl.W_enc.shape[1]
+            W_enc[g, :, :k] = sl.W_enc
+            b_enc[g, 0, :k] = sl.b_enc
+            W_dec[g, :k] = sl.W_dec
+            if thr is not None and sl.threshold is not None:
+                thr[g, 0, :k] = sl.threshold
+        st = StackedSlices(W_enc, b_enc, thr, W_dec)
+        size = sum(t.numel() * t.element_size() for t in (W_enc, b_enc, W_dec) + ((thr,) if thr is not None else ()))
+        with self._lock:
+            if keys not in self._stacks:
+                self._stacks[keys] = st
+                self._stacked_bytes += size
+                self._stack_sizes[keys] = size
+            while self._stacked_bytes > self._cache_bytes and len(self._stacks) > 1:
+                old, _ = self._stacks.popitem(last=False)
+                self._stacked_bytes -= self._stack_sizes.pop(old)
+        return st
 
     def normalise_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """sae-lens's input normalisation; returns (x_in, scale) with decode-space deltas times scale."""

@@ -120,3 +120,40 @@ def test_rows_are_grouped_by_latent_set_and_equal_their_solo_run() -> None:
         assert (r == 3) == torch.equal(out[:, sel], h[:, sel]), f"row {r}: only the row without ops stays as it is"
     # row 4 (a prompt clamp and a generated scale on overlapping latents: the weighted path) acts on its prompt
     assert not torch.allclose(out[:, row == 4][:, :3], h[:, row == 4][:, :3])
+
+
+@pytest.mark.parametrize("prefill", [1, 40])
+def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int) -> None:
+    """Several distinct latent sets of different sizes: the batched path (tokens padded per group,
+    one bmm against slices stacked and zero-padded to the largest set) equals the per-group loop and
+    an independent dense computation (full encode, h - z_S W_dec[S]). With one long prefill beside
+    decodes the padding would dwarf the work, so the loop runs instead (`_apply_batched` declines)."""
+    saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=5, norm=4.0)}, D, N_LAYERS)
+    sets = [tuple(range(0, 64, 3)), (1, 2, 9), tuple(range(10, 60)), (7,)]
+    rows = [(AblateLatents(latents={1: s}),) for s in sets]
+    counts = [prefill, 1, 1, 1]  # row 0 in prefill (40 tokens) or decoding like the rest
+    plens = [max(prefill, 2), 3, 4, 2]
+    plan = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"))
+    lp = plan.latent_layers[1]
+    assert len(lp.groups) == 4
+    row = torch.repeat_interleave(torch.arange(4), torch.tensor(counts))
+    pos = torch.cat([torch.arange(n) + (plens[r] if n == 1 else 0) for r, n in enumerate(counts)])
+    plen = torch.tensor(plens)
+    ctx = TokenContext.packed(pos, pos < plen[row], plen, row)
+    h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(1)) * 4.0
+    with torch.no_grad():
+        batched = lp._apply_batched(h, lp.scopes.masks(ctx))
+        assert (batched is None) == (prefill > 1)
+        out = lp.apply(h, ctx)
+        looped = lp._apply_looped(h, lp.scopes.masks(ctx))
+        sae = saes[1].sae
+        z = sae.encode(h[0])
+        dense = h[0].clone()
+        for r, s in enumerate(sets):
+            sel, idx = row == r, torch.tensor(s)
+            dense[sel] -= z[sel][:, idx] @ sae.W_dec[idx]
+    assert torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
+    if batched is not None:
+        assert torch.equal(out, batched)
+    assert torch.allclose(out[0], dense, atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(out, h), "the ablations must act"
