@@ -2,9 +2,10 @@
 apply it to residual-stream tensors at hook points.
 
 Rows are the requests of a batch; each has its own interventions. Per SAE layer, rows whose ops
-edit the same latents the same way form a group, and each group runs one gather over its own
-latents for its own tokens only (a token never pays for another request's latents); the loop is
-over distinct latent sets, not requests. Token scopes are evaluated from a `TokenContext` the
+edit the same latents the same way form a group, and a token goes through the SAE on its own
+group's latents only (it never pays for another request's latents). Several groups run in one
+padded batched matmul (tokens [G, T_max, d] against slices stacked [G, d, S_max]), so the op count
+per layer does not grow with the number of distinct latent sets. Token scopes are evaluated from a `TokenContext` the
 engine sets before each forward call; the padded [B, T] layout is flattened to the packed one, so
 both engines run the same arithmetic.
 
