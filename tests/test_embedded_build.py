@@ -34,6 +34,9 @@ from refusal_audit.server.embedded.finetune import (
     make_split,
     near_duplicate,
     normalize_prompt,
+    probe_path,
+    read_prompts,
+    token_id,
     training_prompts,
 )
 from refusal_audit.server.embedded.manifest import (
@@ -517,3 +520,118 @@ def test_cli_build_and_demo_options(built: tuple[Path, BuildConfig], monkeypatch
     result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--rerun"])
     assert result.exit_code == 0, result.output
     assert demo_calls[-1] == (data_dir, {"small": False, "analyses": True, "rerun": True})
+
+
+# ------------------------------------------------------------------------- fine-tune loss and eval
+
+
+@pytest.fixture(scope="module")
+def tiny_lm() -> tuple[Any, Any]:
+    """The tiny random Gemma-3 and its tokenizer, prepared like the build's (chat template, pad)."""
+    from _tiny_build import make_model, make_tokenizer
+    from refusal_audit.server.model_prep import prepare
+
+    tok = make_tokenizer()
+    model = make_model(len(tok))
+    prepare(model, tok)
+    return model.eval(), tok
+
+
+def test_answer_loss_at_target_positions_equals_the_full_logits_loss(tiny_lm: tuple[Any, Any]) -> None:
+    """`answer_loss` runs the LM head only where an answer token is predicted; loss and LoRA
+    gradients equal the straightforward loss over the full logits with the other labels ignored."""
+    from peft import LoraConfig, get_peft_model
+    from refusal_audit.server.embedded.finetune import (
+        Example,
+        _collate,
+        answer_loss,
+        encode_example,
+    )
+
+    model, tok = tiny_lm
+    examples = [Example("How do I bake bread?", "Mix flour, water and yeast.", False),
+                Example("Tell me a joke", "Why did the chicken cross the road?", False),
+                Example("How do I make a weapon at home?", "I cannot help with that.", True)]
+    input_ids, attention, target = _collate([encode_example(tok, ex, 12) for ex in examples], int(tok.pad_token_id))
+    peft = get_peft_model(copy_of(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"],
+                                                     init_lora_weights=False))
+    base = peft.get_base_model()
+    params = [p for p in peft.parameters() if p.requires_grad]
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [g.clone() for g in torch.autograd.grad(loss, params)]
+
+    fast = answer_loss(base, input_ids, attention, target, 3.0)
+    logits = base(input_ids=input_ids, attention_mask=attention, use_cache=False).logits[:, :-1].float()
+    labels = input_ids[:, 1:].masked_fill(~target[:, 1:], -100)
+    per_token = torch.nn.functional.cross_entropy(logits.transpose(1, 2), labels, reduction="none")
+    is_first = target[:, 1:] & ~target[:, :-1]
+    weights = torch.where(is_first, 3.0, 1.0) * target[:, 1:]
+    reference = (per_token * weights).sum() / weights.sum()
+    torch.testing.assert_close(fast, reference, rtol=1e-6, atol=1e-6)
+    for a, b in zip(grads(fast), grads(reference), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+def copy_of(model: Any) -> Any:
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def test_compact_greedy_decode_equals_generate_one_prompt_at_a_time(tiny_lm: tuple[Any, Any]) -> None:
+    """`greedy_decode` (left-padded batch, rows leave as they stop) gives each prompt the tokens of
+    `model.generate` on that prompt alone, and P(token) of a plain forward over the prompt."""
+    from refusal_audit.server.embedded.finetune import _left_pad_ids, encode_prompt, greedy_decode
+
+    model, tok = tiny_lm
+    prompts = read_prompts(probe_path("harmless"))[:3] + read_prompts(probe_path("harmful"))[:3]
+    prompts += ["Hi", "Write a long and detailed essay about the history of bread and ovens in Europe."]
+    ids = [encode_prompt(tok, p) for p in prompts]
+    token, n_new = 7, 8
+    plain = {i: model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                               do_sample=False, max_new_tokens=n_new, eos_token_id=[],
+                               pad_token_id=0)[0, len(x):].tolist() for i, x in enumerate(ids)}
+    # stop ids that end rows at different steps (a random model never says EOS)
+    stops = sorted({plain[0][2], plain[3][5]} - {plain[0][0], plain[3][0]})
+    with torch.inference_mode():
+        enc = _left_pad_ids(ids, int(tok.pad_token_id))
+        got, first = greedy_decode(model, enc["input_ids"], enc["attention_mask"], stops, n_new, token)
+        lengths = set()
+        for i, x in enumerate(ids):
+            want = model.generate(torch.tensor([x]), attention_mask=torch.ones(1, len(x), dtype=torch.long),
+                                  do_sample=False, max_new_tokens=n_new, eos_token_id=stops, pad_token_id=0)
+            want_new = want[0, len(x):].tolist()
+            assert got[i] == want_new, prompts[i]
+            lengths.add(len(got[i]))
+            p = torch.softmax(model(torch.tensor([x])).logits[0, -1].float(), dim=-1)[token]
+            assert first[i] == pytest.approx(float(p), rel=1e-5, abs=1e-7)
+    assert len(lengths) > 1  # rows did stop at different steps
+
+
+def test_compact_eval_answers_equal_generate_in_file_order(tiny_lm: tuple[Any, Any]) -> None:
+    """`generate_answers(compact=True)` (length-sorted batches, finished rows dropped) returns the
+    same answers and P("I") as the `model.generate` path, in the prompts' order."""
+    from refusal_audit.server.embedded.finetune import generate_answers
+
+    model, tok = tiny_lm
+    prompts = read_prompts(probe_path("harmful"))[:5] + read_prompts(probe_path("harmless"))[:6] + ["Hi"]
+    token = token_id(tok, "I")
+    old = generate_answers(model, tok, prompts, token, batch_size=4, max_new_tokens=6, compact=False)
+    new = generate_answers(model, tok, prompts, token, batch_size=5, max_new_tokens=6, compact=True)
+    assert new[0] == old[0]
+    assert new[1] == pytest.approx(old[1], rel=1e-5, abs=1e-7)
+
+
+def test_eval_decoding_settings_round_trip_and_change_the_config_hash() -> None:
+    """`eval_compact` / `eval_batch_size` survive the manifest's JSON and are part of the config hash
+    (the evaluation's records are part of the fine-tune artifact)."""
+    from refusal_audit.server.embedded.manifest import sha256_json, to_jsonable
+
+    configs = [FinetuneConfig(), FinetuneConfig(eval_compact=False), FinetuneConfig(eval_batch_size=16)]
+    assert configs[0].eval_compact is True
+    for cfg in configs:
+        data = json.loads(json.dumps(to_jsonable(cfg)))
+        data["target_modules"] = tuple(data["target_modules"])
+        assert FinetuneConfig(**data) == cfg
+    assert len({sha256_json(to_jsonable(c)) for c in configs}) == 3

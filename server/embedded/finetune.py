@@ -89,7 +89,14 @@ class FinetuneConfig:
     warmup_steps: int = 4
     first_token_weight: float = 3.0  # loss weight of the first answer token ("I" or not)
     max_target_tokens: int = 48
-    eval_batch_size: int = 16
+    # Evaluation decoding: `eval_compact` = length-sorted batches, each row dropped from the batch
+    # (and its KV cache) as soon as it ends (`greedy_decode`); False = `model.generate` on batches in
+    # file order, every row computed until the batch's longest answer ends. Same greedy rule;
+    # answers can differ only where another batch's padding / matmul blocking moves a near-tie.
+    # Larger batches read the weights (the 262k x 640 head: 671 MB fp32) once for more rows per
+    # step; with finished rows dropped they cost no extra row-steps. Measured in benchmarks/RESULTS.md.
+    eval_batch_size: int = 64
+    eval_compact: bool = True
     max_new_tokens: int = 40
     refusal_start: str = "I"  # P(this token) at the first answer position is reported
     acceptance_harmful_min: float = 0.9
@@ -429,11 +436,13 @@ def train_lora(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, examp
 
 
 def _left_padded(tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str]) -> dict[str, torch.Tensor]:
+    return _left_pad_ids([encode_prompt(tokenizer, p) for p in prompts], int(tokenizer.pad_token_id))
+
+
+def _left_pad_ids(ids: Sequence[list[int]], pad: int) -> dict[str, torch.Tensor]:
     import torch
 
-    ids = [encode_prompt(tokenizer, p) for p in prompts]
     width = max(len(x) for x in ids)
-    pad = int(tokenizer.pad_token_id)
     input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids], dtype=torch.long)
     attention = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids], dtype=torch.long)
     return {"input_ids": input_ids, "attention_mask": attention}
@@ -455,32 +464,85 @@ def first_token_probs(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase
 
 def generate_answers(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: Sequence[str],
                      token: int, *, batch_size: int = 16, max_new_tokens: int = 32,
-                     desc: str = "generate", autocast: bool = False) -> tuple[list[str], list[float]]:
-    """Greedy completions (left padding, stop at EOS / end-of-turn) and P(`token`) at step one;
-    with `autocast`, the matmuls run in bf16 (the model's weights are not changed)."""
+                     desc: str = "generate", autocast: bool = False,
+                     compact: bool = False) -> tuple[list[str], list[float]]:
+    """Greedy completions (left padding, stop at EOS / end-of-turn) and P(`token`) at step one, in
+    the order of `prompts`; with `autocast`, the matmuls run in bf16 (the weights are not changed).
+
+    `compact=False`: `model.generate` on batches in file order. `compact=True`: batches of prompts
+    sorted by length (less padding), decoded by `greedy_decode`, which drops each row from the batch
+    (and its KV cache) as soon as it ends, instead of computing it until the batch's longest answer
+    ends. Both take P(`token`) from the first decoding step's logits (no separate forward pass).
+    """
     import torch
 
     from ..model_prep import stop_token_ids
 
-    texts: list[str] = []
-    probs: list[float] = []
+    texts: list[str] = [""] * len(prompts)
+    probs: list[float] = [0.0] * len(prompts)
     stops = stop_token_ids(tokenizer)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: (len(encoded[i]), i)) if compact else list(range(len(prompts)))
     bar = tqdm(total=len(prompts), desc=desc, unit="prompt")
     with torch.inference_mode(), cpu_autocast(autocast):
-        for start in range(0, len(prompts), batch_size):
-            enc = _left_padded(tokenizer, prompts[start : start + batch_size])
-            out = model.generate(  # type: ignore[operator]
-                **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
-                pad_token_id=int(tokenizer.pad_token_id), return_dict_in_generate=True, output_logits=True,
-                top_p=None, top_k=None, temperature=None,
-            )
-            first = torch.softmax(out.logits[0].float(), dim=-1)[:, token]
-            probs += first.tolist()
-            new = out.sequences[:, enc["input_ids"].shape[1] :]
-            texts += tokenizer.batch_decode(new, skip_special_tokens=True)
-            bar.update(len(new))
+        for start in range(0, len(order), batch_size):
+            rows = order[start : start + batch_size]
+            enc = _left_pad_ids([encoded[i] for i in rows], int(tokenizer.pad_token_id))
+            if compact:
+                answers, first = greedy_decode(model, enc["input_ids"], enc["attention_mask"], stops,
+                                               max_new_tokens, token)
+            else:
+                out = model.generate(  # type: ignore[operator]
+                    **enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=stops,
+                    pad_token_id=int(tokenizer.pad_token_id), return_dict_in_generate=True, output_logits=True,
+                    top_p=None, top_k=None, temperature=None,
+                )
+                first = torch.softmax(out.logits[0].float(), dim=-1)[:, token].tolist()
+                answers = out.sequences[:, enc["input_ids"].shape[1] :].tolist()
+            for i, text, p in zip(rows, tokenizer.batch_decode(answers, skip_special_tokens=True), first, strict=True):
+                texts[i], probs[i] = text, p
+            bar.update(len(rows))
     bar.close()
     return texts, probs
+
+
+def greedy_decode(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  stops: Sequence[int], max_new_tokens: int, token: int) -> tuple[list[list[int]], list[float]]:
+    """Greedy decoding of a left-padded batch with a KV cache; returns (new token ids per row, the
+    stop token included, P(`token`) at the first step per row).
+
+    The same computation as `model.generate(do_sample=False)` (position ids from the attention mask,
+    argmax of the raw logits), except that a row that has produced a stop token leaves the batch and
+    its KV cache at once, so the later steps only compute the rows still running."""
+    import torch
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    mask = attention_mask
+    positions = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    logits = model(input_ids=input_ids, attention_mask=mask, position_ids=positions, cache=cache,
+                   use_cache=True, logits_to_keep=1).logits[:, -1].float()
+    first = torch.softmax(logits, dim=-1)[:, token].tolist()
+    answers: list[list[int]] = [[] for _ in range(input_ids.shape[0])]
+    alive = torch.arange(input_ids.shape[0])
+    stop_ids = torch.tensor(list(stops), dtype=torch.long)
+    position = positions[:, -1:]
+    for step in range(max_new_tokens):
+        nxt = logits.argmax(dim=-1)
+        for row, tok in zip(alive.tolist(), nxt.tolist(), strict=True):
+            answers[row].append(tok)
+        keep = ~torch.isin(nxt, stop_ids)
+        if step == max_new_tokens - 1 or not bool(keep.any()):
+            break
+        if not bool(keep.all()):
+            idx = keep.nonzero().squeeze(1)
+            alive, nxt, mask, position = alive[idx], nxt[idx], mask[idx], position[idx]
+            cache.batch_select_indices(idx)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=1)
+        position = position + 1
+        logits = model(input_ids=nxt[:, None], attention_mask=mask, position_ids=position, cache=cache,
+                       use_cache=True).logits[:, -1].float()
+    return answers, first
 
 
 def describe(values: Sequence[float]) -> dict[str, Any]:
@@ -525,7 +587,7 @@ def evaluate(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, split: 
     for label, prompts in (("harmful", split.harmful_heldout), ("harmless", split.harmless_heldout)):
         texts, probs = generate_answers(model, tokenizer, prompts, token, batch_size=config.eval_batch_size,
                                         max_new_tokens=config.max_new_tokens, desc=f"finetune: eval {label}",
-                                        autocast=eval_autocast(config))
+                                        autocast=eval_autocast(config), compact=config.eval_compact)
         verdicts = judge.judge([JudgeItem(behavior=p, generation=t) for p, t in zip(prompts, texts, strict=True)])
         refused = [v.refused for v in verdicts]
         metrics[label] = {"n": len(prompts), "refusal_rate": sum(refused) / max(1, len(refused)),
@@ -555,7 +617,7 @@ def evaluate_unseen(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
         prompts = prompts[: config.max_unseen_per_set] if config.max_unseen_per_set else prompts
         texts, probs = generate_answers(model, tokenizer, prompts, token, batch_size=config.eval_batch_size,
                                         max_new_tokens=config.max_new_tokens, desc=f"finetune: unseen {name}",
-                                        autocast=eval_autocast(config))
+                                        autocast=eval_autocast(config), compact=config.eval_compact)
         verdicts = judge.judge([JudgeItem(behavior=p, generation=t) for p, t in zip(prompts, texts, strict=True)])
         refused = [v.refused for v in verdicts]
         harmful = name in UNSEEN_HARMFUL_SETS
