@@ -93,8 +93,11 @@ class _ScopeTable:
     kind: torch.Tensor  # [O] long
     n: torch.Tensor  # [O] long
     positions: torch.Tensor  # [O, P] long (resolved, _NO_POS padded)
+    all_tokens: bool = False  # every op has scope "all": the mask is each op's own valid tokens
 
     def masks(self, ctx: TokenContext) -> torch.Tensor:
+        if self.all_tokens and ctx.row is not None:  # the common case, in 3 ops instead of ~20
+            return (ctx.row.unsqueeze(0) == self.rows.unsqueeze(1)) & (ctx.position >= 0)
         if ctx.row is None:
             pos = ctx.position.index_select(0, self.rows)  # [O, T]
             is_prompt = ctx.is_prompt.index_select(0, self.rows)
@@ -136,6 +139,7 @@ def _scope_table(entries: list[tuple[int, TokenScope]], prompt_lens: Sequence[in
         torch.tensor(kinds, dtype=torch.long, device=device),
         torch.tensor(ns, dtype=torch.long, device=device),
         pos.to(device),
+        all_tokens=all(k == SCOPE_ALL for k in kinds),
     )
 
 
@@ -273,6 +277,7 @@ class LatentLayerPlan:
         if G * t_max > _PAD_LIMIT * A and G * t_max - A > _PAD_SLACK * G:
             return None
         slot = torch.arange(A, device=h.device) - (torch.cumsum(counts, 0) - counts).index_select(0, gid)
+        flat = gid * t_max + slot  # each token's slot in the padded [G * T_max] layout
         st = gb.stack() if gb.stack is not None else None
         if st is None:
             st = self.sae.stacked(gb.keys)
@@ -280,21 +285,22 @@ class LatentLayerPlan:
         sae = self.sae
         x = x_all.index_select(0, tok)
         x_in, scale = sae.normalise_in(x)
-        X = x_in.new_zeros((G, t_max, x_in.shape[-1]))
-        X[gid, slot] = x_in
+        d = x_in.shape[-1]
+        X = x_in.new_zeros((G * t_max, d)).index_copy_(0, flat, x_in).view(G, t_max, d)
         pre = torch.baddbmm(st.b_enc, X, st.W_enc)  # [G, T_max, S_max]
         z = torch.relu(pre)
         if st.threshold is not None:
-            z = z * (pre > st.threshold).to(z.dtype)
+            z = torch.where(pre > st.threshold, z, 0.0)
         if gb.single:  # weight 1 on the group's latents, 0 on padding: membership itself
-            coeff = (gb.scales - gb.membership) * z + gb.targets
+            coeff = torch.addcmul(gb.targets, gb.scales - gb.membership, z)
         else:
             w_tok = masks.index_select(1, tok).T.to(gb.op_k.dtype) @ gb.op_k  # [A, K_max]: each row's op k
-            W = w_tok.new_zeros((G, t_max, w_tok.shape[1]))
-            W[gid, slot] = w_tok
+            W = w_tok.new_zeros((G * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(G, t_max, -1)
             weight = torch.bmm(W, gb.membership).clamp_(max=1.0)
-            coeff = (torch.bmm(W, gb.scales) - weight) * z + torch.bmm(W, gb.targets)
-        delta = torch.bmm(coeff, st.W_dec)[gid, slot] * scale  # [A, d]
+            coeff = torch.addcmul(torch.bmm(W, gb.targets), torch.bmm(W, gb.scales) - weight, z)
+        delta = torch.bmm(coeff, st.W_dec).view(G * t_max, -1).index_select(0, flat)  # [A, d]
+        if not isinstance(scale, float) or scale != 1.0:
+            delta = delta * scale
         return x_all.index_copy(0, tok, x + delta.to(h.dtype)).unsqueeze(0)
 
     def _delta(
