@@ -212,15 +212,29 @@ def ablation_sweep(engine: Engine, items: Sequence[Stage2Item], rankings: dict[i
                     verdicts[(it.index, n)] = (b, c.text, dg)
 
         if cfg.stop_at_first_jailbreak:
+            # K by K as written, but the Ks of a window are generated in one call (windows of 1, 2, 4, ...
+            # Ks, at most batch_size rows): one short batch per K left the model mostly idle on a CPU. The
+            # window's verdicts are then committed K by K exactly as the one-K loop would, so a prompt's
+            # outcomes stop at its first jailbreak and the Ks generated past it are dropped unread.
             open_ = list(group)
-            for k in cfg.ks:
-                step: list[tuple[Stage2Item, int, list[Latent]]] = []
+            ks, pos, width = list(cfg.ks), 0, 1
+            while pos < len(ks) and open_:
+                window = ks[pos : pos + max(1, min(width, cfg.batch_size // len(open_)))]
+                step: dict[tuple[int, int], tuple[Stage2Item, int, list[Latent]]] = {}
                 for it in open_:
-                    n, s = sets_for(it, k)
-                    if (it.index, n) not in verdicts and not any(t[0].index == it.index and t[1] == n for t in step):
-                        step.append((it, n, s))
-                run(step)
-                open_ = [it for it in open_ if not verdicts[(it.index, sets_for(it, k)[0])][0]]
+                    for k in window:
+                        n, s = sets_for(it, k)
+                        if (it.index, n) not in verdicts:
+                            step.setdefault((it.index, n), (it, n, s))
+                ahead: dict[tuple[int, int], tuple[bool, str, bool]] = {}
+                run(list(step.values()), ahead)
+                for k in window:
+                    for it in open_:
+                        key_n = (it.index, sets_for(it, k)[0])
+                        if key_n not in verdicts:
+                            verdicts[key_n] = ahead[key_n]
+                    open_ = [it for it in open_ if not verdicts[(it.index, sets_for(it, k)[0])][0]]
+                pos, width = pos + len(window), width * 2
         else:
             todo: list[tuple[Stage2Item, int, list[Latent]]] = []
             for it in group:
