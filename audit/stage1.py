@@ -193,13 +193,18 @@ def run_stage1(
 
     degenerate_ks: dict[int, list[int]] = {}  # Ks whose completion the coherence gate called degenerate
 
-    def judge(items: list[tuple[int, str]], k: int = 0) -> list[bool]:
+    def judge_flags(items: list[tuple[int, str]]) -> list[tuple[bool, bool]]:
+        """(jailbroken, degenerate) per (prompt index, generation)."""
         verdicts = ctx.judge.judge([JudgeItem(behavior=prompts[i], generation=g, prompt=as_prompt(prompts[i], cfg.chat))
                                     for i, g in items])
-        for (i, _), v in zip(items, verdicts, strict=True):
-            if getattr(v, "degenerate", False):
+        return [(bool(v.jailbroken), bool(getattr(v, "degenerate", False))) for v in verdicts]
+
+    def judge(items: list[tuple[int, str]], k: int = 0) -> list[bool]:
+        flags = judge_flags(items)
+        for (i, _), (_, dg) in zip(items, flags, strict=True):
+            if dg:
                 degenerate_ks.setdefault(i, []).append(k)
-        return [v.jailbroken for v in verdicts]
+        return [jb for jb, _ in flags]
 
     results = restore_items(ctx, "stage1/prompt", dict.fromkeys(range(len(prompts)), fp), Stage1Prompt.from_json)
 
@@ -229,25 +234,40 @@ def run_stage1(
 
     total = len(ks)
     last_text: dict[int, str] = {}
-    for j, k in enumerate(ks):
-        if k < state["next_k"]:
-            continue
+    # K by K as written, but the Ks of a window (1, 2, 4, ... Ks, at most batch_size rows) are generated
+    # and judged in one call: one short batch per K left the model mostly idle on a CPU. The window's
+    # outcomes are then applied K by K exactly as the one-K loop would (a prompt is finished at its first
+    # jailbreak; what was generated for it at later Ks of the window is dropped unread).
+    todo = [j for j, k in enumerate(ks) if k >= state["next_k"]]
+    width = 1
+    while todo:
         ctx.check_cancelled()
+        window = todo[: max(1, min(width, cfg.batch_size // max(1, len(open_))))] if open_ else todo
+        todo, width = todo[len(window) :], width * 2
+        ahead: dict[tuple[int, int], tuple[str, bool, bool]] = {}  # (prompt, K) -> (text, jailbroken, degenerate)
         if open_:
-            latents = top_k_latents(ranking, k)
-            comps = generate_batched(engine, [req(i, latents) for i in open_], cfg.batch_size)
-            broken = judge([(i, c.text) for i, c in zip(open_, comps, strict=True)], k)
-            for i, c, b in zip(open_, comps, broken, strict=True):
-                calls[i] += 1
-                last_text[i] = c.text
-                if b:
-                    finish(Stage1Prompt(i, prompts[i], "jailbroken", k, {ly: list(v) for ly, v in latents.items()},
-                                        c.text, baseline.get(str(i)), calls[i]))
-            open_ = [i for i in open_ if i not in results]
-        nxt = ks[j + 1] if j + 1 < len(ks) else cfg.k_max + 1
-        state = {"fingerprint": fp, "next_k": nxt, "baseline": baseline}
-        ctx.save_checkpoint("stage1/state", state)
-        ctx.progress(STAGE, j + 1, total, {"k": k, "jailbroken": sum(r.status == "jailbroken" for r in results.values())})
+            tried = [(i, ks[j]) for j in window for i in open_]
+            comps = generate_batched(engine, [req(i, top_k_latents(ranking, k)) for i, k in tried], cfg.batch_size)
+            flags = judge_flags([(i, c.text) for (i, _), c in zip(tried, comps, strict=True)])
+            ahead = {ik: (c.text, jb, dg) for ik, c, (jb, dg) in zip(tried, comps, flags, strict=True)}
+        for j in window:
+            k = ks[j]
+            if open_:
+                latents = top_k_latents(ranking, k)
+                for i in open_:
+                    text, b, dg = ahead[(i, k)]
+                    if dg:
+                        degenerate_ks.setdefault(i, []).append(k)
+                    calls[i] += 1
+                    last_text[i] = text
+                    if b:
+                        finish(Stage1Prompt(i, prompts[i], "jailbroken", k, {ly: list(v) for ly, v in latents.items()},
+                                            text, baseline.get(str(i)), calls[i]))
+                open_ = [i for i in open_ if i not in results]
+            nxt = ks[j + 1] if j + 1 < len(ks) else cfg.k_max + 1
+            state = {"fingerprint": fp, "next_k": nxt, "baseline": baseline}
+            ctx.save_checkpoint("stage1/state", state)
+            ctx.progress(STAGE, j + 1, total, {"k": k, "jailbroken": sum(r.status == "jailbroken" for r in results.values())})
     for i in open_:
         finish(Stage1Prompt(i, prompts[i], "not_jailbroken", None, {}, last_text.get(i, ""), baseline.get(str(i)),
                             calls[i]))

@@ -1,5 +1,5 @@
-"""The top-K sweep's stop-at-first-jailbreak loop generates several Ks per engine call
-(`audit/sweep.py`); its results must equal the one-K-per-call loop's.
+"""Stage 1's K loop and the top-K sweep's stop-at-first-jailbreak loop generate several Ks per engine
+call (`audit/stage1.py`, `audit/sweep.py`); their results must equal the one-K-per-call loop's.
 
 The engine is a scripted stand-in: a prompt is jailbroken once at least `need[prompt]` latents are
 ablated, so the first jailbreaking K of every prompt is known in advance (the independent answer)."""
@@ -13,6 +13,7 @@ import numpy as np
 from refusal_audit.audit.context import LocalContext
 from refusal_audit.audit.engine import Completion
 from refusal_audit.audit.spec import AblateLatents, Request
+from refusal_audit.audit.stage1 import Stage1Config, run_stage1
 from refusal_audit.audit.sweep import Stage2Item, SweepConfig, ablation_sweep
 
 PROMPTS = ["alpha request", "beta request", "gamma request", "delta request", "epsilon request"]
@@ -46,6 +47,21 @@ class ThresholdEngine:
             need = next(v for p, v in self.need.items() if p in str(r.prompt))
             out.append(Completion("Sure, here it is." if n >= need else "I cannot help with that.", [1], "stop", 3))
         return out
+
+
+def test_stage1_windows_find_each_prompts_first_k_in_fewer_calls() -> None:
+    # first jailbreaking K (steps of 10 up to 100): 10, 30, 70, never, never
+    need = dict(zip(PROMPTS, [5, 25, 61, 500, 500], strict=True))
+    eng = ThresholdEngine(need)
+    cfg = Stage1Config(k_start=10, k_step=10, k_max=100, exclude_layers=[], max_new_tokens=4, batch_size=16)
+    res = run_stage1(eng, PROMPTS, np.ones(4, np.float32), cfg, LocalContext())
+    got = [(p.status, p.k, p.generations) for p in res.prompts]
+    # generations = baseline + one per K tried, exactly as the one-K loop counts them
+    assert got == [("jailbroken", 10, 2), ("jailbroken", 30, 4), ("jailbroken", 70, 8),
+                   ("not_jailbroken", None, 11), ("not_jailbroken", None, 11)]
+    assert res.asr == [0.2, 0.2, 0.4, 0.4, 0.4, 0.4, 0.6, 0.6, 0.6, 0.6]
+    assert res.prompts[0].latents == {3: list(range(10))}
+    assert eng.calls < 1 + len(cfg.ks())  # baseline + fewer calls than Ks
 
 
 def test_sweep_windows_stop_at_each_prompts_first_jailbreak() -> None:
