@@ -46,6 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .attribution import AttributionItem, AttributionRequest, Baseline, LogitDiff
 from .compute import forward_equivalents
+from .engine import Completion
 from .judges import JudgeItem
 from .spec import AblateDirection, Intervention, Prompt, Request, SamplingParams, ScaleLatents
 from .stage_utils import chunks, fingerprint, resumed, save_fingerprinted
@@ -209,14 +210,13 @@ def scale(latents: dict[int, list[int]], alpha: float) -> ScaleLatents:
 def steering_row(
     engine: Any, prompts: Sequence[Prompt], behaviors: Sequence[str], ivs: tuple[Intervention, ...], judge: Any,
     max_new_tokens: int, ce_prompts: Sequence[Prompt] = (), ce_completions: Sequence[str | None] = (),
-    batch_size: int = 8,
+    batch_size: int = 8, completions: Sequence[Completion] | None = None,
 ) -> dict[str, Any]:
-    """Greedy generations under `ivs`, judged (refusal / jailbreak rates), and the mean CE on the CE pairs."""
+    """Greedy generations under `ivs` (or the given `completions`, made by `generate_under`), judged
+    (refusal / jailbreak rates), and the mean CE on the CE pairs."""
     t0 = time.perf_counter()
-    sp = SamplingParams(max_new_tokens=max_new_tokens)
-    comps = []
-    for part in chunks([Request(prompt=p, interventions=ivs, sampling=sp) for p in prompts], batch_size):
-        comps.extend(engine.generate(part))
+    comps = (list(completions) if completions is not None
+             else generate_under(engine, prompts, [ivs], max_new_tokens, batch_size)[0])
     verdicts = judge.judge([JudgeItem(behavior=b, generation=c.text, prompt=p)
                             for b, c, p in zip(behaviors, comps, prompts, strict=True)])
     row: dict[str, Any] = {**judged_rates(verdicts), "generations": len(comps)}
@@ -228,6 +228,21 @@ def steering_row(
         row["ce"] = float(np.mean([r.loss for r in losses]))
     row["wall_s"] = time.perf_counter() - t0
     return row
+
+
+def generate_under(engine: Any, prompts: Sequence[Prompt], ivs_list: Sequence[tuple[Intervention, ...]],
+                   max_new_tokens: int, batch_size: int) -> list[list[Completion]]:
+    """Greedy completions of every prompt under each intervention tuple, all in `batch_size`-row calls.
+
+    The steering sweep's points differ only in their interventions: generated together they fill the
+    engine's batches instead of one call per point (per-request outputs do not depend on the batch)."""
+    sp = SamplingParams(max_new_tokens=max_new_tokens)
+    reqs = [Request(prompt=p, interventions=ivs, sampling=sp) for ivs in ivs_list for p in prompts]
+    comps: list[Completion] = []
+    for part in chunks(reqs, batch_size):
+        comps.extend(engine.generate(part))
+    n = len(prompts)
+    return [comps[j * n : (j + 1) * n] for j in range(len(ivs_list))]
 
 
 def judged_rates(verdicts: Sequence[Any]) -> dict[str, Any]:
@@ -261,6 +276,10 @@ def per_prompt_row(
                             for b, c, p in zip(behaviors, comps, prompts, strict=True)])
     return {"alpha": float(alpha), **judged_rates(verdicts), "set_sizes": [sum(len(v) for v in s.values()) for s in sets],
             "generations": len(comps), "wall_s": time.perf_counter() - t0}
+
+
+# the steering sweep generates its points together, in calls of this many times `batch_size` rows
+STEERING_BATCH_FACTOR = 4
 
 
 class RefusalFeaturesConfig(BaseModel):
@@ -342,17 +361,28 @@ def run_refusal_features(
     points: list[tuple[float | None, int]] = [(None, 0)] + [(float(a), int(k)) for k in cfg.ks for a in cfg.alphas]
     rows = []
     ctx.progress(f"{name}: steering", 0, len(points))
+
+    def key_of(alpha: float | None, k: int) -> str:
+        return f"{name}/sweep/{'base' if alpha is None else f'{alpha}/{k}'}"
+
+    def ivs_of(alpha: float | None, k: int) -> tuple[Intervention, ...]:
+        return () if alpha is None else (scale(feats.global_latents(k), alpha),)
+
+    row_fp = fingerprint([fp, str(cfg.max_new_tokens), *harmless])
+    todo = [pt for pt in points if resumed(ctx, key_of(*pt), row_fp) is None]
+    # every pending point's generations first, in batches of STEERING_BATCH_FACTOR x batch_size rows
+    generated = dict(zip(todo, generate_under(engine, eps, [ivs_of(*pt) for pt in todo], cfg.max_new_tokens,
+                                              STEERING_BATCH_FACTOR * cfg.batch_size), strict=True))
     for n_done, (alpha, k) in enumerate(points):
-        key = f"{name}/sweep/{'base' if alpha is None else f'{alpha}/{k}'}"
-        row_fp = fingerprint([fp, str(cfg.max_new_tokens), *harmless])
+        key = key_of(alpha, k)
         got = resumed(ctx, key, row_fp)
         if got is not None:
             rows.append(got["row"])
             continue
         ctx.check_cancelled()
-        ivs: tuple[Intervention, ...] = () if alpha is None else (scale(feats.global_latents(k), alpha),)
-        row = {"alpha": alpha, "k": k, **steering_row(engine, eps, list(prompts), ivs, ctx.judge, cfg.max_new_tokens,
-                                                      harmless_p, [None] * len(harmless_p), cfg.batch_size)}
+        row = {"alpha": alpha, "k": k, **steering_row(engine, eps, list(prompts), ivs_of(alpha, k), ctx.judge,
+                                                      cfg.max_new_tokens, harmless_p, [None] * len(harmless_p),
+                                                      cfg.batch_size, generated[(alpha, k)])}
         if alpha is not None and "ce" in row and "ce" in rows[0]:
             row["ce_delta"] = row["ce"] - rows[0]["ce"]
         save_fingerprinted(ctx, key, row_fp, row=row)
