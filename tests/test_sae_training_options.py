@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 LAYERS = (1, 4, 7)
 TINY = SaeBuildConfig(layers=LAYERS, d_sae=48, train_tokens=40 * 32, eval_tokens=256, train_batch_size=32,
                       lr_warm_up_steps=5, l0_warm_up_steps=10, dead_feature_window=20, dead_check_train_tokens=512,
-                      autocast=False)
+                      autocast=False, fused_adam=False, train_workers=1)
 
 
 @pytest.fixture
@@ -67,7 +67,8 @@ def test_fused_adam_trains_nearly_the_same_sae(tmp_path: Path, one_thread: None)
 
 
 def test_speed_options_round_trip_and_change_the_config_hash() -> None:
-    configs = [SaeBuildConfig(), SaeBuildConfig(fused_adam=True), SaeBuildConfig(train_workers=2)]
+    plain = SaeBuildConfig(fused_adam=False, train_workers=1)
+    configs = [plain, replace(plain, fused_adam=True), replace(plain, train_workers=2)]
     for config in configs:
         data = json.loads(json.dumps(to_jsonable(config)))
         data["layers"] = tuple(data["layers"])

@@ -85,17 +85,16 @@ class SaeBuildConfig:
     autocast: bool | None = None
     forward_autocast: bool | None = None
     dead_check_train_tokens: int = 52_000  # training activations added to the dead-latent check
-    # Speed options that change the SAEs' bits (so the demo downstream must be re-verified); the
-    # defaults are the behaviour the demo was verified with. Measurements: benchmarks/RESULTS.md,
-    # "Time cuts in the SAE step".
+    # Speed options that change the SAEs' bits (so the demo downstream must be re-verified with a
+    # full run when they change). Measurements: benchmarks/RESULTS.md, "Time cuts in the SAE step".
     # Adam's fused CPU kernel (one pass per parameter instead of ~8 elementwise ops): same maths,
     # different rounding. Adam is about a third of a training step's time.
-    fused_adam: bool = False
+    fused_adam: bool = True
     # Train the layers in this many forked worker processes, each with (torch threads // workers)
     # threads, instead of one after another in this process. On 2 cores 2 x 1 thread beats 1 x 2
     # threads (the elementwise ops scale poorly); a different thread count changes reduction
     # order, hence the bits.
-    train_workers: int = 1
+    train_workers: int = 2
     include_chat: bool = True
     text_corpus: str = "cpython-docs"  # pydoc topics + stdlib docstrings (PSF License)
 
