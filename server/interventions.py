@@ -164,6 +164,10 @@ class _LatentGroup:
         return self.ops.shape[1] == 1
 
 
+_BATCH_AFTER = 2
+"""The batched path stacks the groups' slices once per batch composition (a copy of every set's
+slices); a plan's first calls use the loop, so compositions that last only a step or two (requests
+arriving and finishing under load) do not pay a fresh stack every step."""
 _PAD_LIMIT, _PAD_SLACK = 2.0, 16
 """The batched path pads every group to the largest group's token count; when that more than doubles
 the tokens the SAE sees and adds more than `_PAD_SLACK` padded tokens per group (a long prefill
@@ -204,6 +208,7 @@ class LatentLayerPlan:
     groups: list[_LatentGroup]
     batched: bool = True  # allow the batched path (False: always the per-group loop, for comparisons)
     _batch: _GroupBatch | None = field(default=None, init=False, repr=False)
+    _calls: int = field(default=0, init=False, repr=False)
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [B, T, d] -> h' with every row's ops at this layer applied (exact, error term kept)."""
@@ -218,7 +223,8 @@ class LatentLayerPlan:
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
         masks = self.scopes.masks(ctx)  # [O, N] (each op restricted to its own row's tokens)
-        if self.batched and len(self.groups) > 1 and self.sae.separable:
+        self._calls += 1
+        if self.batched and len(self.groups) > 1 and self.sae.separable and self._calls > _BATCH_AFTER:
             out = self._apply_batched(h, masks)
             if out is not None:
                 return out
