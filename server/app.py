@@ -124,7 +124,10 @@ def _apply_limits(engine: ServingEngine, config: ServerConfig) -> None:
 
 
 def _with_batching(engine: ServingEngine, config: ServerConfig, metrics: Metrics) -> ServingEngine:
-    """The HF engine behind a cross-request Batcher; the vLLM engine batches its HF side the same way."""
+    """The HF engine behind a cross-request Batcher; the vLLM engine batches its HF side the same way
+    and reports its own model steps to the same metrics."""
+    if hasattr(engine, "report_steps"):  # vLLM: its model steps and requests' latents, whatever the batching
+        engine.observer = metrics.batch_observer("vllm")  # type: ignore[attr-defined]
     if not config.batching:
         return engine
     from .batching import batched

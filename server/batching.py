@@ -286,7 +286,7 @@ class Batcher:
                 sink: Callable[[Any], None]) -> _Call:
         call = _Call(kind, key, reqs, costs, extras, _current_cancel(), sink)
         for r in reqs:
-            self.observer.latents(_n_latents(r, self._engine))
+            self.observer.latents(n_latents(r, self._engine.resolver))
         with self._cv:
             if self._closed:
                 raise RequestCancelled("the server is shutting down")
@@ -481,15 +481,16 @@ def _reindex(exc: BaseException, rows: list[int]) -> BaseException:
     return type(exc)(fixed)
 
 
-def _n_latents(r: Request, engine: HFEngine) -> int:
-    """SAE latents a request's interventions name (registered sets resolved; unknown ids count 0)."""
+def n_latents(r: Request, resolver: Any) -> int:
+    """SAE latents a request's interventions name (registered sets resolved through `resolver`;
+    unknown ids count 0): what the servers' latents-per-request metric records."""
     n = 0
     for iv in r.interventions:
         if isinstance(iv, (AblateLatents, ClampLatents)):
             n += sum(len(v) for v in iv.latents.values())
             if iv.latent_set_id:
                 with contextlib.suppress(Exception):
-                    n += sum(len(v) for v in engine.resolver.latent_set(iv.latent_set_id).values())
+                    n += sum(len(v) for v in resolver.latent_set(iv.latent_set_id).values())
     return n
 
 

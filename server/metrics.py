@@ -30,10 +30,12 @@ class BatchObserver:
 class Metrics:
     """Requests by method/status, latency, tokens, engine time, queue depth and job progress.
 
-    Per engine (label `engine`: "hf", or "vllm" for the HF side of the vLLM engine), from the
-    batcher: batch size, queue wait, latents per request, and seconds in batches and in the
-    intervention/capture hooks (hook_seconds / batch_seconds = the share of engine time the
-    interventions cost).
+    Per engine (label `engine`: "hf" or "vllm"), from the batcher: batch size, queue wait, latents
+    per request, and seconds in batches and in the intervention/capture hooks (hook_seconds /
+    batch_seconds = the share of engine time the interventions cost). For vLLM the batcher is its
+    HF side (Encode / Residuals / Loss); its own Generate / Score work is reported per model step
+    (kind "step": rows, forward seconds, hook seconds; vLLM schedules it, so no queue wait) and
+    its requests' latent counts, drained from the worker after each call.
     """
 
     def __init__(self) -> None:

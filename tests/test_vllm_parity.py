@@ -39,6 +39,7 @@ from refusal_audit.audit.spec import (
 )
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.interventions import Resolver
+from refusal_audit.server.metrics import BatchObserver
 from refusal_audit.server.sae_runtime import build_layer_saes
 from tiny import ARCHS, CORPUS, make_model, make_saes, make_tokenizer, vllm_missing
 
@@ -312,6 +313,52 @@ def test_grpc_concurrent_equals_sequential(engines: _Engines, tmp_path: Path) ->
         _assert_same_generation(engines.hf.generate(reqs), sequential)
     finally:
         srv.stop()
+
+
+class _Recorder(BatchObserver):
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, int, float, float]] = []
+        self.latent_counts: list[int] = []
+
+    def batch(self, kind: str, rows: int, padded_tokens: int, seconds: float, hook_seconds: float) -> None:
+        self.steps.append((kind, rows, seconds, hook_seconds))
+
+    def latents(self, n: int) -> None:
+        self.latent_counts.append(n)
+
+
+@pytest.mark.parametrize("engines", ["llama"], indirect=True)
+def test_model_steps_reach_the_metrics_observer(engines: _Engines) -> None:
+    """Each generate / score call hands the worker's model steps to the observer: one record per
+    vLLM forward with its rows and seconds, hook seconds only where a plan acted, and every
+    request's latent count."""
+    eng = engines.vllm
+    eng.report_steps()  # nothing is recorded without an observer; this call drops nothing either
+    rec = _Recorder()
+    eng.observer = rec
+    try:
+        eng.report_steps()  # steps of earlier tests, not this one's
+        rec.steps.clear()
+        plain = Request(prompt="steps plain", sampling=SamplingParams(max_new_tokens=5))
+        out = eng.generate([plain])
+        assert rec.latent_counts == [0]
+        n_tok = len(out[0].token_ids)
+        assert all(kind == "step" and rows >= 1 and sec > 0 for kind, rows, sec, _ in rec.steps)
+        # prefill + one step per new token (the last token's step may end the row): at least n_tok
+        assert len(rec.steps) >= n_tok and sum(h for *_, h in rec.steps) == 0.0
+        rec.steps.clear()
+        masked = Request(prompt="steps masked", interventions=(AblateLatents(latents={1: (1, 2, 3), 2: (4,)}),),
+                         sampling=SamplingParams(max_new_tokens=5))
+        eng.generate([masked, plain])
+        assert rec.latent_counts[1:] == [4, 0]
+        assert max(rows for _, rows, _, _ in rec.steps) == 2
+        hooked = [h for *_, h in rec.steps if h > 0]
+        assert hooked and all(h < sec for _, _, sec, h in rec.steps if h > 0)
+        rec.steps.clear()
+        eng.score([masked], SCORE_IDS)
+        assert rec.latent_counts[-1] == 4 and rec.steps and rec.steps[0][3] > 0
+    finally:
+        eng.observer = None
 
 
 @pytest.mark.parametrize("engines", ["llama"], indirect=True)

@@ -48,9 +48,11 @@ from ...audit.spec import (
     canonical_spec_json,
     spec_hash,
 )
+from ..batching import n_latents
 from ..engine_base import EngineBase
 from ..hf_engine import HFEngine
 from ..interventions import Resolver, compile_plan
+from ..metrics import BatchObserver
 from ..sae_runtime import LayerSAE, build_layer_saes, load_sae
 from .compiled import HOOKED_WORKER, add_splitting_op, compilation_config
 from .worker import EXTRA_ARGS_KEY, VLLMInternalsError, sae_payload
@@ -289,6 +291,10 @@ class VLLMEngine(EngineBase):
         # set by the server (app._with_batching): Batcher kwargs for the HF side, so concurrent
         # Encode / Residuals / Loss calls are merged into batches (server/batching.py)
         self.hf_batching: dict[str, Any] | None = None
+        # set by the server too: where the vLLM side's model steps (rows, seconds, seconds in hooks,
+        # drained from the worker after each generate / score call) and requests' latent counts go
+        self.observer: BatchObserver | None = None
+        self._drain_lock = threading.Lock()
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0}
         self._closed = False
@@ -432,6 +438,19 @@ class VLLMEngine(EngineBase):
         out = self._loop.call(self.llm.collective_rpc("ra_stats", args=(reset,)))
         return dict(out[0] if isinstance(out, list) else out)
 
+    def report_steps(self) -> int:
+        """Hand the worker's model steps since the last call to `observer` (kind "step": one vLLM
+        forward, its rows any mix of prefills and decodes); returns how many. No observer, no hooks or
+        a closed engine: nothing to do."""
+        if self.observer is None or not self.hooks or self._closed:
+            return 0
+        with self._drain_lock:
+            out = self._loop.call(self.llm.collective_rpc("ra_drain_steps"), timeout=30)
+        steps = out[0] if isinstance(out, list) and out and isinstance(out[0], list) else out
+        for rows, seconds, hook_seconds in steps or ():
+            self.observer.batch("step", int(rows), 0, float(seconds), float(hook_seconds))
+        return len(steps or ())
+
     def reset_prefix_cache(self) -> None:
         """Drop vLLM's cached KV blocks (benchmarks; tests of the cache)."""
         self._loop.call(self.llm.reset_prefix_cache())
@@ -547,6 +566,7 @@ class VLLMEngine(EngineBase):
         salts: list[str | None],
     ) -> Iterator[StreamEvent]:
         B = len(requests)
+        self._observe_latents(requests)
         q, rids, futs = self._submit([self._prompt(x, s) for x, s in zip(ids, salts, strict=True)], params)
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
@@ -592,6 +612,19 @@ class VLLMEngine(EngineBase):
                     self._loop.call(self.llm.abort(pending), timeout=30)
                 except Exception:  # pragma: no cover - engine already gone
                     log.debug("abort of %s failed", pending, exc_info=True)
+            self._report_quietly()
+
+    def _observe_latents(self, requests: Sequence[Request]) -> None:
+        if self.observer is not None:
+            for r in requests:
+                self.observer.latents(n_latents(r, self.resolver))
+
+    def _report_quietly(self) -> None:
+        """`report_steps` for the metrics, never failing the call that finished."""
+        try:
+            self.report_steps()
+        except Exception:  # pragma: no cover - metrics are best effort
+            log.debug("draining the worker's step log failed", exc_info=True)
 
     def _event(self, b: int, tok: int | None, finish: str | None, tokens: list[int], texts: list[str], n_prompt: int) -> StreamEvent:
         """A StreamEvent with the HF engine's text-delta rule (hold back an incomplete UTF-8 sequence)."""
@@ -640,6 +673,7 @@ class VLLMEngine(EngineBase):
             )
             for p in payloads
         ]
+        self._observe_latents(requests)
         q, rids, futs = self._submit([self._prompt(x, s) for x, s in zip(ids, salts, strict=True)], params)
         outs: list[_Output | None] = [None] * len(requests)
         try:
@@ -661,6 +695,7 @@ class VLLMEngine(EngineBase):
                     self._loop.call(self.llm.abort(pending), timeout=30)
                 except Exception:  # pragma: no cover
                     log.debug("abort of %s failed", pending, exc_info=True)
+            self._report_quietly()
         results = []
         for o in outs:
             assert o is not None

@@ -41,7 +41,7 @@ import functools
 import inspect
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 import numpy as np
@@ -60,6 +60,7 @@ EXTRA_ARGS_KEY = "refusal_audit"
 
 _SPECS = TypeAdapter(tuple[Intervention, ...])
 _PLAN_CACHE_SIZE = 64
+_STEP_LOG_SIZE = 65536  # model steps kept between two drains (older ones are dropped)
 
 
 def _vllm_version() -> str:
@@ -145,6 +146,10 @@ class _HookRuntime:
         self._plans: OrderedDict[tuple, tuple[BatchPlan | None, torch.Tensor]] = OrderedDict()
         self._lock = threading.Lock()
         self.stats = {"steps": 0, "hooked_steps": 0, "plan_compiles": 0, "hook_s": 0.0, "step_setup_s": 0.0}
+        # Per model step since the engine's last `ra_drain_steps`: (rows, seconds in the forward, of
+        # them in the hooks and their set-up), what the server's Prometheus batch metrics record.
+        self.step_log: deque[tuple[int, float, float]] = deque(maxlen=_STEP_LOG_SIZE)
+        self._step_rows = 0
 
     # ------------------------------------------------------------------ per step
 
@@ -166,6 +171,7 @@ class _HookRuntime:
         runner = self.runner
         batch = runner.input_batch
         n_reqs = int(batch.num_reqs)
+        self._step_rows = n_reqs
         if n_reqs == 0 or positions is None:
             return
         req_ids = batch.req_ids[:n_reqs]
@@ -341,12 +347,17 @@ def attach_hooks(worker: Any) -> _HookRuntime:
 
     def model_forward(*args: Any, **kwargs: Any) -> Any:
         positions = kwargs.get("positions", args[1] if len(args) > 1 else None)
+        t0 = time.perf_counter()
+        hook_before = rt.stats["hook_s"] + rt.stats["step_setup_s"]
         rt.begin_step(positions)
         try:
             with active(rt):
                 return original(*args, **kwargs)
         finally:
             rt.end_step()
+            if rt._step_rows:
+                rt.step_log.append((rt._step_rows, time.perf_counter() - t0,
+                                    rt.stats["hook_s"] + rt.stats["step_setup_s"] - hook_before))
 
     runner._model_forward = model_forward
     worker._ra_runtime = rt
@@ -388,6 +399,14 @@ class SAEWorkerExtension:
             "compiled": _compiled(rt.runner),
             "op_calls": op_calls(),
         }
+
+    def ra_drain_steps(self) -> list[tuple[int, float, float]]:
+        """(rows, forward seconds, hook seconds) of each model step since the last drain."""
+        rt: _HookRuntime | None = getattr(self, "_ra_runtime", None)
+        if rt is None:
+            return []
+        log, rt.step_log = rt.step_log, deque(maxlen=_STEP_LOG_SIZE)
+        return list(log)
 
     def ra_stats(self, reset: bool = False) -> dict[str, Any]:
         """Hook counters: steps, hooked steps, plan compiles, seconds inside hooks and step set-up."""
