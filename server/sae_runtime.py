@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar
 
 import numpy as np
 import torch
@@ -65,12 +66,9 @@ class LayerSAE:
         self.separable = (
             type(sae) in (JumpReLUSAE, StandardSAE) and self.normalize in _SEPARABLE_NORMS and reshape == "none"
         )
-        self._cache: OrderedDict[tuple[int, ...], SAESlice] = OrderedDict()
-        self._cache_bytes = cache_bytes  # LRU bounded by size, not count: a 3k-latent slice is ~15 MB at d=640
-        self._cached_bytes = 0
-        self._stacks: OrderedDict[tuple[tuple[int, ...], ...], StackedSlices] = OrderedDict()
-        self._stacked_bytes = 0
-        self._stack_sizes: dict[tuple[tuple[int, ...], ...], int] = {}
+        # LRUs bounded by size, not count: a 3k-latent slice is ~15 MB at d=640
+        self._cache: _SizedLRU[tuple[int, ...], SAESlice] = _SizedLRU(cache_bytes)
+        self._stacks: _SizedLRU[tuple[tuple[int, ...], ...], StackedSlices] = _SizedLRU(cache_bytes)
         self._lock = threading.Lock()
         self._row_absmax: np.ndarray | None = None
 
@@ -100,9 +98,8 @@ class LayerSAE:
         key = tuple(int(i) for i in latents)
         with self._lock:
             hit = self._cache.get(key)
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
+        if hit is not None:
+            return hit
         sae = self.sae
         with torch.no_grad():
             idx = torch.tensor(key, dtype=torch.long, device=sae.W_enc.device)
@@ -114,12 +111,7 @@ class LayerSAE:
             W_dec = sae.W_dec.index_select(0, idx).contiguous()
         sl = SAESlice(idx, W_enc, b_enc.contiguous(), threshold, W_dec)
         with self._lock:
-            if key not in self._cache:
-                self._cache[key] = sl
-                self._cached_bytes += _nbytes(sl)
-            while self._cached_bytes > self._cache_bytes and len(self._cache) > 1:
-                _, old = self._cache.popitem(last=False)
-                self._cached_bytes -= _nbytes(old)
+            self._cache.put(key, sl)
         return sl
 
     def stacked(self, keys: tuple[tuple[int, ...], ...]) -> StackedSlices:
@@ -127,9 +119,8 @@ class LayerSAE:
         composition and bounded by size like `slices` (decode steps repeat the same composition)."""
         with self._lock:
             hit = self._stacks.get(keys)
-            if hit is not None:
-                self._stacks.move_to_end(keys)
-                return hit
+        if hit is not None:
+            return hit
         parts = [self.slices(k) for k in keys]
         G, d, width = len(parts), self.d_in, max(len(k) for k in keys)
         ref = parts[0].W_enc
@@ -145,15 +136,8 @@ class LayerSAE:
             if thr is not None and sl.threshold is not None:
                 thr[g, 0, :k] = sl.threshold
         st = StackedSlices(W_enc, b_enc, thr, W_dec)
-        size = sum(t.numel() * t.element_size() for t in (W_enc, b_enc, W_dec) + ((thr,) if thr is not None else ()))
         with self._lock:
-            if keys not in self._stacks:
-                self._stacks[keys] = st
-                self._stacked_bytes += size
-                self._stack_sizes[keys] = size
-            while self._stacked_bytes > self._cache_bytes and len(self._stacks) > 1:
-                old, _ = self._stacks.popitem(last=False)
-                self._stacked_bytes -= self._stack_sizes.pop(old)
+            self._stacks.put(keys, st)
         return st
 
     def normalise_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
@@ -187,9 +171,38 @@ class LayerSAE:
         return self.sae.decode(z)
 
 
-def _nbytes(sl: SAESlice) -> int:
-    parts = [sl.W_enc, sl.b_enc, sl.W_dec, sl.latents] + ([sl.threshold] if sl.threshold is not None else [])
-    return sum(t.numel() * t.element_size() for t in parts)
+def _nbytes(obj: SAESlice | StackedSlices) -> int:
+    """Bytes of the tensors a slice / stack holds."""
+    return sum(t.numel() * t.element_size() for t in vars(obj).values() if isinstance(t, torch.Tensor))
+
+
+_K = TypeVar("_K")
+_V = TypeVar("_V", SAESlice, StackedSlices)
+
+
+class _SizedLRU(Generic[_K, _V]):
+    """LRU cache bounded by the bytes of its values' tensors (the newest entry is always kept).
+    Not thread-safe on its own: `LayerSAE` holds its lock around every call."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self._items: OrderedDict[_K, _V] = OrderedDict()
+        self._max_bytes = max_bytes
+        self._bytes = 0
+
+    def get(self, key: _K) -> _V | None:
+        hit = self._items.get(key)
+        if hit is not None:
+            self._items.move_to_end(key)
+        return hit
+
+    def put(self, key: _K, value: _V) -> None:
+        if key in self._items:  # another thread built it first: keep that one
+            return
+        self._items[key] = value
+        self._bytes += _nbytes(value)
+        while self._bytes > self._max_bytes and len(self._items) > 1:
+            _, old = self._items.popitem(last=False)
+            self._bytes -= _nbytes(old)
 
 
 def load_sae(spec: str, device: str = "cpu", dtype: str = "float32") -> tuple[int, SAE, str]:
