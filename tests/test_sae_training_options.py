@@ -74,3 +74,25 @@ def test_speed_options_round_trip_and_change_the_config_hash() -> None:
         data["layers"] = tuple(data["layers"])
         assert SaeBuildConfig(**data) == config
     assert len({sha256_json(to_jsonable(c)) for c in configs}) == len(configs)
+
+
+def _burn_cpu(seconds: float) -> None:
+    import time
+
+    end = time.process_time() + seconds
+    while time.process_time() < end:
+        pass
+
+
+def test_build_timer_counts_the_workers_cpu() -> None:
+    """A manifest's cpu_seconds includes forked workers' CPU (the SAE step trains in them)."""
+    import multiprocessing
+
+    from refusal_audit.server.embedded.manifest import Timer
+
+    timer = Timer()
+    child = multiprocessing.get_context("fork").Process(target=_burn_cpu, args=(0.3,))
+    child.start()
+    child.join()
+    assert child.exitcode == 0
+    assert timer.cpu_elapsed >= 0.3  # the child's own CPU clock reached 0.3 s before it exited

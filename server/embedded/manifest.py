@@ -58,7 +58,7 @@ class Manifest(BaseModel):
     step: str
     created_at: str = Field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     seconds: float = 0.0  # wall clock
-    cpu_seconds: float = 0.0  # process CPU time, all threads (robust to a busy machine)
+    cpu_seconds: float = 0.0  # CPU time, all threads and worker processes (robust to a busy machine)
     peak_rss_mb: float = 0.0  # the build process' memory high-water mark when the step ended
     config: dict[str, Any] = Field(default_factory=dict)
     config_hash: str = ""
@@ -280,12 +280,19 @@ class StepOutput:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
+def _cpu_time() -> float:
+    """CPU seconds of this process and of its finished (waited-for) children: the SAE step trains
+    its layers in forked workers, whose time `time.process_time()` alone would miss."""
+    t = os.times()
+    return time.process_time() + t.children_user + t.children_system
+
+
 class Timer:
-    """Wall-clock and process-CPU timer for the `seconds` / `cpu_seconds` fields of manifests."""
+    """Wall-clock and CPU timer for the `seconds` / `cpu_seconds` fields of manifests."""
 
     def __init__(self) -> None:
         self.start = time.perf_counter()
-        self.cpu_start = time.process_time()
+        self.cpu_start = _cpu_time()
 
     @property
     def elapsed(self) -> float:
@@ -293,4 +300,4 @@ class Timer:
 
     @property
     def cpu_elapsed(self) -> float:
-        return time.process_time() - self.cpu_start
+        return _cpu_time() - self.cpu_start
