@@ -115,6 +115,9 @@ def register(app: typer.Typer) -> None:
                  help="after stage 2, run stage 3, the baselines, hydra, causality, CE and taxonomy")] = True,
              rerun: Annotated[bool, typer.Option(
                  "--rerun", help="recompute every section instead of reusing finished ones by fingerprint")] = False,
+             bf16: Annotated[bool | None, typer.Option(
+                 "--bf16/--fp32", help="run step: matmuls in bf16 precision (fp32 tensors, bf16 inputs, fp32 "
+                 "accumulation) or plain fp32; default: bf16 only on a CPU with native bf16")] = None,
              ) -> None:
         """Build (once, cached) and run the embedded refusal-dissection demo."""
         from ..server.embedded.demo import run_demo
@@ -125,5 +128,5 @@ def register(app: typer.Typer) -> None:
         _print_summary(records, console)
         resolved = data_dir if data_dir is not None else default_data_dir()
         t0 = time.perf_counter()
-        run_demo(resolved, small=small, analyses=analyses, rerun=rerun)
+        run_demo(resolved, small=small, analyses=analyses, rerun=rerun, bf16=bf16)
         console.print(f"run: {time.perf_counter() - t0:.1f} s")

@@ -510,9 +510,11 @@ class HFEngine(EngineBase):
             is_prompt = valid & (pos < plen.unsqueeze(1))
             self._ctx = TokenContext(torch.where(valid, pos, torch.full_like(pos, -1)), is_prompt, plen)
             logits = self._forward(input_ids, mask, pos, use_cache=False, logits_to_keep=keep).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], dim=-1)  # positions T-keep .. T-2
+        # NLL = logsumexp(logits) - logit[target], positions T-keep .. T-2: one read of the [B, keep, 262k]
+        # logits instead of log_softmax's full-size output (measured ~1/4 of a CE pass's time)
+        scored = logits[:, :-1]
         targets = input_ids[:, T - keep + 1 :]
-        nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
+        nll = torch.logsumexp(scored, dim=-1) - scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
         out = []
         for b in range(len(full)):
             vals = nll[b, first[b] - (T - keep) :]

@@ -117,9 +117,10 @@ def test_shipped_coconot_file_is_the_safety_category_with_its_licence() -> None:
 # ---------------------------------------------------------------------------- run_demo: reuse and partial reports
 
 
-def _small_demo(tmp_path, analyses: list, rerun: bool = False, loads: list | None = None):
+def _small_demo(tmp_path, analyses: list, rerun: bool = False, loads: list | None = None, bf16: bool | None = False):
     """`run_demo` on the planted model with the demo's section machinery (gate, chain, rates,
-    the given analyses); `loads` counts engine loads."""
+    the given analyses); `loads` counts engine loads. fp32 matmuls unless `bf16` says otherwise
+    (the default, None, would follow this host's CPU)."""
     from refusal_audit.server.embedded.demo import run_demo
 
     def loader():
@@ -135,7 +136,7 @@ def _small_demo(tmp_path, analyses: list, rerun: bool = False, loads: list | Non
                             harmless_train=HARMLESS[:16], harmless_heldout=HARMLESS[16:32])
     out = tmp_path / f"run-{len(list(tmp_path.glob('run-*')))}"
     html, js = run_demo(tmp_path, small=True, n_prompts=4, out_dir=out, rerun=rerun, engine_loader=loader,
-                        split=split, analysis_list=analyses, configs=cfgs)
+                        split=split, analysis_list=analyses, configs=cfgs, bf16=bf16)
     return json.loads(js.read_text())
 
 
@@ -211,6 +212,17 @@ def test_a_changed_analysis_list_reuses_only_the_sections_before_it(first_demo) 
     assert res["run"]["reused_sections"] == ["coherence_gate", "chain", "direction_ablation_rates"]
     assert loads == [1]
     assert all({"asr", "asr_ungated", "jailbroken_ungated"} <= set(r) for r in res["obrien_baseline"]["per_k"])
+
+
+def test_matmul_precision_is_part_of_the_fingerprint(first_demo) -> None:
+    """A bf16-matmul run does not reuse the fp32 run's sections, says so in the report, and finds
+    the planted latent all the same (its effect is far above bf16 rounding)."""
+    loads: list = []
+    res = _small_demo(first_demo.root, first_demo.analyses, loads=loads, bf16=True)
+    assert loads == [1] and res["run"]["reused_sections"] == [] and res["run"]["bf16_matmuls"] is True
+    assert res["compute"]["matmul_precision"] == "bf16" and first_demo.first["compute"]["matmul_precision"] == "fp32"
+    assert first_demo.first["stage2"]["summary"]["jailbreak_successes"] >= 1
+    assert res["stage2"]["summary"]["jailbreak_successes"] == first_demo.first["stage2"]["summary"]["jailbreak_successes"]
 
 
 def test_rerun_recomputes_every_section(first_demo) -> None:

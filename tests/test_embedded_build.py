@@ -312,6 +312,32 @@ def test_autocast_follows_native_bf16_unless_set(monkeypatch: pytest.MonkeyPatch
     assert cpu_bf16.native_bf16_cpu(tmp_path / "missing") is False
 
 
+def test_bf16_matmuls_is_scoped_and_close_to_fp32() -> None:
+    """`bf16_matmuls` switches oneDNN's fp32 matmul precision for its block only (restored after an
+    error too); inside it a matmul stays within bf16 rounding of the fp32 one (identical on a CPU
+    whose oneDNN ignores the mode)."""
+    import torch
+    from refusal_audit.server.embedded.cpu_bf16 import bf16_matmuls, fp32_matmul_precision
+
+    before = fp32_matmul_precision()
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(64, 640, generator=g), torch.randn(640, 512, generator=g)
+    exact = a @ b
+    with bf16_matmuls(True):
+        assert fp32_matmul_precision() == "bf16"
+        fast = a @ b
+    assert fp32_matmul_precision() == before
+    # bf16 keeps 8 mantissa bits: inputs off by <= 2^-9 relative, so |err| <~ 2^-8 * sum|a_i b_i|
+    bound = (a.abs() @ b.abs()) * 2.0**-7
+    assert fast.dtype == torch.float32 and bool(((fast - exact).abs() <= bound).all())
+    with pytest.raises(RuntimeError), bf16_matmuls(True):
+        raise RuntimeError("boom")
+    assert fp32_matmul_precision() == before
+    with bf16_matmuls(False):
+        assert fp32_matmul_precision() == before
+        assert torch.equal(a @ b, exact)
+
+
 def test_finetune_autocast_setting_follows_the_cpu_and_round_trips(monkeypatch: pytest.MonkeyPatch) -> None:
     """The fine-tune's `autocast` (training) and `autocast_eval` (generation) resolve like the SAE
     step's; the settings survive the manifest's JSON and change the config hash."""
@@ -515,11 +541,13 @@ def test_cli_build_and_demo_options(built: tuple[Path, BuildConfig], monkeypatch
     result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--no-analyses"])
     assert result.exit_code == 0, result.output
     assert calls[-1]["sizes"] == "full"
-    assert demo_calls == [(data_dir, {"small": False, "analyses": False, "rerun": False})]
+    assert demo_calls == [(data_dir, {"small": False, "analyses": False, "rerun": False, "bf16": None})]
     assert "run:" in result.output
-    result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--rerun"])
+    result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--rerun", "--fp32"])
     assert result.exit_code == 0, result.output
-    assert demo_calls[-1] == (data_dir, {"small": False, "analyses": True, "rerun": True})
+    assert demo_calls[-1] == (data_dir, {"small": False, "analyses": True, "rerun": True, "bf16": False})
+    result = runner.invoke(app, ["demo", "--data-dir", str(data_dir), "--bf16"])
+    assert result.exit_code == 0 and demo_calls[-1][1]["bf16"] is True, result.output
 
 
 # ------------------------------------------------------------------------- fine-tune loss and eval

@@ -9,6 +9,7 @@ settings here, so one rule decides for the whole build.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,3 +37,36 @@ def cpu_autocast(enabled: bool) -> contextlib.AbstractContextManager[Any]:
     import torch
 
     return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _mkldnn_matmul() -> Any:
+    import torch
+
+    return torch.backends.mkldnn.matmul  # type: ignore[attr-defined]  # not in torch's stubs
+
+
+def fp32_matmul_precision() -> str:
+    """oneDNN's current fp32 matmul precision: "bf16" inside `bf16_matmuls`, else "none" / "ieee"."""
+    return str(_mkldnn_matmul().fp32_precision)
+
+
+@contextlib.contextmanager
+def bf16_matmuls(enabled: bool) -> Iterator[None]:
+    """fp32 matmuls computed with bf16 inputs and fp32 accumulation (oneDNN's bf16 fpmath mode),
+    for the duration of the block; the previous setting is restored after it.
+
+    The CPU counterpart of TF32 on GPUs: tensors and weights stay fp32 (no copies, no casts in the
+    model), only the matmul kernels round their inputs to bf16. Unlike autocast it does not re-cast
+    frozen weights at every call, so it also speeds up decoding: measured on a native-bf16 Xeon, the
+    262k x 640 LM head on 16 rows 1.6x faster. Process-wide while active (torch has no per-thread
+    switch), so it wraps whole build / run steps, never a server's request."""
+    if not enabled:
+        yield
+        return
+    mm = _mkldnn_matmul()
+    previous = mm.fp32_precision
+    mm.fp32_precision = "bf16"
+    try:
+        yield
+    finally:
+        mm.fp32_precision = previous

@@ -47,6 +47,7 @@ from ..hf_engine import HFEngine
 from ..model_loading import load_model
 from ..sae_runtime import build_layer_saes
 from . import artifact_dir
+from .cpu_bf16 import bf16_matmuls, resolve_autocast
 from .demo_analyses import ANALYSES
 from .finetune import FinetuneConfig, make_split
 
@@ -221,14 +222,15 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
              out_dir: Path | str | None = None, analyses: bool = True, rerun: bool = False,
              engine_loader: Callable[[], Any] | None = None, split: Any = None,
              analysis_list: list[tuple[str, Any]] | None = None,
-             configs: ChainConfig | None = None) -> tuple[Path, Path]:
+             configs: ChainConfig | None = None, bf16: bool | None = None) -> tuple[Path, Path]:
     """Run the audit chain (and, with `analyses`, the issue-7 analyses) on the built demo and write
     the report; returns (html, json) paths.
 
     Sections whose fingerprint matches a finished one (`RunCache`) are reused unless `rerun`; the
     report is rewritten after every computed section, so its first sections can be read while the
     later ones run. `engine_loader` / `split` / `analysis_list` replace the built model, the
-    fine-tune split, `ANALYSES` and `demo_configs` (tests)."""
+    fine-tune split, `ANALYSES` and `demo_configs` (tests). `bf16`: run every section's matmuls in
+    bf16 precision (`cpu_bf16.bf16_matmuls`); None = only on a native-bf16 CPU."""
     console = Console()
     data_dir = Path(data_dir)
     torch.manual_seed(0)
@@ -336,8 +338,10 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     if analyses:
         sections += [(name, analysis(name, fn)) for name, fn in (analysis_list if analysis_list is not None else ANALYSES)]
 
+    use_bf16 = resolve_autocast(bf16)
+    results["compute"]["matmul_precision"] = "bf16" if use_bf16 else "fp32"
     fp = hashlib.sha256(json.dumps({
-        "model": model_fingerprint(data_dir) if engine_loader is None else "custom",
+        "model": model_fingerprint(data_dir) if engine_loader is None else "custom", "bf16_matmuls": use_bf16,
         "code": code_fingerprint(), "small": small, "n_test": n_test, "configs": cfgs.model_dump(mode="json"),
         "split": hashlib.sha256(json.dumps([split.harmful_train, split.harmful_heldout, split.harmless_train,
                                             split.harmless_heldout]).encode()).hexdigest(),
@@ -348,39 +352,40 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
     render_cache = cache.root / "rendered.json"
     if not rerun:
         load_render_cache(render_cache)
-    for name, fn in sections:
-        fp = hashlib.sha256(f"{fp}|{name}".encode()).hexdigest()
-        entry = cache.get(name, fp)
-        if entry is not None:
-            results.update(entry["results"])
-            objects.update(entry["objects"])
-            ctx.directions.update(entry["directions"])
-            ctx.latent_sets.update(entry["latent_sets"])
-            compute[name] = entry.get("compute")
-            timings[name] = 0.0
-            reused.append(name)
-        else:
-            t0 = time.perf_counter()
-            meter.set_stage(name)  # what ran between sections (the gate's set-up) goes to the previous one
-            meter.take()
-            out = fn()
-            compute[name] = stages_json(meter.take())
-            results.update(out)
-            timings[name] = time.perf_counter() - t0
-            ok = not any(isinstance(v, dict) and v.get("kind") == "error" for v in out.values())
-            if ok:
-                cache.put(name, fp, {"results": out, "objects": dict(objects), "directions": dict(ctx.directions),
-                                     "latent_sets": dict(ctx.latent_sets), "seconds": timings[name],
-                                     "compute": compute[name]})
-            write_report(results, run_dir, title=title)  # the sections so far, readable now
-        if name == "coherence_gate":
-            ctx.judge = gate()  # every later verdict passes the gate
+    with bf16_matmuls(use_bf16):  # the whole run step: every engine call of every section
+        for name, fn in sections:
+            fp = hashlib.sha256(f"{fp}|{name}".encode()).hexdigest()
+            entry = cache.get(name, fp)
+            if entry is not None:
+                results.update(entry["results"])
+                objects.update(entry["objects"])
+                ctx.directions.update(entry["directions"])
+                ctx.latent_sets.update(entry["latent_sets"])
+                compute[name] = entry.get("compute")
+                timings[name] = 0.0
+                reused.append(name)
+            else:
+                t0 = time.perf_counter()
+                meter.set_stage(name)  # what ran between sections (the gate's set-up) goes to the previous one
+                meter.take()
+                out = fn()
+                compute[name] = stages_json(meter.take())
+                results.update(out)
+                timings[name] = time.perf_counter() - t0
+                ok = not any(isinstance(v, dict) and v.get("kind") == "error" for v in out.values())
+                if ok:
+                    cache.put(name, fp, {"results": out, "objects": dict(objects), "directions": dict(ctx.directions),
+                                         "latent_sets": dict(ctx.latent_sets), "seconds": timings[name],
+                                         "compute": compute[name]})
+                write_report(results, run_dir, title=title)  # the sections so far, readable now
+            if name == "coherence_gate":
+                ctx.judge = gate()  # every later verdict passes the gate
 
     timings["total"] = time.perf_counter() - t_all
     results["run"] = {"kind": "run", "timings_s": timings, "model": "embedded:gemma-3-270m-refusal",
                       "sae_layers": list(engine.info.sae_layers) if engine.loaded else None,
                       "n_test_prompts": len(harmful.test), "small": small, "reused_sections": reused,
-                      "rerun": rerun, "fingerprint": fp}
+                      "rerun": rerun, "fingerprint": fp, "bf16_matmuls": use_bf16}
     html, js = write_report(results, run_dir, title=title)
     save_render_cache(render_cache, {section_key(v.get("kind", k), v) for k, v in to_jsonable(results).items()
                                      if isinstance(v, dict) and k != "run"})
