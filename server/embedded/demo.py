@@ -295,9 +295,11 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
         chain = run_chain(engine, harmful, harmless, cfgs, ctx)
         out: dict[str, Any] = chain.to_json()
         if not chain.stage2.summary()["jailbreak_successes"] and cfgs.stage2.reading == "literal":
-            # Measured: with SAEs trained on fp32 instead of bf16 activations, the three seeds' sets
-            # (40-75 latents each) stopped intersecting, and every analysis after stage 2 had nothing
-            # to work on. The pool reading (audit/stage2.py docstring; not the paper's formula) found one.
+            # Measured on the full build: each seed accepts 20-110 latents, but the three seeds' sets
+            # barely overlap and their intersection keeps 0-9; whether one of those jailbreaks flips
+            # with rounding alone (fp32 vs bf16 matmuls on the same weights: none vs one prompt,
+            # benchmarks/RESULTS.md). Without a set every analysis after stage 2 has nothing to work
+            # on, so the pool reading (audit/stage2.py docstring; not the paper's formula) runs instead.
             console.print("stage 2 found no jailbreaking set with the paper's literal reading; "
                           "rerunning it with reading='pool' (recorded in the report)")
             out["stage2"] = rerun_stage2_pool(engine, chain.stage1, cfgs.stage2, ctx, out["stage2"]["summary"],
