@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 from tqdm.auto import tqdm
 
-from .cpu_bf16 import bf16_matmuls, cpu_autocast, resolve_autocast
+from .cpu_bf16 import cpu_autocast, resolve_autocast
 from .manifest import InputRef, StepOutput, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -113,12 +113,6 @@ class FinetuneConfig:
     # cache holds only weights that require grad): measured slower than fp32.
     autocast: bool | None = False
     autocast_eval: bool | None = False
-    # The evaluation's matmuls in bf16 precision (`cpu_bf16.bf16_matmuls`: fp32 weights and
-    # accumulation, bf16 inputs, no weight casts); None = only on a native-bf16 CPU. Measured on the
-    # full build (benchmarks/RESULTS.md): 105.6 -> 73-76 s, every goal rate unchanged (1 of 650
-    # unseen verdicts flipped, an XSTest-unsafe one). Training stays fp32: under bf16 matmuls the
-    # model itself moved to the goals' edge (unseen benign 5 % instead of 3 %).
-    eval_bf16_matmuls: bool | None = None
 
 
 @dataclass
@@ -688,10 +682,8 @@ def build_finetune(inputs: dict[str, Path], config: FinetuneConfig, out_dir: Pat
 
     merged, train_stats = train_lora(model, tokenizer, examples, config)
     t1 = time.perf_counter()
-    eval_bf16 = resolve_autocast(config.eval_bf16_matmuls)
-    with bf16_matmuls(eval_bf16):
-        eval_metrics, records = evaluate(merged, tokenizer, split, config)
-        unseen_metrics, unseen_records = evaluate_unseen(merged, tokenizer, config) if config.unseen_eval else ({}, [])
+    eval_metrics, records = evaluate(merged, tokenizer, split, config)
+    unseen_metrics, unseen_records = evaluate_unseen(merged, tokenizer, config) if config.unseen_eval else ({}, [])
     eval_seconds = time.perf_counter() - t1
 
     out_dir = Path(out_dir)
@@ -724,7 +716,6 @@ def build_finetune(inputs: dict[str, Path], config: FinetuneConfig, out_dir: Pat
         "base_probe_seconds": base_probe_seconds,
         "eval_seconds": eval_seconds,
         "eval_autocast_bf16": eval_autocast(config),
-        "eval_bf16_matmuls": eval_bf16,
     }
     notes = {"refusal_phrasings": list(REFUSALS),
              "data": "temaq-abliterated (MIT) harmful/harmless probes; harmless answers and extra prompts "
