@@ -59,7 +59,9 @@ def bf16_matmuls(enabled: bool) -> Iterator[None]:
     model), only the matmul kernels round their inputs to bf16. Unlike autocast it does not re-cast
     frozen weights at every call, so it also speeds up decoding: measured on a native-bf16 Xeon, the
     262k x 640 LM head on 16 rows 1.6x faster. Process-wide while active (torch has no per-thread
-    switch), so it wraps whole build / run steps, never a server's request."""
+    switch), so it never wraps a server's request. Only the demo's run step, the last thing its
+    process does, uses it: wrapped around the fine-tune's evaluation, the SAE step that followed in
+    the same process ran its autocast activation pass 20x slower (not understood; benchmarks/RESULTS.md)."""
     if not enabled:
         yield
         return
