@@ -91,9 +91,9 @@ def render_compute(d: dict[str, Any]) -> str:
             rows.append([sec, stage, c.get("forward_passes"), c.get("backward_passes"), c.get("forward_equivalents"),
                          c.get("generations"), c.get("generated_tokens"), c.get("engine_calls"), c.get("engine_s"),
                          c.get("wall_s")])
-    precision = d.get("matmul_precision")
-    note = (f" Matmul precision: {esc(precision)}" + (" (fp32 tensors, bf16 inputs, fp32 accumulation)." if precision == "bf16"
-                                                     else ".")) if precision else ""
+    precision = d.get("matmul_precision")  # a demo run's; jobs do not record it
+    how = " (fp32 tensors, bf16 inputs, fp32 accumulation)" if precision == "bf16" else ""
+    note = f" Matmul precision: {esc(precision)}{how}." if precision else ""
     return ("<p>Per prompt row; forward-equivalents = forward + 2 x backward; a generation's prefill is one forward, "
             f"its further tokens are counted apart.{note}</p>" + table(
                 ["section", "stage", "forward", "backward", "forward-equiv.", "generations", "generated tokens",
