@@ -1,7 +1,10 @@
-"""What the benchmarks share: the chat prompts they generate from, GemmaScope-2-shaped random SAEs,
-latent sets spread over layers, and a percentile. Timing only: the SAE weights are random."""
+"""What the benchmarks share: the chat prompts they generate from, GemmaScope-2-shaped random SAEs
+(optionally with thresholds calibrated to a realistic L0), latent sets spread over layers, and a
+percentile. Timing only: the SAE weights are random."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 from sae_lens.saes.jumprelu_sae import JumpReLUSAE, JumpReLUSAEConfig
@@ -18,8 +21,11 @@ PROMPTS = [
 ]
 
 
-def gemmascope_shaped_sae(d_in: int, d_sae: int, seed: int) -> JumpReLUSAE:
-    """A random JumpReLU SAE with GemmaScope-2's shapes (weights random: for timing only)."""
+def gemmascope_shaped_sae(d_in: int, d_sae: int, seed: int, threshold: float = 0.5) -> JumpReLUSAE:
+    """A random JumpReLU SAE with GemmaScope-2's shapes (weights random: for timing only).
+
+    Pre-activations are x . N(0, 1/d_in) columns, i.e. about N(0, |x|^2 / d_in); the threshold sets
+    how many latents fire (`calibrate_thresholds` sets them from real activations instead)."""
     g = torch.Generator().manual_seed(seed)
     sae = JumpReLUSAE(JumpReLUSAEConfig(d_in=d_in, d_sae=d_sae, dtype="float32", device="cpu"))
     with torch.no_grad():
@@ -27,8 +33,37 @@ def gemmascope_shaped_sae(d_in: int, d_sae: int, seed: int) -> JumpReLUSAE:
         sae.W_dec.copy_(torch.randn(d_sae, d_in, generator=g) / d_sae**0.5)
         sae.b_enc.zero_()
         sae.b_dec.zero_()
-        sae.threshold.fill_(0.5)
+        sae.threshold.fill_(threshold)
     return sae.eval()
+
+
+def calibrate_thresholds(saes: dict[int, JumpReLUSAE], model: Any, tokenizer: Any, l0: float,
+                         prompts: list[str] = PROMPTS) -> dict[int, float]:
+    """Set each latent's threshold so that it fires on `l0 / d_sae` of real residual-stream tokens.
+
+    A random SAE with one fixed threshold fires on a large share of its latents (the default 0.5
+    with Gemma-3-270M's residual norms: about a third), far from a trained SAE's L0 of tens to a
+    few hundred, and that changes what a latent edit costs (an ablation decodes only the latents
+    that fire). The tokens are the chat-formatted `prompts` run through `model` (BOS excluded).
+    Returns {layer: mean L0 on those tokens}, measured after the thresholds are set."""
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    acts: dict[int, list[torch.Tensor]] = {layer: [] for layer in saes}
+    with torch.inference_mode():
+        for text in texts:
+            ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+            hidden = model(input_ids=ids, output_hidden_states=True).hidden_states
+            for layer in saes:
+                acts[layer].append(hidden[layer + 1][0, 1:].float())
+    measured: dict[int, float] = {}
+    for layer, sae in saes.items():
+        x = torch.cat(acts[layer])
+        with torch.no_grad():
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [N, d_sae]
+            k = max(1, min(pre.shape[0], round((1.0 - l0 / sae.cfg.d_sae) * pre.shape[0])))
+            sae.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(1e-6))
+            measured[layer] = float((sae.encode(x) > 0).sum(-1).float().mean())
+    return measured
 
 
 def spread_latents(n: int, layers: list[int], d_sae: int, seed: int = 0) -> dict[int, tuple[int, ...]]:

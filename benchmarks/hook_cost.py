@@ -10,6 +10,11 @@ GemmaScope-2-shaped JumpReLU SAE (640 -> 16,384, random weights: timing only), a
   * shared     all requests ablate the same set (one group: the floor for this set size)
   * union      every request ablates the union of the 8 distinct sets: the matmul work of the old
                union gather (~3,600 latents per token for 8 x 500), without its masks
+  * dense-dec  `batched` with the decode forced through the `bmm` over every latent of the sets
+               (what `decode_coefficients` does when more than 1/16 of the coefficients are non-zero)
+
+`--fire-rate 0.01` gives the SAE a trained SAE's sparsity (L0 ~ 160 of 16,384); the default fixed
+threshold fires on ~31% of the latents for these random inputs, where the sparse decode never runs.
 
 Median over `--repeats` interleaved timings. Load-light compared with an end-to-end run, but it
 still shares the CPU with whatever else runs: print the load average next to it.
@@ -28,6 +33,7 @@ from dataclasses import replace
 import torch
 from _common import gemmascope_shaped_sae
 from refusal_audit.audit.spec import AblateLatents
+from refusal_audit.server import interventions
 from refusal_audit.server.interventions import TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes
 
@@ -38,10 +44,14 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--prefill", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--fire-rate", type=float, default=None,
+                    help="fraction of latents active per token (threshold from the N(0, 1) pre-activations of "
+                         "the random inputs); default: threshold 0.5, i.e. ~31%% active, far denser than a real SAE")
     args = ap.parse_args()
     torch.set_num_threads(1)
     d_sae, d = 16384, 640
-    saes = build_layer_saes({1: gemmascope_shaped_sae(d, d_sae, seed=1)}, d, 4)
+    threshold = 0.5 if args.fire_rate is None else statistics.NormalDist().inv_cdf(1.0 - args.fire_rate)
+    saes = build_layer_saes({1: gemmascope_shaped_sae(d, d_sae, seed=1, threshold=threshold)}, d, 4)
     g = torch.Generator().manual_seed(0)
     sets = [tuple(sorted(torch.randperm(d_sae, generator=g)[: args.latents].tolist())) for _ in range(args.rows)]
     union = tuple(sorted(set().union(*sets)))
@@ -53,9 +63,20 @@ def main() -> None:
     plans = {k: compile_plan(v, [args.prefill] * args.rows, saes, 4, d, torch.device("cpu")).latent_layers[1]
              for k, v in specs.items()}
     plans = {"batched": plans["distinct"], "looped": replace(plans["distinct"], batched=False),
-             "shared": plans["shared"], "union": plans["union"]}
+             "shared": plans["shared"], "union": plans["union"], "dense-dec": plans["distinct"]}
+
+    def run(name: str, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
+        if name != "dense-dec":
+            return plans[name].apply(h, ctx)
+        saved, interventions._SPARSE_DECODE_FRACTION = interventions._SPARSE_DECODE_FRACTION, -1.0
+        try:
+            return plans[name].apply(h, ctx)
+        finally:
+            interventions._SPARSE_DECODE_FRACTION = saved
+
     load0 = os.getloadavg()[0]
-    print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; torch threads 1")
+    print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; threshold {threshold:.2f}; "
+          "torch threads 1")
     for step, per_row in (("decode", 1), ("prefill", args.prefill)):
         n = args.rows * per_row
         row = torch.arange(args.rows).repeat_interleave(per_row)
@@ -66,17 +87,21 @@ def main() -> None:
         times: dict[str, list[float]] = {k: [] for k in plans}
         with torch.inference_mode():
             for _ in range(3):  # warm-up: slice caches; a plan's first calls take the loop (interventions._BATCH_AFTER)
-                outs = [p.apply(h, ctx) for p in plans.values()]
-            gap = float((outs[0] - outs[1]).abs().max())
+                outs = {k: run(k, h, ctx) for k in plans}
+            gap = float((outs["batched"] - outs["looped"]).abs().max())
+            gap_dense = float((outs["batched"] - outs["dense-dec"]).abs().max())
+            fired = float((saes[1].encode(h[0]) > 0).float().mean())
             for _ in range(args.repeats):
-                for k, p in plans.items():
+                for k in plans:
                     t0 = time.perf_counter()
-                    p.apply(h, ctx)
+                    run(k, h, ctx)
                     times[k].append(time.perf_counter() - t0)
         med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
-        print(f"{step:8s} ({n:4d} tokens): " + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
-              + f"; batched/looped {med['batched'] / med['looped']:.2f}, looped/union {med['looped'] / med['union']:.2f}"
-              + f"; max |batched - looped| {gap:.1e}")
+        print(f"{step:8s} ({n:4d} tokens, {100 * fired:.1f}% of latents fire): "
+              + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
+              + f"; batched/looped {med['batched'] / med['looped']:.2f}, looped/union {med['looped'] / med['union']:.2f}, "
+              f"batched/dense-dec {med['batched'] / med['dense-dec']:.2f}"
+              + f"; max |batched - looped| {gap:.1e}, |batched - dense-dec| {gap_dense:.1e}")
     print(f"load average (1 min) before / after: {load0:.1f} / {os.getloadavg()[0]:.1f}")
 
 

@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import gemmascope_shaped_sae, percentile, spread_latents  # noqa: E402
+from _common import calibrate_thresholds, gemmascope_shaped_sae, percentile, spread_latents  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
@@ -41,7 +41,7 @@ PROMPTS = ["Explain photosynthesis briefly.", "Write a haiku about rain.", "What
 
 
 def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int,
-                  vllm_compiled: bool = False) -> Any:
+                  vllm_compiled: bool = False, sae_l0: float = 0.0) -> Any:
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from refusal_audit.server.hf_engine import HFEngine
@@ -54,6 +54,8 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
     m, tok = load_model(model)
     text = m.config.get_text_config()
     saes = {ly: gemmascope_shaped_sae(text.hidden_size, d_sae, ly) for ly in layers}
+    if sae_l0 > 0:
+        print("SAE L0 per layer on the calibration prompts:", calibrate_thresholds(saes, m, tok, sae_l0))
     if engine_kind == "hf":
         engine: Any = HFEngine(m, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers))
     else:
@@ -182,6 +184,9 @@ def main() -> None:
     ap.add_argument("--latents", type=int, default=2000)
     ap.add_argument("--layers", default="3,6,9,12")
     ap.add_argument("--d-sae", type=int, default=16384)
+    ap.add_argument("--sae-l0", type=float, default=100.0,
+                    help="calibrate the random SAEs' thresholds so that this many latents fire per token on real "
+                         "activations (0: one fixed threshold 0.5, about a third of the latents fire)")
     ap.add_argument("--sample", type=int, default=4, help="answers per client count re-run alone and compared")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
     ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
@@ -196,7 +201,7 @@ def main() -> None:
     address, metrics_url = args.server, args.metrics
     if address is None:
         server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256,
-                               vllm_compiled=args.vllm_compiled)
+                               vllm_compiled=args.vllm_compiled, sae_l0=args.sae_l0)
         address = server.address
         if server.handle.metrics_port:
             metrics_url = f"http://127.0.0.1:{server.handle.metrics_port}/metrics"
@@ -242,8 +247,11 @@ def main() -> None:
         if server is not None:
             server.stop()
     base = rows[0] if rows else None
+    thresholds = ("the running server's SAEs" if args.server else
+                  f"calibrated to L0 {args.sae_l0:g} on real activations" if args.sae_l0 > 0 else "one fixed 0.5")
     print(f"\nmodel {args.model}, {args.new_tokens} new tokens, {args.latents} latents/request over SAEs "
-          f"640->{args.d_sae} at layers {layers}, greedy; load average (1 min) before -> after each row\n")
+          f"640->{args.d_sae} at layers {layers} (thresholds: {thresholds}), "
+          "greedy; load average (1 min) before -> after each row\n")
     print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
           "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | latents/request | load avg |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")

@@ -1,7 +1,8 @@
 """What per-request SAE interventions cost in the vLLM engine, side by side with plain vLLM and HF.
 
 Embedded Gemma-3-270M on CPU (fp32) with GemmaScope-2-shaped SAEs (640 -> 16,384 JumpReLU, random
-weights: timing only) at 4 layers. Each run submits `--batch` requests at once and streams them
+weights: timing only; thresholds calibrated so that `--sae-l0` latents fire per token, as in a
+trained SAE) at 4 layers. Each run submits `--batch` requests at once and streams them
 to completion (greedy, `--new-tokens` each); every request carries its *own* random latent set
 (per-request masks: the batch's union is up to batch x n latents per layer). Configurations:
 
@@ -34,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import PROMPTS, gemmascope_shaped_sae, percentile, spread_latents
+from _common import PROMPTS, calibrate_thresholds, gemmascope_shaped_sae, percentile, spread_latents
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.model_loading import load_model
@@ -91,6 +92,9 @@ def main() -> None:
     ap.add_argument("--hf-latents", default="0,2000", help="HF configurations (latents per request)")
     ap.add_argument("--hf-threads", type=int, default=1,
                     help="torch threads for the HF engine (vLLM's CPU worker runs 1 bound OMP thread on a 2-core host)")
+    ap.add_argument("--sae-l0", type=float, default=100.0,
+                    help="calibrate each random SAE's thresholds so that this many latents fire per token on real "
+                         "activations, as in a trained SAE (0: one fixed threshold, 0.5, which fires on ~1/3 of them)")
     ap.add_argument("--out", default=None, help="append a markdown section to this file")
     ap.add_argument("--json", default=None, help="write raw results as JSON")
     args = ap.parse_args()
@@ -106,6 +110,9 @@ def main() -> None:
     cfg = AutoConfig.from_pretrained(resolve_model_dir(model_name))
     d_model = int((cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg).hidden_size)
     saes = {ly: gemmascope_shaped_sae(d_model, args.d_sae, seed=ly) for ly in layers}
+    model, tok = load_model(model_name)
+    sae_l0 = calibrate_thresholds(saes, model, tok, args.sae_l0) if args.sae_l0 > 0 else None
+    print("SAE L0 per layer on the calibration prompts:", sae_l0 or "not calibrated (threshold 0.5)")
     vkw: dict[str, Any] = dict(kv_cache_memory_bytes=1024**3, max_model_len=1024)
     if args.compiled:
         vkw["enforce_eager"] = False
@@ -119,7 +126,6 @@ def main() -> None:
         startup["vllm-plain"] = time.perf_counter() - t0
     if not args.no_hf:
         torch.set_num_threads(args.hf_threads)
-        model, tok = load_model(model_name)
         engines["hf"] = HFEngine(model, tok, build_layer_saes(saes, d_model, len(model.model.layers)), model_name=model_name)
     configs: list[tuple[str, str, int]] = []
     if "vllm-plain" in engines:
@@ -163,6 +169,9 @@ def main() -> None:
         f"Machine: {machine}. Repeats: {args.repeats} (median tokens/s; latency percentiles over all requests).",
         f"Start-up: {', '.join(f'{k} {v:.0f} s' for k, v in startup.items())}. Load average (1 min) before / after: "
         f"{load_before[0]:.1f} / {load_after[0]:.1f} (shared host).",
+        "SAE thresholds: " + (f"calibrated to L0 {args.sae_l0:g} on real activations (measured per layer: "
+                              + ", ".join(f"{ly}: {v:.0f}" for ly, v in sae_l0.items()) + ")" if sae_l0
+                              else "one fixed threshold 0.5 (about a third of the latents fire)") + ".",
         "",
         "| configuration | latents / request | tokens/s | slowdown vs first row | p50 latency (s) | p99 latency (s) | time in hooks |",
         "|---|---:|---:|---:|---:|---:|---:|",

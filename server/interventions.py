@@ -17,7 +17,9 @@ addition  h' = h + a r.  Non-separable SAEs (TopK) go through sae-lens's full en
 from __future__ import annotations
 
 import math
+import threading
 import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -175,6 +177,27 @@ batched with decodes), the per-group loop runs instead: there the arithmetic dom
 per-group op dispatch (~20 small ops, worth roughly 10-50 tokens of matmul at 2,000 latents)."""
 
 
+_SPARSE_DECODE_FRACTION = 1 / 16
+"""Decode through the non-zero coefficients alone when at most this fraction is non-zero. An
+ablation's coefficient is -z, non-zero only where a latent fires (about L0 / d_sae of a real SAE's
+latents): then reading those decoder rows beats reading every row of the set (decode steps are
+bound by reading weights). Dense clamps, and SAEs that fire on most latents, keep the matmul."""
+
+
+def decode_coefficients(coeff: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+    """sum_s coeff[g, t, s] W_dec[g, s] for coeff [G, T, S] and W_dec [G, S, d] -> [G * T, d].
+
+    Sparse coefficients skip the zero terms: each token sums its non-zero terms in latent order (so
+    its result does not depend on the other tokens of the batch), otherwise one `torch.bmm`."""
+    G, T, S = coeff.shape
+    nz = coeff.nonzero()
+    if nz.shape[0] > _SPARSE_DECODE_FRACTION * coeff.numel():
+        return torch.bmm(coeff, W_dec).view(G * T, -1)
+    g, t, s = nz.unbind(1)
+    terms = W_dec[g, s] * coeff[g, t, s].unsqueeze(-1)  # [nnz, d]
+    return terms.new_zeros((G * T, W_dec.shape[-1])).index_add_(0, g * T + t, terms)
+
+
 @dataclass
 class _GroupBatch:
     """Constant parts of the batched (one `torch.bmm` for all groups) path of one layer plan.
@@ -304,7 +327,7 @@ class LatentLayerPlan:
             W = w_tok.new_zeros((G * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(G, t_max, -1)
             weight = torch.bmm(W, gb.membership).clamp_(max=1.0)
             coeff = torch.addcmul(torch.bmm(W, gb.targets), torch.bmm(W, gb.scales) - weight, z)
-        delta = torch.bmm(coeff, st.W_dec).view(G * t_max, -1).index_select(0, flat)  # [A, d]
+        delta = decode_coefficients(coeff, st.W_dec).index_select(0, flat)  # [A, d]
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
         return x_all.index_copy(0, tok, x + delta.to(h.dtype)).unsqueeze(0)
@@ -321,7 +344,7 @@ class LatentLayerPlan:
             x_in, scale = sae.normalise_in(x)
             z = sae.sparse_acts(x_in, sl)  # [A, S]
             coeff = (mul - (1.0 if weight is None else weight)) * z + target  # z' - z (0 where not weighted)
-            return (coeff @ sl.W_dec) * scale
+            return decode_coefficients(coeff.unsqueeze(0), sl.W_dec.unsqueeze(0)) * scale
         z_full = sae.encode(x)
         z_sel = z_full[..., g.latents]
         z_new = z_full.clone()
@@ -431,39 +454,71 @@ def _check_positions(scope: TokenScope, field_name: str, row: int, prompt_len: i
             )
 
 
+_GROUP_CACHE_SIZE = 1024
+_GROUP_CACHE: OrderedDict[tuple, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+_GROUP_CACHE_LOCK = threading.Lock()
+"""A group's constants by (what its rows edit, device, dtype): under load every step has a new batch
+composition, but its latent sets are those of requests already seen, so a new plan reuses them."""
+
+
+def _op_edits(ids: np.ndarray, muls: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(sorted unique latent ids, a, b per id) of one op; a latent listed twice keeps its last (a, b)."""
+    uniq, first_from_end = np.unique(ids[::-1], return_index=True)
+    last = len(ids) - 1 - first_from_end
+    return uniq, muls[last], vals[last]
+
+
+def _group_constants(
+    edits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype
+) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key, latents, membership, scales, targets) of a group whose rows' ops edit `edits` in order."""
+    latents = np.unique(np.concatenate([ids for ids, _, _ in edits]))
+    membership = np.zeros((len(edits), len(latents)), dtype=np.float64)
+    scales = np.zeros_like(membership)
+    targets = np.zeros_like(membership)
+    for k, (ids, a, b) in enumerate(edits):
+        cols = np.searchsorted(latents, ids)
+        membership[k, cols] = 1.0
+        scales[k, cols] = a
+        targets[k, cols] = b
+    return (
+        tuple(latents.tolist()),
+        torch.from_numpy(latents).to(device),
+        torch.from_numpy(membership).to(device=device, dtype=dtype),
+        torch.from_numpy(scales).to(device=device, dtype=dtype),
+        torch.from_numpy(targets).to(device=device, dtype=dtype),
+    )
+
+
 def _latent_groups(
-    ops: list[tuple[int, TokenScope, list[int], list[float], list[float]]], device: torch.device, dtype: torch.dtype
+    ops: list[tuple[int, TokenScope, np.ndarray, np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype
 ) -> list[_LatentGroup]:
     """Group the rows of one layer's ops by what their ops edit (latents and (a, b) per op, in order)."""
     by_row: dict[int, list[int]] = {}
     for o, (row, _, _, _, _) in enumerate(ops):
         by_row.setdefault(row, []).append(o)
-    edits = []
-    for _, _, ids, muls, vals in ops:
-        last = {i: (a, b) for i, a, b in zip(ids, muls, vals, strict=True)}  # a latent listed twice keeps its last
-        edits.append(tuple(sorted(last.items())))
+    edits = [_op_edits(ids, muls, vals) for _, _, ids, muls, vals in ops]
+    edit_keys = [(ids.tobytes(), a.tobytes(), b.tobytes()) for ids, a, b in edits]
     grouped: dict[tuple, list[list[int]]] = {}
     for row_ops in by_row.values():
-        grouped.setdefault(tuple(edits[o] for o in row_ops), []).append(row_ops)
+        grouped.setdefault(tuple(edit_keys[o] for o in row_ops), []).append(row_ops)
     out = []
     for key_edits, members in grouped.items():
-        latents = np.unique(np.fromiter((i for e in key_edits for i, _ in e), dtype=np.int64))
-        K = len(key_edits)
-        membership = np.zeros((K, len(latents)), dtype=np.float64)
-        scales = np.zeros_like(membership)
-        targets = np.zeros_like(membership)
-        for k, e in enumerate(key_edits):
-            cols = np.searchsorted(latents, np.fromiter((i for i, _ in e), dtype=np.int64, count=len(e)))
-            membership[k, cols] = 1.0
-            scales[k, cols] = [a for _, (a, _) in e]
-            targets[k, cols] = [b for _, (_, b) in e]
+        cache_key = (key_edits, str(device), dtype)
+        with _GROUP_CACHE_LOCK:
+            consts = _GROUP_CACHE.get(cache_key)
+            if consts is not None:
+                _GROUP_CACHE.move_to_end(cache_key)
+        if consts is None:
+            consts = _group_constants([edits[o] for o in members[0]], device, dtype)
+            with _GROUP_CACHE_LOCK:
+                _GROUP_CACHE[cache_key] = consts
+                while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
+                    _GROUP_CACHE.popitem(last=False)
+        key, latents, membership, scales, targets = consts
         out.append(_LatentGroup(
-            key=tuple(int(i) for i in latents),
-            latents=torch.from_numpy(latents).to(device),
-            ops=torch.tensor(members, dtype=torch.long, device=device),
-            membership=torch.from_numpy(membership).to(device=device, dtype=dtype),
-            scales=torch.from_numpy(scales).to(device=device, dtype=dtype),
-            targets=torch.from_numpy(targets).to(device=device, dtype=dtype),
+            key=key, latents=latents, ops=torch.tensor(members, dtype=torch.long, device=device),
+            membership=membership, scales=scales, targets=targets,
         ))
     return out
 
@@ -528,7 +583,7 @@ def compile_plan(
     """
     resolver = resolver or Resolver()
     # per layer: (row, scope, latent ids, a, b) with z' = a z + b for each listed latent
-    latent_ops: dict[int, list[tuple[int, TokenScope, list[int], list[float], list[float]]]] = {}
+    latent_ops: dict[int, list[tuple[int, TokenScope, np.ndarray, np.ndarray, np.ndarray]]] = {}
     abl: list[tuple[int, TokenScope, torch.Tensor, frozenset[int] | None]] = []
     add: dict[int, list[tuple[int, TokenScope, torch.Tensor]]] = {}
     for row, ivs in enumerate(rows):
@@ -547,22 +602,28 @@ def compile_plan(
                             f"{where}.latents: no SAE at layer {layer} (SAE layers: {sorted(saes)})"
                         )
                     d_sae = saes[layer].d_sae
-                    bad = [i for i in ids if not 0 <= i < d_sae]
-                    if bad:
-                        raise InvalidRequest(f"{where}.latents[{layer}]: latent id {bad[0]} out of range [0, {d_sae})")
-                    muls = [0.0] * len(ids)
+                    try:
+                        id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+                    except OverflowError:  # beyond int64: out of range whatever the SAE
+                        id_arr = np.asarray([i if abs(i) < 2**62 else -1 for i in ids], dtype=np.int64)
+                    bad = np.flatnonzero((id_arr < 0) | (id_arr >= d_sae))
+                    if bad.size:
+                        raise InvalidRequest(
+                            f"{where}.latents[{layer}]: latent id {ids[int(bad[0])]} out of range [0, {d_sae})")
+                    muls = np.zeros(len(ids), dtype=np.float64)
                     if isinstance(iv, ClampLatents):
                         own = len(iv.latents.get(layer, ())) if iv.values.get(layer) else 0
-                        vals = [iv.value_of(layer, j) if j < own else iv.value for j in range(len(ids))]
-                        _check_clamp(vals, ids, own, saes[layer], layer, where)
+                        vals_list = [iv.value_of(layer, j) if j < own else iv.value for j in range(len(ids))]
+                        _check_clamp(vals_list, ids, own, saes[layer], layer, where)
+                        vals = np.asarray(vals_list, dtype=np.float64)
                     else:
-                        vals = [0.0] * len(ids)
+                        vals = np.zeros(len(ids), dtype=np.float64)
                     if isinstance(iv, ScaleLatents):
                         if not np.isfinite(iv.factor):
                             raise InvalidRequest(f"{where}.factor: the scale factor must be finite")
-                        muls = [float(iv.factor)] * len(ids)
+                        muls = np.full(len(ids), float(iv.factor), dtype=np.float64)
                     n_latents += len(ids)
-                    latent_ops.setdefault(layer, []).append((row, iv.scope, ids, muls, vals))
+                    latent_ops.setdefault(layer, []).append((row, iv.scope, id_arr, muls, vals))
             elif isinstance(iv, AblateDirection):
                 vec = iv.direction if iv.direction else resolver.direction(iv.direction_id or "")
                 unit = _unit(vec, d_model, f"{where}.direction")

@@ -95,7 +95,7 @@ class LayerSAE:
 
     def slices(self, latents: Sequence[int]) -> SAESlice:
         """Gathered encoder/decoder slices for a latent set, cached per (layer, set)."""
-        key = tuple(int(i) for i in latents)
+        key = latents if isinstance(latents, tuple) else tuple(int(i) for i in latents)
         with self._lock:
             hit = self._cache.get(key)
         if hit is not None:

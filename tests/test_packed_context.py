@@ -20,7 +20,12 @@ from refusal_audit.audit.spec import (
     ScaleLatents,
     TokenScope,
 )
-from refusal_audit.server.interventions import TokenContext, compile_plan
+from refusal_audit.server.interventions import (
+    _SPARSE_DECODE_FRACTION,
+    TokenContext,
+    compile_plan,
+    decode_coefficients,
+)
 from refusal_audit.server.sae_runtime import build_layer_saes
 from tiny import make_sae
 
@@ -123,12 +128,19 @@ def test_rows_are_grouped_by_latent_set_and_equal_their_solo_run() -> None:
 
 
 @pytest.mark.parametrize("prefill", [1, 40])
-def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int) -> None:
+@pytest.mark.parametrize("sparse", [False, True])
+def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: bool) -> None:
     """Several distinct latent sets of different sizes: the batched path (tokens padded per group,
     one bmm against slices stacked and zero-padded to the largest set) equals the per-group loop and
     an independent dense computation (full encode, h - z_S W_dec[S]). With one long prefill beside
-    decodes the padding would dwarf the work, so the loop runs instead (`_apply_batched` declines)."""
-    saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=5, norm=4.0)}, D, N_LAYERS)
+    decodes the padding would dwarf the work, so the loop runs instead (`_apply_batched` declines).
+    `sparse`: thresholds raised until few latents fire, as in a real SAE, so both paths decode
+    through the non-zero coefficients only (`decode_coefficients`' sparse branch)."""
+    tiny_sae = make_sae(D, 64, "jumprelu", seed=5, norm=4.0)
+    if sparse:
+        with torch.no_grad():
+            tiny_sae.threshold.add_(30.0)
+    saes = build_layer_saes({1: tiny_sae}, D, N_LAYERS)
     sets = [tuple(range(0, 64, 3)), (1, 2, 9), tuple(range(10, 60)), (7,)]
     rows = [(AblateLatents(latents={1: s}),) for s in sets]
     counts = [prefill, 1, 1, 1]  # row 0 in prefill (40 tokens) or decoding like the rest
@@ -153,8 +165,55 @@ def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int) -> None:
         for r, s in enumerate(sets):
             sel, idx = row == r, torch.tensor(s)
             dense[sel] -= z[sel][:, idx] @ sae.W_dec[idx]
+        active = torch.cat([(z[row == r][:, torch.tensor(s)] > 0).flatten() for r, s in enumerate(sets)]).float().mean()
+    if sparse:  # few enough non-zero coefficients for the sparse branch, and some, so that the edit acts
+        assert 0 < float(active) <= _SPARSE_DECODE_FRACTION, float(active)
+    else:
+        assert float(active) > _SPARSE_DECODE_FRACTION, float(active)
     assert torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
     if batched is not None:
         assert torch.equal(out, batched)
     assert torch.allclose(out[0], dense, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(out, h), "the ablations must act"
+
+
+def test_decode_coefficients_sparse_equals_the_matmul_and_ignores_batch_mates() -> None:
+    """Sparse coefficients (an ablation's -z where few latents fire) decode through their non-zero terms
+    only: equal to the dense `bmm` up to summation order, and each token's result is bit-identical
+    whichever other tokens and groups share the call. Dense coefficients take the `bmm` itself."""
+    g = torch.Generator().manual_seed(3)
+    G, T, S = 3, 5, 200
+    W_dec = torch.randn(G, S, D, generator=g)
+    coeff = torch.randn(G, T, S, generator=g) * (torch.rand(G, T, S, generator=g) < 0.02)
+    assert 0 < int(coeff.count_nonzero()) <= _SPARSE_DECODE_FRACTION * coeff.numel()
+    out = decode_coefficients(coeff, W_dec)
+    assert torch.allclose(out, torch.bmm(coeff, W_dec).view(G * T, D), atol=1e-5, rtol=1e-5)
+    for gi, t in [(0, 0), (1, 3), (2, 4)]:
+        alone = decode_coefficients(coeff[gi : gi + 1, t : t + 1], W_dec[gi : gi + 1])
+        assert torch.equal(alone[0], out[gi * T + t]), (gi, t)
+    dense = torch.randn(G, T, S, generator=g)
+    assert torch.equal(decode_coefficients(dense, W_dec), torch.bmm(dense, W_dec).view(G * T, D))
+
+
+def test_group_constants_are_reused_across_compositions_and_keep_the_last_listing() -> None:
+    """Under load every step has a new batch composition; a new plan reuses the constants of groups it
+    has seen (same edits, same tensors) instead of rebuilding them. A latent listed twice in one op
+    keeps its last value, as the math in docs/interventions.md says, whichever plan it is in."""
+    saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=4, norm=4.0)}, D, N_LAYERS)
+    clamp = ClampLatents(latents={1: (9, 2, 9)}, values={1: (1.0, 2.0, 3.0)}, value=0.0)
+    other = AblateLatents(latents={1: (4, 5)})
+    first = compile_plan([(clamp,), (other,)], [3, 3], saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+    second = compile_plan([(other,), (), (clamp,)], [2, 3, 4], saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+    g1 = next(g for g in first.groups if g.key == (2, 9))
+    g2 = next(g for g in second.groups if g.key == (2, 9))
+    assert g1.membership is g2.membership and g1.targets is g2.targets
+    assert g1.targets.tolist() == [[2.0, 3.0]]  # latent 9: its last value, 3.0
+    assert g2.ops.tolist() == [[1]] and g1.ops.tolist() == [[0]]  # the rows' own op indices, per plan
+    # and the edit acts as the closed form says: z'_9 = 3, z'_2 = 2
+    h = torch.randn(1, 3, D, generator=torch.Generator().manual_seed(2)) * 4.0
+    p = torch.arange(3)
+    out = first.apply(h, TokenContext.packed(p, p < 3, torch.tensor([3, 3]), torch.zeros_like(p)))
+    sae = saes[1].sae
+    z = sae.encode(h[0])
+    want = h[0] + (torch.tensor([2.0, 3.0]) - z[:, [2, 9]]) @ sae.W_dec[[2, 9]]
+    assert torch.allclose(out[0], want, atol=1e-5, rtol=1e-5)
