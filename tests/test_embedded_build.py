@@ -290,8 +290,10 @@ def test_build_config_sizes() -> None:
     full, small = BuildConfig.for_sizes("full"), BuildConfig.for_sizes("small")
     assert full.saes.d_sae >= 4096 and len(full.saes.layers) >= 4 and full.saes.train_tokens >= 300_000
     assert small.finetune == full.finetune and small.saes.train_tokens < full.saes.train_tokens
-    # the fire-rate init is opt-in (fewer dead latents, but the demo's stage 2 found no set with it)
-    assert full.saes.init_fire_rate is None and small.saes.init_fire_rate is None
+    # the full build starts every latent firing (dead latents) with thresholds that can reach L0 <= 150;
+    # the reduced build keeps its own, separately measured settings
+    assert full.saes.init_fire_rate == 0.03 and full.saes.jumprelu_init_threshold == 0.04
+    assert small.saes.init_fire_rate is None and small.saes.jumprelu_init_threshold == 0.01
     with pytest.raises(ValueError):
         BuildConfig.for_sizes("huge")  # type: ignore[arg-type]
 

@@ -69,14 +69,16 @@ class BuildConfig:
             # 256 steps are too few for the thresholds alone to reach a sparse code (measured: L0
             # 822 of 1024 at layer 3), so the L0 gradient also reaches the pre-activations, with a
             # smaller coefficient (measured: FVE 0.63 / 0.63, L0 131 / 134, dead 4.4 % / 3.4 %).
-            # The fire-rate encoder init (opt-in) stays off here too: at layer 3 it pushes L0 to
-            # 153 (FVE 0.65 -> 0.68, dead 3.5 % -> 0.1 %), and this preset has few dead latents.
+            # The full build's fire-rate encoder init and larger starting thresholds stay off: at
+            # layer 3 the init pushes L0 to 153 (FVE 0.65 -> 0.68, dead 3.5 % -> 0.1 %), and this
+            # preset has few dead latents.
             # Its SAEs train in seconds, so the speed options that change bits stay off (the slow
             # test's stage-2 check was verified with plain Adam, one layer after another).
             saes = SaeBuildConfig(layers=(3, 9), d_sae=1024, train_tokens=32_768, eval_tokens=4_096,
                                   train_batch_size=128, lr_warm_up_steps=10, l0_warm_up_steps=50,
                                   dead_feature_window=100, dead_check_train_tokens=16_384,
                                   jumprelu_ste_to_input=True, l0_coefficient=0.001, init_fire_rate=None,
+                                  jumprelu_init_threshold=0.01,
                                   fused_adam=False, train_workers=1)
             return cls(saes=saes)
         raise ValueError(f"sizes must be 'full' or 'small', not {sizes!r}")

@@ -60,24 +60,26 @@ class SaeBuildConfig:
     normalize_activations: str = "centre_and_scale"
     centred_sq_norm: float | None = 1.0  # target E||scale*(x-mean)||^2 (None = d_in)
     sparsity_loss_mode: str = "step"
-    # 0.015 with the fire-rate init below gives L0 166 / 129 / 110 / 169 at layers 3 / 6 / 9 / 12
-    # (0.01 without it: 176 / 121 / 111 / 176); see init_fire_rate for why it is not the default.
-    l0_coefficient: float = 0.01
+    # Barely moves L0 in this short run: Adam normalises the thresholds' gradient, so they move by
+    # about lr per step whatever the coefficient (0.01 / 0.015 / 0.02: L0 176 / 166 / 165 at layer 3).
+    l0_coefficient: float = 0.015
     l0_warm_up_steps: int = 100
     target_l0: float | None = None  # only for sparsity_loss_mode="quadratic"
-    jumprelu_init_threshold: float = 0.01
+    # What sets L0 here: thresholds move multiplicatively (sae-lens trains log-thresholds), so a
+    # larger start lets them reach the pre-activations' scale within the run. With the fire-rate
+    # init below, layers 3 / 12: 0.01 -> L0 166 / 169, FVE 0.947 / 0.829; 0.04 -> 143 / 131, 0.945 /
+    # 0.814; 0.05 -> 136 / 121, 0.944 / 0.809 (dead latents at layer 3: 7.6 / 14.5 / 17.3 %);
+    # 0.1 -> FVE 0.783 at layer 12 (benchmarks/RESULTS.md, "SAE quality goals").
+    jumprelu_init_threshold: float = 0.04
     jumprelu_bandwidth: float = 0.05
     pre_act_loss_coefficient: float | None = None
     jumprelu_ste_to_input: bool = False  # let the L0 gradient reach the pre-activations too
     # Data-dependent encoder-bias init (see `init_encoder_bias`): every latent starts firing on
     # this fraction of a sample of training activations (None: sae-lens' zero bias). 0.03 ~ the
-    # target L0 / d_sae. Measured with l0_coefficient 0.015 on the demo's activations, layers
-    # 3 / 6 / 9 / 12: dead latents 10 / 23 / 36 / 1 % -> 8 / 8 / 12 / 0.2 %, FVE 0.95 / 0.92 /
-    # 0.86 / 0.84 -> 0.95 / 0.92 / 0.86 / 0.83 (benchmarks/RESULTS.md, "SAE dead latents"). Not the
-    # default: a full demo build with those SAEs jailbroke 3 of 8 prompts in stage 1 (4 of 8 before)
-    # and stage 2 found no set at all (the pool reading found 2 of 4 before), so the demo's
-    # stage-2-based sections had nothing to analyse.
-    init_fire_rate: float | None = None
+    # target L0 / d_sae. On the demo's activations, layers 3 / 6 / 9 / 12, dead latents 10 / 23 /
+    # 36 / 1 % without it (benchmarks/RESULTS.md, "SAE dead latents"). Lower starting rates (0.02,
+    # 0.015) end at the same L0: it is the thresholds' start that sets L0 (above).
+    init_fire_rate: float | None = 0.03
     dead_feature_window: int = 400  # steps
     # bf16 autocast for SAE training matmuls / for the activation pass (the residual stream stays
     # fp32). None = only where the CPU has native bf16 (AVX512-BF16 or AMX): measured 1.9x faster
