@@ -86,7 +86,7 @@ def main() -> None:
         h = torch.randn(1, n, d, generator=g)
         times: dict[str, list[float]] = {k: [] for k in plans}
         with torch.inference_mode():
-            for _ in range(3):  # warm-up: slice caches; a plan's first calls take the loop (interventions._BATCH_AFTER)
+            for _ in range(3):  # warm-up: slice caches, slot pools
                 outs = {k: run(k, h, ctx) for k in plans}
             gap = float((outs["batched"] - outs["looped"]).abs().max())
             gap_dense = float((outs["batched"] - outs["dense-dec"]).abs().max())

@@ -4,8 +4,8 @@ apply it to residual-stream tensors at hook points.
 Rows are the requests of a batch; each has its own interventions. Per SAE layer, rows whose ops
 edit the same latents the same way form a group, and a token goes through the SAE on its own
 group's latents only (it never pays for another request's latents). Several groups run in one
-padded batched matmul (tokens [G, T_max, d] against slices stacked [G, d, S_max]), so the op count
-per layer does not grow with the number of distinct latent sets. Token scopes are evaluated from a `TokenContext` the
+padded batched matmul (tokens [P, T_max, d] against the slices in the SAE's slot pool [P, d, S]), so
+the op count per layer does not grow with the number of distinct latent sets. Token scopes are evaluated from a `TokenContext` the
 engine sets before each forward call; the padded [B, T] layout is flattened to the packed one, so
 both engines run the same arithmetic.
 
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from ..audit.spec import (
     ScaleLatents,
     TokenScope,
 )
-from .sae_runtime import LayerSAE, StackedSlices
+from .sae_runtime import LayerSAE
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED, SCOPE_LAST_N, SCOPE_POSITIONS = range(5)
 _SCOPE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last_n_prompt": 3, "positions": 4}
@@ -166,10 +165,6 @@ class _LatentGroup:
         return self.ops.shape[1] == 1
 
 
-_BATCH_AFTER = 2
-"""The batched path stacks the groups' slices once per batch composition (a copy of every set's
-slices); a plan's first calls use the loop, so compositions that last only a step or two (requests
-arriving and finishing under load) do not pay a fresh stack every step."""
 _PAD_LIMIT, _PAD_SLACK = 2.0, 16
 """The batched path pads every group to the largest group's token count; when that more than doubles
 the tokens the SAE sees and adds more than `_PAD_SLACK` padded tokens per group (a long prefill
@@ -202,17 +197,34 @@ def decode_coefficients(coeff: torch.Tensor, W_dec: torch.Tensor) -> torch.Tenso
 class _GroupBatch:
     """Constant parts of the batched (one `torch.bmm` for all groups) path of one layer plan.
 
-    The groups' encoder/decoder slices are stacked [G, d, S_max] by `LayerSAE.stacked` (LRU-cached
-    per composition on the SAE, weakly referenced here so that cached plans do not pin them)."""
+    The groups' encoder/decoder slices live in the SAE's slot pool (`LayerSAE.pool`, [P, d, S]);
+    the per-group constants below are placed at the groups' slots on use (`at_slots`), and kept
+    while the slots stay the same (decode steps of one batch composition)."""
 
-    keys: tuple[tuple[int, ...], ...]  # the groups' latent sets: the stack's cache key
+    keys: tuple[tuple[int, ...], ...]  # the groups' latent sets
     op_group: torch.Tensor  # [O, 1] long: the group of each op of the layer's scope table
     op_k: torch.Tensor  # [O, K_max] float: one-hot position of each op within its row's ops
     membership: torch.Tensor  # [G, K_max, S_max], zero-padded
     scales: torch.Tensor  # [G, K_max, S_max]
     targets: torch.Tensor  # [G, K_max, S_max]
     single: bool  # every row has one op covering its group's latents: per-token weights are not needed
-    stack: weakref.ref[StackedSlices] | None = None
+    _placed: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
+
+    def at_slots(self, slots: list[int], n_slots: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(membership, scales, targets) as [P, K_max, S]: group g's at row slots[g], zero elsewhere."""
+        tag = (tuple(slots), n_slots, width)
+        if self._placed is not None and self._placed[0] == tag:
+            return self._placed[1]
+        idx = torch.tensor(slots, dtype=torch.long, device=self.membership.device)
+        G, K, S = self.membership.shape
+        placed = []
+        for t in (self.membership, self.scales, self.targets):
+            full = t.new_zeros((n_slots, K, width))
+            full[:, :, :S].index_copy_(0, idx, t)
+            placed.append(full)
+        out = (placed[0], placed[1], placed[2])
+        self._placed = (tag, out)
+        return out
 
 
 @dataclass
@@ -221,9 +233,9 @@ class LatentLayerPlan:
 
     Each op sets its latents to z' = a z + b: ablation (a, b) = (0, 0), clamp (0, c), scale (alpha, 0).
     Where several ops of a row cover the same latent at the same token, their a and b add up.
-    With several groups on a separable SAE the groups run together (`_apply_batched`): tokens sorted
-    by group into [G, T_max, d], one `torch.bmm` each for encode and decode against the stacked
-    slices, so the op count per layer does not grow with the number of distinct latent sets.
+    With several groups on a separable SAE the groups run together (`_apply_batched`): tokens placed
+    by their group's slot into [P, T_max, d], one `torch.bmm` each for encode and decode against the
+    SAE's slot pool, so the op count per layer does not grow with the number of distinct latent sets.
     """
 
     sae: LayerSAE
@@ -231,7 +243,6 @@ class LatentLayerPlan:
     groups: list[_LatentGroup]
     batched: bool = True  # allow the batched path (False: always the per-group loop, for comparisons)
     _batch: _GroupBatch | None = field(default=None, init=False, repr=False)
-    _calls: int = field(default=0, init=False, repr=False)
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [B, T, d] -> h' with every row's ops at this layer applied (exact, error term kept)."""
@@ -246,8 +257,7 @@ class LatentLayerPlan:
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
         masks = self.scopes.masks(ctx)  # [O, N] (each op restricted to its own row's tokens)
-        self._calls += 1
-        if self.batched and len(self.groups) > 1 and self.sae.separable and self._calls > _BATCH_AFTER:
+        if self.batched and len(self.groups) > 1 and self.sae.separable:
             out = self._apply_batched(h, masks)
             if out is not None:
                 return out
@@ -286,11 +296,12 @@ class LatentLayerPlan:
     def _apply_batched(self, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
         """All groups at once: a constant number of ops whatever the number of groups.
 
-        Each touched token belongs to one row, hence one group: tokens are sorted by group, padded to
-        [G, T_max, d], encoded with one `bmm` against the stacked [G, d, S_max] encoder slices and
-        decoded with one against [G, S_max, d]. Padded latents have zero weights, biases, scales and
-        targets (their coefficient and decoder rows are exactly 0); padded token slots are computed
-        and dropped. None: padding would cost more than the loop (see _PAD_LIMIT)."""
+        Each touched token belongs to one row, hence one group, hence one slot of the SAE's slot
+        pool: tokens are placed by slot, padded to [P, T_max, d], encoded with one `bmm` against the
+        pool's [P, d, S] encoder slices and decoded against its [P, S, d] decoder slices. Padded
+        latents and slots of other batches have zero weights, biases, scales and targets here (their
+        coefficient and decoder rows are exactly 0); padded token slots are computed and dropped.
+        None: padding would cost more than the loop (see _PAD_LIMIT)."""
         gb = self._batch_consts()
         G = len(self.groups)
         x_all = h[0]
@@ -305,29 +316,34 @@ class LatentLayerPlan:
         t_max = int(counts.max())
         if G * t_max > _PAD_LIMIT * A and G * t_max - A > _PAD_SLACK * G:
             return None
-        slot = torch.arange(A, device=h.device) - (torch.cumsum(counts, 0) - counts).index_select(0, gid)
-        flat = gid * t_max + slot  # each token's slot in the padded [G * T_max] layout
-        st = gb.stack() if gb.stack is not None else None
-        if st is None:
-            st = self.sae.stacked(gb.keys)
-            gb.stack = weakref.ref(st)
         sae = self.sae
         x = x_all.index_select(0, tok)
         x_in, scale = sae.normalise_in(x)
         d = x_in.shape[-1]
-        X = x_in.new_zeros((G * t_max, d)).index_copy_(0, flat, x_in).view(G, t_max, d)
-        pre = torch.baddbmm(st.b_enc, X, st.W_enc)  # [G, T_max, S_max]
-        z = torch.relu(pre)
-        if st.threshold is not None:
-            z = torch.where(pre > st.threshold, z, 0.0)
-        if gb.single:  # weight 1 on the group's latents, 0 on padding: membership itself
-            coeff = torch.addcmul(gb.targets, gb.scales - gb.membership, z)
-        else:
-            w_tok = masks.index_select(1, tok).T.to(gb.op_k.dtype) @ gb.op_k  # [A, K_max]: each row's op k
-            W = w_tok.new_zeros((G * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(G, t_max, -1)
-            weight = torch.bmm(W, gb.membership).clamp_(max=1.0)
-            coeff = torch.addcmul(torch.bmm(W, gb.targets), torch.bmm(W, gb.scales) - weight, z)
-        delta = decode_coefficients(coeff, st.W_dec).index_select(0, flat)  # [A, d]
+        slot_in_group = torch.arange(A, device=h.device) - (torch.cumsum(counts, 0) - counts).index_select(0, gid)
+        with sae.pool_lock:
+            slots = sae.pool.assign(gb.keys)
+            st = sae.pool.stack
+            assert st is not None
+            P, width = st.W_enc.shape[0], st.W_enc.shape[2]
+            if P * t_max > _PAD_LIMIT * A and P * t_max - A > _PAD_SLACK * P:
+                return None
+            membership, scales, targets = gb.at_slots(slots, P, width)
+            slot_of_group = torch.tensor(slots, dtype=torch.long, device=h.device)
+            flat = slot_of_group.index_select(0, gid) * t_max + slot_in_group  # each token's row in [P * T_max]
+            X = x_in.new_zeros((P * t_max, d)).index_copy_(0, flat, x_in).view(P, t_max, d)
+            pre = torch.baddbmm(st.b_enc, X, st.W_enc)  # [P, T_max, S]
+            z = torch.relu(pre)
+            if st.threshold is not None:
+                z = torch.where(pre > st.threshold, z, 0.0)
+            if gb.single:  # weight 1 on the group's latents, 0 on padding: membership itself
+                coeff = torch.addcmul(targets, scales - membership, z)
+            else:
+                w_tok = masks.index_select(1, tok).T.to(gb.op_k.dtype) @ gb.op_k  # [A, K_max]: each row's op k
+                W = w_tok.new_zeros((P * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(P, t_max, -1)
+                weight = torch.bmm(W, membership).clamp_(max=1.0)
+                coeff = torch.addcmul(torch.bmm(W, targets), torch.bmm(W, scales) - weight, z)
+            delta = decode_coefficients(coeff, st.W_dec).index_select(0, flat)  # [A, d]
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
         return x_all.index_copy(0, tok, x + delta.to(h.dtype)).unsqueeze(0)

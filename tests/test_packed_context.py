@@ -131,7 +131,7 @@ def test_rows_are_grouped_by_latent_set_and_equal_their_solo_run() -> None:
 @pytest.mark.parametrize("sparse", [False, True])
 def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: bool) -> None:
     """Several distinct latent sets of different sizes: the batched path (tokens padded per group,
-    one bmm against slices stacked and zero-padded to the largest set) equals the per-group loop and
+    one bmm against the slot pool's slices, zero-padded to the largest set) equals the per-group loop and
     an independent dense computation (full encode, h - z_S W_dec[S]). With one long prefill beside
     decodes the padding would dwarf the work, so the loop runs instead (`_apply_batched` declines).
     `sparse`: thresholds raised until few latents fire, as in a real SAE, so both paths decode
@@ -156,8 +156,7 @@ def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: b
     with torch.no_grad():
         batched = lp._apply_batched(h, lp.scopes.masks(ctx))
         assert (batched is None) == (prefill > 1)
-        for _ in range(3):  # the first calls of a plan take the loop (the stack is built on repeat)
-            out = lp.apply(h, ctx)
+        out = lp.apply(h, ctx)
         looped = lp._apply_looped(h, lp.scopes.masks(ctx))
         sae = saes[1].sae
         z = sae.encode(h[0])
@@ -217,3 +216,57 @@ def test_group_constants_are_reused_across_compositions_and_keep_the_last_listin
     z = sae.encode(h[0])
     want = h[0] + (torch.tensor([2.0, 3.0]) - z[:, [2, 9]]) @ sae.W_dec[[2, 9]]
     assert torch.allclose(out[0], want, atol=1e-5, rtol=1e-5)
+
+
+def _decode_ctx(n_rows: int, plen: int = 3) -> TokenContext:
+    """One decode token per row (position `plen`, a generated token)."""
+    row = torch.arange(n_rows)
+    pos = torch.full((n_rows,), plen)
+    return TokenContext.packed(pos, pos < plen, torch.full((n_rows,), plen), row)
+
+
+def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_sae() -> None:
+    """Under load the batch composition changes almost every step. The batched path keeps each latent
+    set in a slot of the SAE's pool while it is in use, so a new composition writes only the sets it
+    brings; slots of sets that left are reused. Every composition still equals the dense
+    computation (full encode, then each row's own closed form), including two groups with the same
+    latents edited differently (each gets its own slot), and a pool far larger than the batch is
+    rebuilt to the batch's size."""
+    saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=6, norm=4.0)}, D, N_LAYERS)
+    sae = saes[1].sae
+    pool = saes[1].pool
+    sets = {name: tuple(range(start, 64, step)) for name, start, step in
+            [("a", 0, 3), ("b", 1, 4), ("c", 2, 5), ("d", 5, 7), ("e", 3, 2)]}
+
+    def run(names: list[str], clamp_b: bool = False) -> None:
+        rows = [(ClampLatents(latents={1: sets["b"]}, value=1.5),) if clamp_b and n == "b!" else
+                (AblateLatents(latents={1: sets[n.rstrip("!")]}),) for n in names]
+        lp = compile_plan(rows, [3] * len(rows), saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+        h = torch.randn(1, len(rows), D, generator=torch.Generator().manual_seed(len(names))) * 4.0
+        with torch.no_grad():
+            out = lp._apply_batched(h, lp.scopes.masks(_decode_ctx(len(rows))))
+            assert out is not None
+            z = sae.encode(h[0])
+            for r, n in enumerate(names):
+                idx = torch.tensor(sets[n.rstrip("!")])
+                target = 1.5 if n.endswith("!") else 0.0
+                want = h[0, r] + (target - z[r, idx]) @ sae.W_dec[idx]
+                assert torch.allclose(out[0, r], want, atol=1e-5, rtol=1e-5), (names, r)
+
+    run(["a", "b", "c"])
+    assert pool.writes == 3 and pool.stack is not None and pool.stack.W_enc.shape[0] == 3
+    run(["b", "c", "d"])  # "a" left, "d" joins: one write, into a's slot
+    assert pool.writes == 4 and pool.stack.W_enc.shape[0] == 3
+    run(["c", "d", "b", "e"])  # one more set: the pool grows, keeping its slots
+    assert pool.writes == 5 and pool.stack.W_enc.shape[0] == 4
+    run(["b", "b!", "c", "d"], clamp_b=True)  # b ablated and b clamped: two groups, two slots
+    assert pool.writes == 6
+    run(["e", "a"])  # 2 sets in a 4-slot pool: not more than twice as many slots as sets -> kept
+    assert pool.stack.W_enc.shape[0] == 4
+    run(["a", "b", "c", "d", "e"])
+    n_before = pool.writes
+    rows = [(AblateLatents(latents={1: sets["a"]}),), (AblateLatents(latents={1: sets["b"]}),)]
+    lp = compile_plan(rows, [3, 3], saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+    with torch.no_grad():
+        lp._apply_batched(torch.zeros(1, 2, D), lp.scopes.masks(_decode_ctx(2)))
+    assert pool.stack.W_enc.shape[0] == 2 and pool.writes == n_before + 2, "5 slots for 2 sets: rebuilt"
