@@ -168,8 +168,9 @@ class _LatentGroup:
 _PAD_LIMIT, _PAD_SLACK = 2.0, 16
 """The batched path pads every group to the largest group's token count; when that more than doubles
 the tokens the SAE sees and adds more than `_PAD_SLACK` padded tokens per group (a long prefill
-batched with decodes), the per-group loop runs instead: there the arithmetic dominates, not the
-per-group op dispatch (~20 small ops, worth roughly 10-50 tokens of matmul at 2,000 latents)."""
+batched with decodes), the long groups run one by one (the loop's body: there the arithmetic
+dominates, not the ~20 small ops per group) and the rest stay batched; with fewer than two short
+groups the whole layer takes the loop."""
 
 
 _SPARSE_DECODE_FRACTION = 1 / 8
@@ -265,12 +266,13 @@ class LatentLayerPlan:
                 return out
         return self._apply_looped(h, masks)
 
-    def _apply_looped(self, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """One gather per group over its own latents for its own tokens (~20 small ops per group)."""
+    def _apply_looped(self, h: torch.Tensor, masks: torch.Tensor, only: Sequence[int] | None = None) -> torch.Tensor:
+        """One gather per group over its own latents for its own tokens (~20 small ops per group);
+        `only`: these groups (indices into `groups`), the others' tokens left as they are."""
         x_all = h[0]
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
-        for g in self.groups:
+        for g in (self.groups if only is None else [self.groups[i] for i in only]):
             R, K = g.ops.shape
             m = masks.index_select(0, g.ops.reshape(-1)).view(R, K, -1).any(0)  # [K, N]: rows are disjoint
             tok = m.any(0).nonzero().squeeze(-1)
@@ -317,7 +319,19 @@ class LatentLayerPlan:
         counts = torch.bincount(gid, minlength=G)
         t_max = int(counts.max())
         if G * t_max > _PAD_LIMIT * A and G * t_max - A > _PAD_SLACK * G:
-            return None
+            # long groups (prefills beside decodes) one by one, the short ones batched
+            present = counts[counts > 0]
+            cap = 2 * int(present.median())
+            long_groups = (counts > cap).nonzero().squeeze(-1)
+            if int((present <= cap).sum()) < 2:
+                return None
+            h = self._apply_looped(h, masks, only=long_groups.tolist())
+            x_all = h[0]
+            keep = (counts <= cap).index_select(0, gid)
+            tok, gid = tok[keep], gid[keep]
+            A = int(tok.numel())
+            counts = torch.bincount(gid, minlength=G)
+            t_max = int(counts.max())
         sae = self.sae
         x = x_all.index_select(0, tok)
         x_in, scale = sae.normalise_in(x)
@@ -328,8 +342,6 @@ class LatentLayerPlan:
             st = sae.pool.stack
             assert st is not None
             P, width = st.W_enc.shape[0], st.W_enc.shape[2]
-            if P * t_max > _PAD_LIMIT * A and P * t_max - A > _PAD_SLACK * P:
-                return None
             membership, scales, targets = gb.at_slots(slots, P, width)
             slot_of_group = torch.tensor(slots, dtype=torch.long, device=h.device)
             flat = slot_of_group.index_select(0, gid) * t_max + slot_in_group  # each token's row in [P * T_max]

@@ -133,7 +133,8 @@ def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: b
     """Several distinct latent sets of different sizes: the batched path (tokens padded per group,
     one bmm against the slot pool's slices, zero-padded to the largest set) equals the per-group loop and
     an independent dense computation (full encode, h - z_S W_dec[S]). With one long prefill beside
-    decodes the padding would dwarf the work, so the loop runs instead (`_apply_batched` declines).
+    decodes the padding would dwarf the work, so that group runs on its own and the decodes stay
+    batched.
     `sparse`: thresholds raised until few latents fire, as in a trained SAE, so that decode steps go
     through the non-zero coefficients only (`decode_coefficients`' sparse branch)."""
     tiny_sae = make_sae(D, 64, "jumprelu", seed=5, norm=4.0)
@@ -155,7 +156,7 @@ def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: b
     h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(1)) * 4.0
     with torch.no_grad():
         batched = lp._apply_batched(h, lp.scopes.masks(ctx))
-        assert (batched is None) == (prefill > 1)
+        assert batched is not None
         out = lp.apply(h, ctx)
         looped = lp._apply_looped(h, lp.scopes.masks(ctx))
         sae = saes[1].sae
@@ -170,8 +171,7 @@ def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: b
     else:
         assert float(active) > _SPARSE_DECODE_FRACTION, float(active)
     assert torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
-    if batched is not None:
-        assert torch.equal(out, batched)
+    assert torch.equal(out, batched)
     assert torch.allclose(out[0], dense, atol=1e-4, rtol=1e-4)
     assert not torch.allclose(out, h), "the ablations must act"
 
@@ -270,3 +270,4 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     with torch.no_grad():
         lp._apply_batched(torch.zeros(1, 2, D), lp.scopes.masks(_decode_ctx(2)))
     assert pool.stack.W_enc.shape[0] == 2 and pool.writes == n_before + 2, "5 slots for 2 sets: rebuilt"
+
