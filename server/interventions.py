@@ -341,12 +341,12 @@ class LatentLayerPlan:
             slots = sae.pool.assign(gb.keys)
             st = sae.pool.stack
             assert st is not None
-            P, width = st.W_enc.shape[0], st.W_enc.shape[2]
+            P, width = st.W_enc_rows.shape[0], st.W_enc_rows.shape[1]
             membership, scales, targets = gb.at_slots(slots, P, width)
             slot_of_group = torch.tensor(slots, dtype=torch.long, device=h.device)
             flat = slot_of_group.index_select(0, gid) * t_max + slot_in_group  # each token's row in [P * T_max]
             X = x_in.new_zeros((P * t_max, d)).index_copy_(0, flat, x_in).view(P, t_max, d)
-            pre = torch.baddbmm(st.b_enc, X, st.W_enc)  # [P, T_max, S]
+            pre = torch.baddbmm(st.b_enc, X, st.W_enc_rows.transpose(1, 2))  # [P, T_max, S]
             z = torch.relu(pre)
             if st.threshold is not None:
                 z = torch.where(pre > st.threshold, z, 0.0)

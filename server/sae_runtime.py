@@ -35,7 +35,7 @@ class SAESlice:
     """The columns/rows of one latent set, ready for the sparse path (all on the SAE's device)."""
 
     latents: torch.Tensor  # [k] long
-    W_enc: torch.Tensor  # [d, k]
+    W_enc: torch.Tensor  # [d, k] (possibly a transposed view of [k, d] rows)
     b_enc: torch.Tensor  # [k], with the b_dec-to-input term folded in
     threshold: torch.Tensor | None  # [k] (JumpReLU) or None (ReLU)
     W_dec: torch.Tensor  # [k, d]
@@ -48,7 +48,7 @@ class StackedSlices:
     are zero (threshold 0), so a padded latent encodes to exactly 0 and decodes to exactly 0 for
     any finite input."""
 
-    W_enc: torch.Tensor  # [P, d, S]
+    W_enc_rows: torch.Tensor  # [P, S, d]: encoder columns as rows (the bmm reads them transposed)
     b_enc: torch.Tensor  # [P, 1, S]
     threshold: torch.Tensor | None  # [P, 1, S]
     W_dec: torch.Tensor  # [P, S, d]
@@ -80,13 +80,13 @@ class SlicePool:
         jump = isinstance(self._owner.sae, JumpReLUSAE)
         with torch.no_grad():
             st = StackedSlices(
-                W_enc=ref.new_zeros((n_slots, d, width)), b_enc=ref.new_zeros((n_slots, 1, width)),
+                W_enc_rows=ref.new_zeros((n_slots, width, d)), b_enc=ref.new_zeros((n_slots, 1, width)),
                 threshold=ref.new_zeros((n_slots, 1, width)) if jump else None,
                 W_dec=ref.new_zeros((n_slots, width, d)),
             )
             if keep is not None:
-                P, S = keep.W_enc.shape[0], keep.W_enc.shape[2]
-                st.W_enc[:P, :, :S] = keep.W_enc
+                P, S = keep.W_enc_rows.shape[0], keep.W_enc_rows.shape[1]
+                st.W_enc_rows[:P, :S] = keep.W_enc_rows
                 st.b_enc[:P, :, :S] = keep.b_enc
                 st.W_dec[:P, :S] = keep.W_dec
                 if st.threshold is not None and keep.threshold is not None:
@@ -105,16 +105,16 @@ class SlicePool:
             counts[k] = entries[-1][1] + 1
         n, width = len(keys), max(len(k) for k in keys)
         st = self.stack
-        if st is None or st.W_enc.shape[0] > 2 * n:  # first use, or far more slots than sets: start over
+        if st is None or st.W_enc_rows.shape[0] > 2 * n:  # first use, or far more slots than sets: start over
             self._allocate(n, width)
-        elif n > st.W_enc.shape[0] or width > st.W_enc.shape[2]:  # grow, keeping what the slots hold
-            self._allocate(max(n, st.W_enc.shape[0]), max(width, st.W_enc.shape[2]), keep=st)
+        elif n > st.W_enc_rows.shape[0] or width > st.W_enc_rows.shape[1]:  # grow, keeping what the slots hold
+            self._allocate(max(n, st.W_enc_rows.shape[0]), max(width, st.W_enc_rows.shape[1]), keep=st)
         st = self.stack
         assert st is not None
         wanted = set(entries)
         # free slots: never used first, then those of sets not in this batch, least recently used first
         used_by = {slot: e for e, slot in self._slot_of.items()}
-        free = [s for s in range(st.W_enc.shape[0]) if s not in used_by]
+        free = [s for s in range(st.W_enc_rows.shape[0]) if s not in used_by]
         free += [slot for e, slot in self._slot_of.items() if e not in wanted]
         free_iter = iter(free)
         for e in entries:
@@ -125,21 +125,21 @@ class SlicePool:
             old = used_by.get(slot)
             if old is not None:
                 del self._slot_of[old]
-            self._write(slot, self._owner.slices(e[0]))
+            self._write(slot, e[0])
             self._slot_of[e] = slot
             self.writes += 1
         return [self._slot_of[e] for e in entries]
 
-    def _write(self, slot: int, sl: SAESlice) -> None:
+    def _write(self, slot: int, key: tuple[int, ...]) -> None:
+        """Gather a set's slices straight into a slot (no intermediate copy) and zero the slot's tail."""
         st = self.stack
         assert st is not None
-        k = sl.W_enc.shape[1]
+        k = len(key)
         with torch.no_grad():
-            st.W_enc[slot, :, :k] = sl.W_enc
-            st.W_enc[slot, :, k:] = 0.0
+            sl = self._owner.gather(key, enc_rows=st.W_enc_rows[slot, :k], dec=st.W_dec[slot, :k])
+            st.W_enc_rows[slot, k:] = 0.0
             st.b_enc[slot, 0, :k] = sl.b_enc
             st.b_enc[slot, 0, k:] = 0.0
-            st.W_dec[slot, :k] = sl.W_dec
             st.W_dec[slot, k:] = 0.0
             if st.threshold is not None:
                 st.threshold[slot, 0, :k] = sl.threshold if sl.threshold is not None else 0.0
@@ -211,20 +211,31 @@ class LayerSAE:
             hit = self._cache.get(key)
         if hit is not None:
             return hit
+        sl = self.gather(key)
+        with self._lock:
+            self._cache.put(key, sl)
+        return sl
+
+    def gather(self, key: tuple[int, ...], enc_rows: torch.Tensor | None = None,
+               dec: torch.Tensor | None = None) -> SAESlice:
+        """A latent set's slices, uncached; the encoder rows [k, d] and decoder rows [k, d] are written
+        into `enc_rows` / `dec` when given (a slot of the pool), else into new tensors."""
         sae = self.sae
         with torch.no_grad():
             idx = torch.tensor(key, dtype=torch.long, device=sae.W_enc.device)
             rows = self._encoder_rows()
-            W_enc = (rows.index_select(0, idx).T if rows is not None else sae.W_enc.index_select(1, idx)).contiguous()
+            if rows is not None:
+                enc = rows.index_select(0, idx) if enc_rows is None else torch.index_select(rows, 0, idx, out=enc_rows)
+            else:
+                cols = sae.W_enc.index_select(1, idx)
+                enc = cols.T if enc_rows is None else enc_rows.copy_(cols.T)
+            W_enc = enc.T  # [d, k], a transposed view: matmuls read it as it is
             b_enc = sae.b_enc.index_select(0, idx)
             if sae.cfg.apply_b_dec_to_input:
                 b_enc = b_enc - sae.b_dec @ W_enc
             threshold = sae.threshold.index_select(0, idx) if isinstance(sae, JumpReLUSAE) else None
-            W_dec = sae.W_dec.index_select(0, idx).contiguous()
-        sl = SAESlice(idx, W_enc, b_enc.contiguous(), threshold, W_dec)
-        with self._lock:
-            self._cache.put(key, sl)
-        return sl
+            W_dec = sae.W_dec.index_select(0, idx) if dec is None else torch.index_select(sae.W_dec, 0, idx, out=dec)
+        return SAESlice(idx, W_enc, b_enc.contiguous(), threshold, W_dec)
 
     def normalise_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """sae-lens's input normalisation; returns (x_in, scale) with decode-space deltas times scale."""

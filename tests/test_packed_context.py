@@ -254,20 +254,20 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
                 assert torch.allclose(out[0, r], want, atol=1e-5, rtol=1e-5), (names, r)
 
     run(["a", "b", "c"])
-    assert pool.writes == 3 and pool.stack is not None and pool.stack.W_enc.shape[0] == 3
+    assert pool.writes == 3 and pool.stack is not None and pool.stack.W_enc_rows.shape[0] == 3
     run(["b", "c", "d"])  # "a" left, "d" joins: one write, into a's slot
-    assert pool.writes == 4 and pool.stack.W_enc.shape[0] == 3
+    assert pool.writes == 4 and pool.stack.W_enc_rows.shape[0] == 3
     run(["c", "d", "b", "e"])  # one more set: the pool grows, keeping its slots
-    assert pool.writes == 5 and pool.stack.W_enc.shape[0] == 4
+    assert pool.writes == 5 and pool.stack.W_enc_rows.shape[0] == 4
     run(["b", "b!", "c", "d"], clamp_b=True)  # b ablated and b clamped: two groups, two slots
     assert pool.writes == 6
     run(["e", "a"])  # 2 sets in a 4-slot pool: not more than twice as many slots as sets -> kept
-    assert pool.stack.W_enc.shape[0] == 4
+    assert pool.stack.W_enc_rows.shape[0] == 4
     run(["a", "b", "c", "d", "e"])
     n_before = pool.writes
     rows = [(AblateLatents(latents={1: sets["a"]}),), (AblateLatents(latents={1: sets["b"]}),)]
     lp = compile_plan(rows, [3, 3], saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
     with torch.no_grad():
         lp._apply_batched(torch.zeros(1, 2, D), lp.scopes.masks(_decode_ctx(2)))
-    assert pool.stack.W_enc.shape[0] == 2 and pool.writes == n_before + 2, "5 slots for 2 sets: rebuilt"
+    assert pool.stack.W_enc_rows.shape[0] == 2 and pool.writes == n_before + 2, "5 slots for 2 sets: rebuilt"
 
