@@ -36,7 +36,7 @@ from ..audit.spec import (
     ScaleLatents,
     TokenScope,
 )
-from .sae_runtime import LayerSAE
+from .sae_runtime import LayerSAE, StackedSlices
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED, SCOPE_LAST_N, SCOPE_POSITIONS = range(5)
 _SCOPE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last_n_prompt": 3, "positions": 4}
@@ -339,9 +339,11 @@ class LatentLayerPlan:
         slot_in_group = torch.arange(A, device=h.device) - (torch.cumsum(counts, 0) - counts).index_select(0, gid)
         with sae.pool_lock:
             slots = sae.pool.assign(gb.keys)
-            st = sae.pool.stack
-            assert st is not None
-            P, width = st.W_enc_rows.shape[0], st.W_enc_rows.shape[1]
+            pool = sae.pool.stack
+            assert pool is not None
+            P, width = max(slots) + 1, pool.W_enc_rows.shape[1]  # the leading slots hold this batch's sets
+            st = StackedSlices(pool.W_enc_rows[:P], pool.b_enc[:P],
+                               None if pool.threshold is None else pool.threshold[:P], pool.W_dec[:P])
             membership, scales, targets = gb.at_slots(slots, P, width)
             slot_of_group = torch.tensor(slots, dtype=torch.long, device=h.device)
             flat = slot_of_group.index_select(0, gid) * t_max + slot_in_group  # each token's row in [P * T_max]

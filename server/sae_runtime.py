@@ -59,15 +59,16 @@ class SlicePool:
 
     A batch's latent sets each get a slot; a set keeps its slot while it is in use, so a new batch
     composition (under load, nearly every step: requests join and leave) writes only the sets it
-    has not seen, instead of stacking every set again. Slots of sets no longer in use are reused,
-    least recently used first. The matmul runs over every slot, so the pool is kept to at most
-    twice the number of sets of the batch using it (it is rebuilt smaller when a batch is much
-    smaller than the pool). Not thread-safe on its own: callers hold `LayerSAE.pool_lock` while
-    they assign slots and read the stacked tensors."""
+    has not seen, instead of stacking every set again. A new set takes the lowest slot not held by
+    the batch's other sets, so the sets of a batch sit low and the matmul runs over the leading
+    slots only (`[:max(slots) + 1]`, a view), whatever the pool's size. The pool grows by half when
+    a batch needs more slots and is rebuilt only when it is more than four times (and 32 slots) too
+    big. Not thread-safe on its own: callers hold `LayerSAE.pool_lock` while they assign slots and
+    read the stacked tensors."""
 
     def __init__(self, owner: LayerSAE) -> None:
         self._owner = owner
-        # (latent set, its occurrence in the batch) -> slot, in LRU order, oldest first
+        # (latent set, its occurrence in the batch) -> slot
         self._slot_of: OrderedDict[tuple[tuple[int, ...], int], int] = OrderedDict()
         self.stack: StackedSlices | None = None
         self.writes = 0  # sets written into slots (for tests and benchmarks)
@@ -105,18 +106,17 @@ class SlicePool:
             counts[k] = entries[-1][1] + 1
         n, width = len(keys), max(len(k) for k in keys)
         st = self.stack
-        if st is None or st.W_enc_rows.shape[0] > 2 * n:  # first use, or far more slots than sets: start over
+        if st is None or (st.W_enc_rows.shape[0] > 4 * n and st.W_enc_rows.shape[0] > 32):  # start over
             self._allocate(n, width)
         elif n > st.W_enc_rows.shape[0] or width > st.W_enc_rows.shape[1]:  # grow, keeping what the slots hold
-            self._allocate(max(n, st.W_enc_rows.shape[0]), max(width, st.W_enc_rows.shape[1]), keep=st)
+            P = st.W_enc_rows.shape[0]
+            self._allocate(max(n, P + P // 2), max(width, st.W_enc_rows.shape[1]), keep=st)
         st = self.stack
         assert st is not None
         wanted = set(entries)
-        # free slots: never used first, then those of sets not in this batch, least recently used first
+        # free slots: every slot not held by one of this batch's sets, lowest first
         used_by = {slot: e for e, slot in self._slot_of.items()}
-        free = [s for s in range(st.W_enc_rows.shape[0]) if s not in used_by]
-        free += [slot for e, slot in self._slot_of.items() if e not in wanted]
-        free_iter = iter(free)
+        free_iter = iter([s for s in range(st.W_enc_rows.shape[0]) if used_by.get(s) not in wanted])
         for e in entries:
             if e in self._slot_of:
                 self._slot_of.move_to_end(e)

@@ -230,8 +230,8 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     set in a slot of the SAE's pool while it is in use, so a new composition writes only the sets it
     brings; slots of sets that left are reused. Every composition still equals the dense
     computation (full encode, then each row's own closed form), including two groups with the same
-    latents edited differently (each gets its own slot), and a pool far larger than the batch is
-    rebuilt to the batch's size."""
+    latents edited differently (each gets its own slot); new sets take the lowest free slots, so the
+    matmul covers only the leading slots."""
     saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=6, norm=4.0)}, D, N_LAYERS)
     sae = saes[1].sae
     pool = saes[1].pool
@@ -261,13 +261,19 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     assert pool.writes == 5 and pool.stack.W_enc_rows.shape[0] == 4
     run(["b", "b!", "c", "d"], clamp_b=True)  # b ablated and b clamped: two groups, two slots
     assert pool.writes == 6
-    run(["e", "a"])  # 2 sets in a 4-slot pool: not more than twice as many slots as sets -> kept
+    run(["e", "a"])  # 2 sets in a 4-slot pool: kept
     assert pool.stack.W_enc_rows.shape[0] == 4
-    run(["a", "b", "c", "d", "e"])
+    run(["a", "b", "c", "d", "e"])  # 5 sets: grows by half, to 6 slots
+    assert pool.stack.W_enc_rows.shape[0] == 6
     n_before = pool.writes
-    rows = [(AblateLatents(latents={1: sets["a"]}),), (AblateLatents(latents={1: sets["b"]}),)]
+    new = [tuple(range(40, 40 + i)) for i in (3, 4)]  # two unseen sets take the lowest slots
+    assert pool.assign(new) == [0, 1] and pool.writes == n_before + 2
+    rows = [(AblateLatents(latents={1: s}),) for s in new]
     lp = compile_plan(rows, [3, 3], saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+    h = torch.randn(1, 2, D, generator=torch.Generator().manual_seed(7)) * 4.0
     with torch.no_grad():
-        lp._apply_batched(torch.zeros(1, 2, D), lp.scopes.masks(_decode_ctx(2)))
-    assert pool.stack.W_enc_rows.shape[0] == 2 and pool.writes == n_before + 2, "5 slots for 2 sets: rebuilt"
+        out = lp._apply_batched(h, lp.scopes.masks(_decode_ctx(2)))
+        looped = lp._apply_looped(h, lp.scopes.masks(_decode_ctx(2)))
+    assert out is not None and torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
+    assert pool.writes == n_before + 2, "both sets were in their slots already"
 
