@@ -2,7 +2,8 @@
 
 An ablation or clamp of a latent set S only needs the |S| encoder columns, biases, thresholds and
 decoder rows of S (docs/interventions.md). `LayerSAE.slices(S)` gathers them once per (layer, S) and caches
-them. Architectures that are not per-latent separable (TopK and friends) use sae-lens's own full
+them; `LayerSAE.pool` keeps the sets of the batches in flight in slots for the batched path.
+Architectures that are not per-latent separable (TopK and friends) use sae-lens's own full
 encode/decode instead.
 """
 
