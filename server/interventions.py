@@ -4,7 +4,7 @@ apply it to residual-stream tensors at hook points.
 Rows are the requests of a batch; each has its own interventions. Per SAE layer, rows whose ops
 edit the same latents the same way form a group, and a token goes through the SAE on its own
 group's latents only (it never pays for another request's latents). Several groups run in one
-padded batched matmul (tokens [P, T_max, d] against the slices in the SAE's slot pool [P, d, S]), so
+padded batched matmul (tokens [P, T_max, d] against the slices in the SAE's slot pool [P, S, d]), so
 the op count per layer does not grow with the number of distinct latent sets. Token scopes are evaluated from a `TokenContext` the
 engine sets before each forward call; the padded [B, T] layout is flattened to the packed one, so
 both engines run the same arithmetic.
@@ -200,7 +200,7 @@ def decode_coefficients(coeff: torch.Tensor, W_dec: torch.Tensor) -> torch.Tenso
 class _GroupBatch:
     """Constant parts of the batched (one `torch.bmm` for all groups) path of one layer plan.
 
-    The groups' encoder/decoder slices live in the SAE's slot pool (`LayerSAE.pool`, [P, d, S]);
+    The groups' encoder/decoder slices live in the SAE's slot pool (`LayerSAE.pool`, [P, S, d]);
     the per-group constants below are placed at the groups' slots on use (`at_slots`), and kept
     while the slots stay the same (decode steps of one batch composition)."""
 
@@ -302,10 +302,11 @@ class LatentLayerPlan:
 
         Each touched token belongs to one row, hence one group, hence one slot of the SAE's slot
         pool: tokens are placed by slot, padded to [P, T_max, d], encoded with one `bmm` against the
-        pool's [P, d, S] encoder slices and decoded against its [P, S, d] decoder slices. Padded
-        latents and slots of other batches have zero weights, biases, scales and targets here (their
-        coefficient and decoder rows are exactly 0); padded token slots are computed and dropped.
-        None: padding would cost more than the loop (see _PAD_LIMIT)."""
+        pool's encoder rows [P, S, d] (read transposed) and decoded against its decoder rows [P, S, d]
+        (`decode_coefficients`). Padded latents and slots of other batches have zero weights, biases,
+        scales and targets here (their coefficient and decoder rows are exactly 0); padded token slots
+        are computed and dropped. Long groups beside short ones run through the loop first (see
+        _PAD_LIMIT); None: fewer than two short groups, the whole layer is the loop's."""
         gb = self._batch_consts()
         G = len(self.groups)
         x_all = h[0]
