@@ -219,7 +219,7 @@ class _GroupBatch:
         if self._placed is not None and self._placed[0] == tag:
             return self._placed[1]
         idx = torch.tensor(slots, dtype=torch.long, device=self.membership.device)
-        G, K, S = self.membership.shape
+        _, K, S = self.membership.shape
         placed = []
         for t in (self.membership, self.scales, self.targets):
             full = t.new_zeros((n_slots, K, width))

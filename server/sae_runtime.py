@@ -70,7 +70,7 @@ class SlicePool:
     def __init__(self, owner: LayerSAE) -> None:
         self._owner = owner
         # (latent set, its occurrence in the batch) -> slot
-        self._slot_of: OrderedDict[tuple[tuple[int, ...], int], int] = OrderedDict()
+        self._slot_of: dict[tuple[tuple[int, ...], int], int] = {}
         self.stack: StackedSlices | None = None
         self.writes = 0  # sets written into slots (for tests and benchmarks)
 
@@ -120,7 +120,6 @@ class SlicePool:
         free_iter = iter([s for s in range(st.W_enc_rows.shape[0]) if used_by.get(s) not in wanted])
         for e in entries:
             if e in self._slot_of:
-                self._slot_of.move_to_end(e)
                 continue
             slot = next(free_iter)
             old = used_by.get(slot)
@@ -269,13 +268,13 @@ class LayerSAE:
         return self.sae.decode(z)
 
 
-def _nbytes(obj: SAESlice | StackedSlices) -> int:
-    """Bytes of the tensors a slice / stack holds."""
+def _nbytes(obj: SAESlice) -> int:
+    """Bytes of the tensors a slice holds."""
     return sum(t.numel() * t.element_size() for t in vars(obj).values() if isinstance(t, torch.Tensor))
 
 
 _K = TypeVar("_K")
-_V = TypeVar("_V", SAESlice, StackedSlices)
+_V = TypeVar("_V", bound=SAESlice)
 
 
 class _SizedLRU(Generic[_K, _V]):
