@@ -4,6 +4,7 @@ percentile. Timing only: the SAE weights are random."""
 
 from __future__ import annotations
 
+import statistics
 from typing import Any
 
 import torch
@@ -35,6 +36,12 @@ def gemmascope_shaped_sae(d_in: int, d_sae: int, seed: int, threshold: float = 0
         sae.b_dec.zero_()
         sae.threshold.fill_(threshold)
     return sae.eval()
+
+
+def threshold_for_fire_rate(fire_rate: float) -> float:
+    """The `gemmascope_shaped_sae` threshold at which each latent fires on `fire_rate` of random
+    unit-variance inputs (`torch.randn(..., d_in)`: their pre-activations are about N(0, 1))."""
+    return statistics.NormalDist().inv_cdf(1.0 - fire_rate)
 
 
 def calibrate_thresholds(saes: dict[int, JumpReLUSAE], model: Any, tokenizer: Any, l0: float,

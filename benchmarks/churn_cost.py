@@ -19,7 +19,7 @@ import statistics
 import time
 
 import torch
-from _common import gemmascope_shaped_sae
+from _common import gemmascope_shaped_sae, threshold_for_fire_rate
 from refusal_audit.audit.spec import AblateLatents, Intervention
 from refusal_audit.server.interventions import BatchPlan, TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes
@@ -34,7 +34,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     d, d_sae, layers, n_layers, plen = 640, 16384, (3, 6, 9, 12), 18, 20
-    threshold = statistics.NormalDist().inv_cdf(0.99)  # pre-activations ~ N(0, 1) for these inputs
+    threshold = threshold_for_fire_rate(0.01)
     saes = build_layer_saes({ly: gemmascope_shaped_sae(d, d_sae, ly, threshold=threshold) for ly in layers},
                             d, n_layers)
     g = torch.Generator().manual_seed(0)

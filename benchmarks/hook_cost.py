@@ -31,7 +31,7 @@ import time
 from dataclasses import replace
 
 import torch
-from _common import gemmascope_shaped_sae
+from _common import gemmascope_shaped_sae, threshold_for_fire_rate
 from refusal_audit.audit.spec import AblateLatents
 from refusal_audit.server import interventions
 from refusal_audit.server.interventions import TokenContext, compile_plan
@@ -50,7 +50,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     d_sae, d = 16384, 640
-    threshold = 0.5 if args.fire_rate is None else statistics.NormalDist().inv_cdf(1.0 - args.fire_rate)
+    threshold = 0.5 if args.fire_rate is None else threshold_for_fire_rate(args.fire_rate)
     saes = build_layer_saes({1: gemmascope_shaped_sae(d, d_sae, seed=1, threshold=threshold)}, d, 4)
     g = torch.Generator().manual_seed(0)
     sets = [tuple(sorted(torch.randperm(d_sae, generator=g)[: args.latents].tolist())) for _ in range(args.rows)]
