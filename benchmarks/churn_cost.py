@@ -21,7 +21,7 @@ import time
 import torch
 from _common import gemmascope_shaped_sae, threshold_for_fire_rate
 from refusal_audit.audit.spec import AblateLatents, Intervention
-from refusal_audit.server.interventions import BatchPlan, TokenContext, compile_plan
+from refusal_audit.server.interventions import BatchPlan, RowCache, TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes
 
 
@@ -44,7 +44,9 @@ def main() -> None:
                                        for ly in layers}),)
 
     rows = [new_request() for _ in range(args.rows)]
+    ids = list(range(args.rows))  # a request's id, as the worker's spec hash (object ids get reused)
     plans: dict[tuple[int, ...], BatchPlan] = {}
+    row_cache = RowCache()  # as the vLLM worker keeps it: each request parsed once
     t_compile: list[float] = []
     t_apply: list[float] = []
     load0 = os.getloadavg()[0]
@@ -52,11 +54,13 @@ def main() -> None:
         for step in range(args.steps):
             if args.churn and step % args.churn == 0:
                 rows[step % args.rows] = new_request()
-            key = tuple(id(r) for r in rows)
+                ids[step % args.rows] = args.rows + step
+            key = tuple(ids)
             t0 = time.perf_counter()
             plan = plans.get(key)
             if plan is None:
-                plan = plans[key] = compile_plan(rows, [plen] * args.rows, saes, n_layers, d, torch.device("cpu"))
+                plan = plans[key] = compile_plan(rows, [plen] * args.rows, saes, n_layers, d, torch.device("cpu"),
+                                                 row_keys=key, row_cache=row_cache)
             t1 = time.perf_counter()
             pos = torch.full((args.rows,), plen + step)
             ctx = TokenContext.packed(pos, pos < plen, torch.full((args.rows,), plen), torch.arange(args.rows))

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,6 +158,8 @@ class _LatentGroup:
     membership: torch.Tensor  # [K, S] (1 where op k touches the latent)
     scales: torch.Tensor  # [K, S] a * membership
     targets: torch.Tensor  # [K, S] b * membership
+    edit_key: Hashable  # what the group's rows edit (the ops' latents, a and b as bytes)
+    constants: torch.Tensor  # [3, K, S]: membership, scales, targets stacked (what the slot pool copies)
 
     @property
     def single(self) -> bool:
@@ -182,52 +184,47 @@ non-zero terms per row, and there the `bmm` is faster (hook_cost.py, 160-token p
 firing: sparse 1.24x the bmm's time); dense clamps and SAEs that fire on most latents keep it too."""
 
 
-def decode_coefficients(coeff: torch.Tensor, W_dec: torch.Tensor) -> torch.Tensor:
+def decode_coefficients(
+    coeff: torch.Tensor, W_dec: torch.Tensor | Callable[[], torch.Tensor],
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """sum_s coeff[g, t, s] W_dec[g, s] for coeff [G, T, S] and W_dec [G, S, d] -> [G * T, d].
 
     Sparse coefficients skip the zero terms: each token sums its non-zero terms in latent order (so
-    its result does not depend on the other tokens of the batch), otherwise one `torch.bmm`."""
+    its result does not depend on the other tokens of the batch), otherwise one `torch.bmm`. W_dec may
+    be a function that makes it, called only for the `bmm`; with `rows` = (latent ids [G, S], the SAE's
+    decoder [d_sae, d]) the sparse terms read their rows from the SAE's decoder instead."""
     G, T, S = coeff.shape
-    nz = coeff.nonzero()
+    flat = coeff.reshape(-1)
+    nz = flat.nonzero().squeeze(1)  # flat indices (g * T + t) * S + s, in (g, t, s) order
     if nz.shape[0] > _SPARSE_DECODE_FRACTION * G * S:
-        return torch.bmm(coeff, W_dec).view(G * T, -1)
-    g, t, s = nz.unbind(1)
-    terms = W_dec[g, s] * coeff[g, t, s].unsqueeze(-1)  # [nnz, d]
-    return terms.new_zeros((G * T, W_dec.shape[-1])).index_add_(0, g * T + t, terms)
+        dense = W_dec() if callable(W_dec) else W_dec
+        return torch.bmm(coeff, dense).view(G * T, -1)
+    gt = torch.div(nz, S, rounding_mode="floor")  # the output row g * T + t
+    dec_row = torch.div(gt, T, rounding_mode="floor") * S + (nz - gt * S)  # g * S + s
+    if rows is not None:
+        latent_ids, full = rows
+        picked = full.index_select(0, latent_ids.reshape(-1).index_select(0, dec_row))
+    else:
+        dense = W_dec() if callable(W_dec) else W_dec
+        picked = dense.reshape(G * S, -1).index_select(0, dec_row)
+    terms = picked * flat.index_select(0, nz).unsqueeze(-1)  # [nnz, d]
+    return terms.new_zeros((G * T, picked.shape[-1])).index_add_(0, gt, terms)
 
 
 @dataclass
 class _GroupBatch:
     """Constant parts of the batched (one `torch.bmm` for all groups) path of one layer plan.
 
-    The groups' encoder/decoder slices live in the SAE's slot pool (`LayerSAE.pool`, [P, S, d]);
-    the per-group constants below are placed at the groups' slots on use (`at_slots`), and kept
-    while the slots stay the same (decode steps of one batch composition)."""
+    The groups' encoder/decoder slices and their edit constants live in the SAE's slot pool
+    (`LayerSAE.pool`, [P, S, d] and [P, 3, K, S]), written once when a group first takes a slot: a
+    new batch composition only looks its groups' slots up."""
 
     keys: tuple[tuple[int, ...], ...]  # the groups' latent sets
+    edits: tuple[tuple[Hashable, torch.Tensor], ...]  # (what the group edits, its [3, K, S] constants)
     op_group: torch.Tensor  # [O, 1] long: the group of each op of the layer's scope table
     op_k: torch.Tensor  # [O, K_max] float: one-hot position of each op within its row's ops
-    membership: torch.Tensor  # [G, K_max, S_max], zero-padded
-    scales: torch.Tensor  # [G, K_max, S_max]
-    targets: torch.Tensor  # [G, K_max, S_max]
     single: bool  # every row has one op covering its group's latents: per-token weights are not needed
-    _placed: tuple[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None
-
-    def at_slots(self, slots: list[int], n_slots: int, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(membership, scales, targets) as [P, K_max, S]: group g's at row slots[g], zero elsewhere."""
-        tag = (tuple(slots), n_slots, width)
-        if self._placed is not None and self._placed[0] == tag:
-            return self._placed[1]
-        idx = torch.tensor(slots, dtype=torch.long, device=self.membership.device)
-        _, K, S = self.membership.shape
-        placed = []
-        for t in (self.membership, self.scales, self.targets):
-            full = t.new_zeros((n_slots, K, width))
-            full[:, :, :S].index_copy_(0, idx, t)
-            placed.append(full)
-        out = (placed[0], placed[1], placed[2])
-        self._placed = (tag, out)
-        return out
 
 
 @dataclass
@@ -339,13 +336,16 @@ class LatentLayerPlan:
         d = x_in.shape[-1]
         slot_in_group = torch.arange(A, device=h.device) - (torch.cumsum(counts, 0) - counts).index_select(0, gid)
         with sae.pool_lock:
-            slots = sae.pool.assign(gb.keys)
+            slots = sae.pool.assign(gb.keys, gb.edits)
             pool = sae.pool.stack
-            assert pool is not None
-            P, width = max(slots) + 1, pool.W_enc_rows.shape[1]  # the leading slots hold this batch's sets
+            assert pool is not None and pool.edits is not None
+            P = max(slots) + 1  # the leading slots hold this batch's sets
             st = StackedSlices(pool.W_enc_rows[:P], pool.b_enc[:P],
                                None if pool.threshold is None else pool.threshold[:P], pool.W_dec[:P])
-            membership, scales, targets = gb.at_slots(slots, P, width)
+            ids = sae.pool.latent_ids
+            assert ids is not None
+            edits = pool.edits[:P, :, : gb.op_k.shape[1]]  # [P, 3, K_max, S]
+            membership, scales, targets = edits[:, 0], edits[:, 1], edits[:, 2]
             slot_of_group = torch.tensor(slots, dtype=torch.long, device=h.device)
             flat = slot_of_group.index_select(0, gid) * t_max + slot_in_group  # each token's row in [P * T_max]
             X = x_in.new_zeros((P * t_max, d)).index_copy_(0, flat, x_in).view(P, t_max, d)
@@ -360,7 +360,8 @@ class LatentLayerPlan:
                 W = w_tok.new_zeros((P * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(P, t_max, -1)
                 weight = torch.bmm(W, membership).clamp_(max=1.0)
                 coeff = torch.addcmul(torch.bmm(W, targets), torch.bmm(W, scales) - weight, z)
-            delta = decode_coefficients(coeff, st.W_dec).index_select(0, flat)  # [A, d]
+            delta = decode_coefficients(coeff, lambda: sae.pool.decoder(slots, P),
+                                        (ids[:P], sae.sae.W_dec)).index_select(0, flat)  # [A, d]
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
         return x_all.index_copy(0, tok, x + delta.to(h.dtype)).unsqueeze(0)
@@ -488,7 +489,8 @@ def _check_positions(scope: TokenScope, field_name: str, row: int, prompt_len: i
 
 
 _GROUP_CACHE_SIZE = 1024
-_GROUP_CACHE: OrderedDict[tuple, tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = OrderedDict()
+_GroupConstants = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_GROUP_CACHE: OrderedDict[tuple, _GroupConstants] = OrderedDict()
 _GROUP_CACHE_LOCK = threading.Lock()
 """A group's constants by (what its rows edit, device, dtype): under load every step has a new batch
 composition, but its latent sets are those of requests already seen, so a new plan reuses them."""
@@ -503,8 +505,9 @@ def _op_edits(ids: np.ndarray, muls: np.ndarray, vals: np.ndarray) -> tuple[np.n
 
 def _group_constants(
     edits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype
-) -> tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(key, latents, membership, scales, targets) of a group whose rows' ops edit `edits` in order."""
+) -> _GroupConstants:
+    """(key, latents, membership, scales, targets, the last three stacked) of a group whose rows' ops
+    edit `edits` in order."""
     latents = np.unique(np.concatenate([ids for ids, _, _ in edits]))
     membership = np.zeros((len(edits), len(latents)), dtype=np.float64)
     scales = np.zeros_like(membership)
@@ -514,27 +517,18 @@ def _group_constants(
         membership[k, cols] = 1.0
         scales[k, cols] = a
         targets[k, cols] = b
-    return (
-        tuple(latents.tolist()),
-        torch.from_numpy(latents).to(device),
-        torch.from_numpy(membership).to(device=device, dtype=dtype),
-        torch.from_numpy(scales).to(device=device, dtype=dtype),
-        torch.from_numpy(targets).to(device=device, dtype=dtype),
-    )
+    stacked = torch.from_numpy(np.stack([membership, scales, targets])).to(device=device, dtype=dtype)
+    return tuple(latents.tolist()), torch.from_numpy(latents).to(device), stacked[0], stacked[1], stacked[2], stacked
 
 
-def _latent_groups(
-    ops: list[tuple[int, TokenScope, np.ndarray, np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype
-) -> list[_LatentGroup]:
+def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype: torch.dtype) -> list[_LatentGroup]:
     """Group the rows of one layer's ops by what their ops edit (latents and (a, b) per op, in order)."""
     by_row: dict[int, list[int]] = {}
-    for o, (row, _, _, _, _) in enumerate(ops):
+    for o, (row, _) in enumerate(ops):
         by_row.setdefault(row, []).append(o)
-    edits = [_op_edits(ids, muls, vals) for _, _, ids, muls, vals in ops]
-    edit_keys = [(ids.tobytes(), a.tobytes(), b.tobytes()) for ids, a, b in edits]
     grouped: dict[tuple, list[list[int]]] = {}
     for row_ops in by_row.values():
-        grouped.setdefault(tuple(edit_keys[o] for o in row_ops), []).append(row_ops)
+        grouped.setdefault(tuple(ops[o][1].key for o in row_ops), []).append(row_ops)
     out = []
     for key_edits, members in grouped.items():
         cache_key = (key_edits, str(device), dtype)
@@ -543,40 +537,34 @@ def _latent_groups(
             if consts is not None:
                 _GROUP_CACHE.move_to_end(cache_key)
         if consts is None:
-            consts = _group_constants([edits[o] for o in members[0]], device, dtype)
+            consts = _group_constants([ops[o][1].edits for o in members[0]], device, dtype)
             with _GROUP_CACHE_LOCK:
                 _GROUP_CACHE[cache_key] = consts
                 while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
                     _GROUP_CACHE.popitem(last=False)
-        key, latents, membership, scales, targets = consts
+        key, latents, membership, scales, targets, stacked = consts
         out.append(_LatentGroup(
-            key=key, latents=latents, ops=torch.tensor(members, dtype=torch.long, device=device),
-            membership=membership, scales=scales, targets=targets,
+            key=key, latents=latents, ops=torch.from_numpy(np.asarray(members, dtype=np.int64)).to(device),
+            membership=membership, scales=scales, targets=targets, edit_key=key_edits, constants=stacked,
         ))
     return out
 
 
 def _group_batch(groups: list[_LatentGroup], n_ops: int) -> _GroupBatch:
-    """The padded per-group constants of the batched path (built once per plan, on first use)."""
-    G = len(groups)
+    """The per-op tables of the batched path (built once per plan, on first use)."""
     k_max = max(g.ops.shape[1] for g in groups)
-    s_max = max(len(g.key) for g in groups)
-    ref = groups[0].membership
-    op_group = torch.zeros((n_ops, 1), dtype=torch.long, device=ref.device)
-    op_k = ref.new_zeros((n_ops, k_max))
-    membership = ref.new_zeros((G, k_max, s_max))
-    scales = torch.zeros_like(membership)
-    targets = torch.zeros_like(membership)
+    op_group = np.zeros((n_ops, 1), dtype=np.int64)
+    op_k = np.zeros((n_ops, k_max), dtype=np.float64)
     for gi, g in enumerate(groups):
-        K, S = g.membership.shape
-        op_group[g.ops.reshape(-1)] = gi
-        for k in range(K):
-            op_k[g.ops[:, k], k] = 1.0
-        membership[gi, :K, :S] = g.membership
-        scales[gi, :K, :S] = g.scales
-        targets[gi, :K, :S] = g.targets
-    return _GroupBatch(tuple(g.key for g in groups), op_group, op_k, membership, scales, targets,
-                       single=all(g.single for g in groups))
+        ops = g.ops.cpu().numpy()  # [R, K]
+        op_group[ops.reshape(-1), 0] = gi
+        op_k[ops, np.arange(ops.shape[1])[None, :]] = 1.0
+    ref = groups[0].membership
+    return _GroupBatch(
+        tuple(g.key for g in groups), tuple((g.edit_key, g.constants) for g in groups),
+        torch.from_numpy(op_group).to(ref.device), torch.from_numpy(op_k).to(device=ref.device, dtype=ref.dtype),
+        single=all(g.single for g in groups),
+    )
 
 
 def _check_layer(layer: int, n_layers: int, field_name: str) -> None:
@@ -596,6 +584,125 @@ def _check_clamp(vals: Sequence[float], ids: Sequence[int], own: int, sae: Layer
             _check_overflow(abs(c) * float(row_max[i]), name, f"clamping latent {i} at layer {layer} to {c:g}")
 
 
+@dataclass(frozen=True)
+class _LatentOp:
+    """One op's latent edits at one layer: z' = a z + b on each of its (sorted, unique) latents."""
+
+    layer: int
+    scope: TokenScope
+    edits: tuple[np.ndarray, np.ndarray, np.ndarray]  # (latent ids, a, b)
+    key: tuple[bytes, bytes, bytes]  # the edits as bytes: what groups rows and keys the group cache
+
+
+@dataclass(frozen=True)
+class _RowOps:
+    """One row's interventions, validated and parsed; what `RowCache` keeps between compositions."""
+
+    latent: tuple[_LatentOp, ...]
+    ablations: tuple[tuple[TokenScope, torch.Tensor, frozenset[int] | None], ...]
+    additions: tuple[tuple[int, TokenScope, torch.Tensor], ...]
+
+
+class RowCache:
+    """Rows `compile_plan` has validated and parsed, by the caller's key for the row's interventions
+    (the vLLM worker: the spec hash). Under load every step has a new batch composition, but its
+    rows are requests already seen: a new plan then only merges them. Bound to one set of SAEs and
+    model shape: clear it when they change."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._size = size
+        self._rows: OrderedDict[tuple, _RowOps] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> _RowOps | None:
+        with self._lock:
+            hit = self._rows.get(key)
+            if hit is not None:
+                self._rows.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, ops: _RowOps) -> None:
+        with self._lock:
+            self._rows[key] = ops
+            while len(self._rows) > self._size:
+                self._rows.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._rows.clear()
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+
+def _parse_row(
+    row: int, ivs: Sequence[Intervention], prompt_len: int, seq_len: int | None, saes: dict[int, LayerSAE],
+    n_layers: int, d_model: int, resolver: Resolver, max_latents_per_request: int | None,
+) -> _RowOps:
+    """Validate one row's interventions (errors name items[row]) and parse them into per-layer edits."""
+    latent: list[_LatentOp] = []
+    abl: list[tuple[TokenScope, torch.Tensor, frozenset[int] | None]] = []
+    add: list[tuple[int, TokenScope, torch.Tensor]] = []
+    n_latents = 0
+    for k, iv in enumerate(ivs):
+        where = f"items[{row}].interventions[{k}]"
+        _check_positions(iv.scope, where, row, prompt_len, seq_len)
+        if isinstance(iv, (AblateLatents, ClampLatents, ScaleLatents)):
+            by_layer = {int(ly): list(ids) for ly, ids in iv.latents.items()}
+            if iv.latent_set_id:
+                for ly, ids in resolver.latent_set(iv.latent_set_id).items():
+                    by_layer.setdefault(int(ly), []).extend(int(i) for i in ids)
+            for layer, ids in by_layer.items():
+                if layer not in saes:
+                    raise InvalidRequest(f"{where}.latents: no SAE at layer {layer} (SAE layers: {sorted(saes)})")
+                d_sae = saes[layer].d_sae
+                try:
+                    id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
+                except OverflowError:  # beyond int64: out of range whatever the SAE
+                    id_arr = np.asarray([i if abs(i) < 2**62 else -1 for i in ids], dtype=np.int64)
+                bad = np.flatnonzero((id_arr < 0) | (id_arr >= d_sae))
+                if bad.size:
+                    raise InvalidRequest(
+                        f"{where}.latents[{layer}]: latent id {ids[int(bad[0])]} out of range [0, {d_sae})")
+                muls = np.zeros(len(ids), dtype=np.float64)
+                if isinstance(iv, ClampLatents):
+                    own = len(iv.latents.get(layer, ())) if iv.values.get(layer) else 0
+                    vals_list = [iv.value_of(layer, j) if j < own else iv.value for j in range(len(ids))]
+                    _check_clamp(vals_list, ids, own, saes[layer], layer, where)
+                    vals = np.asarray(vals_list, dtype=np.float64)
+                else:
+                    vals = np.zeros(len(ids), dtype=np.float64)
+                if isinstance(iv, ScaleLatents):
+                    if not np.isfinite(iv.factor):
+                        raise InvalidRequest(f"{where}.factor: the scale factor must be finite")
+                    muls = np.full(len(ids), float(iv.factor), dtype=np.float64)
+                n_latents += len(ids)
+                edits = _op_edits(id_arr, muls, vals)
+                latent.append(_LatentOp(layer, iv.scope, edits, (edits[0].tobytes(), edits[1].tobytes(), edits[2].tobytes())))
+        elif isinstance(iv, AblateDirection):
+            vec = iv.direction if iv.direction else resolver.direction(iv.direction_id or "")
+            unit = _unit(vec, d_model, f"{where}.direction")
+            for ly in iv.layers:
+                _check_layer(ly, n_layers, f"{where}.layers")
+            abl.append((iv.scope, unit, frozenset(iv.layers) if iv.layers else None))
+        elif isinstance(iv, AddDirection):
+            vec = iv.direction if iv.direction else resolver.direction(iv.direction_id or "")
+            unit = _unit(vec, d_model, f"{where}.direction")
+            _check_layer(iv.layer, n_layers, f"{where}.layer")
+            if not np.isfinite(iv.coefficient):
+                raise InvalidRequest(f"{where}.coefficient: must be finite, got {iv.coefficient}")
+            _check_overflow(abs(float(iv.coefficient)) * float(unit.abs().max()), f"{where}.coefficient",
+                            f"coefficient {iv.coefficient:g}")
+            add.append((iv.layer, iv.scope, unit * float(iv.coefficient)))
+        else:  # pragma: no cover - the discriminated union forbids this
+            raise InvalidRequest(f"{where}: unknown intervention type")
+    if max_latents_per_request is not None and n_latents > max_latents_per_request:
+        raise InvalidRequest(
+            f"items[{row}].interventions: {n_latents} latents exceed the limit of {max_latents_per_request} per request"
+        )
+    return _RowOps(tuple(latent), tuple(abl), tuple(add))
+
+
 def compile_plan(
     rows: Sequence[Sequence[Intervention]],
     prompt_lens: Sequence[int],
@@ -607,83 +714,41 @@ def compile_plan(
     max_latents_per_request: int | None = None,
     dtype: torch.dtype = torch.float32,
     seq_lens: Sequence[int] | None = None,
+    row_keys: Sequence[Hashable | None] | None = None,
+    row_cache: RowCache | None = None,
 ) -> BatchPlan:
     """Validate and compile per-row interventions (raises InvalidRequest / NotFound, naming the field).
 
     `seq_lens[row]` is how many positions the model reads for that row (the prompt, plus the
     generated tokens fed back, or a Loss completion); given, explicit scope positions outside it
-    are rejected. Negative positions count from the prompt end.
+    are rejected. Negative positions count from the prompt end. With `row_cache`, a row whose
+    `row_keys` entry is not None is parsed once per (key, prompt length, sequence length): the key
+    must name the row's interventions exactly (a hash of their canonical form).
     """
     resolver = resolver or Resolver()
-    # per layer: (row, scope, latent ids, a, b) with z' = a z + b for each listed latent
-    latent_ops: dict[int, list[tuple[int, TokenScope, np.ndarray, np.ndarray, np.ndarray]]] = {}
+    latent_ops: dict[int, list[tuple[int, _LatentOp]]] = {}
     abl: list[tuple[int, TokenScope, torch.Tensor, frozenset[int] | None]] = []
     add: dict[int, list[tuple[int, TokenScope, torch.Tensor]]] = {}
     for row, ivs in enumerate(rows):
-        n_latents = 0
-        for k, iv in enumerate(ivs):
-            where = f"items[{row}].interventions[{k}]"
-            _check_positions(iv.scope, where, row, prompt_lens[row], seq_lens[row] if seq_lens is not None else None)
-            if isinstance(iv, (AblateLatents, ClampLatents, ScaleLatents)):
-                by_layer = {int(ly): list(ids) for ly, ids in iv.latents.items()}
-                if iv.latent_set_id:
-                    for ly, ids in resolver.latent_set(iv.latent_set_id).items():
-                        by_layer.setdefault(int(ly), []).extend(int(i) for i in ids)
-                for layer, ids in by_layer.items():
-                    if layer not in saes:
-                        raise InvalidRequest(
-                            f"{where}.latents: no SAE at layer {layer} (SAE layers: {sorted(saes)})"
-                        )
-                    d_sae = saes[layer].d_sae
-                    try:
-                        id_arr = np.asarray(ids, dtype=np.int64).reshape(-1)
-                    except OverflowError:  # beyond int64: out of range whatever the SAE
-                        id_arr = np.asarray([i if abs(i) < 2**62 else -1 for i in ids], dtype=np.int64)
-                    bad = np.flatnonzero((id_arr < 0) | (id_arr >= d_sae))
-                    if bad.size:
-                        raise InvalidRequest(
-                            f"{where}.latents[{layer}]: latent id {ids[int(bad[0])]} out of range [0, {d_sae})")
-                    muls = np.zeros(len(ids), dtype=np.float64)
-                    if isinstance(iv, ClampLatents):
-                        own = len(iv.latents.get(layer, ())) if iv.values.get(layer) else 0
-                        vals_list = [iv.value_of(layer, j) if j < own else iv.value for j in range(len(ids))]
-                        _check_clamp(vals_list, ids, own, saes[layer], layer, where)
-                        vals = np.asarray(vals_list, dtype=np.float64)
-                    else:
-                        vals = np.zeros(len(ids), dtype=np.float64)
-                    if isinstance(iv, ScaleLatents):
-                        if not np.isfinite(iv.factor):
-                            raise InvalidRequest(f"{where}.factor: the scale factor must be finite")
-                        muls = np.full(len(ids), float(iv.factor), dtype=np.float64)
-                    n_latents += len(ids)
-                    latent_ops.setdefault(layer, []).append((row, iv.scope, id_arr, muls, vals))
-            elif isinstance(iv, AblateDirection):
-                vec = iv.direction if iv.direction else resolver.direction(iv.direction_id or "")
-                unit = _unit(vec, d_model, f"{where}.direction")
-                for ly in iv.layers:
-                    _check_layer(ly, n_layers, f"{where}.layers")
-                abl.append((row, iv.scope, unit, frozenset(iv.layers) if iv.layers else None))
-            elif isinstance(iv, AddDirection):
-                vec = iv.direction if iv.direction else resolver.direction(iv.direction_id or "")
-                unit = _unit(vec, d_model, f"{where}.direction")
-                _check_layer(iv.layer, n_layers, f"{where}.layer")
-                if not np.isfinite(iv.coefficient):
-                    raise InvalidRequest(f"{where}.coefficient: must be finite, got {iv.coefficient}")
-                _check_overflow(abs(float(iv.coefficient)) * float(unit.abs().max()), f"{where}.coefficient",
-                                f"coefficient {iv.coefficient:g}")
-                add.setdefault(iv.layer, []).append((row, iv.scope, unit * float(iv.coefficient)))
-            else:  # pragma: no cover - the discriminated union forbids this
-                raise InvalidRequest(f"{where}: unknown intervention type")
-        if max_latents_per_request is not None and n_latents > max_latents_per_request:
-            raise InvalidRequest(
-                f"items[{row}].interventions: {n_latents} latents exceed the limit of {max_latents_per_request} per request"
-            )
+        seq_len = seq_lens[row] if seq_lens is not None else None
+        key = row_keys[row] if row_cache is not None and row_keys is not None else None
+        parsed = row_cache.get((key, prompt_lens[row], seq_len)) if key is not None and row_cache is not None else None
+        if parsed is None:
+            parsed = _parse_row(row, ivs, prompt_lens[row], seq_len, saes, n_layers, d_model, resolver,
+                                max_latents_per_request)
+            if key is not None and row_cache is not None:
+                row_cache.put((key, prompt_lens[row], seq_len), parsed)
+        for op in parsed.latent:
+            latent_ops.setdefault(op.layer, []).append((row, op))
+        abl.extend((row, scope, unit, layers) for scope, unit, layers in parsed.ablations)
+        for layer, scope, vec in parsed.additions:
+            add.setdefault(layer, []).append((row, scope, vec))
 
     plan = BatchPlan()
     for layer, ops in sorted(latent_ops.items()):
         plan.latent_layers[layer] = LatentLayerPlan(
             sae=saes[layer],
-            scopes=_scope_table([(r, s) for r, s, _, _, _ in ops], prompt_lens, device),
+            scopes=_scope_table([(r, op.scope) for r, op in ops], prompt_lens, device),
             groups=_latent_groups(ops, device, dtype),
         )
     if abl:

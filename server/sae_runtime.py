@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
@@ -53,6 +53,7 @@ class StackedSlices:
     b_enc: torch.Tensor  # [P, 1, S]
     threshold: torch.Tensor | None  # [P, 1, S]
     W_dec: torch.Tensor  # [P, S, d]
+    edits: torch.Tensor | None = None  # [P, 3, K, S]: the slot's group's (membership, a * membership, b * membership) per op
 
 
 class SlicePool:
@@ -69,12 +70,15 @@ class SlicePool:
 
     def __init__(self, owner: LayerSAE) -> None:
         self._owner = owner
-        # (latent set, its occurrence in the batch) -> slot
-        self._slot_of: dict[tuple[tuple[int, ...], int], int] = {}
+        # (latent set, what the group does to it) -> slot
+        self._slot_of: dict[tuple[tuple[int, ...], Hashable], int] = {}
         self.stack: StackedSlices | None = None
+        self.latent_ids: torch.Tensor | None = None  # [P, S] long: each slot's latents (0 in the padding)
+        # slot -> its set's size while its decoder rows wait to be written (`decoder`), -1 once written
+        self._dec_ready: dict[int, int] = {}
         self.writes = 0  # sets written into slots (for tests and benchmarks)
 
-    def _allocate(self, n_slots: int, width: int, keep: StackedSlices | None = None) -> None:
+    def _allocate(self, n_slots: int, width: int, n_ops: int, keep: StackedSlices | None = None) -> None:
         """New zeroed slot tensors [n_slots, ..., width]; `keep`'s slots are copied into the first ones
         (growing), else every slot starts empty."""
         ref = self._owner.sae.W_enc
@@ -84,8 +88,9 @@ class SlicePool:
             st = StackedSlices(
                 W_enc_rows=ref.new_zeros((n_slots, width, d)), b_enc=ref.new_zeros((n_slots, 1, width)),
                 threshold=ref.new_zeros((n_slots, 1, width)) if jump else None,
-                W_dec=ref.new_zeros((n_slots, width, d)),
+                W_dec=ref.new_zeros((n_slots, width, d)), edits=ref.new_zeros((n_slots, 3, n_ops, width)),
             )
+            ids = torch.zeros((n_slots, width), dtype=torch.long, device=ref.device)
             if keep is not None:
                 P, S = keep.W_enc_rows.shape[0], keep.W_enc_rows.shape[1]
                 st.W_enc_rows[:P, :S] = keep.W_enc_rows
@@ -93,57 +98,95 @@ class SlicePool:
                 st.W_dec[:P, :S] = keep.W_dec
                 if st.threshold is not None and keep.threshold is not None:
                     st.threshold[:P, :, :S] = keep.threshold
+                if st.edits is not None and keep.edits is not None:
+                    st.edits[:P, :, : keep.edits.shape[2], :S] = keep.edits
+                if self.latent_ids is not None:
+                    ids[:P, :S] = self.latent_ids
             else:
                 self._slot_of.clear()
-        self.stack = st
+                self._dec_ready.clear()
+        self.stack, self.latent_ids = st, ids
 
-    def assign(self, keys: Sequence[tuple[int, ...]]) -> list[int]:
-        """A slot for each of the batch's groups' latent sets, writing the sets not yet in a slot. Two
-        groups with the same latents (edited differently) get a slot each."""
-        counts: dict[tuple[int, ...], int] = {}
-        entries: list[tuple[tuple[int, ...], int]] = []
-        for k in keys:
-            entries.append((k, counts.get(k, 0)))
-            counts[k] = entries[-1][1] + 1
+    def assign(self, keys: Sequence[tuple[int, ...]], edits: Sequence[tuple[Hashable, torch.Tensor]] | None = None
+               ) -> list[int]:
+        """A slot for each of the batch's groups, writing the groups not yet in a slot: its latent set
+        `keys[g]`, and with `edits[g] = (tag, [3, K, S] constants)` what the group does to them (slots are
+        per (set, tag); without edits, per set and its occurrence in `keys`)."""
+        if edits is None:
+            counts: dict[tuple[int, ...], int] = {}
+            tags: list[Hashable] = []
+            for k in keys:
+                tags.append(counts.get(k, 0))
+                counts[k] = counts.get(k, 0) + 1
+        else:
+            tags = [t for t, _ in edits]
+        entries = list(zip(keys, tags, strict=True))
         n, width = len(keys), max(len(k) for k in keys)
+        n_ops = max((int(c.shape[1]) for _, c in edits), default=1) if edits is not None else 1
         st = self.stack
         if st is None or (st.W_enc_rows.shape[0] > 4 * n and st.W_enc_rows.shape[0] > 32):  # start over
-            self._allocate(n, width)
-        elif n > st.W_enc_rows.shape[0] or width > st.W_enc_rows.shape[1]:  # grow, keeping what the slots hold
+            self._allocate(n, width, n_ops)
+        elif n > st.W_enc_rows.shape[0] or width > st.W_enc_rows.shape[1] or (
+                st.edits is not None and n_ops > st.edits.shape[2]):  # grow, keeping what the slots hold
             P = st.W_enc_rows.shape[0]
-            self._allocate(max(n, P + P // 2), max(width, st.W_enc_rows.shape[1]), keep=st)
+            K = st.edits.shape[2] if st.edits is not None else 1
+            self._allocate(max(n, P + P // 2), max(width, st.W_enc_rows.shape[1]), max(n_ops, K), keep=st)
         st = self.stack
         assert st is not None
         wanted = set(entries)
-        # free slots: every slot not held by one of this batch's sets, lowest first
+        # free slots: every slot not held by one of this batch's groups, lowest first
         used_by = {slot: e for e, slot in self._slot_of.items()}
         free_iter = iter([s for s in range(st.W_enc_rows.shape[0]) if used_by.get(s) not in wanted])
-        for e in entries:
+        for g, e in enumerate(entries):
             if e in self._slot_of:
                 continue
             slot = next(free_iter)
             old = used_by.get(slot)
             if old is not None:
                 del self._slot_of[old]
-            self._write(slot, e[0])
+            self._write(slot, e[0], None if edits is None else edits[g][1])
             self._slot_of[e] = slot
             self.writes += 1
         return [self._slot_of[e] for e in entries]
 
-    def _write(self, slot: int, key: tuple[int, ...]) -> None:
-        """Gather a set's slices straight into a slot (no intermediate copy) and zero the slot's tail."""
+    def _write(self, slot: int, key: tuple[int, ...], edits: torch.Tensor | None) -> None:
+        """Gather a set's encoder slices straight into a slot (no intermediate copy) and zero the slot's
+        tail. Its decoder rows wait until a dense decode needs them (`decoder`): the sparse decode
+        reads the few rows it needs from the SAE's own decoder."""
         st = self.stack
-        assert st is not None
+        assert st is not None and self.latent_ids is not None
         k = len(key)
         with torch.no_grad():
-            sl = self._owner.gather(key, enc_rows=st.W_enc_rows[slot, :k], dec=st.W_dec[slot, :k])
+            idx, _, b_enc, threshold = self._owner.gather_encoder(key, enc_rows=st.W_enc_rows[slot, :k])
             st.W_enc_rows[slot, k:] = 0.0
-            st.b_enc[slot, 0, :k] = sl.b_enc
+            st.b_enc[slot, 0, :k] = b_enc
             st.b_enc[slot, 0, k:] = 0.0
-            st.W_dec[slot, k:] = 0.0
+            self.latent_ids[slot, :k] = idx
+            self.latent_ids[slot, k:] = 0
+            self._dec_ready[slot] = k
             if st.threshold is not None:
-                st.threshold[slot, 0, :k] = sl.threshold if sl.threshold is not None else 0.0
+                st.threshold[slot, 0, :k] = threshold if threshold is not None else 0.0
                 st.threshold[slot, 0, k:] = 0.0
+            if st.edits is not None:
+                st.edits[slot] = 0.0
+                if edits is not None:
+                    st.edits[slot, :, : edits.shape[1], :k] = edits
+
+    def decoder(self, slots: Sequence[int], n_slots: int) -> torch.Tensor:
+        """The decoder rows of the leading `n_slots` slots [P, S, d], written now for those of `slots`
+        that do not have them yet (other slots' rows are left as they are: callers drop their output)."""
+        st = self.stack
+        assert st is not None and self.latent_ids is not None
+        W_dec = self._owner.sae.W_dec
+        with torch.no_grad():
+            for slot in slots:
+                k = self._dec_ready.get(slot, 0)
+                if k < 0:  # written already
+                    continue
+                torch.index_select(W_dec, 0, self.latent_ids[slot, :k], out=st.W_dec[slot, :k])
+                st.W_dec[slot, k:] = 0.0
+                self._dec_ready[slot] = -1
+        return st.W_dec[:n_slots]
 
 
 class LayerSAE:
@@ -216,10 +259,10 @@ class LayerSAE:
             self._cache.put(key, sl)
         return sl
 
-    def gather(self, key: tuple[int, ...], enc_rows: torch.Tensor | None = None,
-               dec: torch.Tensor | None = None) -> SAESlice:
-        """A latent set's slices, uncached; the encoder rows [k, d] and decoder rows [k, d] are written
-        into `enc_rows` / `dec` when given (a slot of the pool), else into new tensors."""
+    def gather_encoder(self, key: tuple[int, ...], enc_rows: torch.Tensor | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(latent ids, W_enc [d, k], b_enc [k], threshold [k] or None) of a latent set; the encoder
+        rows [k, d] are written into `enc_rows` when given (a slot of the pool), else into a new tensor."""
         sae = self.sae
         with torch.no_grad():
             idx = torch.tensor(key, dtype=torch.long, device=sae.W_enc.device)
@@ -234,8 +277,14 @@ class LayerSAE:
             if sae.cfg.apply_b_dec_to_input:
                 b_enc = b_enc - sae.b_dec @ W_enc
             threshold = sae.threshold.index_select(0, idx) if isinstance(sae, JumpReLUSAE) else None
-            W_dec = sae.W_dec.index_select(0, idx) if dec is None else torch.index_select(sae.W_dec, 0, idx, out=dec)
-        return SAESlice(idx, W_enc, b_enc.contiguous(), threshold, W_dec)
+        return idx, W_enc, b_enc.contiguous(), threshold
+
+    def gather(self, key: tuple[int, ...]) -> SAESlice:
+        """A latent set's slices, uncached."""
+        idx, W_enc, b_enc, threshold = self.gather_encoder(key)
+        with torch.no_grad():
+            W_dec = self.sae.W_dec.index_select(0, idx)
+        return SAESlice(idx, W_enc, b_enc, threshold, W_dec)
 
     def normalise_in(self, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | float]:
         """sae-lens's input normalisation; returns (x_in, scale) with decode-space deltas times scale."""

@@ -267,13 +267,22 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     assert pool.stack.W_enc_rows.shape[0] == 6
     n_before = pool.writes
     new = [tuple(range(40, 40 + i)) for i in (3, 4)]  # two unseen sets take the lowest slots
-    assert pool.assign(new) == [0, 1] and pool.writes == n_before + 2
     rows = [(AblateLatents(latents={1: s}),) for s in new]
     lp = compile_plan(rows, [3, 3], saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+    groups = lp._batch_consts()
+    assert pool.assign(groups.keys, groups.edits) == [0, 1] and pool.writes == n_before + 2
     h = torch.randn(1, 2, D, generator=torch.Generator().manual_seed(7)) * 4.0
     with torch.no_grad():
         out = lp._apply_batched(h, lp.scopes.masks(_decode_ctx(2)))
         looped = lp._apply_looped(h, lp.scopes.masks(_decode_ctx(2)))
     assert out is not None and torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
     assert pool.writes == n_before + 2, "both sets were in their slots already"
+    # a set that was in a slot for another edit (clamped, not ablated) is a new group: it takes a slot of its own
+    clamp = compile_plan([(ClampLatents(latents={1: new[0]}, value=2.0),), rows[1]], [3, 3], saes, N_LAYERS, D,
+                         torch.device("cpu")).latent_layers[1]
+    with torch.no_grad():
+        out = clamp._apply_batched(h, clamp.scopes.masks(_decode_ctx(2)))
+        looped = clamp._apply_looped(h, clamp.scopes.masks(_decode_ctx(2)))
+    assert out is not None and torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
+    assert pool.writes == n_before + 3
 

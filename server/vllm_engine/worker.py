@@ -52,7 +52,7 @@ from torch import nn
 from ...audit.spec import Intervention
 from ..hf_engine import contribution_modules, decoder_layers
 from ..intervention_op import SITE_CONTRIB, SITE_POST, SITE_PRE, active, edit, edit_at_site, op_calls
-from ..interventions import BatchPlan, TokenContext, compile_plan
+from ..interventions import BatchPlan, RowCache, TokenContext, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes
 
 EXTRA_ARGS_KEY = "refusal_audit"
@@ -144,6 +144,7 @@ class _HookRuntime:
         self.ablation_layers: set[int] | None = set()
         self._specs: dict[str, tuple[Intervention, ...]] = {}
         self._plans: OrderedDict[tuple, tuple[BatchPlan | None, torch.Tensor]] = OrderedDict()
+        self._rows = RowCache()  # each request's interventions parsed once, whatever batch it is in
         self._lock = threading.Lock()
         self.stats = {"steps": 0, "hooked_steps": 0, "plan_compiles": 0, "hook_s": 0.0, "step_setup_s": 0.0}
         # Per model step since the engine's last `ra_drain_steps`: (rows, seconds in the forward, of
@@ -195,7 +196,8 @@ class _HookRuntime:
         if cached is None:
             rows = [self._spec(payloads[k[0]]) if k else () for k in key]
             plens = [k[1] if k else 0 for k in key]
-            plan = compile_plan(rows, plens, self.saes, self.n_layers, self.d_model, self.device)
+            plan = compile_plan(rows, plens, self.saes, self.n_layers, self.d_model, self.device,
+                                row_keys=[k[0] if k else None for k in key], row_cache=self._rows)
             cached = (None if plan.empty else plan, torch.tensor(plens, dtype=torch.long, device=self.device))
             self._plans[tkey] = cached
             self.stats["plan_compiles"] += 1
@@ -386,6 +388,7 @@ class SAEWorkerExtension:
             rt.d_model = int(payload["d_model"])
         rt.saes = saes_from_payload(payload["saes"], rt.d_model, rt.n_layers, rt.device)
         rt._plans.clear()
+        rt._rows.clear()
         return self._ra_facts(rt)
 
     def _ra_facts(self, rt: _HookRuntime) -> dict[str, Any]:
