@@ -59,6 +59,8 @@ def main() -> None:
             t0 = time.perf_counter()
             plan = plans.get(key)
             if plan is None:
+                if len(plans) >= 64:  # the worker's plan cache holds 64 compositions
+                    del plans[next(iter(plans))]
                 plan = plans[key] = compile_plan(rows, [plen] * args.rows, saes, n_layers, d, torch.device("cpu"),
                                                  row_keys=key, row_cache=row_cache)
             t1 = time.perf_counter()

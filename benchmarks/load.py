@@ -102,15 +102,19 @@ class Level:
     server: dict[str, float] = field(default_factory=dict)
 
 
-def make_request(i: int, j: int, new_tokens: int, n_latents: int, layers: list[int], d_sae: int) -> Request:
-    """The j-th request of client i: its own latent mask, its own prompt, greedy."""
+def make_request(i: int, j: int, new_tokens: int, n_latents: int, layers: list[int], d_sae: int,
+                 distinct: bool = False) -> Request:
+    """The j-th request of client i: its client's latent mask, one of six prompts, greedy. `distinct`:
+    the prompt starts with the request's own tag, so that no request can reuse another's cached KV
+    blocks (masked requests never can: their cache salt is their mask)."""
     iv = (AblateLatents(latents=spread_latents(n_latents, layers, d_sae, seed=i)),) if n_latents else ()
-    return Request(prompt=user_prompt(PROMPTS[(i + j) % len(PROMPTS)]), interventions=iv,
+    text = PROMPTS[(i + j) % len(PROMPTS)]
+    return Request(prompt=user_prompt(f"(Request {i}.{j}) {text}" if distinct else text), interventions=iv,
                    sampling=SamplingParams(max_new_tokens=new_tokens))
 
 
 def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_latents: int, layers: list[int],
-              d_sae: int, duration_s: float) -> Level:
+              d_sae: int, duration_s: float, distinct: bool = False) -> Level:
     """n_clients threads, each sending per_client single-item Generate calls one after the other."""
     lv = Level(n_clients)
     lock = threading.Lock()
@@ -120,7 +124,7 @@ def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_
     def worker(i: int) -> None:
         client = AuditClient(address, timeout=600)
         try:
-            reqs = [make_request(i, j, new_tokens, n_latents, layers, d_sae) for j in range(per_client)]
+            reqs = [make_request(i, j, new_tokens, n_latents, layers, d_sae, distinct) for j in range(per_client)]
             start.wait()
             for j, req in enumerate(reqs):
                 if time.perf_counter() > deadline:
@@ -155,7 +159,7 @@ def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_
 
 
 def check_level(lv: Level, address: str, sample: int, new_tokens: int, n_latents: int, layers: list[int],
-                d_sae: int, rng: random.Random) -> tuple[bool, int, int]:
+                d_sae: int, rng: random.Random, distinct: bool = False) -> tuple[bool, int, int]:
     """(exactly one answer per issued request, sampled answers equal to alone, sample size)."""
     once = (not lv.errors and len(lv.answers) == lv.issued and all(len(v) == 1 for v in lv.answers.values()))
     keys = rng.sample(sorted(lv.answers), min(sample, len(lv.answers)))
@@ -163,7 +167,7 @@ def check_level(lv: Level, address: str, sample: int, new_tokens: int, n_latents
     same = 0
     try:
         for i, j in keys:
-            alone = client.generate([make_request(i, j, new_tokens, n_latents, layers, d_sae)])[0].token_ids
+            alone = client.generate([make_request(i, j, new_tokens, n_latents, layers, d_sae, distinct)])[0].token_ids
             same += int(list(alone) == lv.answers[(i, j)][0])
     finally:
         client.close()
@@ -188,6 +192,9 @@ def main() -> None:
                     help="calibrate the random SAEs' thresholds so that this many latents fire per token on real "
                          "activations (0: one fixed threshold 0.5, about a third of the latents fire)")
     ap.add_argument("--sample", type=int, default=4, help="answers per client count re-run alone and compared")
+    ap.add_argument("--distinct-prompts", action="store_true",
+                    help="tag every prompt with its request, so no request reuses another's prefix-cache blocks "
+                         "(isolates the hooks' cost: masked requests cannot share blocks across masks)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
     ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
     ap.add_argument("--json", default=None, help="also write the results here")
@@ -217,10 +224,11 @@ def main() -> None:
         for n in [int(x) for x in args.clients.split(",")]:
             per = max(args.min_per_client, -(-args.total // n))
             before = scrape(metrics_url)
-            lv = run_level(address, n, per, args.new_tokens, args.latents, layers, args.d_sae, args.duration)
+            lv = run_level(address, n, per, args.new_tokens, args.latents, layers, args.d_sae, args.duration,
+                           args.distinct_prompts)
             after = scrape(metrics_url)
             once, same, k = check_level(lv, address, args.sample, args.new_tokens, args.latents, layers,
-                                        args.d_sae, rng)
+                                        args.d_sae, rng, args.distinct_prompts)
             bs_n = _delta(after, before, "refusal_audit_batch_size_count")
             qw_n = _delta(after, before, "refusal_audit_queue_wait_seconds_count")
             lat_n = _delta(after, before, "refusal_audit_latents_per_request_count")
@@ -250,8 +258,9 @@ def main() -> None:
     thresholds = ("the running server's SAEs" if args.server else
                   f"calibrated to L0 {args.sae_l0:g} on real activations" if args.sae_l0 > 0 else "one fixed 0.5")
     print(f"\nmodel {args.model}, {args.new_tokens} new tokens, {args.latents} latents/request over SAEs "
-          f"640->{args.d_sae} at layers {layers} (thresholds: {thresholds}), "
-          "greedy; load average (1 min) before -> after each row\n")
+          f"640->{args.d_sae} at layers {layers} (thresholds: {thresholds}), greedy, "
+          f"{'every prompt distinct (no prefix-cache sharing)' if args.distinct_prompts else 'six prompts'}; "
+          "load average (1 min) before -> after each row\n")
     print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
           "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | latents/request | load avg |")
     print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")

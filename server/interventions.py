@@ -36,7 +36,7 @@ from ..audit.spec import (
     ScaleLatents,
     TokenScope,
 )
-from .sae_runtime import LayerSAE, StackedSlices
+from .sae_runtime import LayerSAE
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED, SCOPE_LAST_N, SCOPE_POSITIONS = range(5)
 _SCOPE_CODES = {"all": 0, "prompt": 1, "generated": 2, "last_n_prompt": 3, "positions": 4}
@@ -63,13 +63,36 @@ class TokenContext:
     is_prompt: torch.Tensor
     prompt_len: torch.Tensor  # [B] (packed: [R], one per plan row)
     row: torch.Tensor | None = None  # packed form only: [N] plan row of each token
+    row_on_host: np.ndarray | None = None  # `row` as a host array, when the engine has it there
+
+    _flat: TokenContext | None = field(default=None, init=False, repr=False)
+
+    def flattened(self) -> TokenContext:
+        """This padded [B, T] context as a packed one over its B * T tokens (made once, for every layer)."""
+        if self._flat is None:
+            B, T = self.position.shape
+            rows = torch.arange(B, device=self.position.device).repeat_interleave(T)
+            pos = self.position.reshape(-1)
+            self._flat = TokenContext.packed(pos, self.is_prompt.reshape(-1), self.prompt_len,
+                                             torch.where(pos >= 0, rows, -1))
+        return self._flat
+
+    def host_row(self) -> np.ndarray:
+        """The packed `row` as a host array (a copy from the device only if the engine gave none)."""
+        if self.row_on_host is None:
+            assert self.row is not None
+            self.row_on_host = self.row.cpu().numpy()
+        return self.row_on_host
 
     @classmethod
     def packed(
-        cls, position: torch.Tensor, is_prompt: torch.Tensor, prompt_len: torch.Tensor, row: torch.Tensor
+        cls, position: torch.Tensor, is_prompt: torch.Tensor, prompt_len: torch.Tensor, row: torch.Tensor,
+        row_on_host: np.ndarray | None = None,
     ) -> TokenContext:
-        """A context over N flattened tokens ([N] tensors) of several rows (requests)."""
-        return cls(position.reshape(1, -1), is_prompt.reshape(1, -1), prompt_len, row.reshape(-1))
+        """A context over N flattened tokens ([N] tensors) of several rows (requests); `row_on_host`:
+        `row` as a host array if the engine has one (spares a device-to-host copy)."""
+        return cls(position.reshape(1, -1), is_prompt.reshape(1, -1), prompt_len, row.reshape(-1),
+                   None if row_on_host is None else row_on_host.reshape(-1))
 
     @property
     def valid(self) -> torch.Tensor:
@@ -168,11 +191,10 @@ class _LatentGroup:
 
 
 _PAD_LIMIT, _PAD_SLACK = 2.0, 16
-"""The batched path pads every group to the largest group's token count; when that more than doubles
+"""The slot path pads every group to the largest group's token count; when that more than doubles
 the tokens the SAE sees and adds more than `_PAD_SLACK` padded tokens per group (a long prefill
-batched with decodes), the long groups run one by one (the loop's body: there the arithmetic
-dominates, not the ~20 small ops per group) and the rest stay batched; with fewer than two short
-groups the whole layer takes the loop."""
+batched with decodes), each group longer than twice the median runs on its own slot (there the
+arithmetic dominates, not the ~20 small ops of a run) and the rest stay together."""
 
 
 _SPARSE_DECODE_FRACTION = 1 / 8
@@ -224,6 +246,7 @@ class _GroupBatch:
     edits: tuple[tuple[Hashable, torch.Tensor], ...]  # (what the group edits, its [3, K, S] constants)
     op_group: torch.Tensor  # [O, 1] long: the group of each op of the layer's scope table
     op_k: torch.Tensor  # [O, K_max] float: one-hot position of each op within its row's ops
+    row_group: np.ndarray  # [max row + 1] on the host: the group of each plan row, -1 without ops here
     single: bool  # every row has one op covering its group's latents: per-token weights are not needed
 
 
@@ -233,15 +256,15 @@ class LatentLayerPlan:
 
     Each op sets its latents to z' = a z + b: ablation (a, b) = (0, 0), clamp (0, c), scale (alpha, 0).
     Where several ops of a row cover the same latent at the same token, their a and b add up.
-    With several groups on a separable SAE the groups run together (`_apply_batched`): tokens placed
-    by their group's slot into [P, T_max, d], one `torch.bmm` each for encode and decode against the
-    SAE's slot pool, so the op count per layer does not grow with the number of distinct latent sets.
+    On a separable SAE the groups run together (`_apply_slots`): tokens placed by their group's slot
+    into [P, T_max, d], one `torch.bmm` to encode against the SAE's slot pool and one sparse (or `bmm`)
+    decode, so the op count per layer does not grow with the number of distinct latent sets.
     """
 
     sae: LayerSAE
     scopes: _ScopeTable  # one entry per op
     groups: list[_LatentGroup]
-    batched: bool = True  # allow the batched path (False: always the per-group loop, for comparisons)
+    batched: bool = True  # the slot path (False: always the per-group loop, for comparisons)
     _batch: _GroupBatch | None = field(default=None, init=False, repr=False)
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
@@ -249,27 +272,21 @@ class LatentLayerPlan:
         if ctx.row is not None:
             return self._apply_packed(h, ctx)
         B, T, d = h.shape  # padded: the same computation over the flattened tokens
-        rows = torch.arange(B, device=h.device).repeat_interleave(T)
-        pos = ctx.position.reshape(-1)
-        flat = TokenContext.packed(pos, ctx.is_prompt.reshape(-1), ctx.prompt_len, torch.where(pos >= 0, rows, -1))
-        return self._apply_packed(h.reshape(1, B * T, d), flat).reshape(B, T, d)
+        return self._apply_packed(h.reshape(1, B * T, d), ctx.flattened()).reshape(B, T, d)
 
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
-        masks = self.scopes.masks(ctx)  # [O, N] (each op restricted to its own row's tokens)
-        if self.batched and len(self.groups) > 1 and self.sae.separable:
-            out = self._apply_batched(h, masks)
-            if out is not None:
-                return out
-        return self._apply_looped(h, masks)
+        if self.batched and self.sae.separable:
+            return self._apply_slots(h, ctx)
+        return self._apply_looped(h, self.scopes.masks(ctx))
 
-    def _apply_looped(self, h: torch.Tensor, masks: torch.Tensor, only: Sequence[int] | None = None) -> torch.Tensor:
-        """One gather per group over its own latents for its own tokens (~20 small ops per group);
-        `only`: these groups (indices into `groups`), the others' tokens left as they are."""
+    def _apply_looped(self, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """One gather per group over its own latents for its own tokens (~20 small ops per group): SAEs
+        that are not separable, and the reference the slot path is tested against."""
         x_all = h[0]
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
-        for g in (self.groups if only is None else [self.groups[i] for i in only]):
+        for g in self.groups:
             R, K = g.ops.shape
             m = masks.index_select(0, g.ops.reshape(-1)).view(R, K, -1).any(0)  # [K, N]: rows are disjoint
             tok = m.any(0).nonzero().squeeze(-1)
@@ -291,80 +308,104 @@ class LatentLayerPlan:
     def _batch_consts(self) -> _GroupBatch:
         gb = self._batch
         if gb is None:
-            gb = self._batch = _group_batch(self.groups, len(self.scopes.rows))
+            gb = self._batch = _group_batch(self.groups, self.scopes.rows)
         return gb
 
-    def _apply_batched(self, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor | None:
-        """All groups at once: a constant number of ops whatever the number of groups.
+    def _token_groups(self, ctx: TokenContext, gb: _GroupBatch) -> tuple[np.ndarray, torch.Tensor | None]:
+        """Each token's group at this layer, -1 if no op touches it ([N], on the host), and the op masks
+        [O, N] if they had to be evaluated (scopes other than "all")."""
+        if self.scopes.all_tokens and ctx.row is not None:
+            row = ctx.host_row()
+            rg = gb.row_group
+            inside = (row >= 0) & (row < len(rg))
+            return np.where(inside, rg[np.where(inside, row, 0)], -1), None
+        masks = self.scopes.masks(ctx)
+        return torch.where(masks, gb.op_group, -1).amax(0).cpu().numpy(), masks
 
-        Each touched token belongs to one row, hence one group, hence one slot of the SAE's slot
-        pool: tokens are placed by slot, padded to [P, T_max, d], encoded with one `bmm` against the
-        pool's encoder rows [P, S, d] (read transposed) and decoded against its decoder rows [P, S, d]
-        (`decode_coefficients`). Padded latents and slots of other batches have zero weights, biases,
-        scales and targets here (their coefficient and decoder rows are exactly 0); padded token slots
-        are computed and dropped. Long groups beside short ones run through the loop first (see
-        _PAD_LIMIT); None: fewer than two short groups, the whole layer is the loop's."""
+    def _apply_slots(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
+        """Every group through the SAE's slot pool: a constant number of ops whatever the number of groups.
+
+        Each touched token belongs to one row, hence one group, hence one slot of the pool: tokens are
+        placed by slot, padded to [P, T_max, d], encoded with one `bmm` against the pool's encoder rows
+        [P, S, d] (read transposed) and decoded (`decode_coefficients`). Padded latents and slots of
+        other batches have zero weights, biases, scales and targets here (their coefficient is exactly
+        0); padded token slots are computed and dropped. Where tokens are grouped is worked out on the
+        host (a few small numpy arrays; no device sync per layer). A long group beside short ones (a
+        prefill among decodes, see _PAD_LIMIT) runs on its own slot, so that the short ones are not
+        padded to its length."""
         gb = self._batch_consts()
         G = len(self.groups)
-        x_all = h[0]
-        tok_group = torch.where(masks, gb.op_group, -1).amax(0)  # [N]: each token's group, -1 untouched
-        tok = (tok_group >= 0).nonzero().squeeze(-1)
-        A = int(tok.numel())
-        if A == 0:
+        tok_group, masks = self._token_groups(ctx, gb)
+        tok = np.flatnonzero(tok_group >= 0)
+        if tok.size == 0:
             return h
-        gid, order = torch.sort(tok_group.index_select(0, tok), stable=True)
-        tok = tok.index_select(0, order)
-        counts = torch.bincount(gid, minlength=G)
+        order = np.argsort(tok_group[tok], kind="stable")
+        tok = tok[order]
+        gid = tok_group[tok]
+        counts = np.bincount(gid, minlength=G)
+        slot_in_group = np.arange(tok.size) - (np.cumsum(counts) - counts)[gid]
+        present = np.flatnonzero(counts)
+        runs = [present]
         t_max = int(counts.max())
-        if G * t_max > _PAD_LIMIT * A and G * t_max - A > _PAD_SLACK * G:
-            # long groups (prefills beside decodes) one by one, the short ones batched
-            present = counts[counts > 0]
-            cap = 2 * int(present.median())
-            long_groups = (counts > cap).nonzero().squeeze(-1)
-            if int((present <= cap).sum()) < 2:
-                return None
-            h = self._apply_looped(h, masks, only=long_groups.tolist())
-            x_all = h[0]
-            keep = (counts <= cap).index_select(0, gid)
-            tok, gid = tok[keep], gid[keep]
-            A = int(tok.numel())
-            counts = torch.bincount(gid, minlength=G)
-            t_max = int(counts.max())
+        if G * t_max > _PAD_LIMIT * tok.size and G * t_max - tok.size > _PAD_SLACK * G:
+            cap = 2 * int(np.sort(counts[present])[(present.size - 1) // 2])  # twice the (lower) median
+            runs = [present[counts[present] <= cap]] + [np.array([g]) for g in present[counts[present] > cap]]
         sae = self.sae
-        x = x_all.index_select(0, tok)
+        x_all = h[0]
+        toks: list[torch.Tensor] = []
+        news: list[torch.Tensor] = []
+        with sae.pool_lock:
+            slots = np.asarray(sae.pool.assign(gb.keys, gb.edits))
+            for run in runs:
+                if run.size == 0:
+                    continue
+                sel = np.flatnonzero(np.isin(gid, run)) if len(runs) > 1 else slice(None)
+                t, new = self._encode_decode(x_all, tok[sel], gid[sel], slot_in_group[sel], slots, run, gb, masks, ctx)
+                toks.append(t)
+                news.append(new)
+        return x_all.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
+
+    def _encode_decode(
+        self, x_all: torch.Tensor, tok: np.ndarray, gid: np.ndarray, slot_in_group: np.ndarray, slots: np.ndarray,
+        run: np.ndarray, gb: _GroupBatch, masks: torch.Tensor | None, ctx: TokenContext,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(tokens, their edited values) for the groups of one run, over the pool slots they occupy."""
+        sae, pool_of = self.sae, self.sae.pool
+        pool, ids = pool_of.stack, pool_of.latent_ids
+        assert pool is not None and pool.edits is not None and ids is not None
+        lo, hi = (int(slots[run[0]]), int(slots[run[0]]) + 1) if run.size == 1 else (0, int(slots[run].max()) + 1)
+        P = hi - lo
+        t_max = int(np.bincount(gid).max())
+        flat_np = (slots[gid] - lo) * t_max + slot_in_group  # each token's row in [P * T_max]
+        device = x_all.device
+        tok_t = torch.from_numpy(tok).to(device)
+        flat = torch.from_numpy(flat_np).to(device)
+        x = x_all.index_select(0, tok_t)
         x_in, scale = sae.normalise_in(x)
         d = x_in.shape[-1]
-        slot_in_group = torch.arange(A, device=h.device) - (torch.cumsum(counts, 0) - counts).index_select(0, gid)
-        with sae.pool_lock:
-            slots = sae.pool.assign(gb.keys, gb.edits)
-            pool = sae.pool.stack
-            assert pool is not None and pool.edits is not None
-            P = max(slots) + 1  # the leading slots hold this batch's sets
-            st = StackedSlices(pool.W_enc_rows[:P], pool.b_enc[:P],
-                               None if pool.threshold is None else pool.threshold[:P], pool.W_dec[:P])
-            ids = sae.pool.latent_ids
-            assert ids is not None
-            edits = pool.edits[:P, :, : gb.op_k.shape[1]]  # [P, 3, K_max, S]
-            membership, scales, targets = edits[:, 0], edits[:, 1], edits[:, 2]
-            slot_of_group = torch.tensor(slots, dtype=torch.long, device=h.device)
-            flat = slot_of_group.index_select(0, gid) * t_max + slot_in_group  # each token's row in [P * T_max]
-            X = x_in.new_zeros((P * t_max, d)).index_copy_(0, flat, x_in).view(P, t_max, d)
-            pre = torch.baddbmm(st.b_enc, X, st.W_enc_rows.transpose(1, 2))  # [P, T_max, S]
-            z = torch.relu(pre)
-            if st.threshold is not None:
-                z = torch.where(pre > st.threshold, z, 0.0)
-            if gb.single:  # weight 1 on the group's latents, 0 on padding: membership itself
-                coeff = torch.addcmul(targets, scales - membership, z)
-            else:
-                w_tok = masks.index_select(1, tok).T.to(gb.op_k.dtype) @ gb.op_k  # [A, K_max]: each row's op k
-                W = w_tok.new_zeros((P * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(P, t_max, -1)
-                weight = torch.bmm(W, membership).clamp_(max=1.0)
-                coeff = torch.addcmul(torch.bmm(W, targets), torch.bmm(W, scales) - weight, z)
-            delta = decode_coefficients(coeff, lambda: sae.pool.decoder(slots, P),
-                                        (ids[:P], sae.sae.W_dec)).index_select(0, flat)  # [A, d]
+        W_enc_rows, b_enc = pool.W_enc_rows[lo:hi], pool.b_enc[lo:hi]
+        edits = pool.edits[lo:hi, :, : gb.op_k.shape[1]]  # [P, 3, K_max, S]
+        membership, scales, targets = edits[:, 0], edits[:, 1], edits[:, 2]
+        X = x_in.new_zeros((P * t_max, d)).index_copy_(0, flat, x_in).view(P, t_max, d)
+        pre = torch.baddbmm(b_enc, X, W_enc_rows.transpose(1, 2))  # [P, T_max, S]
+        z = torch.relu(pre)
+        if pool.threshold is not None:
+            z = torch.where(pre > pool.threshold[lo:hi], z, 0.0)
+        if gb.single:  # weight 1 on the group's latents, 0 on padding: membership itself
+            coeff = torch.addcmul(targets, scales - membership, z)
+        else:
+            if masks is None:
+                masks = self.scopes.masks(ctx)
+            w_tok = masks.index_select(1, tok_t).T.to(gb.op_k.dtype) @ gb.op_k  # [A, K_max]: each row's op k
+            W = w_tok.new_zeros((P * t_max, w_tok.shape[1])).index_copy_(0, flat, w_tok).view(P, t_max, -1)
+            weight = torch.bmm(W, membership).clamp_(max=1.0)
+            coeff = torch.addcmul(torch.bmm(W, targets), torch.bmm(W, scales) - weight, z)
+        run_slots = slots[run].tolist()
+        delta = decode_coefficients(coeff, lambda: pool_of.decoder(run_slots, lo, hi),
+                                    (ids[lo:hi], sae.sae.W_dec)).index_select(0, flat)  # [A, d]
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
-        return x_all.index_copy(0, tok, x + delta.to(h.dtype)).unsqueeze(0)
+        return tok_t, x + delta
 
     def _delta(
         self, x: torch.Tensor, g: _LatentGroup, weight: torch.Tensor | None, mul: torch.Tensor, target: torch.Tensor
@@ -550,20 +591,24 @@ def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype
     return out
 
 
-def _group_batch(groups: list[_LatentGroup], n_ops: int) -> _GroupBatch:
+def _group_batch(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> _GroupBatch:
     """The per-op tables of the batched path (built once per plan, on first use)."""
     k_max = max(g.ops.shape[1] for g in groups)
+    n_ops = len(scope_rows)
     op_group = np.zeros((n_ops, 1), dtype=np.int64)
     op_k = np.zeros((n_ops, k_max), dtype=np.float64)
     for gi, g in enumerate(groups):
         ops = g.ops.cpu().numpy()  # [R, K]
         op_group[ops.reshape(-1), 0] = gi
         op_k[ops, np.arange(ops.shape[1])[None, :]] = 1.0
+    op_rows = scope_rows.cpu().numpy()
+    row_group = np.full(int(op_rows.max()) + 1, -1, dtype=np.int64)
+    row_group[op_rows] = op_group[:, 0]
     ref = groups[0].membership
     return _GroupBatch(
         tuple(g.key for g in groups), tuple((g.edit_key, g.constants) for g in groups),
         torch.from_numpy(op_group).to(ref.device), torch.from_numpy(op_k).to(device=ref.device, dtype=ref.dtype),
-        single=all(g.single for g in groups),
+        row_group, single=all(g.single for g in groups),
     )
 
 

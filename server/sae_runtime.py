@@ -172,9 +172,9 @@ class SlicePool:
                 if edits is not None:
                     st.edits[slot, :, : edits.shape[1], :k] = edits
 
-    def decoder(self, slots: Sequence[int], n_slots: int) -> torch.Tensor:
-        """The decoder rows of the leading `n_slots` slots [P, S, d], written now for those of `slots`
-        that do not have them yet (other slots' rows are left as they are: callers drop their output)."""
+    def decoder(self, slots: Sequence[int], lo: int, hi: int) -> torch.Tensor:
+        """The decoder rows of slots lo..hi-1 [P, S, d], written now for those of `slots` that do not
+        have them yet (other slots' rows are left as they are: callers drop their output)."""
         st = self.stack
         assert st is not None and self.latent_ids is not None
         W_dec = self._owner.sae.W_dec
@@ -186,7 +186,7 @@ class SlicePool:
                 torch.index_select(W_dec, 0, self.latent_ids[slot, :k], out=st.W_dec[slot, :k])
                 st.W_dec[slot, k:] = 0.0
                 self._dec_ready[slot] = -1
-        return st.W_dec[:n_slots]
+        return st.W_dec[lo:hi]
 
 
 class LayerSAE:

@@ -155,7 +155,7 @@ def test_batched_groups_equal_the_loop_and_the_dense_sae(prefill: int, sparse: b
     ctx = TokenContext.packed(pos, pos < plen[row], plen, row)
     h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(1)) * 4.0
     with torch.no_grad():
-        batched = lp._apply_batched(h, lp.scopes.masks(ctx))
+        batched = lp._apply_slots(h, ctx)
         assert batched is not None
         out = lp.apply(h, ctx)
         looped = lp._apply_looped(h, lp.scopes.masks(ctx))
@@ -244,7 +244,7 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
         lp = compile_plan(rows, [3] * len(rows), saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
         h = torch.randn(1, len(rows), D, generator=torch.Generator().manual_seed(len(names))) * 4.0
         with torch.no_grad():
-            out = lp._apply_batched(h, lp.scopes.masks(_decode_ctx(len(rows))))
+            out = lp._apply_slots(h, _decode_ctx(len(rows)))
             assert out is not None
             z = sae.encode(h[0])
             for r, n in enumerate(names):
@@ -273,7 +273,7 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     assert pool.assign(groups.keys, groups.edits) == [0, 1] and pool.writes == n_before + 2
     h = torch.randn(1, 2, D, generator=torch.Generator().manual_seed(7)) * 4.0
     with torch.no_grad():
-        out = lp._apply_batched(h, lp.scopes.masks(_decode_ctx(2)))
+        out = lp._apply_slots(h, _decode_ctx(2))
         looped = lp._apply_looped(h, lp.scopes.masks(_decode_ctx(2)))
     assert out is not None and torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
     assert pool.writes == n_before + 2, "both sets were in their slots already"
@@ -281,7 +281,7 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     clamp = compile_plan([(ClampLatents(latents={1: new[0]}, value=2.0),), rows[1]], [3, 3], saes, N_LAYERS, D,
                          torch.device("cpu")).latent_layers[1]
     with torch.no_grad():
-        out = clamp._apply_batched(h, clamp.scopes.masks(_decode_ctx(2)))
+        out = clamp._apply_slots(h, _decode_ctx(2))
         looped = clamp._apply_looped(h, clamp.scopes.masks(_decode_ctx(2)))
     assert out is not None and torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
     assert pool.writes == n_before + 3

@@ -217,14 +217,14 @@ class _HookRuntime:
                 f"1-D positions covering query_start_loc (positions {tuple(positions.shape)}, {n_sched} scheduled)"
             )
         counts = qsl[1:] - qsl[:-1]
-        row = torch.full((n_tok,), -1, dtype=torch.long)
-        row[:n_sched] = torch.repeat_interleave(torch.arange(n_reqs), counts)
-        row = row.to(self.device)
+        row_host = torch.full((n_tok,), -1, dtype=torch.long)
+        row_host[:n_sched] = torch.repeat_interleave(torch.arange(n_reqs), counts)
+        row = row_host.to(self.device)
         pos = positions.to(torch.long).clone()
         pos[n_sched:] = -1
         is_prompt = (pos >= 0) & (pos < plen.index_select(0, row.clamp(min=0)))
         self.plan = plan
-        self.ctx = TokenContext.packed(pos, is_prompt, plen, row)
+        self.ctx = TokenContext.packed(pos, is_prompt, plen, row, row_on_host=row_host.numpy())
         self.ablation_layers = plan.ablation_layers()
         self.stats["hooked_steps"] += 1
         self.stats["step_setup_s"] += time.perf_counter() - t0
