@@ -199,11 +199,18 @@ arithmetic dominates, not the ~20 small ops of a run) and the rest stay together
 
 _SPARSE_DECODE_FRACTION = 1 / 8
 """Decode through the non-zero coefficients alone when there are at most this fraction as many as
-decoder rows. An ablation's coefficient is -z, non-zero only where a latent fires (about L0 / d_sae
-of a trained SAE's latents): at a decode step (a token or a few per set) reading those rows beats
-reading every row of every set, since the step is bound by reading weights. A prefill has many
-non-zero terms per row, and there the `bmm` is faster (hook_cost.py, 160-token prefill at 1 %
-firing: sparse 1.24x the bmm's time); dense clamps and SAEs that fire on most latents keep it too."""
+decoder rows of the gathered sets. An ablation's coefficient is -z, non-zero only where a latent
+fires (about L0 / d_sae of a trained SAE's latents): at a decode step (a token or a few per set)
+reading those rows beats reading every row of every set, since the step is bound by reading weights.
+A long prefill has many non-zero terms per row, and there the `bmm` over rows already gathered is
+faster (hook_cost.py, 160-token prefill at 1 % firing: sparse 1.24x the bmm's time)."""
+
+_SPARSE_DECODE_FRACTION_UNGATHERED = 2.0
+"""The same bound when the set's decoder rows are not gathered yet (the slot pool gathers them only
+for a dense decode): the `bmm` must then first read every row of the set from the SAE's decoder, and
+the sparse path stays faster up to a few non-zero terms per row (measured with the caches cold, as
+between two layers of a forward pass: 160 tokens, 783 terms over 500 latents, 0.86 ms sparse against
+1.32 ms gather + `bmm`)."""
 
 
 def decode_coefficients(
@@ -212,26 +219,33 @@ def decode_coefficients(
 ) -> torch.Tensor:
     """sum_s coeff[g, t, s] W_dec[g, s] for coeff [G, T, S] and W_dec [G, S, d] -> [G * T, d].
 
-    Sparse coefficients skip the zero terms: each token sums its non-zero terms in latent order (so
-    its result does not depend on the other tokens of the batch), otherwise one `torch.bmm`. W_dec may
-    be a function that makes it, called only for the `bmm`; with `rows` = (latent ids [G, S], the SAE's
-    decoder [d_sae, d]) the sparse terms read their rows from the SAE's decoder instead."""
+    Sparse coefficients skip the zero terms: each token sums its own non-zero terms in latent order
+    (`embedding_bag`, one bag per token, so its result does not depend on the other tokens of the
+    batch), otherwise one `torch.bmm`. W_dec may be a function that makes it, called only for the
+    `bmm`; with `rows` = (latent ids [G, S], the SAE's decoder [d_sae, d]) the sparse terms read
+    their rows from the SAE's decoder instead, and W_dec is made only past
+    `_SPARSE_DECODE_FRACTION_UNGATHERED`."""
     G, T, S = coeff.shape
     flat = coeff.reshape(-1)
     nz = flat.nonzero().squeeze(1)  # flat indices (g * T + t) * S + s, in (g, t, s) order
-    if nz.shape[0] > _SPARSE_DECODE_FRACTION * G * S:
+    fraction = _SPARSE_DECODE_FRACTION if rows is None or not callable(W_dec) else _SPARSE_DECODE_FRACTION_UNGATHERED
+    if nz.shape[0] > fraction * G * S:
         dense = W_dec() if callable(W_dec) else W_dec
         return torch.bmm(coeff, dense).view(G * T, -1)
-    gt = torch.div(nz, S, rounding_mode="floor")  # the output row g * T + t
-    dec_row = torch.div(gt, T, rounding_mode="floor") * S + (nz - gt * S)  # g * S + s
+    gt = torch.div(nz, S, rounding_mode="floor")  # the output row g * T + t (sorted: one bag per token)
+    dec_row = nz if T == 1 else torch.div(gt, T, rounding_mode="floor") * S + (nz - gt * S)  # g * S + s
     if rows is not None:
-        latent_ids, full = rows
-        picked = full.index_select(0, latent_ids.reshape(-1).index_select(0, dec_row))
+        latent_ids, table = rows
+        picked = latent_ids.reshape(-1).index_select(0, dec_row)
     else:
-        dense = W_dec() if callable(W_dec) else W_dec
-        picked = dense.reshape(G * S, -1).index_select(0, dec_row)
-    terms = picked * flat.index_select(0, nz).unsqueeze(-1)  # [nnz, d]
-    return terms.new_zeros((G * T, picked.shape[-1])).index_add_(0, gt, terms)
+        table = (W_dec() if callable(W_dec) else W_dec).reshape(G * S, -1)
+        picked = dec_row
+    weights = flat.index_select(0, nz)
+    if table.dtype != weights.dtype:  # e.g. a bf16 SAE: terms in the coefficients' precision
+        terms = table.index_select(0, picked) * weights.unsqueeze(-1)
+        return terms.new_zeros((G * T, table.shape[-1])).index_add_(0, gt, terms)
+    starts = torch.searchsorted(gt, torch.arange(G * T, device=gt.device))
+    return torch.nn.functional.embedding_bag(picked, table, starts, mode="sum", per_sample_weights=weights)
 
 
 @dataclass
@@ -355,7 +369,7 @@ class LatentLayerPlan:
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
         with sae.pool_lock:
-            slots = np.asarray(sae.pool.assign(gb.keys, gb.edits))
+            slots = np.asarray(sae.pool.assign(gb.keys, gb.edits, [g.latents for g in self.groups]))
             for run in runs:
                 if run.size == 0:
                     continue

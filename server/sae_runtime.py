@@ -77,6 +77,7 @@ class SlicePool:
         # slot -> its set's size while its decoder rows wait to be written (`decoder`), -1 once written
         self._dec_ready: dict[int, int] = {}
         self.writes = 0  # sets written into slots (for tests and benchmarks)
+        self.moves = 0  # sets moved down into a hole (`_compact`)
 
     def _allocate(self, n_slots: int, width: int, n_ops: int, keep: StackedSlices | None = None) -> None:
         """New zeroed slot tensors [n_slots, ..., width]; `keep`'s slots are copied into the first ones
@@ -107,8 +108,8 @@ class SlicePool:
                 self._dec_ready.clear()
         self.stack, self.latent_ids = st, ids
 
-    def assign(self, keys: Sequence[tuple[int, ...]], edits: Sequence[tuple[Hashable, torch.Tensor]] | None = None
-               ) -> list[int]:
+    def assign(self, keys: Sequence[tuple[int, ...]], edits: Sequence[tuple[Hashable, torch.Tensor]] | None = None,
+               latents: Sequence[torch.Tensor] | None = None) -> list[int]:
         """A slot for each of the batch's groups, writing the groups not yet in a slot: its latent set
         `keys[g]`, and with `edits[g] = (tag, [3, K, S] constants)` what the group does to them (slots are
         per (set, tag); without edits, per set and its occurrence in `keys`)."""
@@ -144,12 +145,42 @@ class SlicePool:
             old = used_by.get(slot)
             if old is not None:
                 del self._slot_of[old]
-            self._write(slot, e[0], None if edits is None else edits[g][1])
+            self._write(slot, e[0], None if edits is None else edits[g][1], None if latents is None else latents[g])
             self._slot_of[e] = slot
             self.writes += 1
+        self._compact(entries)
         return [self._slot_of[e] for e in entries]
 
-    def _write(self, slot: int, key: tuple[int, ...], edits: torch.Tensor | None) -> None:
+    def _compact(self, entries: Sequence[tuple[tuple[int, ...], Hashable]]) -> None:
+        """Move the batch's highest slot into its lowest hole (a slot below it that the batch does not
+        use: its set left), one move per call. The matmul reads every slot up to the highest, so each
+        hole costs a set's worth of encoder reads per step; a move copies one set once."""
+        st = self.stack
+        assert st is not None and self.latent_ids is not None
+        used = {self._slot_of[e]: e for e in entries}
+        top = max(used)
+        hole = next((i for i in range(top) if i not in used), None)
+        if hole is None:
+            return
+        with torch.no_grad():
+            st.W_enc_rows[hole] = st.W_enc_rows[top]
+            st.b_enc[hole] = st.b_enc[top]
+            if st.threshold is not None:
+                st.threshold[hole] = st.threshold[top]
+            if st.edits is not None:
+                st.edits[hole] = st.edits[top]
+            self.latent_ids[hole] = self.latent_ids[top]
+            if self._dec_ready[top] < 0:  # its decoder rows were gathered: they move too
+                st.W_dec[hole] = st.W_dec[top]
+        self._dec_ready[hole] = self._dec_ready[top]
+        evicted = next((e for e, slot in self._slot_of.items() if slot == hole), None)
+        if evicted is not None:
+            del self._slot_of[evicted]
+        self._slot_of[used[top]] = hole
+        self.moves += 1
+
+    def _write(self, slot: int, key: tuple[int, ...], edits: torch.Tensor | None,
+               latents: torch.Tensor | None = None) -> None:
         """Gather a set's encoder slices straight into a slot (no intermediate copy) and zero the slot's
         tail. Its decoder rows wait until a dense decode needs them (`decoder`): the sparse decode
         reads the few rows it needs from the SAE's own decoder."""
@@ -157,7 +188,7 @@ class SlicePool:
         assert st is not None and self.latent_ids is not None
         k = len(key)
         with torch.no_grad():
-            idx, _, b_enc, threshold = self._owner.gather_encoder(key, enc_rows=st.W_enc_rows[slot, :k])
+            idx, _, b_enc, threshold = self._owner.gather_encoder(key, enc_rows=st.W_enc_rows[slot, :k], idx=latents)
             st.W_enc_rows[slot, k:] = 0.0
             st.b_enc[slot, 0, :k] = b_enc
             st.b_enc[slot, 0, k:] = 0.0
@@ -212,6 +243,7 @@ class LayerSAE:
         self.pool_lock = threading.RLock()
         self._row_absmax: np.ndarray | None = None
         self._enc_rows: torch.Tensor | None = None
+        self._b_enc_in: torch.Tensor | None = None
 
     @property
     def info(self) -> SAEInfo:
@@ -259,13 +291,28 @@ class LayerSAE:
             self._cache.put(key, sl)
         return sl
 
-    def gather_encoder(self, key: tuple[int, ...], enc_rows: torch.Tensor | None = None
-                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """(latent ids, W_enc [d, k], b_enc [k], threshold [k] or None) of a latent set; the encoder
-        rows [k, d] are written into `enc_rows` when given (a slot of the pool), else into a new tensor."""
+    def _input_bias(self) -> torch.Tensor:
+        """b_enc, minus b_dec @ W_enc when sae-lens subtracts b_dec from the input (made once: a set's
+        slice of it is what the set's own b_dec @ W_enc[:, set] would give, without reading its columns)."""
+        bias = self._b_enc_in
+        if bias is None:
+            sae = self.sae
+            with self._lock, torch.no_grad():
+                if self._b_enc_in is None:
+                    b = sae.b_enc.detach()
+                    self._b_enc_in = (b - sae.b_dec.detach() @ sae.W_enc.detach()) if sae.cfg.apply_b_dec_to_input else b
+                bias = self._b_enc_in
+        return bias
+
+    def gather_encoder(self, key: tuple[int, ...], enc_rows: torch.Tensor | None = None,
+                       idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(latent ids, W_enc [d, k], b_enc [k], threshold [k] or None) of a latent set (`idx`: its ids as a
+        tensor, if the caller has one); the encoder rows [k, d] are written into `enc_rows` when given (a
+        slot of the pool), else into a new tensor."""
         sae = self.sae
         with torch.no_grad():
-            idx = torch.tensor(key, dtype=torch.long, device=sae.W_enc.device)
+            if idx is None:
+                idx = torch.tensor(key, dtype=torch.long, device=sae.W_enc.device)
             rows = self._encoder_rows()
             if rows is not None:
                 enc = rows.index_select(0, idx) if enc_rows is None else torch.index_select(rows, 0, idx, out=enc_rows)
@@ -273,11 +320,9 @@ class LayerSAE:
                 cols = sae.W_enc.index_select(1, idx)
                 enc = cols.T if enc_rows is None else enc_rows.copy_(cols.T)
             W_enc = enc.T  # [d, k], a transposed view: matmuls read it as it is
-            b_enc = sae.b_enc.index_select(0, idx)
-            if sae.cfg.apply_b_dec_to_input:
-                b_enc = b_enc - sae.b_dec @ W_enc
+            b_enc = self._input_bias().index_select(0, idx)
             threshold = sae.threshold.index_select(0, idx) if isinstance(sae, JumpReLUSAE) else None
-        return idx, W_enc, b_enc.contiguous(), threshold
+        return idx, W_enc, b_enc, threshold
 
     def gather(self, key: tuple[int, ...]) -> SAESlice:
         """A latent set's slices, uncached."""

@@ -192,6 +192,31 @@ def test_decode_coefficients_sparse_equals_the_matmul_and_ignores_batch_mates() 
         assert torch.equal(alone[0], out[gi * T + t]), (gi, t)
     dense = torch.randn(G, T, S, generator=g)
     assert torch.equal(decode_coefficients(dense, W_dec), torch.bmm(dense, W_dec).view(G * T, D))
+    # The slot pool's form: rows read from the SAE's own decoder by latent id, the gathered decoder
+    # made only for a dense decode (here never); a decoder in another precision sums in the coefficients'.
+    full = torch.randn(1000, D, generator=g)
+    ids = torch.randperm(1000, generator=g)[: G * S].view(G, S)
+
+    def never() -> torch.Tensor:
+        raise AssertionError("the sparse path made the gathered decoder")
+
+    want = torch.bmm(coeff, full[ids]).view(G * T, D)
+    assert torch.allclose(decode_coefficients(coeff, never, (ids, full)), want, atol=1e-5, rtol=1e-5)
+    low = decode_coefficients(coeff, never, (ids, full.bfloat16()))
+    assert low.dtype == torch.float32
+    assert torch.allclose(low, torch.bmm(coeff, full[ids].bfloat16().float()).view(G * T, D), atol=1e-5, rtol=1e-5)
+    for gi, t in [(0, 0), (2, 4)]:
+        alone = decode_coefficients(coeff[gi : gi + 1, t : t + 1], never, (ids[gi : gi + 1], full))
+        assert torch.equal(alone[0], decode_coefficients(coeff, never, (ids, full))[gi * T + t]), (gi, t)
+    made: list[int] = []
+
+    def gathered() -> torch.Tensor:
+        made.append(1)
+        return full[ids]
+
+    assert torch.allclose(decode_coefficients(dense, gathered, (ids, full)),
+                          torch.bmm(dense, full[ids]).view(G * T, D), atol=1e-4, rtol=1e-4)
+    assert made == [1], "dense coefficients decode through the gathered rows"
 
 
 def test_group_constants_are_reused_across_compositions_and_keep_the_last_listing() -> None:
@@ -286,3 +311,40 @@ def test_slot_pool_writes_only_new_sets_and_every_composition_equals_the_dense_s
     assert out is not None and torch.allclose(out, looped, atol=1e-5, rtol=1e-5)
     assert pool.writes == n_before + 3
 
+
+
+def test_slot_pool_moves_its_top_set_into_a_hole_and_results_stay_exact() -> None:
+    """When requests leave, their slots become holes below the batch's highest slot, and the matmul
+    still reads them. Each call moves the highest set into the lowest hole (encoder rows, biases,
+    thresholds, edit constants, gathered decoder rows), so the batch settles in the leading slots;
+    results before and after a move equal the dense computation, on the sparse and the dense decode."""
+    saes = build_layer_saes({1: make_sae(D, 64, "jumprelu", seed=8, norm=4.0)}, D, N_LAYERS)
+    sae, pool = saes[1].sae, saes[1].pool
+    sets = {name: tuple(range(start, 64, step)) for name, start, step in
+            [("a", 0, 3), ("b", 1, 4), ("c", 2, 5), ("d", 5, 7)]}
+
+    def run(names: list[str], prefill: int = 1) -> list[int]:
+        rows = [(AblateLatents(latents={1: sets[n]}),) for n in names]
+        lp = compile_plan(rows, [3] * len(rows), saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+        n = len(rows) * prefill
+        h = torch.randn(1, n, D, generator=torch.Generator().manual_seed(n)) * 4.0
+        p = torch.arange(prefill).repeat(len(rows))  # each row's first `prefill` positions
+        ctx = TokenContext.packed(p, p < 3, torch.full((len(rows),), 3),
+                                  torch.arange(len(rows)).repeat_interleave(prefill))
+        with torch.no_grad():
+            out = lp._apply_slots(h, ctx)
+            z = sae.encode(h[0])
+            for r, name in enumerate(names):
+                idx = torch.tensor(sets[name])
+                for t in range(r * prefill, (r + 1) * prefill):
+                    want = h[0, t] - z[t, idx] @ sae.W_dec[idx]
+                    assert torch.allclose(out[0, t], want, atol=1e-5, rtol=1e-5), (names, t)
+        groups = lp._batch_consts()
+        return pool.assign(groups.keys, groups.edits)
+
+    assert run(["a", "b", "c", "d"], prefill=40) == [0, 1, 2, 3]
+    assert pool.moves == 0 and pool._dec_ready[3] < 0, "40 tokens a row decode densely: decoder rows gathered"
+    assert sorted(run(["a", "d"])) == [0, 1] and pool.moves == 1, "d moved from slot 3 into the hole at 1"
+    assert pool.writes == 4, "moving is not re-gathering"
+    run(["a", "d"], prefill=40)  # the moved set's decoder rows moved with it (dense decode)
+    assert pool.moves == 1 and pool.writes == 4
