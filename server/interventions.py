@@ -563,6 +563,10 @@ def _group_constants(
 ) -> _GroupConstants:
     """(key, latents, membership, scales, targets, the last three stacked) of a group whose rows' ops
     edit `edits` in order."""
+    if len(edits) == 1:  # one op (the common case): its ids are sorted and unique already
+        ids, a, b = edits[0]
+        stacked = torch.from_numpy(np.stack([np.ones_like(a), a, b])[:, None, :]).to(device=device, dtype=dtype)
+        return tuple(ids.tolist()), torch.from_numpy(ids).to(device), stacked[0], stacked[1], stacked[2], stacked
     latents = np.unique(np.concatenate([ids for ids, _, _ in edits]))
     membership = np.zeros((len(edits), len(latents)), dtype=np.float64)
     scales = np.zeros_like(membership)

@@ -135,6 +135,7 @@ class SlicePool:
         st = self.stack
         assert st is not None
         wanted = set(entries)
+        writes_before = self.writes
         # free slots: every slot not held by one of this batch's groups, lowest first
         used_by = {slot: e for e, slot in self._slot_of.items()}
         free_iter = iter([s for s in range(st.W_enc_rows.shape[0]) if used_by.get(s) not in wanted])
@@ -148,13 +149,15 @@ class SlicePool:
             self._write(slot, e[0], None if edits is None else edits[g][1], None if latents is None else latents[g])
             self._slot_of[e] = slot
             self.writes += 1
-        self._compact(entries)
+        if self.writes == writes_before:  # no new set this call: under churn new sets fill the holes
+            self._compact(entries)
         return [self._slot_of[e] for e in entries]
 
     def _compact(self, entries: Sequence[tuple[tuple[int, ...], Hashable]]) -> None:
         """Move the batch's highest slot into its lowest hole (a slot below it that the batch does not
-        use: its set left), one move per call. The matmul reads every slot up to the highest, so each
-        hole costs a set's worth of encoder reads per step; a move copies one set once."""
+        use: its set left), one move per call that wrote no new set (new sets take the lowest holes
+        themselves). The matmul reads every slot up to the highest, so each hole costs a set's worth
+        of encoder reads per step; a move copies one set once."""
         st = self.stack
         assert st is not None and self.latent_ids is not None
         used = {self._slot_of[e]: e for e in entries}
