@@ -3,15 +3,15 @@
 GemmaScope-2-shaped JumpReLU SAE (640 -> 16,384, random weights: timing only), a packed step of
 8 requests (decode: 1 token each; prefill: `--prefill` tokens each). Configurations:
 
-  * batched    every request ablates its own random `--latents`-latent set; all groups in one padded
-               `torch.bmm` each for encode and decode (the default path for several groups)
+  * batched    every request ablates its own random `--latents`-latent set; all groups through the
+               SAE's slot pool: one padded `torch.bmm` to encode, a sparse decode (the default path)
   * looped     the same plan through the per-group loop (one gather per distinct set: ~20 small
                ops per group), `LatentLayerPlan(batched=False)`
   * shared     all requests ablate the same set (one group: the floor for this set size)
   * union      every request ablates the union of the 8 distinct sets: the matmul work of the old
                union gather (~3,600 latents per token for 8 x 500), without its masks
   * dense-dec  `batched` with the decode forced through the `bmm` over every latent of the sets
-               (what `decode_coefficients` does when more than 1/16 of the coefficients are non-zero)
+               (what `decode_coefficients` does past its sparse bound: dense clamps, long prefills)
 
 `--fire-rate 0.01` gives the SAE a trained SAE's sparsity (L0 ~ 160 of 16,384); the default fixed
 threshold fires on ~31% of the latents for these random inputs, where the sparse decode never runs.
@@ -68,11 +68,12 @@ def main() -> None:
     def run(name: str, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         if name != "dense-dec":
             return plans[name].apply(h, ctx)
-        saved, interventions._SPARSE_DECODE_FRACTION = interventions._SPARSE_DECODE_FRACTION, -1.0
+        saved = interventions._SPARSE_DECODE_FRACTION, interventions._SPARSE_DECODE_FRACTION_UNGATHERED
+        interventions._SPARSE_DECODE_FRACTION = interventions._SPARSE_DECODE_FRACTION_UNGATHERED = -1.0
         try:
             return plans[name].apply(h, ctx)
         finally:
-            interventions._SPARSE_DECODE_FRACTION = saved
+            interventions._SPARSE_DECODE_FRACTION, interventions._SPARSE_DECODE_FRACTION_UNGATHERED = saved
 
     load0 = os.getloadavg()[0]
     print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; threshold {threshold:.2f}; "

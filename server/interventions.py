@@ -610,7 +610,7 @@ def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype
 
 
 def _group_batch(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> _GroupBatch:
-    """The per-op tables of the batched path (built once per plan, on first use)."""
+    """The per-op tables of the slot path (built once per plan, on first use)."""
     k_max = max(g.ops.shape[1] for g in groups)
     n_ops = len(scope_rows)
     op_group = np.zeros((n_ops, 1), dtype=np.int64)

@@ -2,7 +2,7 @@
 
 An ablation or clamp of a latent set S only needs the |S| encoder columns, biases, thresholds and
 decoder rows of S (docs/interventions.md). `LayerSAE.slices(S)` gathers them once per (layer, S) and caches
-them; `LayerSAE.pool` keeps the sets of the batches in flight in slots for the batched path.
+them; `LayerSAE.pool` keeps the sets of the batches in flight in slots for the slot path.
 Architectures that are not per-latent separable (TopK and friends) use sae-lens's own full
 encode/decode instead.
 """
@@ -57,12 +57,16 @@ class StackedSlices:
 
 
 class SlicePool:
-    """Persistent slots of latent-set slices for the batched path (the multi-LoRA "slot" layout).
+    """Persistent slots of latent-set slices for the slot path (the multi-LoRA "slot" layout).
 
-    A batch's latent sets each get a slot; a set keeps its slot while it is in use, so a new batch
-    composition (under load, nearly every step: requests join and leave) writes only the sets it
-    has not seen, instead of stacking every set again. A new set takes the lowest slot not held by
-    the batch's other sets, so the sets of a batch sit low and the matmul runs over the leading
+    A batch's groups (a latent set and what the group does to it) each get a slot holding the set's
+    encoder rows, biases, thresholds, latent ids and the group's edit constants; a group keeps its
+    slot while it is in use, so a new batch composition (under load, nearly every step: requests
+    join and leave) writes only the groups it has not seen, instead of stacking every set again.
+    Decoder rows are gathered into a slot only when a dense decode first needs them (`decoder`):
+    the sparse decode reads the SAE's own decoder by latent id. A new group takes the lowest slot
+    not held by the batch's others, and a call with no new group moves the highest slot into the
+    lowest hole (`_compact`), so the sets of a batch sit low and the matmul runs over the leading
     slots only (`[:max(slots) + 1]`, a view), whatever the pool's size. The pool grows by half when
     a batch needs more slots and is rebuilt only when it is more than four times (and 32 slots) too
     big. Not thread-safe on its own: callers hold `LayerSAE.pool_lock` while they assign slots and
@@ -241,7 +245,7 @@ class LayerSAE:
         # LRUs bounded by size, not count: a 3k-latent slice is ~15 MB at d=640
         self._cache: _SizedLRU[tuple[int, ...], SAESlice] = _SizedLRU(cache_bytes)
         self._lock = threading.Lock()
-        # the batched path's slots (`SlicePool`), and the lock its users hold while they use them
+        # the slot path's slots (`SlicePool`), and the lock its users hold while they use them
         self.pool = SlicePool(self)
         self.pool_lock = threading.RLock()
         self._row_absmax: np.ndarray | None = None

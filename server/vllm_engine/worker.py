@@ -3,10 +3,12 @@
 vLLM mixes `SAEWorkerExtension` into its worker class (`worker_extension_cls`), so its methods
 run inside the engine-core process, next to the model runner, and are reached through
 `collective_rpc`. `ra_install` receives the SAE weights once (plain tensors plus the sae-lens
-config dict, no pickled code). The hooks on every decoder layer and the wrapper around the
+config dict, no pickled code). The hooks on the decoder layers and the wrapper around the
 runner's `_model_forward` (where each real forward step starts; profile and dummy runs call the
 model directly and so run without a plan) are put in by `attach_hooks`: from `ra_install` in
 eager mode, or right after model load in compiled mode (`compiled.py`, enforce_eager=False).
+Compiled mode traces every hook point into the graph; eagerly, each step registers only the hook
+points its plan edits at (`_LayerHooks.sync`: none for a batch without interventions).
 
 Per step (`_HookRuntime.begin_step`):
   * rows = the requests of the flattened batch, in `input_batch.req_ids` order; each row's
@@ -143,7 +145,8 @@ class _HookRuntime:
         self.ctx: TokenContext | None = None
         self.ablation_layers: set[int] | None = set()
         self._specs: dict[str, tuple[Intervention, ...]] = {}
-        self._plans: OrderedDict[tuple, tuple[BatchPlan | None, torch.Tensor]] = OrderedDict()
+        self._plans: OrderedDict[tuple, tuple[BatchPlan | None, torch.Tensor, frozenset[tuple[int, int]]]] = OrderedDict()
+        self.hooks: _LayerHooks | None = None  # eager mode: hook points registered per step (`_LayerHooks.sync`)
         self._rows = RowCache()  # each request's interventions parsed once, whatever batch it is in
         self._lock = threading.Lock()
         self.stats = {"steps": 0, "hooked_steps": 0, "plan_compiles": 0, "hook_s": 0.0, "step_setup_s": 0.0}
@@ -190,6 +193,8 @@ class _HookRuntime:
             else:
                 key.append(None)
         if not payloads:
+            if self.hooks is not None:
+                self.hooks.sync(frozenset())
             return  # no row has an intervention: the hooks stay no-ops this step
         tkey = tuple(key)
         cached = self._plans.get(tkey)
@@ -198,14 +203,18 @@ class _HookRuntime:
             plens = [k[1] if k else 0 for k in key]
             plan = compile_plan(rows, plens, self.saes, self.n_layers, self.d_model, self.device,
                                 row_keys=[k[0] if k else None for k in key], row_cache=self._rows)
-            cached = (None if plan.empty else plan, torch.tensor(plens, dtype=torch.long, device=self.device))
+            compiled_plan = None if plan.empty else plan
+            cached = (compiled_plan, torch.tensor(plens, dtype=torch.long, device=self.device),
+                      _plan_sites(compiled_plan, self.n_layers))
             self._plans[tkey] = cached
             self.stats["plan_compiles"] += 1
             while len(self._plans) > _PLAN_CACHE_SIZE:
                 self._plans.popitem(last=False)
         else:
             self._plans.move_to_end(tkey)
-        compiled, plen = cached
+        compiled, plen, sites = cached
+        if self.hooks is not None:
+            self.hooks.sync(sites)
         if compiled is None:
             return
         plan = compiled
@@ -282,12 +291,52 @@ def _post_hook(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
     edit(output[0], output[1], idx, SITE_POST)
 
 
-def _hook_layers(layers: nn.ModuleList) -> None:
-    for idx, layer in enumerate(layers):
-        layer.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True)
-        for mod in contribution_modules(layer):
-            mod.register_forward_hook(functools.partial(_contrib_hook, idx))
-        layer.register_forward_hook(functools.partial(_post_hook, idx))
+class _LayerHooks:
+    """The hooks on the decoder layers, per (layer, site).
+
+    Compiled mode traces every hook point into the graph once (`all`). Eagerly, a forward pass pays
+    for every registered hook on every layer even when it has nothing to do (72 Python calls a step
+    for 18 layers), so `sync` keeps registered only the hook points the step's plan uses."""
+
+    def __init__(self, layers: nn.ModuleList) -> None:
+        self.layers = layers
+        self._handles: dict[tuple[int, int], list[Any]] = {}
+
+    def _register(self, idx: int, site: int) -> list[Any]:
+        layer = self.layers[idx]
+        if site == SITE_PRE:
+            return [layer.register_forward_pre_hook(functools.partial(_pre_hook, idx), with_kwargs=True)]
+        if site == SITE_CONTRIB:
+            return [mod.register_forward_hook(functools.partial(_contrib_hook, idx))
+                    for mod in contribution_modules(layer)]
+        return [layer.register_forward_hook(functools.partial(_post_hook, idx))]
+
+    def all(self) -> None:
+        self.sync(frozenset((idx, site) for idx in range(len(self.layers))
+                            for site in (SITE_PRE, SITE_CONTRIB, SITE_POST)))
+
+    def sync(self, wanted: frozenset[tuple[int, int]]) -> None:
+        """Register the hook points in `wanted` that are not, remove those registered and not wanted."""
+        if wanted == self._handles.keys():
+            return
+        for key in [k for k in self._handles if k not in wanted]:
+            for handle in self._handles.pop(key):
+                handle.remove()
+        for key in wanted:
+            if key not in self._handles:
+                self._handles[key] = self._register(*key)
+
+
+def _plan_sites(plan: BatchPlan | None, n_layers: int) -> frozenset[tuple[int, int]]:
+    """The hook points where `plan` edits the stream (what `_HookRuntime.acts_at` says yes to)."""
+    if plan is None:
+        return frozenset()
+    sites = {(idx, SITE_POST) for idx in (*plan.latent_layers, *plan.additions)}
+    if plan.ablations is not None:
+        layers = plan.ablation_layers()
+        for idx in range(n_layers) if layers is None else layers:
+            sites |= {(idx, SITE_PRE), (idx, SITE_CONTRIB)}
+    return frozenset(sites)
 
 
 def _check_runner(runner: Any) -> None:
@@ -344,7 +393,11 @@ def attach_hooks(worker: Any) -> _HookRuntime:
     cfg: Any = getattr(model, "config", None)
     text_cfg = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
     rt = _HookRuntime(runner, {}, len(layers), int(getattr(text_cfg, "hidden_size", 0) or 0))
-    _hook_layers(layers)
+    hooks = _LayerHooks(layers)
+    if _compiled(runner):
+        hooks.all()  # traced into the graph once, at warm-up: every hook point, always
+    else:
+        rt.hooks = hooks
     original = runner._model_forward
 
     def model_forward(*args: Any, **kwargs: Any) -> Any:
