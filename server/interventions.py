@@ -389,6 +389,7 @@ class LatentLayerPlan:
         assert pool is not None and pool.edits is not None and ids is not None
         lo, hi = (int(slots[run[0]]), int(slots[run[0]]) + 1) if run.size == 1 else (0, int(slots[run].max()) + 1)
         P = hi - lo
+        w = max(len(gb.keys[g]) for g in run.tolist())  # the run's widest set: the pool may be wider
         t_max = int(np.bincount(gid).max())
         flat_np = (slots[gid] - lo) * t_max + slot_in_group  # each token's row in [P * T_max]
         device = x_all.device
@@ -397,14 +398,14 @@ class LatentLayerPlan:
         x = x_all.index_select(0, tok_t)
         x_in, scale = sae.normalise_in(x)
         d = x_in.shape[-1]
-        W_enc_rows, b_enc = pool.W_enc_rows[lo:hi], pool.b_enc[lo:hi]
-        edits = pool.edits[lo:hi, :, : gb.op_k.shape[1]]  # [P, 3, K_max, S]
+        W_enc_rows, b_enc = pool.W_enc_rows[lo:hi, :w], pool.b_enc[lo:hi, :, :w]
+        edits = pool.edits[lo:hi, :, : gb.op_k.shape[1], :w]  # [P, 3, K_max, S]
         membership, scales, targets = edits[:, 0], edits[:, 1], edits[:, 2]
         X = x_in.new_zeros((P * t_max, d)).index_copy_(0, flat, x_in).view(P, t_max, d)
         pre = torch.baddbmm(b_enc, X, W_enc_rows.transpose(1, 2))  # [P, T_max, S]
         z = torch.relu(pre)
         if pool.threshold is not None:
-            z = torch.where(pre > pool.threshold[lo:hi], z, 0.0)
+            z = torch.where(pre > pool.threshold[lo:hi, :, :w], z, 0.0)
         if gb.single:  # weight 1 on the group's latents, 0 on padding: membership itself
             coeff = torch.addcmul(targets, scales - membership, z)
         else:
@@ -415,8 +416,8 @@ class LatentLayerPlan:
             weight = torch.bmm(W, membership).clamp_(max=1.0)
             coeff = torch.addcmul(torch.bmm(W, targets), torch.bmm(W, scales) - weight, z)
         run_slots = slots[run].tolist()
-        delta = decode_coefficients(coeff, lambda: pool_of.decoder(run_slots, lo, hi),
-                                    (ids[lo:hi], sae.sae.W_dec)).index_select(0, flat)  # [A, d]
+        delta = decode_coefficients(coeff, lambda: pool_of.decoder(run_slots, lo, hi)[:, :w],
+                                    (ids[lo:hi, :w], sae.sae.W_dec)).index_select(0, flat)  # [A, d]
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
         return tok_t, x + delta
