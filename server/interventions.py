@@ -290,13 +290,14 @@ class LatentLayerPlan:
 
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
-        if self.batched and self.sae.separable:
+        if self.batched and self.sae.separable and len(self.groups) > 1:
             return self._apply_slots(h, ctx)
-        return self._apply_looped(h, self.scopes.masks(ctx))
+        return self._apply_looped(h, self.scopes.masks(ctx))  # one group: the loop's few ops, its slices cached
 
     def _apply_looped(self, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
-        """One gather per group over its own latents for its own tokens (~20 small ops per group): SAEs
-        that are not separable, and the reference the slot path is tested against."""
+        """One gather per group over its own latents for its own tokens (~20 small ops per group): a
+        single group (fewer ops than the slot path), SAEs that are not separable, and the reference
+        the slot path is tested against."""
         x_all = h[0]
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
