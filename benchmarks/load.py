@@ -226,6 +226,7 @@ def main() -> None:
             before = scrape(metrics_url)
             lv = run_level(address, n, per, args.new_tokens, args.latents, layers, args.d_sae, args.duration,
                            args.distinct_prompts)
+            time.sleep(1.0)  # the vLLM engine reports its last model steps in the background (~1 step)
             after = scrape(metrics_url)
             once, same, k = check_level(lv, address, args.sample, args.new_tokens, args.latents, layers,
                                         args.d_sae, rng, args.distinct_prompts)

@@ -270,7 +270,7 @@ class LatentLayerPlan:
 
     Each op sets its latents to z' = a z + b: ablation (a, b) = (0, 0), clamp (0, c), scale (alpha, 0).
     Where several ops of a row cover the same latent at the same token, their a and b add up.
-    On a separable SAE the groups run together (`_apply_slots`): tokens placed by their group's slot
+    With several groups on a separable SAE they run together (`_apply_slots`): tokens placed by their group's slot
     into [P, T_max, d], one `torch.bmm` to encode against the SAE's slot pool and one sparse (or `bmm`)
     decode, so the op count per layer does not grow with the number of distinct latent sets.
     """
@@ -338,7 +338,7 @@ class LatentLayerPlan:
         return torch.where(masks, gb.op_group, -1).amax(0).cpu().numpy(), masks
 
     def _apply_slots(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
-        """Every group through the SAE's slot pool: a constant number of ops whatever the number of groups.
+        """All groups through the SAE's slot pool: a constant number of ops whatever the number of groups.
 
         Each touched token belongs to one row, hence one group, hence one slot of the pool: tokens are
         placed by slot, padded to [P, T_max, d], encoded with one `bmm` against the pool's encoder rows

@@ -329,18 +329,19 @@ class _Recorder(BatchObserver):
 
 @pytest.mark.parametrize("engines", ["llama"], indirect=True)
 def test_model_steps_reach_the_metrics_observer(engines: _Engines) -> None:
-    """Each generate / score call hands the worker's model steps to the observer: one record per
-    vLLM forward with its rows and seconds, hook seconds only where a plan acted, and every
-    request's latent count."""
+    """Each generate / score call hands the worker's model steps to the observer (in the background,
+    off the response's path; `flush_steps` waits for it): one record per vLLM forward with its rows
+    and seconds, hook seconds only where a plan acted, and every request's latent count."""
     eng = engines.vllm
     eng.report_steps()  # nothing is recorded without an observer; this call drops nothing either
     rec = _Recorder()
     eng.observer = rec
     try:
-        eng.report_steps()  # steps of earlier tests, not this one's
+        eng.flush_steps()  # steps of earlier tests, not this one's
         rec.steps.clear()
         plain = Request(prompt="steps plain", sampling=SamplingParams(max_new_tokens=5))
         out = eng.generate([plain])
+        eng.flush_steps()  # calls hand their steps over in the background; wait for that
         assert rec.latent_counts == [0]
         n_tok = len(out[0].token_ids)
         assert all(kind == "step" and rows >= 1 and sec > 0 for kind, rows, sec, _ in rec.steps)
@@ -350,12 +351,14 @@ def test_model_steps_reach_the_metrics_observer(engines: _Engines) -> None:
         masked = Request(prompt="steps masked", interventions=(AblateLatents(latents={1: (1, 2, 3), 2: (4,)}),),
                          sampling=SamplingParams(max_new_tokens=5))
         eng.generate([masked, plain])
+        eng.flush_steps()
         assert rec.latent_counts[1:] == [4, 0]
         assert max(rows for _, rows, _, _ in rec.steps) == 2
         hooked = [h for *_, h in rec.steps if h > 0]
         assert hooked and all(h < sec for _, _, sec, h in rec.steps if h > 0)
         rec.steps.clear()
         eng.score([masked], SCORE_IDS)
+        eng.flush_steps()
         assert rec.latent_counts[-1] == 4 and rec.steps and rec.steps[0][3] > 0
     finally:
         eng.observer = None

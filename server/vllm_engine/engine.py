@@ -295,6 +295,9 @@ class VLLMEngine(EngineBase):
         # drained from the worker after each generate / score call) and requests' latent counts go
         self.observer: BatchObserver | None = None
         self._drain_lock = threading.Lock()
+        # Step reports run off the finished call's path: one background drain at a time, coalesced.
+        self._reporter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="ra-steps")
+        self._report_queued = threading.Event()
         self._stats_lock = threading.Lock()
         self.stats: dict[str, int] = {"requests": 0, "prompt_tokens": 0, "cached_prompt_tokens": 0, "generated_tokens": 0}
         self._closed = False
@@ -405,6 +408,7 @@ class VLLMEngine(EngineBase):
         if self._closed:
             return
         self._closed = True
+        self._reporter.shutdown(wait=True)
         if getattr(self._hf_engine, "batched", False):
             cast(Any, self._hf_engine).close()  # stop the HF side's Batcher
         llm = getattr(self, "llm", None)
@@ -620,11 +624,29 @@ class VLLMEngine(EngineBase):
                 self.observer.latents(n_latents(r, self.resolver))
 
     def _report_quietly(self) -> None:
-        """`report_steps` for the metrics, never failing the call that finished."""
+        """`report_steps` for the metrics, in the background: a drain is a round trip to the engine
+        core, which answers it between two model steps, so on the finished call's path it held every
+        response back by up to a step. At most one drain waits at a time (it takes every step logged
+        until it runs); failures are logged, never raised."""
+        if self.observer is None or self._closed or self._report_queued.is_set():
+            return
+        self._report_queued.set()
+        try:
+            self._reporter.submit(self._drain_in_background)
+        except RuntimeError:  # pragma: no cover - the executor shut down with the engine
+            self._report_queued.clear()
+
+    def _drain_in_background(self) -> None:
+        self._report_queued.clear()
         try:
             self.report_steps()
         except Exception:  # pragma: no cover - metrics are best effort
             log.debug("draining the worker's step log failed", exc_info=True)
+
+    def flush_steps(self) -> int:
+        """Wait for the background drain, then drain what is left now (tests, benchmarks, shutdown)."""
+        self._reporter.submit(lambda: None).result(timeout=60)
+        return self.report_steps()
 
     def _event(self, b: int, tok: int | None, finish: str | None, tokens: list[int], texts: list[str], n_prompt: int) -> StreamEvent:
         """A StreamEvent with the HF engine's text-delta rule (hold back an incomplete UTF-8 sequence)."""
