@@ -270,7 +270,7 @@ def main() -> None:
         print(f"| {r['engine']} | {r['clients']} | {r['issued']} | {'yes' if r['exactly_once'] else 'NO'} | "
               f"{r['same_as_alone']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
               f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p50_s'] / base['p50_s']:.2f}x | {r['mean_batch']:.1f} | "
-              f"{r['mean_queue_wait_s']:.2f} | {100 * r['hook_share']:.1f}% | {r['latents_per_request']:.0f} | "
+              f"{r['mean_queue_wait_s']:.3f} | {100 * r['hook_share']:.1f}% | {r['latents_per_request']:.0f} | "
               f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
         for e in r["first_errors"]:
             print(f"  error: {e}")

@@ -23,6 +23,9 @@ class BatchObserver:
     def queued(self, kind: str, wait_s: float) -> None:
         """A call's first rows entered a batch after waiting `wait_s` in the queue."""
 
+    def scheduler(self, waiting: int, running: int) -> None:
+        """The engine's own scheduler holds `waiting` queued and `running` scheduled requests (vLLM)."""
+
     def latents(self, n: int) -> None:
         """One request (row) names n SAE latents in its interventions."""
 
@@ -34,8 +37,10 @@ class Metrics:
     per request, and seconds in batches and in the intervention/capture hooks (hook_seconds /
     batch_seconds = the share of engine time the interventions cost). For vLLM the batcher is its
     HF side (Encode / Residuals / Loss); its own Generate / Score work is reported per model step
-    (kind "step": rows, forward seconds, hook seconds; vLLM schedules it, so no queue wait) and
-    its requests' latent counts, drained from the worker after each call.
+    (kind "step": rows, forward seconds, hook seconds) and its requests' latent counts, drained from
+    the worker after each call; queue wait there is the time a request waited in vLLM's scheduler
+    (kind "generate" / "score", from vLLM's stat logger, `vllm_engine/stats.py`), with the
+    scheduler's waiting / running counts as gauges.
     """
 
     def __init__(self) -> None:
@@ -74,6 +79,10 @@ class Metrics:
         self.queue_wait = Histogram(
             "refusal_audit_queue_wait_seconds", "time a call waited before its first batch", ["engine", "kind"],
             buckets=_WAIT_BUCKETS, registry=r,
+        )
+        self.scheduler_requests = Gauge(
+            "refusal_audit_scheduler_requests", "requests in the engine's own scheduler (vLLM), by state",
+            ["engine", "state"], registry=r,
         )
         self.latents_per_request = Histogram(
             "refusal_audit_latents_per_request", "SAE latents named by a request's interventions", ["engine"],
@@ -143,6 +152,10 @@ class _PromObserver(BatchObserver):
 
     def queued(self, kind: str, wait_s: float) -> None:
         self.m.queue_wait.labels(self.engine, kind).observe(max(0.0, wait_s))
+
+    def scheduler(self, waiting: int, running: int) -> None:
+        self.m.scheduler_requests.labels(self.engine, "waiting").set(waiting)
+        self.m.scheduler_requests.labels(self.engine, "running").set(running)
 
     def latents(self, n: int) -> None:
         self.m.latents_per_request.labels(self.engine).observe(n)

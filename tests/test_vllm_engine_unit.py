@@ -87,3 +87,37 @@ def test_startup_guard_names_the_vllm_version() -> None:
         _check_runner(OldRunner())
     with pytest.raises(VLLMInternalsError, match="model_runner"):
         _check_runner(None)
+
+
+def test_scheduler_stats_reach_the_server_metrics() -> None:
+    """vLLM's per-iteration stats -> the server's Prometheus series: one queue wait per finished request,
+    labelled by the call kind in its id (unknown ids: "other"; never scheduled: no wait), and the
+    scheduler's waiting / running gauges."""
+    from types import SimpleNamespace
+
+    from refusal_audit.server.metrics import Metrics
+    from refusal_audit.server.vllm_engine.stats import record_stats, request_kind
+
+    assert request_kind("ra-generate-0123abcd-4") == "generate"
+    assert request_kind("ra-score-0123abcd-0-9f8e7d") == "score"  # vLLM may suffix ids
+    assert request_kind("cmpl-42") == request_kind(None) == "other"
+    m = Metrics()
+    obs = m.batch_observer("vllm")
+    fin = [SimpleNamespace(request_id="ra-generate-t-0", queued_time=0.25),
+           SimpleNamespace(request_id="ra-score-t-1", queued_time=0.0),
+           SimpleNamespace(request_id="ra-generate-t-2", queued_time=-1.0e5)]  # aborted while queued
+    record_stats(obs, SimpleNamespace(num_waiting_reqs=3, num_running_reqs=5), SimpleNamespace(finished_requests=fin))
+    record_stats(None, None, SimpleNamespace(finished_requests=fin))  # no observer yet: nothing, no error
+    record_stats(obs, None, None)  # an iteration without stats
+    r = m.registry
+
+    def val(name: str, **labels: str) -> float:
+        v = r.get_sample_value(name, {"engine": "vllm", **labels})
+        assert v is not None, (name, labels)
+        return v
+
+    assert val("refusal_audit_queue_wait_seconds_count", kind="generate") == 1.0
+    assert val("refusal_audit_queue_wait_seconds_sum", kind="generate") == 0.25
+    assert val("refusal_audit_queue_wait_seconds_count", kind="score") == 1.0
+    assert val("refusal_audit_scheduler_requests", state="waiting") == 3.0
+    assert val("refusal_audit_scheduler_requests", state="running") == 5.0

@@ -319,9 +319,23 @@ class _Recorder(BatchObserver):
     def __init__(self) -> None:
         self.steps: list[tuple[str, int, float, float]] = []
         self.latent_counts: list[int] = []
+        self.waits: list[tuple[str, float]] = []
+        self.scheduler_counts: list[tuple[int, int]] = []
 
     def batch(self, kind: str, rows: int, padded_tokens: int, seconds: float, hook_seconds: float) -> None:
         self.steps.append((kind, rows, seconds, hook_seconds))
+
+    def queued(self, kind: str, wait_s: float) -> None:
+        self.waits.append((kind, wait_s))
+
+    def scheduler(self, waiting: int, running: int) -> None:
+        self.scheduler_counts.append((waiting, running))
+
+    def wait_for_waits(self, n: int, timeout: float = 30.0) -> None:
+        """vLLM's stat logger runs on its output handler, just after the call got its last output."""
+        deadline = time.time() + timeout
+        while len(self.waits) < n and time.time() < deadline:
+            time.sleep(0.01)
 
     def latents(self, n: int) -> None:
         self.latent_counts.append(n)
@@ -331,7 +345,8 @@ class _Recorder(BatchObserver):
 def test_model_steps_reach_the_metrics_observer(engines: _Engines) -> None:
     """Each generate / score call hands the worker's model steps to the observer (in the background,
     off the response's path; `flush_steps` waits for it): one record per vLLM forward with its rows
-    and seconds, hook seconds only where a plan acted, and every request's latent count."""
+    and seconds, hook seconds only where a plan acted, and every request's latent count; vLLM's stat
+    logger adds each request's wait in its scheduler queue and the waiting / running counts."""
     eng = engines.vllm
     eng.report_steps()  # nothing is recorded without an observer; this call drops nothing either
     rec = _Recorder()
@@ -339,6 +354,7 @@ def test_model_steps_reach_the_metrics_observer(engines: _Engines) -> None:
     try:
         eng.flush_steps()  # steps of earlier tests, not this one's
         rec.steps.clear()
+        rec.waits.clear()
         plain = Request(prompt="steps plain", sampling=SamplingParams(max_new_tokens=5))
         out = eng.generate([plain])
         eng.flush_steps()  # calls hand their steps over in the background; wait for that
@@ -357,9 +373,15 @@ def test_model_steps_reach_the_metrics_observer(engines: _Engines) -> None:
         hooked = [h for *_, h in rec.steps if h > 0]
         assert hooked and all(h < sec for _, _, sec, h in rec.steps if h > 0)
         rec.steps.clear()
+        # vLLM's scheduler queue: one wait per finished request, labelled by the call's kind
+        rec.wait_for_waits(3)
+        assert [k for k, _ in rec.waits] == ["generate"] * 3 and all(0.0 <= w < 60.0 for _, w in rec.waits)
+        assert rec.scheduler_counts and max(running for _, running in rec.scheduler_counts) == 2
         eng.score([masked], SCORE_IDS)
         eng.flush_steps()
         assert rec.latent_counts[-1] == 4 and rec.steps and rec.steps[0][3] > 0
+        rec.wait_for_waits(4)
+        assert rec.waits[3][0] == "score"
     finally:
         eng.observer = None
 

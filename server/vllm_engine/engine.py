@@ -55,6 +55,7 @@ from ..interventions import Resolver, compile_plan
 from ..metrics import BatchObserver
 from ..sae_runtime import LayerSAE, build_layer_saes, load_sae
 from .compiled import HOOKED_WORKER, add_splitting_op, compilation_config
+from .stats import REQUEST_ID_PREFIX, stat_logger_factory
 from .worker import EXTRA_ARGS_KEY, VLLMInternalsError, sae_payload
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -391,17 +392,20 @@ class VLLMEngine(EngineBase):
         ):
             args["kv_cache_memory_bytes"] = 2 * 1024**3  # CPU: a bounded KV cache, not a share of host RAM
         args.update(vllm_kwargs)
+        # vLLM's scheduler stats (queue wait, waiting / running requests) go to the observer through
+        # a custom stat logger; with disable_log_stats vLLM prints no periodic stats lines.
+        loggers = [stat_logger_factory(lambda: self.observer)]
         if not self.hooks:
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
         args["worker_extension_cls"] = WORKER_EXTENSION
         if not compiled:
-            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args))
+            return AsyncLLM.from_engine_args(AsyncEngineArgs(**args), stat_loggers=loggers)
         # compiled: the hooks go in at model load (before vLLM traces the model), the op splits the graph
         args["worker_cls"] = HOOKED_WORKER
         args["compilation_config"] = compilation_config(args.get("compilation_config"))
         vllm_config = AsyncEngineArgs(**args).create_engine_config()
         add_splitting_op(vllm_config)
-        return AsyncLLM.from_vllm_config(vllm_config, disable_log_stats=bool(args["disable_log_stats"]))
+        return AsyncLLM.from_vllm_config(vllm_config, stat_loggers=loggers, disable_log_stats=bool(args["disable_log_stats"]))
 
     def close(self) -> None:
         """Shut the vLLM engine (and its engine-core process) down; idempotent."""
@@ -521,10 +525,13 @@ class VLLMEngine(EngineBase):
         except BaseException as exc:
             out.put(_Failure(index, exc))
 
-    def _submit(self, prompts: list[dict[str, Any]], params: list[Any]) -> tuple[queue.Queue, list[str], list[concurrent.futures.Future]]:
+    def _submit(
+        self, kind: str, prompts: list[dict[str, Any]], params: list[Any],
+    ) -> tuple[queue.Queue, list[str], list[concurrent.futures.Future]]:
+        """Start every prompt on the loop; request ids "ra-<kind>-<tag>-<i>" (the stat logger reads the kind)."""
         q: queue.Queue = queue.Queue()
         tag = uuid.uuid4().hex[:12]
-        rids = [f"ra-{tag}-{i}" for i in range(len(prompts))]
+        rids = [f"{REQUEST_ID_PREFIX}-{kind}-{tag}-{i}" for i in range(len(prompts))]
         futs = [self._loop.submit(self._pump(i, rid, p, sp, q)) for i, (rid, p, sp) in enumerate(zip(rids, prompts, params, strict=True))]
         return q, rids, futs
 
@@ -571,7 +578,7 @@ class VLLMEngine(EngineBase):
     ) -> Iterator[StreamEvent]:
         B = len(requests)
         self._observe_latents(requests)
-        q, rids, futs = self._submit([self._prompt(x, s) for x, s in zip(ids, salts, strict=True)], params)
+        q, rids, futs = self._submit("generate", [self._prompt(x, s) for x, s in zip(ids, salts, strict=True)], params)
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B
         done = [False] * B
@@ -696,7 +703,7 @@ class VLLMEngine(EngineBase):
             for p in payloads
         ]
         self._observe_latents(requests)
-        q, rids, futs = self._submit([self._prompt(x, s) for x, s in zip(ids, salts, strict=True)], params)
+        q, rids, futs = self._submit("score", [self._prompt(x, s) for x, s in zip(ids, salts, strict=True)], params)
         outs: list[_Output | None] = [None] * len(requests)
         try:
             remaining = len(requests)
