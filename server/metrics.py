@@ -38,9 +38,9 @@ class Metrics:
     batch_seconds = the share of engine time the interventions cost). For vLLM the batcher is its
     HF side (Encode / Residuals / Loss); its own Generate / Score work is reported per model step
     (kind "step": rows, forward seconds, hook seconds) and its requests' latent counts, drained from
-    the worker after each call; queue wait there is the time a request waited in vLLM's scheduler
-    (kind "generate" / "score", from vLLM's stat logger, `vllm_engine/stats.py`), with the
-    scheduler's waiting / running counts as gauges.
+    the worker after each call; queue wait there is the time from the engine receiving a request to
+    its first model step (kind "generate" / "score", from vLLM's stat logger, `vllm_engine/stats.py`),
+    with the scheduler's waiting / running counts as gauges.
     """
 
     def __init__(self) -> None:

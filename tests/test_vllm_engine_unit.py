@@ -90,9 +90,9 @@ def test_startup_guard_names_the_vllm_version() -> None:
 
 
 def test_scheduler_stats_reach_the_server_metrics() -> None:
-    """vLLM's per-iteration stats -> the server's Prometheus series: one queue wait per finished request,
-    labelled by the call kind in its id (unknown ids: "other"; never scheduled: no wait), and the
-    scheduler's waiting / running gauges."""
+    """vLLM's per-iteration stats -> the server's Prometheus series: one queue wait per finished request
+    (end-to-end latency minus inference time), labelled by the call kind in its id (unknown ids:
+    "other"; aborted before a token: no wait), and the scheduler's waiting / running gauges."""
     from types import SimpleNamespace
 
     from refusal_audit.server.metrics import Metrics
@@ -103,11 +103,17 @@ def test_scheduler_stats_reach_the_server_metrics() -> None:
     assert request_kind("cmpl-42") == request_kind(None) == "other"
     m = Metrics()
     obs = m.batch_observer("vllm")
-    fin = [SimpleNamespace(request_id="ra-generate-t-0", queued_time=0.25),
-           SimpleNamespace(request_id="ra-score-t-1", queued_time=0.0),
-           SimpleNamespace(request_id="ra-generate-t-2", queued_time=-1.0e5)]  # aborted while queued
-    record_stats(obs, SimpleNamespace(num_waiting_reqs=3, num_running_reqs=5), SimpleNamespace(finished_requests=fin))
-    record_stats(None, None, SimpleNamespace(finished_requests=fin))  # no observer yet: nothing, no error
+
+    def fin(rid: str, e2e: float, inference: float, queued: float = 0.0, tokens: int = 4) -> SimpleNamespace:
+        return SimpleNamespace(request_id=rid, e2e_latency=e2e, inference_time=inference, queued_time=queued,
+                               num_generation_tokens=tokens)
+
+    fins = [fin("ra-generate-t-0", 1.5, 1.25, queued=0.1),  # waited 0.25 s, 0.1 s of it in vLLM's queue
+            fin("ra-score-t-1", 0.5, 0.5),
+            fin("ra-generate-t-2", 9.0, 0.0, queued=-1.0e5, tokens=0),  # aborted while queued
+            fin("ra-generate-t-3", 9.0, -1.0e5, tokens=0)]  # aborted during its prefill
+    record_stats(obs, SimpleNamespace(num_waiting_reqs=3, num_running_reqs=5), SimpleNamespace(finished_requests=fins))
+    record_stats(None, None, SimpleNamespace(finished_requests=fins))  # no observer yet: nothing, no error
     record_stats(obs, None, None)  # an iteration without stats
     r = m.registry
 
@@ -119,5 +125,6 @@ def test_scheduler_stats_reach_the_server_metrics() -> None:
     assert val("refusal_audit_queue_wait_seconds_count", kind="generate") == 1.0
     assert val("refusal_audit_queue_wait_seconds_sum", kind="generate") == 0.25
     assert val("refusal_audit_queue_wait_seconds_count", kind="score") == 1.0
+    assert val("refusal_audit_queue_wait_seconds_sum", kind="score") == 0.0
     assert val("refusal_audit_scheduler_requests", state="waiting") == 3.0
     assert val("refusal_audit_scheduler_requests", state="running") == 5.0

@@ -1,11 +1,14 @@
-"""vLLM's own scheduler stats into the server's metrics: how long each request waited in vLLM's
-queue before its first model step, and how many requests wait and run at each step.
+"""vLLM's own request stats into the server's metrics: how long each request waited before its
+first model step, and how many requests wait and run in vLLM's scheduler.
 
 vLLM schedules the Generate / Score work itself (continuous batching), so the queue wait a load
-test wants to see is its scheduler's: from the request entering the waiting queue to its first
-scheduled step (`FinishedRequestStats.queued_time`, engine-core timestamps). It is read through
-vLLM's stat-logger interface (`StatLoggerBase`, passed to the `AsyncLLM` as a custom logger), which
-turns on vLLM's per-request timestamps without its periodic log lines.
+test wants is the time from the engine receiving a request to the first model step that computes
+it: the step in flight when it arrived (the engine core takes new requests between steps) plus any
+time in the scheduler's waiting queue. vLLM's own `queued_time` covers only the latter (nearly
+always 0 below its batch limits), so the wait is taken as the request's end-to-end latency minus
+its inference time (first scheduled step to last token), both from vLLM's `FinishedRequestStats`.
+The stats come through vLLM's stat-logger interface (`StatLoggerBase`, passed to the `AsyncLLM` as
+a custom logger), which turns on vLLM's per-request timestamps without its periodic log lines.
 """
 
 from __future__ import annotations
@@ -24,14 +27,25 @@ def request_kind(request_id: str | None) -> str:
     return parts[1] if len(parts) > 2 and parts[0] == REQUEST_ID_PREFIX else "other"
 
 
+def wait_before_first_step(fin: Any) -> float | None:
+    """Seconds from the engine receiving a finished request to its first scheduled step, or None when
+    it never ran to a token (aborted while queued or during its prefill): its end-to-end latency
+    minus its inference time. The remainder also holds the last output's trip to the front end
+    (well under a millisecond), so it is clamped at 0."""
+    if fin.queued_time < 0 or fin.inference_time < 0 or fin.num_generation_tokens <= 0:
+        return None
+    return max(0.0, float(fin.e2e_latency) - float(fin.inference_time))
+
+
 def record_stats(observer: BatchObserver | None, scheduler_stats: Any, iteration_stats: Any) -> None:
     """Hand one engine-core iteration's stats to `observer`: a queue wait per finished request (kind
     from its id), and the scheduler's waiting / running counts."""
     if observer is None:
         return
     for fin in getattr(iteration_stats, "finished_requests", None) or ():
-        if fin.queued_time >= 0:  # negative: never scheduled (aborted while queued), no wait to report
-            observer.queued(request_kind(getattr(fin, "request_id", None)), float(fin.queued_time))
+        wait = wait_before_first_step(fin)
+        if wait is not None:
+            observer.queued(request_kind(getattr(fin, "request_id", None)), wait)
     if scheduler_stats is not None:
         observer.scheduler(int(scheduler_stats.num_waiting_reqs), int(scheduler_stats.num_running_reqs))
 
