@@ -67,8 +67,14 @@ def calibrate_thresholds(saes: dict[int, JumpReLUSAE], model: Any, tokenizer: An
         x = torch.cat(acts[layer])
         with torch.no_grad():
             pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [N, d_sae]
-            k = max(1, min(pre.shape[0], round((1.0 - l0 / sae.cfg.d_sae) * pre.shape[0])))
-            sae.threshold.copy_(pre.kthvalue(k, dim=0).values.clamp_min(1e-6))
+            n = pre.shape[0]
+            k = max(1, min(n, round((1.0 - l0 / sae.cfg.d_sae) * n)))
+            # halfway between two observed values, not at one: a threshold equal to some token's
+            # pre-activation is a planted tie that rounding decides (a token's pre-activation is only
+            # equal to the last bit between batch compositions), which a trained SAE does not have
+            lo = pre.kthvalue(k, dim=0).values
+            hi = pre.kthvalue(k + 1, dim=0).values if k < n else lo + lo.abs()
+            sae.threshold.copy_((0.5 * (lo + hi)).clamp_min(1e-6))
             measured[layer] = float((sae.encode(x) > 0).sum(-1).float().mean())
     return measured
 
