@@ -494,17 +494,6 @@ class BatchPlan:
     def empty(self) -> bool:
         return not self.latent_layers and self.ablations is None and not self.additions
 
-    def ablation_layers(self) -> set[int] | None:
-        """Layers with any direction ablation (None = every layer)."""
-        if self.ablations is None:
-            return set()
-        out: set[int] = set()
-        for ls in self.ablations.layers:
-            if ls is None:
-                return None
-            out |= ls
-        return out
-
 
 def _unit(vec: Sequence[float] | np.ndarray, d_model: int, field_name: str) -> torch.Tensor:
     """The unit vector of a direction, normalised in float64 (float32 entries near 3e38 overflow a

@@ -450,13 +450,14 @@ class VLLMEngine(EngineBase):
         """Hand the worker's model steps since the last call to `observer` (kind "step": one vLLM
         forward, its rows any mix of prefills and decodes); returns how many. No observer, no hooks or
         a closed engine: nothing to do."""
-        if self.observer is None or not self.hooks or self._closed:
+        observer = self.observer
+        if observer is None or not self._reports_steps:
             return 0
         with self._drain_lock:
             out = self._loop.call(self.llm.collective_rpc("ra_drain_steps"), timeout=30)
         steps = out[0] if isinstance(out, list) and out and isinstance(out[0], list) else out
         for rows, seconds, hook_seconds in steps or ():
-            self.observer.batch("step", int(rows), 0, float(seconds), float(hook_seconds))
+            observer.batch("step", int(rows), 0, float(seconds), float(hook_seconds))
         return len(steps or ())
 
     def reset_prefix_cache(self) -> None:
@@ -630,12 +631,17 @@ class VLLMEngine(EngineBase):
             for r in requests:
                 self.observer.latents(n_latents(r, self.resolver))
 
+    @property
+    def _reports_steps(self) -> bool:
+        """Whether there are worker steps to hand over: hooks installed, an observer, the engine open."""
+        return self.observer is not None and bool(self.hooks) and not self._closed
+
     def _report_quietly(self) -> None:
         """`report_steps` for the metrics, in the background: a drain is a round trip to the engine
         core, which answers it between two model steps, so on the finished call's path it held every
         response back by up to a step. At most one drain waits at a time (it takes every step logged
         until it runs); failures are logged, never raised."""
-        if self.observer is None or self._closed or self._report_queued.is_set():
+        if not self._reports_steps or self._report_queued.is_set():
             return
         self._report_queued.set()
         try:
@@ -651,7 +657,7 @@ class VLLMEngine(EngineBase):
             log.debug("draining the worker's step log failed", exc_info=True)
 
     def flush_steps(self) -> int:
-        """Wait for the background drain, then drain what is left now (tests, benchmarks, shutdown)."""
+        """Wait for the background drain, then drain what is left now (tests, benchmarks)."""
         self._reporter.submit(lambda: None).result(timeout=60)
         return self.report_steps()
 

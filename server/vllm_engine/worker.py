@@ -53,7 +53,16 @@ from torch import nn
 
 from ...audit.spec import Intervention
 from ..hf_engine import contribution_modules, decoder_layers
-from ..intervention_op import SITE_CONTRIB, SITE_POST, SITE_PRE, active, edit, edit_at_site, op_calls
+from ..intervention_op import (
+    SITE_CONTRIB,
+    SITE_POST,
+    SITE_PRE,
+    active,
+    edit,
+    edit_at_site,
+    op_calls,
+    plan_acts_at,
+)
 from ..interventions import BatchPlan, RowCache, TokenContext, compile_plan
 from ..sae_runtime import LayerSAE, build_layer_saes
 
@@ -143,7 +152,7 @@ class _HookRuntime:
         self.device = torch.device(getattr(runner, "device", "cpu"))
         self.plan: BatchPlan | None = None
         self.ctx: TokenContext | None = None
-        self.ablation_layers: set[int] | None = set()
+        self.sites: frozenset[tuple[int, int]] = frozenset()  # (layer, site) where this step's plan acts
         self._specs: dict[str, tuple[Intervention, ...]] = {}
         self._plans: OrderedDict[tuple, tuple[BatchPlan | None, torch.Tensor, frozenset[tuple[int, int]]]] = OrderedDict()
         self.hooks: _LayerHooks | None = None  # eager mode: hook points registered per step (`_LayerHooks.sync`)
@@ -171,7 +180,7 @@ class _HookRuntime:
         """Build (or fetch) the plan and the packed token context of the step about to run."""
         t0 = time.perf_counter()
         self.stats["steps"] += 1
-        self.plan, self.ctx = None, None
+        self.plan, self.ctx, self.sites = None, None, frozenset()
         runner = self.runner
         batch = runner.input_batch
         n_reqs = int(batch.num_reqs)
@@ -234,28 +243,18 @@ class _HookRuntime:
         is_prompt = (pos >= 0) & (pos < plen.index_select(0, row.clamp(min=0)))
         self.plan = plan
         self.ctx = TokenContext.packed(pos, is_prompt, plen, row, row_on_host=row_host.numpy())
-        self.ablation_layers = plan.ablation_layers()
+        self.sites = sites
         self.stats["hooked_steps"] += 1
         self.stats["step_setup_s"] += time.perf_counter() - t0
 
     def end_step(self) -> None:
         self.plan, self.ctx = None, None
 
-    def ablates_at(self, idx: int) -> bool:
-        return self.plan is not None and self.plan.ablations is not None and (
-            self.ablation_layers is None or idx in self.ablation_layers
-        )
-
     # ------------------------------------------------------------------ the op's plan handle
 
     def acts_at(self, layer: int, site: int) -> bool:
         """`intervention_op.StepSource`: has this step's plan an op at this hook point?"""
-        plan = self.plan
-        if plan is None or self.ctx is None:
-            return False
-        if site == SITE_POST:
-            return layer in plan.latent_layers or layer in plan.additions
-        return self.ablates_at(layer)
+        return self.plan is not None and self.ctx is not None and (layer, site) in self.sites
 
     def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
         """`intervention_op.StepSource`: the edited packed stream [N, d] at one hook point, or None."""
@@ -291,6 +290,9 @@ def _post_hook(idx: int, module: nn.Module, args: tuple, output: Any) -> None:
     edit(output[0], output[1], idx, SITE_POST)
 
 
+_SITES = (SITE_PRE, SITE_CONTRIB, SITE_POST)  # the hook points of a decoder layer
+
+
 class _LayerHooks:
     """The hooks on the decoder layers, per (layer, site).
 
@@ -312,8 +314,7 @@ class _LayerHooks:
         return [layer.register_forward_hook(functools.partial(_post_hook, idx))]
 
     def all(self) -> None:
-        self.sync(frozenset((idx, site) for idx in range(len(self.layers))
-                            for site in (SITE_PRE, SITE_CONTRIB, SITE_POST)))
+        self.sync(frozenset((idx, site) for idx in range(len(self.layers)) for site in _SITES))
 
     def sync(self, wanted: frozenset[tuple[int, int]]) -> None:
         """Register the hook points in `wanted` that are not, remove those registered and not wanted."""
@@ -328,15 +329,11 @@ class _LayerHooks:
 
 
 def _plan_sites(plan: BatchPlan | None, n_layers: int) -> frozenset[tuple[int, int]]:
-    """The hook points where `plan` edits the stream (what `_HookRuntime.acts_at` says yes to)."""
+    """The hook points where `plan` edits the stream (`plan_acts_at`, worked out once per plan: the
+    hooks registered eagerly and `_HookRuntime.acts_at` at every op call both read it)."""
     if plan is None:
         return frozenset()
-    sites = {(idx, SITE_POST) for idx in (*plan.latent_layers, *plan.additions)}
-    if plan.ablations is not None:
-        layers = plan.ablation_layers()
-        for idx in range(n_layers) if layers is None else layers:
-            sites |= {(idx, SITE_PRE), (idx, SITE_CONTRIB)}
-    return frozenset(sites)
+    return frozenset((idx, site) for idx in range(n_layers) for site in _SITES if plan_acts_at(plan, idx, site))
 
 
 def _check_runner(runner: Any) -> None:
