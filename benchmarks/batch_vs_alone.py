@@ -9,6 +9,7 @@ random latents, against every row run alone; plus the largest first-token log-pr
     python benchmarks/batch_vs_alone.py --saes random --sae-l0 100   # random SAEs, calibrated thresholds
     python benchmarks/batch_vs_alone.py --saes random --relu         # the same SAEs with threshold 0
     python benchmarks/batch_vs_alone.py --saes demo --latents 8000   # the demo build's trained SAEs
+    python benchmarks/batch_vs_alone.py --batch-invariant             # the engine's batch-invariant mode
 """
 
 from __future__ import annotations
@@ -63,7 +64,9 @@ def build(args: argparse.Namespace) -> tuple[Any, list[int], int]:
                 sae.threshold.data.zero_()
     text = model.config.get_text_config()
     d_sae = int(next(iter(saes.values())).cfg.d_sae)
-    return HFEngine(model, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers)), layers, d_sae
+    engine = HFEngine(model, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers),
+                      batch_invariant=args.batch_invariant)
+    return engine, layers, d_sae
 
 
 def main() -> None:
@@ -81,6 +84,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--equal-lengths", action="store_true", help="every row the same prompt: no padding")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--batch-invariant", action="store_true", help="the engine's batch-invariant mode")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine, layers, d_sae = build(args)
@@ -111,7 +115,8 @@ def main() -> None:
               + (f" (differing rows, first differing token: {firsts})" if firsts else "")
               + f"; first-token log-probs max |diff| {diff:.1e}", flush=True)
     desc = (f"{args.saes} SAEs" + (f", L0 {args.sae_l0:g}" if args.saes == "random" and args.sae_l0 > 0 else "")
-            + (", threshold 0 (ReLU)" if args.relu else "") + (", equal lengths" if args.equal_lengths else ""))
+            + (", threshold 0 (ReLU)" if args.relu else "") + (", equal lengths" if args.equal_lengths else "")
+            + (", batch-invariant mode" if args.batch_invariant else ""))
     print(f"\n{desc}; {args.latents} latents/request over layers {layers}, {args.new_tokens} new tokens: "
           f"{same}/{total} rows equal alone; first-token log-probs max |diff| {worst:.1e}")
 

@@ -37,6 +37,7 @@ from ..audit.errors import InvalidRequest, non_finite
 from ..audit.latent_edges import EdgeResponse
 from ..audit.spec import Request
 from .engine_base import EngineBase
+from .batch_invariant import InvariantMatmuls, padded_batch, use_row_attention
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
 
@@ -89,8 +90,14 @@ class HFEngine(EngineBase):
         model_name: str = "model",
         limits: Limits | None = None,
         resolver: Resolver | None = None,
+        batch_invariant: bool = False,
     ) -> None:
+        """`batch_invariant`: every row's numbers equal the row run alone, bit for bit, whatever shares
+        its batch (server/batch_invariant.py; costs single-request decode speed, docs/engines.md)."""
         self.model = model.eval()
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            use_row_attention(self.model)
         self.tokenizer = tokenizer
         self.saes = saes
         self.model_name = model_name
@@ -222,6 +229,7 @@ class HFEngine(EngineBase):
             self.resolver,
             self.limits.max_latents_per_request,
             seq_lens=prompt_lens if seq_lens is None else seq_lens,
+            batch_invariant=self.batch_invariant,
         )
         return None if plan.empty else plan
 
@@ -241,7 +249,10 @@ class HFEngine(EngineBase):
         return TokenContext(torch.where(valid, pos, torch.full_like(pos, -1)), valid, prompt_lens)
 
     def _forward(self, input_ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor, **kw: Any) -> Any:
-        return self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
+        if not self.batch_invariant:
+            return self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
+        with InvariantMatmuls(), padded_batch(mask):
+            return self.model(input_ids=input_ids, attention_mask=mask, position_ids=pos, **kw)
 
     # ------------------------------------------------------------------ generate
 

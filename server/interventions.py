@@ -215,7 +215,7 @@ between two layers of a forward pass: 160 tokens, 783 terms over 500 latents, 0.
 
 def decode_coefficients(
     coeff: torch.Tensor, W_dec: torch.Tensor | Callable[[], torch.Tensor],
-    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None, sparse_only: bool = False,
 ) -> torch.Tensor:
     """sum_s coeff[g, t, s] W_dec[g, s] for coeff [G, T, S] and W_dec [G, S, d] -> [G * T, d].
 
@@ -224,12 +224,14 @@ def decode_coefficients(
     batch), otherwise one `torch.bmm`. W_dec may be a function that makes it, called only for the
     `bmm`; with `rows` = (latent ids [G, S], the SAE's decoder [d_sae, d]) the sparse terms read
     their rows from the SAE's decoder instead, and W_dec is made only past
-    `_SPARSE_DECODE_FRACTION_UNGATHERED`."""
+    `_SPARSE_DECODE_FRACTION_UNGATHERED`. `sparse_only` never takes the `bmm`: whether it would is
+    decided by the whole batch's count of terms, and its sum over a set padded to the batch's widest
+    rounds differently from the set alone (the batch-invariant mode needs neither)."""
     G, T, S = coeff.shape
     flat = coeff.reshape(-1)
     nz = flat.nonzero().squeeze(1)  # flat indices (g * T + t) * S + s, in (g, t, s) order
     fraction = _SPARSE_DECODE_FRACTION if rows is None or not callable(W_dec) else _SPARSE_DECODE_FRACTION_UNGATHERED
-    if nz.shape[0] > fraction * G * S:
+    if not sparse_only and nz.shape[0] > fraction * G * S:
         dense = W_dec() if callable(W_dec) else W_dec
         return torch.bmm(coeff, dense).view(G * T, -1)
     gt = torch.div(nz, S, rounding_mode="floor")  # the output row g * T + t (sorted: one bag per token)
@@ -279,6 +281,7 @@ class LatentLayerPlan:
     scopes: _ScopeTable  # one entry per op
     groups: list[_LatentGroup]
     batched: bool = True  # the slot path (False: always the per-group loop, for comparisons)
+    invariant: bool = False  # batch-invariant: one path and a sparse decode whatever the batch holds
     _batch: _GroupBatch | None = field(default=None, init=False, repr=False)
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
@@ -290,7 +293,7 @@ class LatentLayerPlan:
 
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
-        if self.batched and self.sae.separable and len(self.groups) > 1:
+        if self.sae.separable and (self.invariant or (self.batched and len(self.groups) > 1)):
             return self._apply_slots(h, ctx)
         return self._apply_looped(h, self.scopes.masks(ctx))  # one group: the loop's few ops, its slices cached
 
@@ -418,7 +421,7 @@ class LatentLayerPlan:
             coeff = torch.addcmul(torch.bmm(W, targets), torch.bmm(W, scales) - weight, z)
         run_slots = slots[run].tolist()
         delta = decode_coefficients(coeff, lambda: pool_of.decoder(run_slots, lo, hi)[:, :w],
-                                    (ids[lo:hi, :w], sae.sae.W_dec)).index_select(0, flat)  # [A, d]
+                                    (ids[lo:hi, :w], sae.sae.W_dec), sparse_only=self.invariant).index_select(0, flat)
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
         return tok_t, x + delta
@@ -470,7 +473,7 @@ class DirectionPlan:
             proj_t = (h[0] @ dirs.T) * mask.T  # [N, O]
             return h - (proj_t @ dirs).unsqueeze(0)
         rows = self.scopes.rows.index_select(0, ops)
-        proj = torch.einsum("otd,od->ot", h.index_select(0, rows), dirs) * mask
+        proj = (h.index_select(0, rows) @ dirs.unsqueeze(-1)).squeeze(-1) * mask  # [O, T] (a matmul, not einsum: batch_invariant)
         delta = proj.unsqueeze(-1) * dirs.unsqueeze(1)  # [O, T, d]
         return h.index_add(0, rows, -delta)
 
@@ -770,6 +773,7 @@ def compile_plan(
     seq_lens: Sequence[int] | None = None,
     row_keys: Sequence[Hashable | None] | None = None,
     row_cache: RowCache | None = None,
+    batch_invariant: bool = False,
 ) -> BatchPlan:
     """Validate and compile per-row interventions (raises InvalidRequest / NotFound, naming the field).
 
@@ -777,7 +781,8 @@ def compile_plan(
     generated tokens fed back, or a Loss completion); given, explicit scope positions outside it
     are rejected. Negative positions count from the prompt end. With `row_cache`, a row whose
     `row_keys` entry is not None is parsed once per (key, prompt length, sequence length): the key
-    must name the row's interventions exactly (a hash of their canonical form).
+    must name the row's interventions exactly (a hash of their canonical form). `batch_invariant`
+    makes every latent layer take one path whatever the batch holds (server/batch_invariant.py).
     """
     resolver = resolver or Resolver()
     latent_ops: dict[int, list[tuple[int, _LatentOp]]] = {}
@@ -804,6 +809,7 @@ def compile_plan(
             sae=saes[layer],
             scopes=_scope_table([(r, op.scope) for r, op in ops], prompt_lens, device),
             groups=_latent_groups(ops, device, dtype),
+            invariant=batch_invariant,
         )
     if abl:
         plan.ablations = DirectionPlan(
