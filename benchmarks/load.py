@@ -41,7 +41,7 @@ PROMPTS = ["Explain photosynthesis briefly.", "Write a haiku about rain.", "What
 
 
 def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int,
-                  vllm_compiled: bool = False, sae_l0: float = 0.0) -> Any:
+                  vllm_compiled: bool = False, sae_l0: float = 0.0, batch_invariant: bool = False) -> Any:
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from refusal_audit.server.hf_engine import HFEngine
@@ -57,7 +57,8 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
     if sae_l0 > 0:
         print("SAE L0 per layer on the calibration prompts:", calibrate_thresholds(saes, m, tok, sae_l0))
     if engine_kind == "hf":
-        engine: Any = HFEngine(m, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers))
+        engine: Any = HFEngine(m, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers),
+                               batch_invariant=batch_invariant)
     else:
         from refusal_audit.server.vllm_engine import VLLMEngine
 
@@ -196,6 +197,7 @@ def main() -> None:
                     help="tag every prompt with its request, so no request reuses another's prefix-cache blocks "
                          "(isolates the hooks' cost: masked requests cannot share blocks across masks)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
+    ap.add_argument("--batch-invariant", action="store_true", help="--engine hf: the engine's batch-invariant mode")
     ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -208,7 +210,8 @@ def main() -> None:
     address, metrics_url = args.server, args.metrics
     if address is None:
         server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256,
-                               vllm_compiled=args.vllm_compiled, sae_l0=args.sae_l0)
+                               vllm_compiled=args.vllm_compiled, sae_l0=args.sae_l0,
+                               batch_invariant=args.batch_invariant)
         address = server.address
         if server.handle.metrics_port:
             metrics_url = f"http://127.0.0.1:{server.handle.metrics_port}/metrics"
@@ -235,7 +238,7 @@ def main() -> None:
             lat_n = _delta(after, before, "refusal_audit_latents_per_request_count")
             batch_s = _delta(after, before, "refusal_audit_batch_seconds_total")
             rows.append({
-                "engine": args.engine, "clients": n, "issued": lv.issued, "answered": len(lv.answers),
+                "engine": args.engine + (" (batch-invariant)" if args.batch_invariant else ""), "clients": n, "issued": lv.issued, "answered": len(lv.answers),
                 "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
                 "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,
                 "p50_s": statistics.median(lv.latencies) if lv.latencies else float("nan"),

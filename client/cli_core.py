@@ -285,6 +285,9 @@ def register(app: typer.Typer) -> None:
         batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="HF batching: collect until no call arrived for this long")] = 5.0,
         batch_max_wait_ms: Annotated[float, typer.Option("--batch-max-wait-ms", help="HF batching: longest collection window")] = 50.0,
         batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="padded tokens per HF batch")] = 16384,
+        batch_invariant: Annotated[bool, typer.Option(
+            "--batch-invariant/--no-batch-invariant", help="HF engine: every row bit-identical to the row run "
+            "alone, whatever shares its batch (slower single requests; docs/engines.md)")] = False,
         dtype: Annotated[str, typer.Option("--dtype")] = "float32",
         device: Annotated[str, typer.Option("--device")] = "cpu",
         grace: Annotated[float, typer.Option("--grace", help="drain period on SIGTERM (s)")] = 10.0,
@@ -317,7 +320,7 @@ def register(app: typer.Typer) -> None:
                 data_dir=data_dir, judge=judge, auth_token=token, tls_cert=tls_cert, tls_key=tls_key,
                 metrics_port=metrics_port, max_inflight=max_inflight, max_concurrent_jobs=max_concurrent_jobs,
                 dtype=dtype, device=device, grace_s=grace, batch_window_ms=batch_window_ms,
-                batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens,
+                batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens, batch_invariant=batch_invariant,
                 tensor_parallel_size=tensor_parallel_size, vllm_compiled=vllm_compiled,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),

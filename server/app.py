@@ -86,7 +86,8 @@ def build_engine(config: ServerConfig) -> ServingEngine:
     n_layers = len(decoder_layers(model))
     loaded = [load_sae(spec, device=config.device, dtype=config.dtype) for spec in config.saes]
     saes = build_layer_saes(loaded, int(cfg.hidden_size), n_layers)
-    return HFEngine(model, tokenizer, saes, model_name=config.model, limits=config.limits)
+    return HFEngine(model, tokenizer, saes, model_name=config.model, limits=config.limits,
+                    batch_invariant=config.batch_invariant)
 
 
 def make_judge(spec: str) -> Any:
@@ -128,6 +129,8 @@ def _with_batching(engine: ServingEngine, config: ServerConfig, metrics: Metrics
     and reports its own model steps to the same metrics."""
     if hasattr(engine, "report_steps"):  # vLLM: its model steps and requests' latents, whatever the batching
         engine.observer = metrics.batch_observer("vllm")  # type: ignore[attr-defined]
+    if hasattr(engine, "hf_batch_invariant"):  # vLLM: its HF side (Encode / Residuals / Loss)
+        engine.hf_batch_invariant = config.batch_invariant  # type: ignore[attr-defined]
     if not config.batching:
         return engine
     from .batching import batched

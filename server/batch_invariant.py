@@ -3,14 +3,15 @@
 Two things make a row of a padded CPU batch differ from the same row run alone (docs/interventions.md,
 "Batch invariance"), and each is removed here:
 
-* **Matmul row count.** A BLAS picks its kernel by the number of rows M of a call, and the kernels
-  reduce over K in different orders: MKL on AVX-512 rounds a row one way at M = 1, another at
-  M = 2-3, and the 1-3 tail rows of a 5-11 row call in yet another, so a token's projection rounds
-  differently with 0, 1 or 5 batch-mates. `InvariantMatmuls` pads every matmul with fewer rows than
-  the BLAS's *row floor* up to it with zero rows, so every row of every call goes through the same
-  large-M kernel. The floor is measured, not assumed: `row_floor` compares every row of calls of
-  every size up to 128 (and a spread beyond) with the same rows computed in calls of exactly M0
-  rows, once per (K, dtype, device, threads). A BLAS with no floor up to 64 raises `NoRowFloor`.
+* **Matmul sizes.** A BLAS picks its kernel by the sizes M and N of a call, and the kernels reduce
+  over K in different orders: MKL on AVX-512 rounds a row one way at M = 1, another at M = 2-3, the
+  1-3 tail rows of a 5-11 row call in yet another, and an entry differently again when N < 12. So a
+  token's projection rounds differently with 0, 1 or 5 batch-mates, and a latent's pre-activation
+  with the width of the set it is encoded with. `InvariantMatmuls` pads every matmul with fewer
+  rows or columns than the BLAS's *floor* up to it with zeros, so every entry of every call goes
+  through the same large-size kernel. The floor is measured, not assumed: `row_floor` compares
+  calls of many sizes with the same entries computed in calls of exactly f rows, once per (K, dtype,
+  device, threads). A BLAS with no floor up to 64 raises `NoRowFloor`.
 * **Padding inside attention.** A left-padded row attends over a longer, masked key axis through
   another kernel (an explicit mask instead of `is_causal`), so its softmax sums in another order.
   The "rows" attention implementations (`rows-sdpa`, `rows-eager`) run each row on its own unpadded
@@ -38,47 +39,60 @@ log = logging.getLogger("refusal_audit.server.batch_invariant")
 
 ROWS_PREFIX = "rows-"
 _MAX_FLOOR = 64
-# row counts compared beyond 2 x _MAX_FLOOR: sizes around the blocking boundaries BLASes switch at
-_PROBE_LARGE = (129, 255, 256, 257, 511, 512, 513, 1000, 1024, 1031)
+# sizes probed beyond [floor, 2 x floor + 3]: around the blocking boundaries BLASes switch at
+_PROBE_SIZES = (31, 32, 33, 47, 64, 65, 96, 100, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1000, 1031)
+_PROBE_WIDE = 96  # the other dimension while one is varied
+_PROBE_ROWS = 1031
 
 _floors: dict[tuple[int, torch.dtype, str, int], int | None] = {}  # None: no floor found
 
 
 class NoRowFloor(RuntimeError):
-    """This BLAS rounds a row differently at every row count probed: no padding makes it invariant."""
+    """This BLAS rounds an entry differently at every matmul size probed: no padding makes it invariant."""
 
 
-def _pad_rows(t: torch.Tensor, dim: int, rows: int) -> torch.Tensor:
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to `size`."""
     shape = list(t.shape)
-    shape[dim] = rows - t.shape[dim]
+    shape[dim] = size - t.shape[dim]
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
 def _probe(k: int, dtype: torch.dtype, device: torch.device) -> int | None:
-    """The smallest row count M0 <= 64 from which no row's matmul result depends on the call's M."""
+    """The smallest f <= 64 such that an [M, k] @ [k, N] matmul's entry does not depend on M or N
+    once both are at least f.
+
+    For each candidate f the reference is every entry computed in calls of exactly f rows; calls of
+    every M in [f, 2f + 3] (and a spread of larger M) at a wide N, of every N in the same range at
+    M = 40, and of M = N, must give each entry bit-identically. (MKL on AVX-512: a call with fewer
+    than 12 rows or columns takes other kernels, and the 1-3 tail rows of a 5-11 row call yet others.)"""
     g = torch.Generator(device="cpu").manual_seed(1234 + k)
-    big = max(_PROBE_LARGE)
-    x = torch.randn(big, k, generator=g).to(dtype=dtype, device=device)
-    w = torch.randn(k, 96, generator=g).to(dtype=dtype, device=device)
-    calls = {m: x[:m] @ w for m in (*range(1, 2 * _MAX_FLOOR + 1), *_PROBE_LARGE)}
-    for m0 in range(1, _MAX_FLOOR + 1):
-        padded = _pad_rows(x, 0, -(-big // m0) * m0)
-        ref = torch.cat([padded[i : i + m0] @ w for i in range(0, padded.shape[0], m0)])
-        if all(torch.equal(out, ref[:m]) for m, out in calls.items() if m >= m0):
-            return m0
+    x = torch.randn(_PROBE_ROWS, k, generator=g).to(dtype=dtype, device=device)
+    w = torch.randn(k, max(_PROBE_SIZES), generator=g).to(dtype=dtype, device=device)
+    for f in range(1, _MAX_FLOOR + 1):
+        padded = _pad(x, 0, -(-_PROBE_ROWS // f) * f)
+        ref = torch.cat([padded[i : i + f] @ w for i in range(0, padded.shape[0], f)])
+        sizes = [*range(f, 2 * f + 4), *(n for n in _PROBE_SIZES if n >= f)]
+        wide = max(_PROBE_WIDE, f)
+        ok = all(torch.equal(x[:m] @ w[:, :wide], ref[:m, :wide]) for m in sizes)
+        ok = ok and all(torch.equal(x[:40] @ w[:, :n], ref[:40, :n]) for n in sizes)
+        ok = ok and all(torch.equal(x[:n] @ w[:, :n], ref[:n, :n]) for n in sizes)
+        if ok:
+            return f
     return None
 
 
 def row_floor(k: int, dtype: torch.dtype, device: torch.device) -> int:
-    """The measured row floor of matmuls reducing over `k` (cached per dtype, device and threads)."""
+    """The measured floor (rows and columns) of matmuls reducing over `k`, cached per dtype, device
+    and thread count."""
     key = (k, dtype, str(device), torch.get_num_threads())
     if key not in _floors:
         _floors[key] = _probe(k, dtype, device)  # inside the mode's handler the mode is off
-        log.info("matmul row floor for K=%d %s on %s, %d threads: %s", k, dtype, device, key[3], _floors[key])
+        log.info("matmul floor for K=%d %s on %s, %d threads: %s", k, dtype, device, key[3], _floors[key])
     floor = _floors[key]
     if floor is None:
-        raise NoRowFloor(f"the BLAS rounds a row of a K={k} {dtype} matmul differently at every row count "
-                         f"up to {_MAX_FLOOR}: batch-invariant matmuls are not possible on this build")
+        raise NoRowFloor(f"the BLAS rounds an entry of a K={k} {dtype} matmul differently at every size up to "
+                         f"{_MAX_FLOOR}: batch-invariant matmuls are not possible on this build")
     return floor
 
 
@@ -87,54 +101,86 @@ def _floor_of(a: torch.Tensor) -> int:
     return floor if floor else row_floor(a.shape[-1], a.dtype, a.device)
 
 
-def _pad_bias(bias: Any, m: int, m0: int) -> Any:
-    """An added term with a row axis of m rows (not a broadcast one), padded to m0 rows."""
-    if isinstance(bias, torch.Tensor) and bias.dim() >= 2 and bias.shape[-2] == m and m != 1:
-        return _pad_rows(bias, bias.dim() - 2, m0)
-    return bias
+def _pad_term(t: Any, m: int, n: int, f: int) -> Any:
+    """An added term ([..., m or 1, n or 1]) padded like the product it is added to ([..., f, f])."""
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return t
+    if t.shape[-1] == n and n != 1 and n < f:
+        t = _pad(t, t.dim() - 1, f)
+    if t.dim() >= 2 and t.shape[-2] == m and m != 1 and m < f:
+        t = _pad(t, t.dim() - 2, f)
+    return t
 
 
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    m = x.numel() // max(1, x.shape[-1])
-    if x.dim() < 2 or m >= (m0 := _floor_of(x)):
-        return F.linear(x, w, b)
-    out = F.linear(_pad_rows(x.reshape(m, x.shape[-1]), 0, m0), w, b)[:m]
-    return out.reshape(*x.shape[:-1], out.shape[-1])
+# The handlers take torch's own parameter names, so keyword calls (`F.linear(x, w, bias=b)`) reach
+# them. Each pads the rows (M) and the columns (N) of a small matmul up to the floor with zeros and
+# slices the product back; an added term is padded to match.
 
 
-def _matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    x = input
+    if x.dim() < 2:
+        return F.linear(x, weight, bias)
+    f = _floor_of(x)
+    m, n = x.numel() // max(1, x.shape[-1]), weight.shape[0]
+    if m >= f and n >= f:
+        return F.linear(x, weight, bias)
+    x2 = x.reshape(m, x.shape[-1])
+    if m < f:
+        x2 = _pad(x2, 0, f)
+    if n < f:
+        weight = _pad(weight, 0, f)
+        bias = None if bias is None else _pad_term(bias, -1, n, f)
+    out = F.linear(x2, weight, bias)[:m, :n]
+    return out.reshape(*x.shape[:-1], n)
+
+
+def _matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
+    a, b = input, other
     if a.dim() < 2 or b.dim() < 2:
         return torch.matmul(a, b)
-    m0 = _floor_of(a)
-    if b.dim() == 2:  # folds into one [prod(a.shape[:-1]), K] matmul
-        m = a.numel() // max(1, a.shape[-1])
-        if m >= m0:
-            return torch.matmul(a, b)
-        out = torch.matmul(_pad_rows(a.reshape(m, a.shape[-1]), 0, m0), b)[:m]
-        return out.reshape(*a.shape[:-1], b.shape[-1])
-    m = a.shape[-2]  # batched: each batch entry is its own [m, K] matmul
-    if m >= m0:
+    f = _floor_of(a)
+    n = b.shape[-1]
+    folded = b.dim() == 2  # [..., K] @ [K, N] is one [prod(a.shape[:-1]), K] matmul
+    m = a.numel() // max(1, a.shape[-1]) if folded else a.shape[-2]
+    if m >= f and n >= f:
         return torch.matmul(a, b)
-    return torch.matmul(_pad_rows(a, a.dim() - 2, m0), b)[..., :m, :]
+    if n < f:
+        b = _pad(b, b.dim() - 1, f)
+    if folded:
+        a2 = a.reshape(m, a.shape[-1])
+        out = torch.matmul(_pad(a2, 0, f) if m < f else a2, b)[:m, :n]
+        return out.reshape(*a.shape[:-1], n)
+    out = torch.matmul(_pad(a, a.dim() - 2, f) if m < f else a, b)
+    return out[..., :m, :n]
 
 
-def _addmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> torch.Tensor:
-    m = a.shape[0]
-    if m >= (m0 := _floor_of(a)):
-        return torch.addmm(bias, a, b, beta=beta, alpha=alpha)
-    return torch.addmm(_pad_bias(bias, m, m0), _pad_rows(a, 0, m0), b, beta=beta, alpha=alpha)[:m]
+def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> torch.Tensor:
+    m, n, f = mat1.shape[0], mat2.shape[1], _floor_of(mat1)
+    if m >= f and n >= f:
+        return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
+    a = _pad(mat1, 0, f) if m < f else mat1
+    b = _pad(mat2, 1, f) if n < f else mat2
+    return torch.addmm(_pad_term(input, m, n, f), a, b, beta=beta, alpha=alpha)[:m, :n]
 
 
-def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    m = a.shape[1]
-    return torch.bmm(a, b) if m >= (m0 := _floor_of(a)) else torch.bmm(_pad_rows(a, 1, m0), b)[:, :m]
+def _bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    m, n, f = input.shape[1], mat2.shape[2], _floor_of(input)
+    if m >= f and n >= f:
+        return torch.bmm(input, mat2)
+    a = _pad(input, 1, f) if m < f else input
+    b = _pad(mat2, 2, f) if n < f else mat2
+    return torch.bmm(a, b)[:, :m, :n]
 
 
-def _baddbmm(bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> torch.Tensor:
-    m = a.shape[1]
-    if m >= (m0 := _floor_of(a)):
-        return torch.baddbmm(bias, a, b, beta=beta, alpha=alpha)
-    return torch.baddbmm(_pad_bias(bias, m, m0), _pad_rows(a, 1, m0), b, beta=beta, alpha=alpha)[:, :m]
+def _baddbmm(input: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta: Any = 1,
+             alpha: Any = 1) -> torch.Tensor:
+    m, n, f = batch1.shape[1], batch2.shape[2], _floor_of(batch1)
+    if m >= f and n >= f:
+        return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
+    a = _pad(batch1, 1, f) if m < f else batch1
+    b = _pad(batch2, 2, f) if n < f else batch2
+    return torch.baddbmm(_pad_term(input, m, n, f), a, b, beta=beta, alpha=alpha)[:, :m, :n]
 
 
 _HANDLERS: dict[Any, Callable[..., torch.Tensor]] = {
@@ -148,8 +194,9 @@ _HANDLERS: dict[Any, Callable[..., torch.Tensor]] = {
 
 
 class InvariantMatmuls(TorchFunctionMode):
-    """Pads every matmul with fewer rows than the BLAS's row floor up to the floor (zero rows), so a
-    row's result does not depend on how many rows share its call. Entered around a forward pass.
+    """Pads every matmul with fewer rows or columns than the BLAS's floor up to the floor (zeros), so
+    an entry of the product does not depend on how many rows or columns share its call. Entered
+    around a forward pass.
 
     A `TorchFunctionMode` (~1.5 us per torch call; a `TorchDispatchMode` costs ~6 us) that sees the
     Python-level matmul entry points. `torch.einsum` is not among them: code on the per-token path
@@ -162,8 +209,6 @@ class InvariantMatmuls(TorchFunctionMode):
             if func is torch.Tensor.__rmatmul__:
                 return _matmul(args[1], args[0])
             return func(*args, **kwargs)
-        if func is F.linear:
-            return _linear(*args, **kwargs)
         return handler(*args, **kwargs)
 
 
@@ -240,7 +285,7 @@ def register_row_attention() -> None:
 
 def _eager_rows(module: torch.nn.Module, *args: Any, **kwargs: Any) -> tuple[torch.Tensor, Any]:
     """The model's own eager attention (its modelling module defines it), one row at a time."""
-    inner = getattr(sys.modules[type(module).__module__], "eager_attention_forward")
+    inner = sys.modules[type(module).__module__].eager_attention_forward
     return _row_attention(inner)(module, *args, **kwargs)
 
 

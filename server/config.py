@@ -76,6 +76,9 @@ class ServerConfig(BaseModel):
     batch_max_wait_ms: float = Field(default=50.0, ge=0)  # ... but at most this long
     batch_max_tokens: int = Field(default=16384, gt=0)  # rows x longest (prompt + new) tokens per batch
     batching: bool = True  # False: every call runs alone, in arrival order
+    # HF engine (and the vLLM engine's HF side): every row bit-identical to the row run alone, whatever
+    # shares its batch (server/batch_invariant.py; docs/engines.md, "Batch-invariant mode", for its cost)
+    batch_invariant: bool = False
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

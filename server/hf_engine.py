@@ -36,8 +36,8 @@ from ..audit.engine import (
 from ..audit.errors import InvalidRequest, non_finite
 from ..audit.latent_edges import EdgeResponse
 from ..audit.spec import Request
+from .batch_invariant import InvariantMatmuls, padded_batch, row_floor, use_row_attention
 from .engine_base import EngineBase
-from .batch_invariant import InvariantMatmuls, padded_batch, use_row_attention
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
 
@@ -95,9 +95,6 @@ class HFEngine(EngineBase):
         """`batch_invariant`: every row's numbers equal the row run alone, bit for bit, whatever shares
         its batch (server/batch_invariant.py; costs single-request decode speed, docs/engines.md)."""
         self.model = model.eval()
-        self.batch_invariant = batch_invariant
-        if batch_invariant:
-            use_row_attention(self.model)
         self.tokenizer = tokenizer
         self.saes = saes
         self.model_name = model_name
@@ -111,6 +108,11 @@ class HFEngine(EngineBase):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            use_row_attention(self.model)
+            for k in sorted({m.in_features for m in self.model.modules() if isinstance(m, nn.Linear)}):
+                row_floor(k, self.dtype, self.device)  # measured now, not inside the first request
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = int(tokenizer.pad_token_id)

@@ -176,7 +176,7 @@ def make_saes(model: PreTrainedModel, layers: tuple[int, ...] = (1, 2), arch: st
 
 
 def build_engine(arch: Arch = "llama", seed: int = 0, model_name: str = "tiny-llama",
-                 sae_layers: tuple[int, ...] = (1, 2)) -> HFEngine:
+                 sae_layers: tuple[int, ...] = (1, 2), batch_invariant: bool = False) -> HFEngine:
     """The tiny served engine: a seeded `arch` model (4 layers, d=64) with JumpReLU SAEs (d_sae=128)
     at `sae_layers`, each scaled to its layer's residual norm. Same arguments, same weights."""
     from refusal_audit.server.hf_engine import HFEngine
@@ -184,7 +184,7 @@ def build_engine(arch: Arch = "llama", seed: int = 0, model_name: str = "tiny-ll
 
     model = make_model(arch, seed=seed)
     saes = build_layer_saes(make_saes(model, sae_layers), model.config.hidden_size, model.config.num_hidden_layers)
-    return HFEngine(model, make_tokenizer(), saes, model_name=model_name)
+    return HFEngine(model, make_tokenizer(), saes, model_name=model_name, batch_invariant=batch_invariant)
 
 
 def no_jobs(**_kw: object) -> None:

@@ -292,6 +292,7 @@ class VLLMEngine(EngineBase):
         # set by the server (app._with_batching): Batcher kwargs for the HF side, so concurrent
         # Encode / Residuals / Loss calls are merged into batches (server/batching.py)
         self.hf_batching: dict[str, Any] | None = None
+        self.hf_batch_invariant = False  # the HF side's batch-invariant mode (ServerConfig.batch_invariant)
         # set by the server too: where the vLLM side's model steps (rows, seconds, seconds in hooks,
         # drained from the worker after each generate / score call) and requests' latent counts go
         self.observer: BatchObserver | None = None
@@ -778,7 +779,7 @@ class VLLMEngine(EngineBase):
                     # transformers' sdpa path drops Gemma-2's attention softcapping; vLLM applies it.
                     model.set_attn_implementation("eager")
                 hf = HFEngine(model, tok, self.saes, model_name=self.model_name,
-                              limits=self.limits, resolver=self.resolver)
+                              limits=self.limits, resolver=self.resolver, batch_invariant=self.hf_batch_invariant)
                 if self.hf_batching is not None:
                     from ..batching import Batcher
 

@@ -1,0 +1,177 @@
+"""The HF engine's batch-invariant mode: every row bit-identical to the row alone (server/batch_invariant.py).
+
+The SAEs' JumpReLU thresholds are planted exactly at pre-activations the rows produce alone, so a
+rounding difference of one ulp anywhere upstream flips a latent and shows up in the outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from refusal_audit.audit.spec import (
+    AblateLatents,
+    Request,
+    SamplingParams,
+    ScaleLatents,
+    TokenScope,
+    user_prompt,
+)
+from refusal_audit.server import batch_invariant as bi
+from refusal_audit.server.batching import Batcher
+from refusal_audit.server.hf_engine import HFEngine
+from refusal_audit.server.sae_runtime import build_layer_saes
+from test_batch_invariance import _mixed_requests, _run_threads, _wait_pending
+from tiny import ARCHS, Arch, build_engine, make_model, make_tokenizer
+
+
+def _floor_or_skip(k: int) -> int:
+    try:
+        return bi.row_floor(k, torch.float32, torch.device("cpu"))
+    except bi.NoRowFloor as exc:
+        pytest.skip(f"this BLAS has no row floor, batch-invariant matmuls are impossible here: {exc}")
+
+
+# ---------------------------------------------------------------------------------------------- matmuls
+
+
+def test_row_floor_is_measured_once_per_shape(monkeypatch):
+    floor = _floor_or_skip(48)
+    assert 1 <= floor <= 64
+    monkeypatch.setattr(bi, "_probe", lambda *a: pytest.fail("probed twice"))
+    assert bi.row_floor(48, torch.float32, torch.device("cpu")) == floor
+
+
+def test_every_matmul_entry_point_gives_the_plain_result():
+    g = torch.Generator().manual_seed(0)
+    x2, x3 = torch.randn(3, 40, generator=g), torch.randn(2, 1, 40, generator=g)
+    w, bias = torch.randn(24, 40, generator=g), torch.randn(24, generator=g)
+    a3, b3 = torch.randn(4, 2, 40, generator=g), torch.randn(4, 40, 6, generator=g)
+    full_bias, vec = torch.randn(3, 24, generator=g), torch.randn(40, generator=g)
+    cases = [
+        lambda: F.linear(x2, w, bias), lambda: F.linear(x3, w), lambda: F.linear(x3, w, bias=bias),
+        lambda: x2 @ w.T, lambda: torch.matmul(x3, w.T), lambda: x2.matmul(w.T), lambda: torch.mm(x2, w.T),
+        lambda: x2.mm(w.T), lambda: torch.addmm(bias, x2, w.T), lambda: torch.addmm(full_bias, x2, w.T, beta=0.5),
+        lambda: full_bias.addmm(x2, w.T, alpha=2.0), lambda: a3 @ b3, lambda: torch.bmm(a3, b3), lambda: a3.bmm(b3),
+        lambda: torch.baddbmm(torch.randn(4, 1, 6, generator=torch.Generator().manual_seed(1)), a3, b3),
+        lambda: torch.baddbmm(torch.ones(4, 2, 6), a3, b3, beta=2.0),
+        lambda: torch.matmul(vec, w.T),  # a vector: not a row count, passed through
+    ]
+    for i, case in enumerate(cases):
+        plain = case()
+        with bi.InvariantMatmuls():
+            got = case()
+        assert got.shape == plain.shape, i
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-5, msg=f"case {i}")
+
+
+def test_a_rows_projection_does_not_depend_on_how_many_rows_share_the_call():
+    floor = _floor_or_skip(640)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(40, 640, generator=g), torch.randn(256, 640, generator=g)
+    with bi.InvariantMatmuls():
+        alone = F.linear(x[:1], w)
+        shared = [F.linear(x[:m], w)[:1] for m in range(1, 40)]
+        batched = [torch.bmm(x[:m].unsqueeze(0), w.T.unsqueeze(0))[0, :1] for m in range(1, 40)]
+    assert all(torch.equal(s, alone) for s in shared), f"row floor {floor}"
+    assert all(torch.equal(b, alone) for b in batched)
+
+
+# ---------------------------------------------------------------------------------------------- attention
+
+
+def test_row_attention_without_padding_info_is_the_models_own():
+    engine = build_engine("gemma3")
+    ids = engine.tokenizer(["a b c d e f g h i j k", "x"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = engine.model(**ids).logits
+        bi.use_row_attention(engine.model)
+        rows = engine.model(**ids).logits  # no padded_batch: the wrapped sdpa itself
+    assert torch.equal(plain, rows)
+
+
+def test_only_sdpa_and_eager_have_a_rows_variant():
+    engine = build_engine("llama")
+    engine.model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="sdpa and eager"):
+        bi.use_row_attention(engine.model)
+
+
+# ---------------------------------------------------------------------------------------------- end to end
+
+
+def _engine_with_planted_ties(arch: Arch, requests: list[Request]) -> HFEngine:
+    """A batch-invariant engine whose SAEs' JumpReLU thresholds sit exactly at pre-activations the
+    requests' prompts produce (latent j's threshold := its pre-activation at one of their tokens), so
+    an ulp of batch-dependent rounding upstream flips latents."""
+    plain = build_engine(arch)
+    for ly, layer_sae in plain.saes.items():
+        sae = layer_sae.sae
+        x = torch.cat([torch.from_numpy(plain.residuals([Request(prompt=r.prompt)], [ly], [0, 1, -2, -1])[0, 0])
+                       for r in requests])
+        with torch.no_grad():
+            pre = (x - sae.b_dec) @ sae.W_enc + sae.b_enc  # [tokens, d_sae]
+            j = torch.arange(sae.cfg.d_sae)
+            sae.threshold.copy_(pre[j % pre.shape[0], j].clamp_min(1e-3))
+    saes = build_layer_saes({ly: s.sae for ly, s in plain.saes.items()}, plain.d_model, plain.n_layers)
+    return HFEngine(make_model(arch), make_tokenizer(), saes, batch_invariant=True)
+
+
+def _requests() -> list[Request]:
+    reqs = _mixed_requests(64)
+    long_prompt = user_prompt("One two three four five six seven eight nine ten eleven twelve thirteen fourteen.")
+    reqs.append(Request(prompt=long_prompt, interventions=(AblateLatents(latents={1: tuple(range(64))}),),
+                        sampling=SamplingParams(max_new_tokens=14)))  # past the tiny models' 8-token window
+    reqs.append(Request(prompt="Hi", interventions=(ScaleLatents(latents={2: tuple(range(0, 128, 3))}, factor=0.5,
+                                                                  scope=TokenScope(kind="generated")),),
+                        sampling=SamplingParams(max_new_tokens=6)))
+    return reqs
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_every_row_is_bit_identical_to_the_row_alone(arch):
+    reqs = _requests()
+    engine = _engine_with_planted_ties(arch, reqs)
+    batch_gen = engine.generate(reqs)
+    batch_score = engine.score(reqs, [5, 6, 7], return_full_logprobs=True)
+    batch_enc = engine.encode(reqs, [1, 2], top_k=8)
+    batch_res = engine.residuals(reqs, [0, 3], [-1, 0])
+    batch_loss = engine.loss(reqs, ["a b c"] * len(reqs))
+    for i, req in enumerate(reqs):
+        assert engine.generate([req])[0].token_ids == batch_gen[i].token_ids, f"generate {i}"
+        alone = engine.score([req], [5, 6, 7], return_full_logprobs=True)[0]
+        assert np.array_equal(alone.full_logprobs, batch_score[i].full_logprobs), (
+            f"score {i}: max |diff| {np.abs(alone.full_logprobs - batch_score[i].full_logprobs).max():.2e}")
+        enc = engine.encode([req], [1, 2], top_k=8)[0]
+        for ly in (1, 2):
+            for a, b in zip(enc.layers[ly].top_values, batch_enc[i].layers[ly].top_values, strict=True):
+                assert np.array_equal(a, b), f"encode {i} layer {ly}"
+        assert np.array_equal(engine.residuals([req], [0, 3], [-1, 0])[0], batch_res[i]), f"residuals {i}"
+        assert engine.loss([req], ["a b c"])[0].loss == batch_loss[i].loss, f"loss {i}"
+    # the interventions act (the planted thresholds did not switch every latent off)
+    plain = engine.score([Request(prompt=r.prompt) for r in reqs], [5, 6, 7], return_full_logprobs=True)
+    assert any(not np.array_equal(p.full_logprobs, b.full_logprobs) for p, b in zip(plain, batch_score, strict=True))
+
+
+def test_concurrent_calls_through_the_batcher_are_bit_identical_to_sequential():
+    reqs = _requests()
+    engine = _engine_with_planted_ties("gemma3", reqs)
+    alone_gen = [engine.generate([r])[0].token_ids for r in reqs]
+    alone_score = [engine.score([r], [5, 6], return_full_logprobs=True)[0].full_logprobs for r in reqs]
+    batcher = Batcher(engine, window_s=0.0)
+    try:
+        with batcher.paused():  # every call queued first: they run as merged batches
+            fns = [lambda r=r: batcher.generate([r])[0].token_ids for r in reqs]
+            fns += [lambda r=r: batcher.score([r], [5, 6], return_full_logprobs=True)[0].full_logprobs for r in reqs]
+            threads, results = _run_threads(fns)
+            _wait_pending(batcher, 2 * len(reqs))
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        batcher.close()
+    n = len(reqs)
+    assert not [r for r in results if isinstance(r, Exception)]
+    for i in range(n):
+        assert results[i] == alone_gen[i], f"generate {i}"
+        assert np.array_equal(results[n + i], alone_score[i]), f"score {i}"
