@@ -285,9 +285,10 @@ def register(app: typer.Typer) -> None:
         batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="HF batching: collect until no call arrived for this long")] = 5.0,
         batch_max_wait_ms: Annotated[float, typer.Option("--batch-max-wait-ms", help="HF batching: longest collection window")] = 50.0,
         batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="padded tokens per HF batch")] = 16384,
-        batch_invariant: Annotated[bool, typer.Option(
+        batch_invariant: Annotated[bool | None, typer.Option(
             "--batch-invariant/--no-batch-invariant", help="HF engine: every row bit-identical to the row run "
-            "alone, whatever shares its batch (slower single requests; docs/engines.md)")] = False,
+            "alone, whatever shares its batch (slower single requests; docs/engines.md). Default: on where "
+            "the BLAS allows it")] = None,
         dtype: Annotated[str, typer.Option("--dtype")] = "float32",
         device: Annotated[str, typer.Option("--device")] = "cpu",
         grace: Annotated[float, typer.Option("--grace", help="drain period on SIGTERM (s)")] = 10.0,

@@ -29,6 +29,7 @@ import contextvars
 import logging
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -214,49 +215,74 @@ class InvariantMatmuls(TorchFunctionMode):
 
 # ---------------------------------------------------------------------------------------------- attention
 
-_key_valid: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("ra_key_valid", default=None)
+@dataclass(frozen=True)
+class _Padding:
+    """Which keys of the current forward are real: `valid` [B, T] over the whole sequence so far;
+    `starts[b]`, the first real column of row b when every row's real tokens are a suffix (left
+    padding: rows are then sliced as views, not gathered)."""
+
+    valid: torch.Tensor
+    starts: list[int] | None
+
+
+_padding: contextvars.ContextVar[_Padding | None] = contextvars.ContextVar("ra_padding", default=None)
 
 
 @contextlib.contextmanager
 def padded_batch(key_valid: torch.Tensor) -> Iterator[None]:
     """Tell the "rows" attention which keys of this forward are padding: `key_valid` [B, T] (bool or
     0/1), one column per token of the whole sequence so far (cache and this forward's tokens)."""
-    token = _key_valid.set(key_valid.bool())
+    valid = key_valid.bool()
+    T = valid.shape[1]
+    starts = T - valid.sum(1)
+    suffix = torch.equal(valid, torch.arange(T, device=valid.device) >= starts.unsqueeze(1))
+    token = _padding.set(_Padding(valid, starts.tolist() if suffix else None))
     try:
         yield
     finally:
-        _key_valid.reset(token)
+        _padding.reset(token)
 
 
 def _row_attention(inner: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tuple[torch.Tensor, Any]]:
     def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        valid = _key_valid.get()
-        if valid is None:  # a forward that did not say where its padding is: the model's own attention
+        pad = _padding.get()
+        if pad is None:  # a forward that did not say where its padding is: the model's own attention
             return inner(module, query, key, value, attention_mask, **kwargs)
         B, _, Tq, _ = query.shape
         Tk = key.shape[2]
-        valid = valid[:, -Tk:]  # a sliding-window cache layer keeps only the last keys
+        cut = pad.valid.shape[1] - Tk  # a sliding-window cache layer keeps only the last Tk keys
         window = kwargs.get("sliding_window")
         out = query.new_zeros(B, Tq, query.shape[1], value.shape[-1])
         for b in range(B):
-            keys = valid[b].nonzero().squeeze(1)
-            queries = valid[b, Tk - Tq :].nonzero().squeeze(1)
-            tk, tq = int(keys.numel()), int(queries.numel())
-            if tq == 0:
-                continue
-            q = query[b : b + 1].index_select(2, queries).contiguous()
-            k = key[b : b + 1].index_select(2, keys).contiguous()
-            v = value[b : b + 1].index_select(2, keys).contiguous()
-            if window is None or tk <= window:
-                mask = None  # the row alone is plain causal: the same call as an unpadded batch of one
+            if pad.starts is not None:
+                ks = max(0, pad.starts[b] - cut)
+                qs = max(0, ks - (Tk - Tq))  # query j is key column Tk - Tq + j
+                if qs >= Tq:
+                    continue
+                q = query[b : b + 1, :, qs:].contiguous()
+                k = key[b : b + 1, :, ks:].contiguous()
+                v = value[b : b + 1, :, ks:].contiguous()
+                rows: slice | torch.Tensor = slice(qs, None)
+                mask = None if attention_mask is None else attention_mask[b : b + 1, :, qs:, ks:]
             else:
-                if attention_mask is None:
-                    raise RuntimeError("rows attention: a sliding window needs the model's materialised mask")
-                mask = attention_mask[b : b + 1].index_select(2, queries)
-                mask = mask.index_select(3, keys).contiguous()
+                valid = pad.valid[b, cut:]
+                keys = valid.nonzero().squeeze(1)
+                rows = valid[Tk - Tq :].nonzero().squeeze(1)
+                if rows.numel() == 0:
+                    continue
+                q = query[b : b + 1].index_select(2, rows).contiguous()
+                k = key[b : b + 1].index_select(2, keys).contiguous()
+                v = value[b : b + 1].index_select(2, keys).contiguous()
+                mask = None if attention_mask is None else attention_mask[b : b + 1].index_select(2, rows).index_select(3, keys)
+            if window is None or k.shape[2] <= window:
+                mask = None  # the row alone is plain causal: the same call as an unpadded batch of one
+            elif mask is None:
+                raise RuntimeError("rows attention: a sliding window needs the model's materialised mask")
+            else:
+                mask = mask.contiguous()
             o, _ = inner(module, q, k, v, mask, **kwargs)
-            out[b, queries] = o[0]
+            out[b, rows] = o[0]
         return out, None
 
     return attend

@@ -78,7 +78,7 @@ class ServerConfig(BaseModel):
     batching: bool = True  # False: every call runs alone, in arrival order
     # HF engine (and the vLLM engine's HF side): every row bit-identical to the row run alone, whatever
     # shares its batch (server/batch_invariant.py; docs/engines.md, "Batch-invariant mode", for its cost)
-    batch_invariant: bool = False
+    batch_invariant: bool | None = None  # None: on where the BLAS and attention allow it, else off (warned)
 
     @model_validator(mode="after")
     def _check(self) -> ServerConfig:

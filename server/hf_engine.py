@@ -11,6 +11,7 @@ depend on the other rows of its batch.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -36,10 +37,12 @@ from ..audit.engine import (
 from ..audit.errors import InvalidRequest, non_finite
 from ..audit.latent_edges import EdgeResponse
 from ..audit.spec import Request
-from .batch_invariant import InvariantMatmuls, padded_batch, row_floor, use_row_attention
+from .batch_invariant import InvariantMatmuls, NoRowFloor, padded_batch, row_floor, use_row_attention
 from .engine_base import EngineBase
 from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
+
+log = logging.getLogger("refusal_audit.server.hf_engine")
 
 EngineLimits = Limits  # the one Limits (audit/engine.py); the old name stays importable
 
@@ -90,10 +93,11 @@ class HFEngine(EngineBase):
         model_name: str = "model",
         limits: Limits | None = None,
         resolver: Resolver | None = None,
-        batch_invariant: bool = False,
+        batch_invariant: bool | None = False,
     ) -> None:
         """`batch_invariant`: every row's numbers equal the row run alone, bit for bit, whatever shares
-        its batch (server/batch_invariant.py; costs single-request decode speed, docs/engines.md)."""
+        its batch (server/batch_invariant.py; costs single-request decode speed, docs/engines.md).
+        None: on where this BLAS and attention implementation allow it, else off with a warning."""
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.saes = saes
@@ -108,11 +112,7 @@ class HFEngine(EngineBase):
         self.vocab_size = int(model.get_output_embeddings().weight.shape[0])
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
-        self.batch_invariant = batch_invariant
-        if batch_invariant:
-            use_row_attention(self.model)
-            for k in sorted({m.in_features for m in self.model.modules() if isinstance(m, nn.Linear)}):
-                row_floor(k, self.dtype, self.device)  # measured now, not inside the first request
+        self.batch_invariant = self._batch_invariance(batch_invariant)
         if tokenizer.pad_token_id is None:
             tokenizer.pad_token = tokenizer.eos_token
         self.pad_id = int(tokenizer.pad_token_id)
@@ -124,6 +124,23 @@ class HFEngine(EngineBase):
         self.hook_seconds = 0.0  # wall time inside the intervention/capture hooks (read by the batcher's metrics)
         self._register_hooks()
         self._info = self._build_info()
+
+    def _batch_invariance(self, wanted: bool | None) -> bool:
+        """Switch the batch-invariant mode on (measuring the BLAS's matmul floors now, not inside the
+        first request); where it cannot be kept, raise if it was asked for, else warn and stay off."""
+        if wanted is False:
+            return False
+        try:
+            for k in sorted({m.in_features for m in self.model.modules() if isinstance(m, nn.Linear)}):
+                row_floor(k, self.dtype, self.device)
+            use_row_attention(self.model)
+        except (NoRowFloor, ValueError) as exc:
+            if wanted:
+                raise
+            log.warning("batch-invariant mode off (rows of a batch equal the row alone only up to float32 "
+                        "rounding): %s", exc)
+            return False
+        return True
 
     # ------------------------------------------------------------------ hooks
 

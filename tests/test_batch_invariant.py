@@ -175,3 +175,24 @@ def test_concurrent_calls_through_the_batcher_are_bit_identical_to_sequential():
     for i in range(n):
         assert results[i] == alone_gen[i], f"generate {i}"
         assert np.array_equal(results[n + i], alone_score[i]), f"score {i}"
+
+
+def test_auto_mode_stays_off_with_a_warning_where_the_blas_has_no_floor(monkeypatch, caplog):
+    def no_floor(k, dtype, device):
+        raise bi.NoRowFloor(f"no floor for K={k}")
+
+    monkeypatch.setattr("refusal_audit.server.hf_engine.row_floor", no_floor)
+    with pytest.raises(bi.NoRowFloor):
+        HFEngine(make_model("llama"), make_tokenizer(), {}, batch_invariant=True)  # asked for: refused
+    with caplog.at_level("WARNING"):
+        engine = HFEngine(make_model("llama"), make_tokenizer(), {}, batch_invariant=None)  # auto: off, said so
+    assert engine.batch_invariant is False
+    assert "batch-invariant mode off" in caplog.text and "no floor for K=" in caplog.text
+    assert HFEngine(make_model("llama"), make_tokenizer(), {}, batch_invariant=None).model.config._attn_implementation == "sdpa"
+
+
+def test_auto_mode_is_on_where_the_blas_has_a_floor():
+    _floor_or_skip(64)
+    engine = HFEngine(make_model("gemma3"), make_tokenizer(), {}, batch_invariant=None)
+    assert engine.batch_invariant is True
+    assert engine.model.config._attn_implementation == "rows-sdpa"

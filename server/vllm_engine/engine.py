@@ -292,7 +292,7 @@ class VLLMEngine(EngineBase):
         # set by the server (app._with_batching): Batcher kwargs for the HF side, so concurrent
         # Encode / Residuals / Loss calls are merged into batches (server/batching.py)
         self.hf_batching: dict[str, Any] | None = None
-        self.hf_batch_invariant = False  # the HF side's batch-invariant mode (ServerConfig.batch_invariant)
+        self.hf_batch_invariant: bool | None = False  # the HF side's batch-invariant mode (ServerConfig.batch_invariant)
         # set by the server too: where the vLLM side's model steps (rows, seconds, seconds in hooks,
         # drained from the worker after each generate / score call) and requests' latent counts go
         self.observer: BatchObserver | None = None
