@@ -1,7 +1,9 @@
 """Batch-invariant forward passes for the HF engine: a row's numbers do not depend on its batch-mates.
 
-Two things make a row of a padded CPU batch differ from the same row run alone (docs/interventions.md,
-"Batch invariance"), and each is removed here:
+Three things make a row of a padded CPU batch differ from the same row run alone (docs/interventions.md,
+"Batch invariance"); the first two are removed here, the third by the intervention plan
+(`compile_plan(batch_invariant=True)`: every latent layer takes the slot path with a sparse decode,
+whatever the batch holds, instead of a path chosen by the batch's size and count of terms):
 
 * **Matmul sizes.** A BLAS picks its kernel by the sizes M and N of a call, and the kernels reduce
   over K in different orders: MKL on AVX-512 rounds a row one way at M = 1, another at M = 2-3, the
@@ -44,6 +46,7 @@ _MAX_FLOOR = 64
 _PROBE_SIZES = (31, 32, 33, 47, 64, 65, 96, 100, 127, 128, 129, 255, 256, 257, 511, 512, 513, 1000, 1031)
 _PROBE_WIDE = 96  # the other dimension while one is varied
 _PROBE_ROWS = 1031
+_PROBE_LONG = (2047, 2048, 4096, 4099)  # the floor found is checked on calls this long too
 
 _floors: dict[tuple[int, torch.dtype, str, int], int | None] = {}  # None: no floor found
 
@@ -65,21 +68,29 @@ def _probe(k: int, dtype: torch.dtype, device: torch.device) -> int | None:
 
     For each candidate f the reference is every entry computed in calls of exactly f rows; calls of
     every M in [f, 2f + 3] (and a spread of larger M) at a wide N, of every N in the same range at
-    M = 40, and of M = N, must give each entry bit-identically. (MKL on AVX-512: a call with fewer
-    than 12 rows or columns takes other kernels, and the 1-3 tail rows of a 5-11 row call yet others.)"""
+    M = 40, and of M = N, must give each entry bit-identically; the f found is then checked on calls
+    of up to 4,099 rows (a long prefill). (MKL on AVX-512: a call with fewer than 12 rows or columns
+    takes other kernels, and the 1-3 tail rows of a 5-11 row call yet others.)"""
     g = torch.Generator(device="cpu").manual_seed(1234 + k)
-    x = torch.randn(_PROBE_ROWS, k, generator=g).to(dtype=dtype, device=device)
+    x = torch.randn(_PROBE_LONG[-1], k, generator=g).to(dtype=dtype, device=device)
     w = torch.randn(k, max(_PROBE_SIZES), generator=g).to(dtype=dtype, device=device)
+
+    def chunked(rows: int, f: int, cols: int) -> torch.Tensor:
+        padded = _pad(x[:rows], 0, -(-rows // f) * f)
+        return torch.cat([padded[i : i + f] @ w[:, :cols] for i in range(0, padded.shape[0], f)])
+
     for f in range(1, _MAX_FLOOR + 1):
-        padded = _pad(x, 0, -(-_PROBE_ROWS // f) * f)
-        ref = torch.cat([padded[i : i + f] @ w for i in range(0, padded.shape[0], f)])
+        ref = chunked(_PROBE_ROWS, f, w.shape[1])
         sizes = [*range(f, 2 * f + 4), *(n for n in _PROBE_SIZES if n >= f)]
         wide = max(_PROBE_WIDE, f)
         ok = all(torch.equal(x[:m] @ w[:, :wide], ref[:m, :wide]) for m in sizes)
         ok = ok and all(torch.equal(x[:40] @ w[:, :n], ref[:40, :n]) for n in sizes)
         ok = ok and all(torch.equal(x[:n] @ w[:, :n], ref[:n, :n]) for n in sizes)
         if ok:
-            return f
+            long_ref = chunked(_PROBE_LONG[-1], f, _PROBE_WIDE)
+            if all(torch.equal(x[:m] @ w[:, :_PROBE_WIDE], long_ref[:m]) for m in _PROBE_LONG):
+                return f
+            return None
     return None
 
 
