@@ -23,7 +23,7 @@ from refusal_audit.server.batching import Batcher
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.sae_runtime import build_layer_saes
 from test_batch_invariance import _mixed_requests, _run_threads, _wait_pending
-from tiny import ARCHS, Arch, build_engine, make_model, make_tokenizer
+from tiny import ARCHS, Arch, build_engine, make_model, make_saes, make_tokenizer
 
 
 def _floor_or_skip(k: int) -> int:
@@ -196,3 +196,18 @@ def test_auto_mode_is_on_where_the_blas_has_a_floor():
     engine = HFEngine(make_model("gemma3"), make_tokenizer(), {}, batch_invariant=None)
     assert engine.batch_invariant is True
     assert engine.model.config._attn_implementation == "rows-sdpa"
+
+
+@pytest.mark.parametrize("sae_arch", ["standard", "topk"])
+def test_other_sae_architectures_are_bit_identical_too(sae_arch):
+    """ReLU SAEs (the slot path) and TopK SAEs (not separable: the per-group loop over the full encode)."""
+    model = make_model("gemma3")
+    saes = build_layer_saes(make_saes(model, arch=sae_arch), model.config.hidden_size, model.config.num_hidden_layers)
+    engine = HFEngine(model, make_tokenizer(), saes, batch_invariant=True)
+    reqs = _requests()
+    batch_gen = engine.generate(reqs)
+    batch_score = engine.score(reqs, [5, 6, 7], return_full_logprobs=True)
+    for i, req in enumerate(reqs):
+        assert engine.generate([req])[0].token_ids == batch_gen[i].token_ids, f"generate {i}"
+        alone = engine.score([req], [5, 6, 7], return_full_logprobs=True)[0]
+        assert np.array_equal(alone.full_logprobs, batch_score[i].full_logprobs), f"score {i}"
