@@ -198,6 +198,7 @@ class SamplingParams(_Frozen):
     top_p: float = 1.0
     seed: int | None = None
     stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False  # stop only on stop_token_ids or max_new_tokens (fixed-length load tests)
 
     @field_validator("max_new_tokens")
     @classmethod

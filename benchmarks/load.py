@@ -103,19 +103,30 @@ class Level:
     server: dict[str, float] = field(default_factory=dict)
 
 
-def make_request(i: int, j: int, new_tokens: int, n_latents: int, layers: list[int], d_sae: int,
-                 distinct: bool = False) -> Request:
+@dataclass(frozen=True)
+class Shape:
+    """What every request of a run looks like (`make_request`)."""
+
+    new_tokens: int
+    n_latents: int
+    layers: tuple[int, ...]
+    d_sae: int
+    distinct: bool = False  # every prompt tagged with its request: no shared prefix-cache blocks
+    ignore_eos: bool = False  # every answer runs to new_tokens: latencies compare like with like
+
+
+def make_request(i: int, j: int, shape: Shape) -> Request:
     """The j-th request of client i: its client's latent mask, one of six prompts, greedy. `distinct`:
     the prompt starts with the request's own tag, so that no request can reuse another's cached KV
     blocks (masked requests never can: their cache salt is their mask)."""
-    iv = (AblateLatents(latents=spread_latents(n_latents, layers, d_sae, seed=i)),) if n_latents else ()
+    iv = ((AblateLatents(latents=spread_latents(shape.n_latents, list(shape.layers), shape.d_sae, seed=i)),)
+          if shape.n_latents else ())
     text = PROMPTS[(i + j) % len(PROMPTS)]
-    return Request(prompt=user_prompt(f"(Request {i}.{j}) {text}" if distinct else text), interventions=iv,
-                   sampling=SamplingParams(max_new_tokens=new_tokens))
+    return Request(prompt=user_prompt(f"(Request {i}.{j}) {text}" if shape.distinct else text), interventions=iv,
+                   sampling=SamplingParams(max_new_tokens=shape.new_tokens, ignore_eos=shape.ignore_eos))
 
 
-def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_latents: int, layers: list[int],
-              d_sae: int, duration_s: float, distinct: bool = False) -> Level:
+def run_level(address: str, n_clients: int, per_client: int, shape: Shape, duration_s: float) -> Level:
     """n_clients threads, each sending per_client single-item Generate calls one after the other."""
     lv = Level(n_clients)
     lock = threading.Lock()
@@ -125,7 +136,7 @@ def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_
     def worker(i: int) -> None:
         client = AuditClient(address, timeout=600)
         try:
-            reqs = [make_request(i, j, new_tokens, n_latents, layers, d_sae, distinct) for j in range(per_client)]
+            reqs = [make_request(i, j, shape) for j in range(per_client)]
             start.wait()
             for j, req in enumerate(reqs):
                 if time.perf_counter() > deadline:
@@ -159,8 +170,7 @@ def run_level(address: str, n_clients: int, per_client: int, new_tokens: int, n_
     return lv
 
 
-def check_level(lv: Level, address: str, sample: int, new_tokens: int, n_latents: int, layers: list[int],
-                d_sae: int, rng: random.Random, distinct: bool = False) -> tuple[bool, int, int]:
+def check_level(lv: Level, address: str, sample: int, shape: Shape, rng: random.Random) -> tuple[bool, int, int]:
     """(exactly one answer per issued request, sampled answers equal to alone, sample size)."""
     once = (not lv.errors and len(lv.answers) == lv.issued and all(len(v) == 1 for v in lv.answers.values()))
     keys = rng.sample(sorted(lv.answers), min(sample, len(lv.answers)))
@@ -168,7 +178,7 @@ def check_level(lv: Level, address: str, sample: int, new_tokens: int, n_latents
     same = 0
     try:
         for i, j in keys:
-            alone = client.generate([make_request(i, j, new_tokens, n_latents, layers, d_sae, distinct)])[0].token_ids
+            alone = client.generate([make_request(i, j, shape)])[0].token_ids
             same += int(list(alone) == lv.answers[(i, j)][0])
     finally:
         client.close()
@@ -196,6 +206,9 @@ def main() -> None:
     ap.add_argument("--distinct-prompts", action="store_true",
                     help="tag every prompt with its request, so no request reuses another's prefix-cache blocks "
                          "(isolates the hooks' cost: masked requests cannot share blocks across masks)")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="every answer runs to --new-tokens (the requests' ignore_eos): latencies then compare "
+                         "requests of one length, where otherwise prompts that stop early make p50 a prompt-mix effect")
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="--engine hf: the engine's batch-invariant mode (on by default, as in `serve`)")
@@ -207,6 +220,7 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
+    shape = Shape(args.new_tokens, args.latents, tuple(layers), args.d_sae, args.distinct_prompts, args.ignore_eos)
     server = None
     address, metrics_url = args.server, args.metrics
     if address is None:
@@ -224,16 +238,14 @@ def main() -> None:
     try:
         # warm-up (first-call allocations, lazy init), not counted
         AuditClient(address, timeout=600).generate(
-            [make_request(0, 0, args.new_tokens, args.latents, layers, args.d_sae)])
+            [make_request(0, 0, shape)])
         for n in [int(x) for x in args.clients.split(",")]:
             per = max(args.min_per_client, -(-args.total // n))
             before = scrape(metrics_url)
-            lv = run_level(address, n, per, args.new_tokens, args.latents, layers, args.d_sae, args.duration,
-                           args.distinct_prompts)
+            lv = run_level(address, n, per, shape, args.duration)
             time.sleep(1.0)  # the vLLM engine reports its last model steps in the background (~1 step)
             after = scrape(metrics_url)
-            once, same, k = check_level(lv, address, args.sample, args.new_tokens, args.latents, layers,
-                                        args.d_sae, rng, args.distinct_prompts)
+            once, same, k = check_level(lv, address, args.sample, shape, rng)
             bs_n = _delta(after, before, "refusal_audit_batch_size_count")
             qw_n = _delta(after, before, "refusal_audit_queue_wait_seconds_count")
             lat_n = _delta(after, before, "refusal_audit_latents_per_request_count")
@@ -265,7 +277,8 @@ def main() -> None:
                   f"calibrated to L0 {args.sae_l0:g} on real activations" if args.sae_l0 > 0 else "one fixed 0.5")
     print(f"\nmodel {args.model}, {args.new_tokens} new tokens, {args.latents} latents/request over SAEs "
           f"640->{args.d_sae} at layers {layers} (thresholds: {thresholds}), greedy, "
-          f"{'every prompt distinct (no prefix-cache sharing)' if args.distinct_prompts else 'six prompts'}; "
+          f"{'every prompt distinct (no prefix-cache sharing)' if args.distinct_prompts else 'six prompts'}"
+          f"{', every answer runs to its last token (ignore_eos)' if args.ignore_eos else ''}; "
           "load average (1 min) before -> after each row\n")
     print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
           "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | latents/request | load avg |")

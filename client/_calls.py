@@ -121,7 +121,7 @@ def as_requests(prompts: Any, interventions: Sequence[Any] | None = None, **samp
     """Requests from one prompt, a list of prompts, or Requests (mixed freely).
 
     `interventions` and the sampling keywords (`max_new_tokens=`, `temperature=`, `top_p=`, `seed=`,
-    `stop_token_ids=`, or a whole `sampling=SamplingParams(...)`) given alongside are per-call
+    `stop_token_ids=`, `ignore_eos=`, or a whole `sampling=SamplingParams(...)`) given alongside are per-call
     defaults. Precedence, most specific first:
 
     * interventions: a Request that sets `interventions` itself (even to `()`, i.e. none) keeps

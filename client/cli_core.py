@@ -385,6 +385,8 @@ def register(app: typer.Typer) -> None:
         temperature: Annotated[float, typer.Option("--temperature", "-t")] = 0.0,
         top_p: Annotated[float, typer.Option("--top-p")] = 1.0,
         seed: Annotated[int | None, typer.Option("--seed")] = None,
+        ignore_eos: Annotated[bool, typer.Option(
+            "--ignore-eos", help="do not stop at the model's end-of-sequence / end-of-turn tokens")] = False,
         stream: Annotated[bool, typer.Option("--stream", help="print tokens as they arrive (one prompt)")] = False,
         server: ServerOpt = DEFAULT_ADDRESS, token: TokenOpt = None, tls_ca: TlsCaOpt = None,
         timeout: TimeoutOpt = None, as_json: JsonOpt = False,
@@ -394,7 +396,7 @@ def register(app: typer.Typer) -> None:
         with _errors():
             ivs = build_interventions(ablate, latent_set, clamp, ablate_direction, add_direction, scope, scale)
             sampling: dict[str, Any] = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                            seed=seed)
+                                            seed=seed, ignore_eos=ignore_eos or None)
             with _client(server, token, tls_ca, timeout) as c:
                 if stream and not as_json:
                     if len(ps) != 1:

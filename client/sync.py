@@ -122,7 +122,7 @@ class AuditClient(ClientBase):
         timeout: float | None = None, **sampling: Any,
     ) -> list[Completion]:
         """Completions, one per prompt/Request. `interventions` and the sampling keywords (max_new_tokens,
-        temperature, top_p, seed, stop_token_ids, or sampling=SamplingParams) are per-call defaults
+        temperature, top_p, seed, stop_token_ids, ignore_eos, or sampling=SamplingParams) are per-call defaults
         that a Request's own fields override (precedence: `as_requests`)."""
         return self._run(calls.generate(prompts, interventions, sampling), timeout)
 

@@ -304,6 +304,7 @@ def sampling_to_pb(sp: SamplingParams) -> pb.SamplingParams:
         seed=sp.seed or 0,
         has_seed=sp.seed is not None,
         stop_token_ids=list(sp.stop_token_ids),
+        ignore_eos=sp.ignore_eos,
     )
 
 
@@ -319,6 +320,7 @@ def sampling_from_pb(
         top_p=msg.top_p if msg.top_p != 0 else 1.0,
         seed=int(msg.seed) if msg.has_seed else None,
         stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
     )
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from ..audit.engine import Completion, Engine, Limits, ModelInfo, RankBy, SAERows, StreamEvent
 from ..audit.errors import InvalidRequest, LimitExceeded
-from ..audit.spec import Prompt, Request
+from ..audit.spec import Prompt, Request, SamplingParams
 
 if TYPE_CHECKING:  # pragma: no cover - import-light: the servicer and app import this module
     from transformers import PreTrainedTokenizerBase
@@ -79,6 +79,12 @@ class EngineBase:
             if isinstance(tid, int) and tid != tok.unk_token_id and tid >= 0:
                 ids.add(tid)
         return tuple(sorted(ids))
+
+
+    def stop_set(self, sampling: SamplingParams) -> set[int]:
+        """The token ids that end a request's generation: the model's stop set (unless
+        `ignore_eos`) and the request's own `stop_token_ids`."""
+        return (set() if sampling.ignore_eos else set(self.eos_ids)) | set(sampling.stop_token_ids)
 
     def _post_instruction_tokens(self) -> int:
         """How many chat-template tokens follow the user instruction (Arditi's 'eoi' tokens)."""

@@ -299,7 +299,7 @@ class HFEngine(EngineBase):
         input_ids, mask, pos = self._left_pad(ids)
         plen = torch.tensor([len(x) for x in ids], dtype=torch.long, device=self.device)
         max_new = [r.sampling.max_new_tokens for r in requests]
-        stops = [set(self.eos_ids) | set(r.sampling.stop_token_ids) for r in requests]
+        stops = [self.stop_set(r.sampling) for r in requests]
         gens = [self._generator(r) for r in requests]
         out_tokens: list[list[int]] = [[] for _ in range(B)]
         texts = [""] * B

@@ -315,3 +315,25 @@ def test_concurrent_grpc_calls_equal_sequential_and_are_metered(tmp_path):
             c.close()
     finally:
         srv.stop()
+
+
+def test_ignore_eos_runs_past_the_models_stop_set_but_not_the_requests_own():
+    """`ignore_eos`: generation stops only on the request's stop_token_ids or max_new_tokens, and
+    the field survives the wire format."""
+    from refusal_audit.proto.convert import sampling_from_pb, sampling_to_pb
+
+    engine = build_engine("gemma3")
+    prompt = user_prompt("Tell me a story")
+    first = engine.generate([Request(prompt=prompt, sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))])[0]
+    assert len(first.token_ids) == 6
+    first = first.token_ids
+    engine.eos_ids = (*engine.eos_ids, first[0])  # the model's stop set now ends this prompt at once
+    stopped = engine.generate([Request(prompt=prompt, sampling=SamplingParams(max_new_tokens=6))])[0]
+    assert stopped.finish_reason == "stop" and stopped.token_ids == []
+    sp = sampling_from_pb(sampling_to_pb(SamplingParams(max_new_tokens=6, ignore_eos=True)))
+    assert sp.ignore_eos
+    going = engine.generate([Request(prompt=prompt, sampling=sp)])[0]
+    assert going.finish_reason == "length" and going.token_ids == first
+    own = SamplingParams(max_new_tokens=6, ignore_eos=True, stop_token_ids=(first[2],))
+    cut = engine.generate([Request(prompt=prompt, sampling=own)])[0]
+    assert cut.finish_reason == "stop" and cut.token_ids == first[: first.index(first[2])]

@@ -557,7 +557,7 @@ class VLLMEngine(EngineBase):
         for i, r in enumerate(requests):
             self._check_length(i, len(ids[i]), r.sampling.max_new_tokens)
         payloads, salts = self._specs(requests, ids, generating=True)
-        stops = [set(self.eos_ids) | set(r.sampling.stop_token_ids) for r in requests]
+        stops = [self.stop_set(r.sampling) for r in requests]
         params = []
         for r, stop, payload in zip(requests, stops, payloads, strict=True):
             sp = r.sampling
