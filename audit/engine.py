@@ -58,6 +58,7 @@ class ModelInfo:
     engine: str = "hf"
     dtype: str = "float32"
     special_token_ids: dict[str, int] = field(default_factory=dict)
+    batch_invariant: bool = False  # rows bit-identical to running alone, whatever shares their batch
 
     @property
     def sae_layers(self) -> tuple[int, ...]:

@@ -561,6 +561,7 @@ def model_info_to_pb(info: ModelInfo, limits: Limits | None = None, server_versi
         dtype=info.dtype,
         special_token_ids=dict(info.special_token_ids),
         server_version=server_version,
+        batch_invariant=info.batch_invariant,
     )
     if limits is not None:
         msg.limits.CopyFrom(limits_to_pb(limits))
@@ -582,6 +583,7 @@ def model_info_from_pb(m: pb.ModelInfo) -> ModelInfo:
         engine=m.engine,
         dtype=m.dtype,
         special_token_ids=dict(m.special_token_ids),
+        batch_invariant=m.batch_invariant,
     )
 
 

@@ -125,6 +125,7 @@ class EngineBase:
             engine=self.engine_name,
             dtype=str(self.dtype).removeprefix("torch."),
             special_token_ids=special,
+            batch_invariant=bool(getattr(self, "batch_invariant", False)),
         )
 
     @property

@@ -400,6 +400,18 @@ def test_sigterm_drains_in_flight_requests(tmp_path: Path) -> None:
     assert exc.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def _blas_has_floor() -> bool:
+    import torch
+    from refusal_audit.server.batch_invariant import NoRowFloor, row_floor
+
+    try:
+        row_floor(64, torch.float32, torch.device("cpu"))
+        row_floor(128, torch.float32, torch.device("cpu"))
+    except NoRowFloor:
+        return False
+    return True
+
+
 def test_cli_serve_loads_model_and_saes_from_disk_and_drains_on_sigterm(tmp_path: Path) -> None:
     """`refusal-audit serve --model DIR --sae L=DIR` in a subprocess: build_engine, serve, SIGTERM -> exit 0."""
     model_dir = tmp_path / "model"
@@ -425,7 +437,8 @@ def test_cli_serve_loads_model_and_saes_from_disk_and_drains_on_sigterm(tmp_path
             info = c.get_info()
             assert [(s.layer, s.source) for s in info.saes] == [(1, str(model_dir / "sae1")), (2, str(model_dir / "sae2"))]
             assert c.limits.max_new_tokens == 32
-            assert c.generate(PROMPTS, max_new_tokens=4) == build_engine().generate(
+            assert info.batch_invariant == _blas_has_floor()  # serve's default: on where it can be kept
+            assert c.generate(PROMPTS, max_new_tokens=4) == build_engine(batch_invariant=info.batch_invariant).generate(
                 [Request(prompt=p, sampling=SamplingParams(max_new_tokens=4)) for p in PROMPTS])
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0

@@ -384,6 +384,7 @@ CASES: list[Case] = [
 ALWAYS_VALID = {
     "refusal_audit.v1.SamplingParams.seed": "any int64 seeds the sampler",
     "refusal_audit.v1.SamplingParams.has_seed": "a bool",
+    "refusal_audit.v1.SamplingParams.ignore_eos": "a bool (EDGES has a request with it set)",
     "refusal_audit.v1.ScoreRequest.return_full_logprobs": "a bool",
     "refusal_audit.v1.RegisterDirectionRequest.name": "any label, empty included",
     "refusal_audit.v1.RegisterLatentSetRequest.name": "any label, empty included",
@@ -397,6 +398,7 @@ ALWAYS_VALID = {
 # Valid requests at the edges: OK, and nothing non-finite in the answer.
 EDGES: list[tuple[str, str, dict[str, Any]]] = [
     ("tiny-temperature-is-greedy", G, gen(smp(max_new_tokens=4, temperature=1e-40, seed=7, has_seed=True))),
+    ("ignore-eos", G, gen(smp(max_new_tokens=4, ignore_eos=True))),
     ("huge-direction-entries", S, score(with_iv(iv("ablate_direction", {"direction": {"values": [3e38] * D}})), top_k=3)),
     ("position-at-generated-token", G, gen({**with_iv(POS_DIR(3)), **smp(max_new_tokens=3)})),
     ("full-logprobs", S, score(return_full_logprobs=True)),

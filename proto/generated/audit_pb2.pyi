@@ -152,7 +152,7 @@ class SAEInfo(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., source: _Optional[str] = ..., architecture: _Optional[str] = ..., d_in: _Optional[int] = ..., d_sae: _Optional[int] = ..., separable: _Optional[bool] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("model", "architecture", "n_layers", "d_model", "vocab_size", "saes", "bos_token_id", "eos_token_ids", "pad_token_id", "n_post_instruction_tokens", "engine", "dtype", "limits", "special_token_ids", "server_version")
+    __slots__ = ("model", "architecture", "n_layers", "d_model", "vocab_size", "saes", "bos_token_id", "eos_token_ids", "pad_token_id", "n_post_instruction_tokens", "engine", "dtype", "limits", "special_token_ids", "server_version", "batch_invariant")
     class SpecialTokenIdsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -175,6 +175,7 @@ class ModelInfo(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     SPECIAL_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SERVER_VERSION_FIELD_NUMBER: _ClassVar[int]
+    BATCH_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     model: str
     architecture: str
     n_layers: int
@@ -190,7 +191,8 @@ class ModelInfo(_message.Message):
     limits: Limits
     special_token_ids: _containers.ScalarMap[str, int]
     server_version: str
-    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SAEInfo, _Mapping]]] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., n_post_instruction_tokens: _Optional[int] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., special_token_ids: _Optional[_Mapping[str, int]] = ..., server_version: _Optional[str] = ...) -> None: ...
+    batch_invariant: bool
+    def __init__(self, model: _Optional[str] = ..., architecture: _Optional[str] = ..., n_layers: _Optional[int] = ..., d_model: _Optional[int] = ..., vocab_size: _Optional[int] = ..., saes: _Optional[_Iterable[_Union[SAEInfo, _Mapping]]] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., pad_token_id: _Optional[int] = ..., n_post_instruction_tokens: _Optional[int] = ..., engine: _Optional[str] = ..., dtype: _Optional[str] = ..., limits: _Optional[_Union[Limits, _Mapping]] = ..., special_token_ids: _Optional[_Mapping[str, int]] = ..., server_version: _Optional[str] = ..., batch_invariant: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_prompt_tokens", "max_new_tokens", "max_batch_items", "max_latents_per_request", "max_concurrent_jobs", "max_attribution_steps")
