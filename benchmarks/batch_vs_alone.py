@@ -88,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     engine, layers, d_sae = build(args)
-    total = same = 0
+    total = same = loss_same = 0
     worst = 0.0
     for b in range(args.batches):
         reqs = []
@@ -109,6 +109,9 @@ def main() -> None:
         diff = max(float(np.abs(x.full_logprobs - engine.score([r], [0], return_full_logprobs=True)[0].full_logprobs).max())
                    for x, r in zip(scored, reqs, strict=True))
         worst = max(worst, diff)
+        completions = ["Sure, here is how."] * len(reqs)
+        losses = engine.loss(reqs, completions)
+        loss_same += sum(int(engine.loss([r], completions[:1])[0].loss == x.loss) for r, x in zip(reqs, losses, strict=True))
         total += len(reqs)
         same += len(reqs) - len(firsts)
         print(f"batch {b}: {len(reqs) - len(firsts)}/{len(reqs)} rows equal alone"
@@ -118,7 +121,8 @@ def main() -> None:
             + (", threshold 0 (ReLU)" if args.relu else "") + (", equal lengths" if args.equal_lengths else "")
             + (", batch-invariant mode" if args.batch_invariant else ""))
     print(f"\n{desc}; {args.latents} latents/request over layers {layers}, {args.new_tokens} new tokens: "
-          f"{same}/{total} rows equal alone; first-token log-probs max |diff| {worst:.1e}")
+          f"{same}/{total} rows equal alone; first-token log-probs max |diff| {worst:.1e}; "
+          f"Loss of a completion bit-identical alone in {loss_same}/{total} rows")
 
 
 if __name__ == "__main__":

@@ -334,5 +334,9 @@ def use_row_attention(model: Any) -> str:
         return current
     if current not in ("sdpa", "eager"):
         raise ValueError(f"batch-invariant attention supports sdpa and eager, not {current!r}")
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    for attr in ("attention_chunk_size", "use_bidirectional_attention"):
+        if getattr(cfg, attr, None):  # masks that are not causal + sliding window: rows attention assumes those
+            raise ValueError(f"batch-invariant attention assumes causal (and sliding-window) masks; this model sets {attr}")
     model.set_attn_implementation(ROWS_PREFIX + current)
     return ROWS_PREFIX + current

@@ -544,7 +544,11 @@ class HFEngine(EngineBase):
         # logits instead of log_softmax's full-size output (measured ~1/4 of a CE pass's time)
         scored = logits[:, :-1]
         targets = input_ids[:, T - keep + 1 :]
-        nll = torch.logsumexp(scored, dim=-1) - scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
+        if self.batch_invariant:  # log_softmax reduces each row in one thread; a reduction over a lone
+            # long row (logsumexp's sum) is split across threads, so a row alone would round differently
+            nll = -torch.log_softmax(scored, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        else:
+            nll = torch.logsumexp(scored, dim=-1) - scored.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # [B, keep-1]
         out = []
         for b in range(len(full)):
             vals = nll[b, first[b] - (T - keep) :]
