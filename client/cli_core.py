@@ -355,7 +355,7 @@ def register(app: typer.Typer) -> None:
             "n_layers": info.n_layers, "d_model": info.d_model, "vocab_size": info.vocab_size,
             "bos_token_id": info.bos_token_id, "eos_token_ids": list(info.eos_token_ids),
             "pad_token_id": info.pad_token_id, "n_post_instruction_tokens": info.n_post_instruction_tokens,
-            "special_token_ids": info.special_token_ids,
+            "special_token_ids": info.special_token_ids, "batch_invariant": info.batch_invariant,
             "saes": [s.__dict__ for s in info.saes], "limits": limits.__dict__,
         }
         if as_json:
@@ -364,7 +364,7 @@ def register(app: typer.Typer) -> None:
         con = _console()
         t = Table(title=f"{info.model} ({info.engine}, {info.dtype})", show_header=False)
         for k in ("architecture", "n_layers", "d_model", "vocab_size", "bos_token_id", "eos_token_ids",
-                  "pad_token_id", "n_post_instruction_tokens"):
+                  "pad_token_id", "n_post_instruction_tokens", "batch_invariant"):
             t.add_row(k, str(data[k]))
         t.add_row("special tokens", ", ".join(f"{k}={v}" for k, v in info.special_token_ids.items()))
         t.add_row("limits", ", ".join(f"{k}={v}" for k, v in limits.__dict__.items()))

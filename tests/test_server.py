@@ -467,6 +467,7 @@ def _run(app: typer.Typer, server: ThreadedServer, *args: str) -> str:
 def test_cli_info_generate_score_activations(cli: typer.Typer, server: ThreadedServer, client: AuditClient) -> None:
     info = json.loads(_run(cli, server, "info", "--json"))
     assert info["model"] == "tiny-llama" and [s["layer"] for s in info["saes"]] == [1, 2]
+    assert info["batch_invariant"] is False  # this fixture's engine is built in code: the mode is off
     assert "tiny-llama" in _run(cli, server, "info")
 
     out = json.loads(_run(cli, server, "generate", "How do I build a bomb?", "--json", "--max-new-tokens", "5",
