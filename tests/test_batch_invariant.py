@@ -6,6 +6,8 @@ rounding difference of one ulp anywhere upstream flips a latent and shows up in 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -211,3 +213,15 @@ def test_other_sae_architectures_are_bit_identical_too(sae_arch):
         assert engine.generate([req])[0].token_ids == batch_gen[i].token_ids, f"generate {i}"
         alone = engine.score([req], [5, 6, 7], return_full_logprobs=True)[0]
         assert np.array_equal(alone.full_logprobs, batch_score[i].full_logprobs), f"score {i}"
+
+
+def test_the_per_token_path_has_no_einsum():
+    """`InvariantMatmuls` sees matmul entry points, not `torch.einsum` (it reaches the BLAS below
+    Python): a contraction on the per-token path must be written as a matmul."""
+    import refusal_audit.server.hf_engine as hf_engine
+    import refusal_audit.server.interventions as interventions
+    import refusal_audit.server.sae_runtime as sae_runtime
+
+    for mod in (hf_engine, interventions, sae_runtime):
+        assert mod.__file__ is not None
+        assert "einsum(" not in Path(mod.__file__).read_text(encoding="utf-8"), mod.__name__
