@@ -10,6 +10,11 @@ latents per request) and the 1-minute load average; and it checks that every req
 one answer and that a sample of answers equals the same request sent alone (greedy decoding).
 
     python benchmarks/load.py --engine hf --clients 1,4,16,64 --new-tokens 16 --latents 2000
+    python benchmarks/load.py --engine hf --clients 1,16 --ignore-eos                 # fixed-length answers
+    python benchmarks/load.py --engine hf --clients 1,16 --ignore-eos --no-batch-invariant
+
+The in-process HF engine runs in the batch-invariant mode by default, as `serve` does; with
+`--no-batch-invariant` a sampled answer can differ from its solo run (docs/interventions.md).
 """
 
 from __future__ import annotations
