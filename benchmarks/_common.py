@@ -79,6 +79,16 @@ def calibrate_thresholds(saes: dict[int, JumpReLUSAE], model: Any, tokenizer: An
     return measured
 
 
+def random_saes(model: Any, tokenizer: Any, layers: list[int], d_sae: int, l0: float) -> dict[int, JumpReLUSAE]:
+    """`gemmascope_shaped_sae`s at `layers` of `model`; with `l0` > 0 their thresholds calibrated to
+    that L0 on real activations (`calibrate_thresholds`, whose measured L0 is printed)."""
+    d_in = model.config.get_text_config().hidden_size
+    saes = {ly: gemmascope_shaped_sae(d_in, d_sae, ly) for ly in layers}
+    if l0 > 0:
+        print("SAE L0 per layer on the calibration prompts:", calibrate_thresholds(saes, model, tokenizer, l0))
+    return saes
+
+
 def spread_latents(n: int, layers: list[int], d_sae: int, seed: int = 0) -> dict[int, tuple[int, ...]]:
     """n latent ids spread evenly over the layers (distinct per layer, seeded)."""
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import calibrate_thresholds, gemmascope_shaped_sae, spread_latents  # noqa: E402
+from _common import random_saes, spread_latents  # noqa: E402
 from load import PROMPTS as LOAD_PROMPTS  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 
@@ -55,10 +55,7 @@ def build(args: argparse.Namespace) -> tuple[Any, list[int], int]:
     else:
         layers = [int(x) for x in args.layers.split(",")]
         model, tok = load_model("embedded:gemma-3-270m")
-        d_in = model.config.get_text_config().hidden_size
-        saes = {ly: gemmascope_shaped_sae(d_in, args.d_sae, ly) for ly in layers}
-        if args.sae_l0 > 0:
-            print("SAE L0 per layer on the calibration prompts:", calibrate_thresholds(saes, model, tok, args.sae_l0))
+        saes = random_saes(model, tok, layers, args.d_sae, args.sae_l0)
         if args.relu:
             for sae in saes.values():
                 sae.threshold.data.zero_()

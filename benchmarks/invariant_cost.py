@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import calibrate_thresholds, gemmascope_shaped_sae, spread_latents  # noqa: E402
+from _common import random_saes, spread_latents  # noqa: E402
 from load import PROMPTS  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 
@@ -35,9 +35,7 @@ def build(invariant: bool, layers: list[int], d_sae: int, sae_l0: float) -> Any:
 
     model, tok = load_model("embedded:gemma-3-270m")
     text = model.config.get_text_config()
-    saes = {ly: gemmascope_shaped_sae(text.hidden_size, d_sae, ly) for ly in layers}
-    if sae_l0 > 0:
-        calibrate_thresholds(saes, model, tok, sae_l0)
+    saes = random_saes(model, tok, layers, d_sae, sae_l0)
     return HFEngine(model, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers),
                     batch_invariant=invariant)
 
@@ -69,6 +67,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = ap.parse_args()
+    if args.reps < 2:
+        ap.error("--reps must be at least 2: the rounds' spread is what tells a ratio from noise")
     if args.threads:
         torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]

@@ -35,7 +35,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import calibrate_thresholds, gemmascope_shaped_sae, percentile, spread_latents  # noqa: E402
+from _common import percentile, random_saes, spread_latents  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
@@ -58,9 +58,7 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
                        metrics_host="127.0.0.1")
     m, tok = load_model(model)
     text = m.config.get_text_config()
-    saes = {ly: gemmascope_shaped_sae(text.hidden_size, d_sae, ly) for ly in layers}
-    if sae_l0 > 0:
-        print("SAE L0 per layer on the calibration prompts:", calibrate_thresholds(saes, m, tok, sae_l0))
+    saes = random_saes(m, tok, layers, d_sae, sae_l0)
     if engine_kind == "hf":
         engine: Any = HFEngine(m, tok, build_layer_saes(saes, text.hidden_size, text.num_hidden_layers),
                                batch_invariant=batch_invariant)

@@ -31,7 +31,6 @@ import contextvars
 import logging
 import sys
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -56,7 +55,9 @@ class NoRowFloor(RuntimeError):
 
 
 def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
-    """`t` with zeros appended along `dim` up to `size`."""
+    """`t` with zeros appended along `dim` up to `size` (`t` itself when it is that long already)."""
+    if t.shape[dim] >= size:
+        return t
     shape = list(t.shape)
     shape[dim] = size - t.shape[dim]
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
@@ -109,17 +110,17 @@ def row_floor(k: int, dtype: torch.dtype, device: torch.device) -> int:
 
 
 def _floor_of(a: torch.Tensor) -> int:
-    floor = _floors.get((a.shape[-1], a.dtype, str(a.device), torch.get_num_threads()))
-    return floor if floor else row_floor(a.shape[-1], a.dtype, a.device)
+    """The floor for a matmul whose left operand is `a` (it reduces over a's last axis)."""
+    return row_floor(a.shape[-1], a.dtype, a.device)
 
 
 def _pad_term(t: Any, m: int, n: int, f: int) -> Any:
     """An added term ([..., m or 1, n or 1]) padded like the product it is added to ([..., f, f])."""
     if not isinstance(t, torch.Tensor) or t.dim() == 0:
         return t
-    if t.shape[-1] == n and n != 1 and n < f:
+    if t.shape[-1] == n and n != 1:
         t = _pad(t, t.dim() - 1, f)
-    if t.dim() >= 2 and t.shape[-2] == m and m != 1 and m < f:
+    if t.dim() >= 2 and t.shape[-2] == m and m != 1:
         t = _pad(t, t.dim() - 2, f)
     return t
 
@@ -137,13 +138,8 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     m, n = x.numel() // max(1, x.shape[-1]), weight.shape[0]
     if m >= f and n >= f:
         return F.linear(x, weight, bias)
-    x2 = x.reshape(m, x.shape[-1])
-    if m < f:
-        x2 = _pad(x2, 0, f)
-    if n < f:
-        weight = _pad(weight, 0, f)
-        bias = None if bias is None else _pad_term(bias, -1, n, f)
-    out = F.linear(x2, weight, bias)[:m, :n]
+    bias = None if bias is None else _pad_term(bias, -1, n, f)
+    out = F.linear(_pad(x.reshape(m, x.shape[-1]), 0, f), _pad(weight, 0, f), bias)[:m, :n]
     return out.reshape(*x.shape[:-1], n)
 
 
@@ -157,32 +153,25 @@ def _matmul(input: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     m = a.numel() // max(1, a.shape[-1]) if folded else a.shape[-2]
     if m >= f and n >= f:
         return torch.matmul(a, b)
-    if n < f:
-        b = _pad(b, b.dim() - 1, f)
+    b = _pad(b, b.dim() - 1, f)
     if folded:
-        a2 = a.reshape(m, a.shape[-1])
-        out = torch.matmul(_pad(a2, 0, f) if m < f else a2, b)[:m, :n]
+        out = torch.matmul(_pad(a.reshape(m, a.shape[-1]), 0, f), b)[:m, :n]
         return out.reshape(*a.shape[:-1], n)
-    out = torch.matmul(_pad(a, a.dim() - 2, f) if m < f else a, b)
-    return out[..., :m, :n]
+    return torch.matmul(_pad(a, a.dim() - 2, f), b)[..., :m, :n]
 
 
 def _addmm(input: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor, *, beta: Any = 1, alpha: Any = 1) -> torch.Tensor:
     m, n, f = mat1.shape[0], mat2.shape[1], _floor_of(mat1)
     if m >= f and n >= f:
         return torch.addmm(input, mat1, mat2, beta=beta, alpha=alpha)
-    a = _pad(mat1, 0, f) if m < f else mat1
-    b = _pad(mat2, 1, f) if n < f else mat2
-    return torch.addmm(_pad_term(input, m, n, f), a, b, beta=beta, alpha=alpha)[:m, :n]
+    return torch.addmm(_pad_term(input, m, n, f), _pad(mat1, 0, f), _pad(mat2, 1, f), beta=beta, alpha=alpha)[:m, :n]
 
 
 def _bmm(input: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
     m, n, f = input.shape[1], mat2.shape[2], _floor_of(input)
     if m >= f and n >= f:
         return torch.bmm(input, mat2)
-    a = _pad(input, 1, f) if m < f else input
-    b = _pad(mat2, 2, f) if n < f else mat2
-    return torch.bmm(a, b)[:, :m, :n]
+    return torch.bmm(_pad(input, 1, f), _pad(mat2, 2, f))[:, :m, :n]
 
 
 def _baddbmm(input: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *, beta: Any = 1,
@@ -190,9 +179,8 @@ def _baddbmm(input: torch.Tensor, batch1: torch.Tensor, batch2: torch.Tensor, *,
     m, n, f = batch1.shape[1], batch2.shape[2], _floor_of(batch1)
     if m >= f and n >= f:
         return torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)
-    a = _pad(batch1, 1, f) if m < f else batch1
-    b = _pad(batch2, 2, f) if n < f else batch2
-    return torch.baddbmm(_pad_term(input, m, n, f), a, b, beta=beta, alpha=alpha)[:, :m, :n]
+    return torch.baddbmm(_pad_term(input, m, n, f), _pad(batch1, 1, f), _pad(batch2, 2, f), beta=beta,
+                         alpha=alpha)[:, :m, :n]
 
 
 _HANDLERS: dict[Any, Callable[..., torch.Tensor]] = {
@@ -226,74 +214,54 @@ class InvariantMatmuls(TorchFunctionMode):
 
 # ---------------------------------------------------------------------------------------------- attention
 
-@dataclass(frozen=True)
-class _Padding:
-    """Which keys of the current forward are real: `valid` [B, T] over the whole sequence so far;
-    `starts[b]`, the first real column of row b when every row's real tokens are a suffix (left
-    padding: rows are then sliced as views, not gathered)."""
-
-    valid: torch.Tensor
-    starts: list[int] | None
-
-
-_padding: contextvars.ContextVar[_Padding | None] = contextvars.ContextVar("ra_padding", default=None)
+_starts: contextvars.ContextVar[tuple[int, list[int]] | None] = contextvars.ContextVar("ra_padding", default=None)
 
 
 @contextlib.contextmanager
 def padded_batch(key_valid: torch.Tensor) -> Iterator[None]:
-    """Tell the "rows" attention which keys of this forward are padding: `key_valid` [B, T] (bool or
-    0/1), one column per token of the whole sequence so far (cache and this forward's tokens)."""
+    """Tell the "rows" attention where this forward's padding is: `key_valid` [B, T] (bool or 0/1),
+    one column per token of the whole sequence so far (cache and this forward's tokens). Rows must
+    be left-padded (each row's real tokens a suffix), as the HF engine pads them."""
     valid = key_valid.bool()
     T = valid.shape[1]
     starts = T - valid.sum(1)
-    suffix = torch.equal(valid, torch.arange(T, device=valid.device) >= starts.unsqueeze(1))
-    token = _padding.set(_Padding(valid, starts.tolist() if suffix else None))
+    if not torch.equal(valid, torch.arange(T, device=valid.device) >= starts.unsqueeze(1)):
+        raise ValueError("padded_batch: every row's real tokens must be a suffix (left padding)")
+    token = _starts.set((T, starts.tolist()))
     try:
         yield
     finally:
-        _padding.reset(token)
+        _starts.reset(token)
 
 
 def _row_attention(inner: Callable[..., tuple[torch.Tensor, Any]]) -> Callable[..., tuple[torch.Tensor, Any]]:
     def attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, Any]:
-        pad = _padding.get()
-        if pad is None:  # a forward that did not say where its padding is: the model's own attention
+        padding = _starts.get()
+        if padding is None:  # a forward that did not say where its padding is: the model's own attention
             return inner(module, query, key, value, attention_mask, **kwargs)
+        T, starts = padding
         B, _, Tq, _ = query.shape
         Tk = key.shape[2]
-        cut = pad.valid.shape[1] - Tk  # a sliding-window cache layer keeps only the last Tk keys
+        cut = T - Tk  # a sliding-window cache layer keeps only the last Tk keys
         window = kwargs.get("sliding_window")
         out = query.new_zeros(B, Tq, query.shape[1], value.shape[-1])
         for b in range(B):
-            if pad.starts is not None:
-                ks = max(0, pad.starts[b] - cut)
-                qs = max(0, ks - (Tk - Tq))  # query j is key column Tk - Tq + j
-                if qs >= Tq:
-                    continue
-                q = query[b : b + 1, :, qs:].contiguous()
-                k = key[b : b + 1, :, ks:].contiguous()
-                v = value[b : b + 1, :, ks:].contiguous()
-                rows: slice | torch.Tensor = slice(qs, None)
-                mask = None if attention_mask is None else attention_mask[b : b + 1, :, qs:, ks:]
-            else:
-                valid = pad.valid[b, cut:]
-                keys = valid.nonzero().squeeze(1)
-                rows = valid[Tk - Tq :].nonzero().squeeze(1)
-                if rows.numel() == 0:
-                    continue
-                q = query[b : b + 1].index_select(2, rows).contiguous()
-                k = key[b : b + 1].index_select(2, keys).contiguous()
-                v = value[b : b + 1].index_select(2, keys).contiguous()
-                mask = None if attention_mask is None else attention_mask[b : b + 1].index_select(2, rows).index_select(3, keys)
+            ks = max(0, starts[b] - cut)  # the row's first real key, and its first real query:
+            qs = max(0, ks - (Tk - Tq))  # query j is key column Tk - Tq + j
+            if qs >= Tq:
+                continue
+            q = query[b : b + 1, :, qs:].contiguous()
+            k = key[b : b + 1, :, ks:].contiguous()
+            v = value[b : b + 1, :, ks:].contiguous()
             if window is None or k.shape[2] <= window:
                 mask = None  # the row alone is plain causal: the same call as an unpadded batch of one
-            elif mask is None:
+            elif attention_mask is None:
                 raise RuntimeError("rows attention: a sliding window needs the model's materialised mask")
             else:
-                mask = mask.contiguous()
+                mask = attention_mask[b : b + 1, :, qs:, ks:].contiguous()
             o, _ = inner(module, q, k, v, mask, **kwargs)
-            out[b, rows] = o[0]
+            out[b, qs:] = o[0]
         return out, None
 
     return attend

@@ -80,7 +80,6 @@ class EngineBase:
                 ids.add(tid)
         return tuple(sorted(ids))
 
-
     def stop_set(self, sampling: SamplingParams) -> set[int]:
         """The token ids that end a request's generation: the model's stop set (unless
         `ignore_eos`) and the request's own `stop_token_ids`."""
