@@ -34,15 +34,16 @@ import queue
 import re
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 
 from ..audit.engine import Completion, EncodeResult, LossResult, ModelInfo, ScoreResult
 from ..audit.errors import InvalidRequest, LimitExceeded, NotFound
 from ..audit.spec import AblateLatents, ClampLatents, Request
+from .decode_batch import DecodeBatch
 from .hf_engine import HFEngine, StreamEvent
 from .metrics import BatchObserver
 from .status import RpcCancelled
@@ -84,6 +85,7 @@ class _Call:
     cancel: threading.Event | None
     sink: Callable[[Any], None]  # receives events (generate) or the final result list / a _Failure
     enqueued: float = field(default_factory=time.perf_counter)
+    arrived_step: int = 0  # the batcher's decode step count when the call arrived
     next_row: int = 0
     results: list[Any] = field(default_factory=list)
     rows_left: int = 0
@@ -124,8 +126,14 @@ class Batcher:
         max_batch_tokens: int = 16384,
         observer: BatchObserver | None = None,
         max_wait_s: float = 0.05,
+        join_ratio: float = 0.25,
+        max_join_wait: int = 4,
     ) -> None:
         self._engine = engine
+        self.join_ratio = float(join_ratio)
+        self.max_join_wait = int(max_join_wait)
+        self._decoding = DecodeBatch(engine)
+        self._steps = 0  # decode steps run (how long a waiting Generate call has waited)
         self.window_s = float(window_s)
         self.max_wait_s = float(max_wait_s)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -212,13 +220,8 @@ class Batcher:
         """Per-row token events as the shared batch steps (indices are this call's own)."""
         eng = self._engine
         reqs = list(requests)
-        ids = eng._batch_ids(reqs)  # validates count and prompts here, with this call's item indices
-        for i, r in enumerate(reqs):
-            if r.sampling.max_new_tokens > eng.limits.max_new_tokens:
-                raise InvalidRequest(
-                    f"items[{i}].sampling.max_new_tokens={r.sampling.max_new_tokens} exceeds the limit "
-                    f"{eng.limits.max_new_tokens}"
-                )
+        ids = eng._batch_ids(reqs)  # validates count, prompts and sampling here, with this call's item indices
+        eng._check_sampling(reqs)
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         call = self._submit("generate", (), reqs, [len(x) + r.sampling.max_new_tokens for x, r in zip(ids, reqs, strict=True)],
                             [None] * len(reqs), q.put)
@@ -284,7 +287,7 @@ class Batcher:
 
     def _submit(self, kind: str, key: tuple[Any, ...], reqs: list[Request], costs: list[int], extras: list[Any],
                 sink: Callable[[Any], None]) -> _Call:
-        call = _Call(kind, key, reqs, costs, extras, _current_cancel(), sink)
+        call = _Call(kind, key, reqs, costs, extras, _current_cancel(), sink, arrived_step=self._steps)
         for r in reqs:
             self.observer.latents(n_latents(r, self._engine.resolver))
         with self._cv:
@@ -310,21 +313,34 @@ class Batcher:
     # ------------------------------------------------------------------ scheduling
 
     def _run(self) -> None:
+        """The scheduler: per round, at most one unary batch, one admission of waiting Generate rows
+        into the running decode batch, and one decode step of that batch."""
         while True:
             with self._cv:
-                while not self._closed and (self._paused or not self._live_pending()):
+                while not self._closed and not self._decoding.rows and (self._paused or not self._live_pending()):
                     self._cv.wait(timeout=0.5)
                 if self._closed:
-                    return
-            self._collect()
+                    break
+            if not self._decoding.rows:
+                self._collect()
             with self._cv:
-                batch = [] if self._paused else self._take()
-            if batch:
+                unary, joining = ([], []) if self._paused else self._take()
+            for rows in (unary, joining):
+                if rows:
+                    try:
+                        self._execute(rows)
+                    except BaseException as exc:  # noqa: BLE001 - never kill the scheduler
+                        log.exception("batch failed")
+                        self._fail_all(rows, exc)
+            if self._decoding.rows:
                 try:
-                    self._execute(batch)
-                except BaseException as exc:  # noqa: BLE001 - never kill the scheduler
-                    log.exception("batch failed")
-                    self._fail_all(batch, exc)
+                    self._step()
+                except BaseException as exc:  # noqa: BLE001
+                    log.exception("decode step failed")
+                    self._fail_all([(r.owner, r.index) for r in self._decoding.rows], exc)
+                    self._decoding = DecodeBatch(self._engine)
+        for row in self._decoding.rows:
+            self._fail(row.owner, RequestCancelled("the server is shutting down"))
 
     def _collect(self) -> None:
         """The collection window: wait until no call has arrived for `window_s` (at most `max_wait_s`).
@@ -349,32 +365,61 @@ class Batcher:
         self._pending = [c for c in self._pending if not c.gone]
         return bool(self._pending)
 
-    def _take(self) -> list[tuple[_Call, int]]:
-        """Rows for the next batch: round-robin over compatible waiting calls, oldest first, within budget."""
+    def _take(self) -> tuple[list[tuple[_Call, int]], list[tuple[_Call, int]]]:
+        """This round's work: rows of the oldest waiting non-generate call's kind (merged round-robin
+        over its compatible calls, oldest first, within budget), and Generate rows to admit into the
+        decode batch (when `_should_join` says so, up to its free rows and token budget)."""
         if not self._live_pending():
-            return []
-        head = self._pending[0]
-        group = [c for c in self._pending if c.kind == head.kind and c.key == head.key]
+            return [], []
         max_items = max(1, int(self._engine.limits.max_batch_items))
+        unary: list[tuple[_Call, int]] = []
+        head = next((c for c in self._pending if c.kind != "generate"), None)
+        if head is not None:
+            group = [c for c in self._pending if c.kind == head.kind and c.key == head.key]
+            unary = self._round_robin(group, max_items, 0, 0)
+        joining: list[tuple[_Call, int]] = []
+        waiting = [c for c in self._pending if c.kind == "generate"]
+        if waiting and self._should_join(waiting):
+            running = self._decoding.rows
+            longest = max((r.cost for r in running), default=0)
+            joining = self._round_robin(waiting, max_items, len(running), longest)
+        self._pending = [c for c in self._pending if c.next_row < len(c.requests)]
+        return unary, joining
+
+    def _round_robin(self, group: list[_Call], max_items: int, taken: int, longest: int) -> list[tuple[_Call, int]]:
+        """Rows taken round-robin over `group`, oldest first, until `max_items` rows (counting `taken`
+        already running) or `max_batch_tokens` padded tokens (rows x longest row) are reached."""
         rows: list[tuple[_Call, int]] = []
-        longest = 0
         progress = True
-        while progress and len(rows) < max_items:
+        while progress and taken + len(rows) < max_items:
             progress = False
             for c in group:
-                if c.next_row >= len(c.requests) or len(rows) >= max_items:
+                if c.next_row >= len(c.requests) or taken + len(rows) >= max_items:
                     continue
                 cost = c.costs[c.next_row]
-                if rows and (len(rows) + 1) * max(longest, cost) > self.max_batch_tokens:
+                if (taken or rows) and (taken + len(rows) + 1) * max(longest, cost) > self.max_batch_tokens:
                     continue
                 rows.append((c, c.next_row))
                 c.next_row += 1
                 longest = max(longest, cost)
                 progress = True
-        self._pending = [c for c in self._pending if c.next_row < len(c.requests)]
         return rows
 
+    def _should_join(self, waiting: list[_Call]) -> bool:
+        """Whether waiting Generate rows are admitted this round. A join costs the running rows one
+        extra forward (the newcomers' prefill), so with rows running it waits until the newcomers
+        number `join_ratio` x the running rows, or the oldest has waited `max_join_wait` steps."""
+        running = len(self._decoding)
+        if running == 0:
+            return True
+        if not self._decoding.joinable or running >= max(1, int(self._engine.limits.max_batch_items)):
+            return False
+        rows = sum(len(c.requests) - c.next_row for c in waiting)
+        oldest = min(c.arrived_step for c in waiting)
+        return rows >= self.join_ratio * running or self._steps - oldest >= self.max_join_wait
+
     def _execute(self, rows: list[tuple[_Call, int]]) -> None:
+        """Run one unary batch, or admit Generate rows into the decode batch (its prefill)."""
         now = time.perf_counter()
         calls = list(dict.fromkeys(c for c, _ in rows))
         kind = calls[0].kind
@@ -388,7 +433,7 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             if kind == "generate":
-                self._run_generate(rows, reqs)
+                self._admit(rows, reqs)
             else:
                 out = self._run_unary(kind, calls[0].key, reqs, [c.extras[i] for c, i in rows])
                 for (c, i), res in zip(rows, out, strict=True):
@@ -420,21 +465,32 @@ class Batcher:
             return list(eng.loss(reqs, extras))
         raise AssertionError(f"unknown batch kind {kind}")  # pragma: no cover
 
-    def _run_generate(self, rows: list[tuple[_Call, int]], reqs: list[Request]) -> None:
-        def cancelled(b: int) -> bool:
-            return rows[b][0].gone
+    def _admit(self, rows: list[tuple[_Call, int]], reqs: list[Request]) -> None:
+        """Prefill Generate rows and splice them into the running decode batch (their first tokens
+        come with its next step)."""
+        self._decoding.admit(reqs, [i for _, i in rows], [c for c, _ in rows])
 
-        gen = cast(Generator[StreamEvent, None, None], self._engine.generate_iter(reqs, cancelled=cancelled))
-        try:
-            for ev in gen:
-                c, i = rows[ev.index]
-                if c.gone:
-                    continue
-                c.sink(StreamEvent(i, ev.text_delta, ev.token_ids, ev.finished, ev.finish_reason, ev.completion))
-                if ev.finished:
-                    self._row_done(c, i, None, send=False)
-        finally:
-            gen.close()
+    def _step(self) -> None:
+        """One decode step: drop rows whose caller is gone, send every row its next token, run the forward."""
+        batch = self._decoding
+        batch.remove([r for r in batch.rows if r.owner.gone])
+        if not batch.rows:
+            return
+        eng = self._engine
+        rows, padded = len(batch), batch.padded_tokens
+        hook0, t0 = eng.hook_seconds, time.perf_counter()
+        for row, event in batch.pick():
+            call: _Call = row.owner
+            if isinstance(event, Exception):
+                self._fail(call, event)
+            elif not call.gone:
+                call.sink(event)
+                if event.finished:
+                    self._row_done(call, row.index, None, send=False)
+        batch.remove([r for r in batch.rows if r.owner.gone])
+        batch.advance()
+        self._steps += 1
+        self.observer.batch("step", rows, padded, time.perf_counter() - t0, eng.hook_seconds - hook0)
 
     def _row_done(self, call: _Call, row: int, result: Any, send: bool = True) -> None:
         call.results[row] = result
@@ -462,7 +518,7 @@ class Batcher:
                 continue
             try:
                 if c.kind == "generate":
-                    self._run_generate(mine, [c.requests[i] for _, i in mine])
+                    self._admit(mine, [c.requests[i] for _, i in mine])
                 else:
                     out = self._run_unary(c.kind, c.key, [c.requests[i] for _, i in mine], [c.extras[i] for _, i in mine])
                     for (_, i), res in zip(mine, out, strict=True):
@@ -495,10 +551,11 @@ def n_latents(r: Request, resolver: Any) -> int:
 
 
 def batched(engine: Any, window_s: float = 0.005, max_batch_tokens: int = 16384,
-            observer: BatchObserver | None = None, max_wait_s: float = 0.05) -> Any:
+            observer: BatchObserver | None = None, max_wait_s: float = 0.05, join_ratio: float = 0.25,
+            max_join_wait: int = 4) -> Any:
     """`engine` behind a Batcher when it is an HFEngine (else unchanged)."""
     if isinstance(engine, HFEngine):
-        return Batcher(engine, window_s, max_batch_tokens, observer, max_wait_s)
+        return Batcher(engine, window_s, max_batch_tokens, observer, max_wait_s, join_ratio, max_join_wait)
     return engine
 
 

@@ -22,11 +22,10 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..audit.attribution import AttributionRequest, AttributionResponse
 from ..audit.engine import (
-    Completion,
     EncodeResult,
     LayerActivations,
     Limits,
@@ -34,12 +33,12 @@ from ..audit.engine import (
     ScoreResult,
     StreamEvent,
 )
-from ..audit.errors import InvalidRequest, non_finite
+from ..audit.errors import InvalidRequest
 from ..audit.latent_edges import EdgeResponse
 from ..audit.spec import Request
 from .batch_invariant import InvariantMatmuls, NoRowFloor, padded_batch, row_floor, use_row_attention
 from .engine_base import EngineBase
-from .interventions import BatchPlan, Resolver, TokenContext, compile_plan
+from .interventions import BatchPlan, Resolver, RowCache, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
 
 log = logging.getLogger("refusal_audit.server.hf_engine")
@@ -235,9 +234,11 @@ class HFEngine(EngineBase):
     # ------------------------------------------------------------------ tokenization
 
     def _plan_for(
-        self, requests: Sequence[Request], prompt_lens: Sequence[int], seq_lens: Sequence[int] | None = None
+        self, requests: Sequence[Request], prompt_lens: Sequence[int], seq_lens: Sequence[int] | None = None,
+        row_keys: Sequence[int] | None = None, row_cache: RowCache | None = None,
     ) -> BatchPlan | None:
-        """The batch's compiled interventions; `seq_lens` (default: the prompts) bounds explicit positions."""
+        """The batch's compiled interventions; `seq_lens` (default: the prompts) bounds explicit positions.
+        With `row_cache`, each row is parsed once under its `row_keys` entry (compile_plan)."""
         plan = compile_plan(
             [r.interventions for r in requests],
             prompt_lens,
@@ -248,6 +249,8 @@ class HFEngine(EngineBase):
             self.resolver,
             self.limits.max_latents_per_request,
             seq_lens=prompt_lens if seq_lens is None else seq_lens,
+            row_keys=row_keys,
+            row_cache=row_cache,
             batch_invariant=self.batch_invariant,
         )
         return None if plan.empty else plan
@@ -283,76 +286,18 @@ class HFEngine(EngineBase):
         `cancelled(row)` (checked before each step) drops a row from the batch: it gets no more
         events and the other rows are unaffected; when every row is done or dropped, generation stops.
         """
-        ids = self._batch_ids(requests)
-        self._check_sampling(requests)
-        prompt_lens = [len(x) for x in ids]
-        # the model reads the prompt and every generated token but the last one
-        seq_lens = [n + r.sampling.max_new_tokens - 1 for n, r in zip(prompt_lens, requests, strict=True)]
-        plan = self._plan_for(requests, prompt_lens, seq_lens)
-        yield from self._generate(requests, ids, plan, cancelled)
+        from .decode_batch import DecodeBatch
 
-    def _generate(
-        self, requests: Sequence[Request], ids: list[list[int]], plan: BatchPlan | None,
-        cancelled: Callable[[int], bool] | None = None,
-    ) -> Iterator[StreamEvent]:
-        B = len(requests)
-        input_ids, mask, pos = self._left_pad(ids)
-        plen = torch.tensor([len(x) for x in ids], dtype=torch.long, device=self.device)
-        max_new = [r.sampling.max_new_tokens for r in requests]
-        stops = [self.stop_set(r.sampling) for r in requests]
-        gens = [self._generator(r) for r in requests]
-        out_tokens: list[list[int]] = [[] for _ in range(B)]
-        texts = [""] * B
-        done = [False] * B
-        with self._active(plan), torch.no_grad():
-            self._ctx = self._prompt_ctx(mask, pos, plen)
-            cache = DynamicCache(config=self.model.config)
-            out = self._forward(input_ids, mask, pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            step = 0
-            while True:
-                if cancelled is not None:
-                    for b in range(B):
-                        if not done[b] and cancelled(b):
-                            done[b] = True  # leaves the batch: fed padding from now on, no more events
-                    if all(done):
-                        break
-                logits = out.logits[:, -1, :].float()
-                finite = torch.isfinite(logits).all(-1).tolist()
-                for b in range(B):
-                    if not done[b] and not finite[b]:
-                        raise non_finite(b, f"logits at generated token {step}", bool(requests[b].interventions))
-                next_ids = [self._pick(logits[b], requests[b], gens[b]) if not done[b] else self.pad_id for b in range(B)]
-                events = []
-                for b in range(B):
-                    if done[b]:
-                        continue
-                    tok = next_ids[b]
-                    finish = None
-                    if tok in stops[b]:
-                        finish = "stop"
-                    else:
-                        out_tokens[b].append(tok)
-                        if len(out_tokens[b]) >= max_new[b]:
-                            finish = "length"
-                    new_text = str(self.tokenizer.decode(out_tokens[b], skip_special_tokens=True))
-                    if finish is None and new_text.endswith("\ufffd"):
-                        delta = ""  # an incomplete UTF-8 sequence: wait for its next byte (stream == final text)
-                    else:
-                        delta, texts[b] = new_text[len(texts[b]) :], new_text
-                    comp = None
-                    if finish:
-                        done[b] = True
-                        comp = Completion(new_text, list(out_tokens[b]), finish, len(ids[b]))
-                    events.append(StreamEvent(b, delta, [] if finish == "stop" else [tok], finish is not None, finish or "", comp))
-                yield from events
-                if all(done):
-                    break
-                step += 1
-                nxt = torch.tensor(next_ids, dtype=torch.long, device=self.device).unsqueeze(1)
-                mask = torch.cat([mask, torch.ones((B, 1), dtype=mask.dtype, device=self.device)], dim=1)
-                step_pos = (plen + step - 1).unsqueeze(1)
-                self._ctx = TokenContext(step_pos, torch.zeros_like(step_pos, dtype=torch.bool), plen)
-                out = self._forward(nxt, mask, step_pos, past_key_values=cache, use_cache=True, logits_to_keep=1)
+        batch = DecodeBatch(self)
+        batch.admit(requests)
+        while batch.rows:
+            for _row, event in batch.pick():
+                if isinstance(event, Exception):
+                    raise event
+                yield event
+            if cancelled is not None:
+                batch.remove([r for r in batch.rows if cancelled(r.index)])
+            batch.advance()
 
     def _generator(self, r: Request) -> torch.Generator | None:
         if r.sampling.greedy:

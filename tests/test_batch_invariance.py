@@ -191,7 +191,8 @@ def test_concurrent_calls_are_batched_and_equal_sequential(arch):
             assert abs(results[2 * n + 5 + j].loss - alone_loss[j].loss) < 1e-4
         # every kind really ran as one merged batch
         by_kind = {k: max(rows for kk, rows in rec.batches if kk == k) for k, _ in rec.batches}
-        assert by_kind == {"generate": n, "score": n, "encode": 3, "residuals": 3, "loss": 3}, by_kind
+        # (Generate rows are admitted in one prefill batch, then decoded in steps of up to n rows)
+        assert by_kind == {"generate": n, "step": n, "score": n, "encode": 3, "residuals": 3, "loss": 3}, by_kind
         assert sorted(rec.latent_counts)[-1] == 64 + 100  # the request with 2 x latent lists
     finally:
         batcher.close()
@@ -238,12 +239,14 @@ def test_cancelled_request_leaves_batch_without_disturbing_others():
             assert results[i].token_ids == alone[i].token_ids, f"request {i} changed when a batch-mate left"
         # the dropped stream stopped costing steps: the batch ended with its longest remaining row
         assert len(forwards) <= 1 + max(r.sampling.max_new_tokens for r in reqs) < long.sampling.max_new_tokens
-        for _ in range(500):  # the batch is reported just after its last answer
-            if rec.batches:
+        for _ in range(500):  # the last step is reported just after its answer
+            if ("step", 1) in rec.batches:
                 break
             threading.Event().wait(0.01)
-        # the cancelled score never ran; the generate batch held every row
-        assert rec.batches == [("generate", len(reqs) + 1)]
+        # the cancelled score never ran; every row was admitted at once, and the steps shrank as rows left
+        assert [b for b in rec.batches if b[0] != "step"] == [("generate", len(reqs) + 1)]
+        steps = [rows for kind, rows in rec.batches if kind == "step"]
+        assert steps[0] == len(reqs) + 1 and steps == sorted(steps, reverse=True) and steps[-1] == 1
     finally:
         batcher.close()
 

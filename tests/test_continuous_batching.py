@@ -1,0 +1,218 @@
+"""Continuous batching on the HF engine (server/decode_batch.py, server/batching.py): rows that join a
+running generation at its step boundaries, and rows that leave it, do not change anyone's output."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from refusal_audit.audit.spec import Request, SamplingParams, user_prompt
+from refusal_audit.server import decode_batch
+from refusal_audit.server.batching import Batcher
+from refusal_audit.server.decode_batch import DecodeBatch
+from refusal_audit.server.hf_engine import HFEngine
+from test_batch_invariance import _Recorder, _run_threads
+from test_batch_invariant import _engine_with_planted_ties, _requests
+from tiny import ARCHS, build_engine
+
+# rows join at these steps (the tiny models' sliding window is 8 tokens: the later rows join a cache
+# already longer than it, and the long-prompt request runs past it)
+_SCHEDULE = {0: (0, 1, 2), 2: (3, 4), 5: (5, 6), 9: (7, 8)}
+
+
+def _run(engine: HFEngine, schedule: dict[int, tuple[int, ...]], reqs: list[Request]) -> dict[int, list[torch.Tensor]]:
+    """Run `reqs` through one DecodeBatch, admitting request i at the step its schedule says; every
+    request's next-token logits at each of its steps. Checks the cache stays trimmed."""
+    batch = DecodeBatch(engine)
+    seen: dict[int, list[torch.Tensor]] = {}
+    waiting = dict(schedule)
+    step = 0
+    while batch.rows or waiting:
+        if step in waiting:
+            idx = waiting.pop(step)
+            batch.admit([reqs[i] for i in idx], indices=list(idx), owners=list(idx))
+        assert batch._logits is None or batch._logits.shape[0] == len(batch.rows)
+        for b, row in enumerate(batch.rows):
+            seen.setdefault(row.owner, []).append(batch._logits[b].clone())
+        batch.pick()
+        batch.advance()
+        if batch.rows:  # no column is padding in every row (the cache does not keep growing on the left)
+            assert bool(batch._mask[:, 0].any())
+        step += 1
+    return seen
+
+
+def _alone(engine: HFEngine, reqs: list[Request]) -> list[list[torch.Tensor]]:
+    return [_run(engine, {0: (0,)}, [r])[0] for r in reqs]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_joining_and_leaving_are_bit_identical_to_alone(arch):
+    """Batch-invariant mode: every row's logits at every step are bit-identical to the row alone,
+    although rows join at steps 0 / 2 / 5 / 9 and leave when they finish."""
+    reqs = _requests()
+    engine = _engine_with_planted_ties(arch, reqs)
+    joined = _run(engine, _SCHEDULE, reqs)
+    alone = _alone(engine, reqs)
+    for i in range(len(reqs)):
+        assert len(joined[i]) == len(alone[i]), f"request {i}: {len(joined[i])} steps joined, {len(alone[i])} alone"
+        for s, (a, b) in enumerate(zip(joined[i], alone[i], strict=True)):
+            assert torch.equal(a, b), f"request {i} step {s}: max |diff| {(a - b).abs().max():.2e}"
+    # and the schedule really overlapped rows of different ages (not one batch after another)
+    assert max(len(v) for v in alone) > 9
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_rows_joining_and_leaving_equal_alone_in_the_plain_mode(arch):
+    """Without the batch-invariant kernels a spliced cache still gives every row its own numbers (up to
+    float32 rounding): the splice's padding, masks and positions are right."""
+    reqs = _requests()
+    engine = build_engine(arch)
+    joined = _run(engine, _SCHEDULE, reqs)
+    alone = _alone(engine, reqs)
+    worst = 0.0
+    for i in range(len(reqs)):
+        assert len(joined[i]) == len(alone[i]), f"request {i}"
+        for a, b in zip(joined[i], alone[i], strict=True):
+            worst = max(worst, float((a - b).abs().max()))
+    assert worst < 1e-4, worst
+
+
+def test_generate_iter_drops_a_cancelled_row():
+    """A cancelled row leaves the cache (the longer prompt: the shared padding is trimmed away) and the
+    other row goes on exactly as alone."""
+    engine = build_engine("gemma3")
+    long = Request(prompt=user_prompt("A much longer prompt than the other one, with many more tokens in it."),
+                   sampling=SamplingParams(max_new_tokens=12, ignore_eos=True))
+    short = Request(prompt="Hi", sampling=SamplingParams(max_new_tokens=12, ignore_eos=True))
+    alone = engine.generate([short])[0]
+    events = []
+    for ev in engine.generate_iter([long, short], cancelled=lambda b: b == 0 and len(events) >= 4):
+        events.append(ev)
+    assert [e.index for e in events].count(0) == 2  # the long row left after its second token
+    assert [t for e in events if e.index == 1 for t in e.token_ids] == alone.token_ids
+
+
+# ---------------------------------------------------------------------------------------------- the batcher
+
+
+class _Gate(_Recorder):
+    """A recorder that holds the scheduler after its `at`-th decode step until `ready()` is true, so
+    callers can be queued while a generation is known to be running."""
+
+    def __init__(self, at: int, ready) -> None:
+        super().__init__()
+        self.at, self.ready, self.steps = at, ready, 0
+        self.holding = threading.Event()
+
+    def batch(self, kind: str, rows: int, padded_tokens: int, seconds: float, hook_seconds: float) -> None:
+        super().batch(kind, rows, padded_tokens, seconds, hook_seconds)
+        if kind == "step":
+            self.steps += 1
+            if self.steps == self.at:
+                self.holding.set()
+                for _ in range(3000):
+                    if self.ready():
+                        return
+                    time.sleep(0.01)
+                raise AssertionError("the callers never arrived")
+
+
+def _long_request() -> Request:
+    return Request(prompt=user_prompt("Tell me a long story"), sampling=SamplingParams(max_new_tokens=30, ignore_eos=True))
+
+
+def _newcomers() -> list[Request]:
+    reqs = _requests()
+    return [reqs[1], reqs[5], reqs[7]]
+
+
+def _serve_with_newcomers(batcher: Batcher, gate: _Gate, newcomers: list[Request]) -> tuple[list, list[float]]:
+    """A long generation starts; at the gate, `newcomers` (Generate) and one Score call are queued.
+    Returns (results, finish times) in the order long, newcomers..., score."""
+    done_at = [0.0] * (len(newcomers) + 2)
+
+    def timed(i, fn):
+        out = fn()
+        done_at[i] = time.perf_counter()
+        return out
+
+    threads, results = _run_threads([lambda: timed(0, lambda: batcher.generate([_long_request()])[0])])
+    assert gate.holding.wait(60), "the long generation never reached the gate"
+    def generate(i: int, r: Request) -> Callable[[], Any]:
+        return lambda: timed(i + 1, lambda: batcher.generate([r])[0])
+
+    fns = [generate(i, r) for i, r in enumerate(newcomers)]
+    fns.append(lambda: timed(len(newcomers) + 1, lambda: batcher.score([newcomers[0]], [5, 6])[0]))
+    more, more_results = _run_threads(fns)
+    for t in threads + more:
+        t.join(timeout=120)
+    return results + more_results, done_at
+
+
+def test_calls_join_a_running_generation_and_equal_sequential():
+    """Generate calls arriving mid-generation join it at the next step; a Score call runs between two
+    steps instead of waiting for the generation to end; every answer is bit-identical to the
+    request alone (batch-invariant mode)."""
+    newcomers = _newcomers()
+    engine = _engine_with_planted_ties("gemma3", [*_requests(), _long_request()])
+    alone = [engine.generate([r])[0] for r in [_long_request(), *newcomers]]
+    alone_score = engine.score([newcomers[0]], [5, 6])[0]
+    gate = _Gate(3, lambda: batcher.pending_rows() >= len(newcomers) + 1)
+    batcher = Batcher(engine, window_s=0.0, observer=gate, join_ratio=0.0)
+    try:
+        results, done_at = _serve_with_newcomers(batcher, gate, newcomers)
+    finally:
+        batcher.close()
+    errors = [r for r in results if isinstance(r, Exception)]
+    assert not errors, errors
+    for i, (got, want) in enumerate(zip(results[:-1], alone, strict=True)):
+        assert got.token_ids == want.token_ids and got.text == want.text, f"generate {i}"
+    assert np.array_equal(results[-1].logprobs, alone_score.logprobs)
+    assert done_at[-1] < done_at[0], "the Score call waited for the running generation to finish"
+    steps = [rows for kind, rows in gate.batches if kind == "step"]
+    assert steps[:3] == [1, 1, 1] and steps[3] == 1 + len(newcomers), steps  # joined at the 4th step
+    assert [b for b in gate.batches if b[0] == "generate"] == [("generate", 1), ("generate", len(newcomers))]
+
+
+@pytest.mark.parametrize(("join_wait", "expect_one_row_steps"), [(3, 3 + 3), (10**6, None)])
+def test_newcomers_wait_for_enough_company_or_max_join_wait(join_wait, expect_one_row_steps):
+    """With a join ratio no queue reaches, a newcomer joins after `max_join_wait` steps (or, with no
+    limit, when the batch is empty), and its answer is the same either way."""
+    newcomer = _newcomers()[:1]
+    engine = build_engine("gemma3")
+    want = engine.generate(newcomer)[0]
+    gate = _Gate(3, lambda: batcher.pending_rows() >= 2)
+    batcher = Batcher(engine, window_s=0.0, observer=gate, join_ratio=100.0, max_join_wait=join_wait)
+    try:
+        results, _ = _serve_with_newcomers(batcher, gate, newcomer)
+    finally:
+        batcher.close()
+    assert not [r for r in results if isinstance(r, Exception)], results
+    assert results[1].token_ids == want.token_ids
+    steps = [rows for kind, rows in gate.batches if kind == "step"]
+    first_shared = next((k for k, rows in enumerate(steps) if rows == 2), None)
+    assert first_shared == expect_one_row_steps, steps
+    if first_shared is None:  # it ran after the 30-token generation, alone
+        assert len(steps) == 30 + len(want.token_ids), steps
+
+
+def test_a_cache_that_cannot_be_spliced_makes_newcomers_wait(monkeypatch):
+    monkeypatch.setattr(decode_batch, "spliceable", lambda cache: False)
+    newcomer = _newcomers()[:1]
+    engine = build_engine("llama")
+    want = engine.generate(newcomer)[0]
+    gate = _Gate(3, lambda: batcher.pending_rows() >= 2)
+    batcher = Batcher(engine, window_s=0.0, observer=gate, join_ratio=0.0)
+    try:
+        results, _ = _serve_with_newcomers(batcher, gate, newcomer)
+    finally:
+        batcher.close()
+    assert results[1].token_ids == want.token_ids
+    steps = [rows for kind, rows in gate.batches if kind == "step"]
+    assert max(steps) == 1 and len(steps) == 30 + len(want.token_ids), steps
