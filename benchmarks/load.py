@@ -12,9 +12,12 @@ one answer and that a sample of answers equals the same request sent alone (gree
     python benchmarks/load.py --engine hf --clients 1,4,16,64 --new-tokens 16 --latents 2000
     python benchmarks/load.py --engine hf --clients 1,16 --ignore-eos                 # fixed-length answers
     python benchmarks/load.py --engine hf --clients 1,16 --ignore-eos --no-batch-invariant
+    python benchmarks/load.py --engine hf --clients 16 --min-per-client 6 --join-policies 0.25:4,0:0,inf:inf
 
 The in-process HF engine runs in the batch-invariant mode by default, as `serve` does; with
 `--no-batch-invariant` a sampled answer can differ from its solo run (docs/interventions.md).
+`--join-policies` runs every client count once per continuous-batching policy (when a Generate call
+joins a running generation; `inf:inf` = never, the dynamic batching of before) on the same server.
 """
 
 from __future__ import annotations
@@ -46,7 +49,8 @@ PROMPTS = ["Explain photosynthesis briefly.", "Write a haiku about rain.", "What
 
 
 def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int,
-                  vllm_compiled: bool = False, sae_l0: float = 0.0, batch_invariant: bool = False) -> Any:
+                  vllm_compiled: bool = False, sae_l0: float = 0.0, batch_invariant: bool = False,
+                  join: tuple[float, int] = (0.25, 4)) -> Any:
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from refusal_audit.server.hf_engine import HFEngine
@@ -55,7 +59,7 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
 
     data_dir = Path(tempfile.mkdtemp(prefix="refusal-audit-load-"))
     cfg = ServerConfig(port=0, data_dir=data_dir, max_inflight=max_inflight, engine=engine_kind, metrics_port=0,
-                       metrics_host="127.0.0.1")
+                       metrics_host="127.0.0.1", batch_join_ratio=join[0], batch_join_wait_steps=join[1])
     m, tok = load_model(model)
     text = m.config.get_text_config()
     saes = random_saes(m, tok, layers, d_sae, sae_l0)
@@ -70,7 +74,8 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
 
 
 def scrape(url: str | None) -> dict[str, float]:
-    """Sum of every sample of the batcher/engine metrics, by sample name (+ labels for the kind)."""
+    """Sum of every sample of the batcher/engine metrics, by sample name, and by name and kind
+    (`name{kind}`: the model steps are kind "step")."""
     if not url:
         return {}
     text = urllib.request.urlopen(url, timeout=10).read().decode()  # noqa: S310 - localhost only
@@ -83,7 +88,29 @@ def scrape(url: str | None) -> dict[str, float]:
             if s.name.endswith("_bucket") or s.name.endswith("_created"):
                 continue
             out[s.name] = out.get(s.name, 0.0) + float(s.value)
+            if "kind" in s.labels:
+                key = f"{s.name}{{{s.labels['kind']}}}"
+                out[key] = out.get(key, 0.0) + float(s.value)
     return out
+
+
+def _parse_policy(text: str) -> tuple[float, int]:
+    ratio, wait = text.split(":")
+    return float(ratio), (10**9 if wait.strip() in ("inf", "none") else int(wait))
+
+
+def _policy_name(ratio: float, wait: int) -> str:
+    return "off" if ratio == float("inf") and wait >= 10**9 else f"{ratio:g}:{wait}"
+
+
+def _joins_note(policies: list[tuple[float, int]]) -> str:
+    if len(policies) > 1:
+        return ", Generate joins a running generation per row's policy (RATIO:WAIT steps; off: never)"
+    return f", Generate joins at ratio {policies[0][0]:g} / after {policies[0][1]} steps"
+
+
+def _pct(x: float) -> str:
+    return "-" if x != x else f"{100 * x:.1f}%"
 
 
 def _delta(after: dict[str, float], before: dict[str, float], name: str) -> float:
@@ -215,6 +242,15 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="--engine hf: the engine's batch-invariant mode (on by default, as in `serve`)")
+    ap.add_argument("--join-ratio", type=float, default=0.25,
+                    help="in-process HF server: Generate calls join a running generation once they number this x its "
+                         "rows (serve --batch-join-ratio)")
+    ap.add_argument("--join-wait", type=int, default=4,
+                    help="... or once the oldest has waited this many decode steps (serve --batch-join-wait-steps); "
+                         "a huge value with a huge --join-ratio: new calls wait until the generation is empty")
+    ap.add_argument("--join-policies", default=None,
+                    help="in-process HF server: run every client count under each RATIO:WAIT policy in turn, on the "
+                         "same server (e.g. 0.25:4,0:0,inf:inf; inf:inf = no joins, the dynamic batching of before)")
     ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -223,13 +259,15 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
+    policies = ([_parse_policy(p) for p in args.join_policies.split(",")] if args.join_policies
+                else [(args.join_ratio, args.join_wait)])
     shape = Shape(args.new_tokens, args.latents, tuple(layers), args.d_sae, args.distinct_prompts, args.ignore_eos)
     server = None
     address, metrics_url = args.server, args.metrics
     if address is None:
         server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256,
                                vllm_compiled=args.vllm_compiled, sae_l0=args.sae_l0,
-                               batch_invariant=args.batch_invariant)
+                               batch_invariant=args.batch_invariant, join=(args.join_ratio, args.join_wait))
         address = server.address
         if server.handle.metrics_port:
             metrics_url = f"http://127.0.0.1:{server.handle.metrics_port}/metrics"
@@ -242,28 +280,37 @@ def main() -> None:
         # warm-up (first-call allocations, lazy init), not counted
         AuditClient(address, timeout=600).generate(
             [make_request(0, 0, shape)])
-        for n in [int(x) for x in args.clients.split(",")]:
+        for (ratio, wait), n in [(p, int(x)) for p in policies for x in args.clients.split(",")]:
+            if server is not None and hasattr(server.handle.engine, "join_ratio"):
+                server.handle.engine.join_ratio, server.handle.engine.max_join_wait = ratio, wait
             per = max(args.min_per_client, -(-args.total // n))
             before = scrape(metrics_url)
             lv = run_level(address, n, per, shape, args.duration)
             time.sleep(1.0)  # the vLLM engine reports its last model steps in the background (~1 step)
             after = scrape(metrics_url)
             once, same, k = check_level(lv, address, args.sample, shape, rng)
-            bs_n = _delta(after, before, "refusal_audit_batch_size_count")
+            # mean batch: rows per model step where the engine reports steps (vLLM; HF generation),
+            # else rows per batch of any kind
+            kind = "{step}" if _delta(after, before, "refusal_audit_batch_size_count{step}") else ""
+            bs_n = _delta(after, before, "refusal_audit_batch_size_count" + kind)
             qw_n = _delta(after, before, "refusal_audit_queue_wait_seconds_count")
             lat_n = _delta(after, before, "refusal_audit_latents_per_request_count")
             batch_s = _delta(after, before, "refusal_audit_batch_seconds_total")
             rows.append({
-                "engine": args.engine + (" (batch-invariant)" if args.batch_invariant and args.engine == "hf" else ""),
+                "engine": args.engine + (" (batch-invariant)" if args.batch_invariant and args.engine == "hf" else "")
+                + (f", joins {_policy_name(ratio, wait)}" if len(policies) > 1 else ""),
                 "clients": n, "issued": lv.issued, "answered": len(lv.answers),
                 "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
                 "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,
                 "p50_s": statistics.median(lv.latencies) if lv.latencies else float("nan"),
                 "p95_s": percentile(lv.latencies, 0.95),
-                "mean_batch": _delta(after, before, "refusal_audit_batch_size_sum") / bs_n if bs_n else float("nan"),
+                "mean_batch": _delta(after, before, "refusal_audit_batch_size_sum" + kind) / bs_n if bs_n else float("nan"),
                 "mean_queue_wait_s": (_delta(after, before, "refusal_audit_queue_wait_seconds_sum") / qw_n
                                       if qw_n else float("nan")),
                 "hook_share": _delta(after, before, "refusal_audit_hook_seconds_total") / batch_s if batch_s else float("nan"),
+                # HF generation: engine time in admissions (newcomers' prefills) vs decode steps
+                "prefill_share": (_delta(after, before, "refusal_audit_batch_seconds_total{generate}") / batch_s
+                                  if batch_s and args.engine == "hf" else float("nan")),
                 "latents_per_request": (_delta(after, before, "refusal_audit_latents_per_request_sum") / lat_n
                                         if lat_n else float("nan")),
                 "load_before": lv.load_before, "load_after": lv.load_after,
@@ -275,23 +322,25 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
-    base = rows[0] if rows else None
     thresholds = ("the running server's SAEs" if args.server else
                   f"calibrated to L0 {args.sae_l0:g} on real activations" if args.sae_l0 > 0 else "one fixed 0.5")
     print(f"\nmodel {args.model}, {args.new_tokens} new tokens, {args.latents} latents/request over SAEs "
           f"640->{args.d_sae} at layers {layers} (thresholds: {thresholds}), greedy, "
           f"{'every prompt distinct (no prefix-cache sharing)' if args.distinct_prompts else 'six prompts'}"
-          f"{', every answer runs to its last token (ignore_eos)' if args.ignore_eos else ''}; "
+          f"{', every answer runs to its last token (ignore_eos)' if args.ignore_eos else ''}"
+          f"{_joins_note(policies) if not args.server and args.engine == 'hf' else ''}; "
           "load average (1 min) before -> after each row\n")
     print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
-          "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | latents/request | load avg |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | time in prefills | "
+          "latents/request | load avg |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
-        assert base is not None
+        base = next(b for b in rows if b["engine"] == r["engine"])  # the policy's first client count
         print(f"| {r['engine']} | {r['clients']} | {r['issued']} | {'yes' if r['exactly_once'] else 'NO'} | "
               f"{r['same_as_alone']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
               f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p50_s'] / base['p50_s']:.2f}x | {r['mean_batch']:.1f} | "
-              f"{r['mean_queue_wait_s']:.3f} | {100 * r['hook_share']:.1f}% | {r['latents_per_request']:.0f} | "
+              f"{r['mean_queue_wait_s']:.3f} | {100 * r['hook_share']:.1f}% | {_pct(r['prefill_share'])} | "
+              f"{r['latents_per_request']:.0f} | "
               f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
         for e in r["first_errors"]:
             print(f"  error: {e}")

@@ -282,9 +282,14 @@ def register(app: typer.Typer) -> None:
         max_latents_per_request: Annotated[int, typer.Option("--max-latents-per-request")] = 65536,
         default_max_new_tokens: Annotated[int, typer.Option("--default-max-new-tokens", help="when a request says 0")] = 64,
         max_concurrent_jobs: Annotated[int, typer.Option("--max-concurrent-jobs")] = 1,
-        batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="HF batching: collect until no call arrived for this long")] = 5.0,
+        batch_window_ms: Annotated[float, typer.Option("--batch-window-ms", help="HF batching: collect until no call arrived for this long (or a tenth of a decode step, if longer)")] = 5.0,
         batch_max_wait_ms: Annotated[float, typer.Option("--batch-max-wait-ms", help="HF batching: longest collection window")] = 50.0,
         batch_max_tokens: Annotated[int, typer.Option("--batch-max-tokens", help="padded tokens per HF batch")] = 16384,
+        batch_join_ratio: Annotated[float, typer.Option(
+            "--batch-join-ratio", help="HF batching: Generate calls join a running generation once they number "
+            "this x its rows (each join costs the running rows one prefill)")] = 0.25,
+        batch_join_wait_steps: Annotated[int, typer.Option(
+            "--batch-join-wait-steps", help="HF batching: ... or once the oldest has waited this many decode steps")] = 4,
         batch_invariant: Annotated[bool | None, typer.Option(
             "--batch-invariant/--no-batch-invariant", help="HF engine: every row bit-identical to the row run "
             "alone, whatever shares its batch (slower single requests; docs/engines.md). Default: on where "
@@ -322,6 +327,7 @@ def register(app: typer.Typer) -> None:
                 metrics_port=metrics_port, max_inflight=max_inflight, max_concurrent_jobs=max_concurrent_jobs,
                 dtype=dtype, device=device, grace_s=grace, batch_window_ms=batch_window_ms,
                 batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens, batch_invariant=batch_invariant,
+                batch_join_ratio=batch_join_ratio, batch_join_wait_steps=batch_join_wait_steps,
                 tensor_parallel_size=tensor_parallel_size, vllm_compiled=vllm_compiled,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),

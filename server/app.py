@@ -141,7 +141,8 @@ def _with_batching(engine: ServingEngine, config: ServerConfig, metrics: Metrics
         engine.hf_batching = {"window_s": window_s, "max_batch_tokens": budget,  # type: ignore[attr-defined]
                               "observer": metrics.batch_observer("vllm"), "max_wait_s": max_wait_s}
         return engine
-    return batched(engine, window_s, budget, metrics.batch_observer("hf"), max_wait_s)  # type: ignore[no-any-return]
+    return batched(engine, window_s, budget, metrics.batch_observer("hf"), max_wait_s,  # type: ignore[no-any-return]
+                   join_ratio=config.batch_join_ratio, max_join_wait=config.batch_join_wait_steps)
 
 
 async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:

@@ -1,29 +1,37 @@
-"""Cross-request dynamic batching in front of the HF engine.
+"""Cross-request batching in front of the HF engine: dynamic for prompt-only calls, continuous for Generate.
 
 Concurrent calls (Generate, GenerateStream, Score, Encode, Residuals, Loss — from gRPC handlers and
-from jobs alike) are queued here; one scheduler thread waits a short collection window (until no
-call has arrived for `window_s`, at most `max_wait_s`), then merges compatible calls into one engine batch and runs it. The HF engine is
-batch-invariant (left padding, position ids from the attention mask, per-row interventions), so a
-request's output does not depend on its batch-mates: merging changes throughput, not results.
+from jobs alike) are queued here. One scheduler thread runs rounds; when nothing is generating, a
+round starts after a short collection window (until no call has arrived for `window_s`, at most
+`max_wait_s`). Each round runs at most one merged batch of prompt-only calls, admits waiting
+Generate rows into the running decode batch, and runs one decode step (server/decode_batch.py). The
+HF engine is batch-invariant (left padding, position ids from the attention mask, per-row
+interventions; bit for bit in its batch-invariant mode), so a request's output does not depend on
+its batch-mates or on when it joined: batching changes throughput, not results.
 
 * Compatibility: calls of the same kind with the same call-level options (score token ids / top_k,
   encode layers / latents, residual layers / positions) are merged; per-row options — prompt,
   interventions, sampling, seed, stop set, max_new_tokens — travel with each row.
 * Budget: at most `limits.max_batch_items` rows and `max_batch_tokens` padded tokens
-  (rows x longest prompt + new tokens) per batch; a call's rows may be split over several batches.
+  (rows x longest prompt + new tokens) per batch, running Generate rows included; a call's rows may
+  be split over several batches or admissions.
 * Fairness: rows are taken round-robin over the waiting calls, oldest first, so a job's 256-row
-  Score shares each batch with the interactive one-row calls instead of holding the engine.
+  Score shares each batch with the interactive one-row calls instead of holding the engine, and
+  prompt-only calls run between decode steps instead of after a generation.
+* Joining: a join costs the running rows one extra forward (the newcomers' prefill), so with rows
+  running, waiting Generate rows join once they number `join_ratio` x the running rows or the oldest
+  has waited `max_join_wait` steps.
 * Generation: every row streams its own tokens as the batch steps (GenerateStream stays token by
-  token); a row that stops early gets its answer at once; a cancelled or deadline-exceeded call
-  leaves the batch (its rows are dropped before the next step) without changing the others.
+  token); a row that stops early gets its answer at once and leaves the batch; a cancelled or
+  deadline-exceeded call leaves it before the next step without changing the others.
 * Errors: a validation error in a merged batch reruns each call alone, so only the offending call
-  gets its error (with its own item indices).
+  gets its error (with its own item indices); non-finite logits end only their row's call.
 
 Why not transformers' continuous-batching manager (`generate_batch` / `ContinuousBatchingManager`):
 it takes one GenerationConfig for all requests (no per-request seed, stop set or sampling), packs
 sequences into paged-attention kernels whose rows we cannot hook per request with the padded
 `TokenContext` the interventions here are tested under, and gives no per-token stream with our
-stop semantics. Dynamic batching reuses the engine's tested batch path unchanged.
+stop semantics. The decode batch reuses the engine's tested padded forward unchanged.
 """
 
 from __future__ import annotations
@@ -134,6 +142,7 @@ class Batcher:
         self.max_join_wait = int(max_join_wait)
         self._decoding = DecodeBatch(engine)
         self._steps = 0  # decode steps run (how long a waiting Generate call has waited)
+        self._step_s = 0.0  # a decode step's seconds (moving average): scales the collection gap
         self.window_s = float(window_s)
         self.max_wait_s = float(max_wait_s)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -189,7 +198,8 @@ class Batcher:
 
     @contextlib.contextmanager
     def paused(self) -> Iterator[None]:
-        """Hold new batches back while inside (calls queue up); on exit they are merged as usual.
+        """Hold new batches and admissions back while inside (calls queue up; a running generation
+        keeps stepping); on exit they are merged as usual.
 
         For tests that need a known batch composition, and for maintenance (e.g. swapping SAEs).
         """
@@ -321,8 +331,8 @@ class Batcher:
                     self._cv.wait(timeout=0.5)
                 if self._closed:
                     break
-            if not self._decoding.rows:
-                self._collect()
+            if not self._decoding.rows or self._join_due():
+                self._collect()  # into an empty batch, or a join: let calls arriving together share one prefill
             with self._cv:
                 unary, joining = ([], []) if self._paused else self._take()
             for rows in (unary, joining):
@@ -343,23 +353,34 @@ class Batcher:
             self._fail(row.owner, RequestCancelled("the server is shutting down"))
 
     def _collect(self) -> None:
-        """The collection window: wait until no call has arrived for `window_s` (at most `max_wait_s`).
+        """The collection window: wait until no call has arrived for a gap (at most `max_wait_s`).
 
-        The gap rule lets a burst (or the callers of the batch that just finished, sending their
-        next request) join the next batch, instead of splitting into alternating half batches.
+        The gap rule lets a burst (or the callers whose answers just went out, sending their next
+        request) share one prefill, instead of splitting into alternating half batches. The gap is
+        `window_s`, or a tenth of a decode step where steps are slower (a CPU): a caller's round trip
+        takes milliseconds, and missing the batch costs it, and the batch, a prefill of its own.
         """
         if self.window_s <= 0:
             return
-        end = time.perf_counter() + max(self.max_wait_s, self.window_s)
+        gap = min(self.max_wait_s, max(self.window_s, 0.1 * self._step_s))
+        end = time.perf_counter() + max(self.max_wait_s, gap)
         with self._cv:
             while not self._closed:
                 seen = self._arrivals
                 now = time.perf_counter()
                 if now >= end:
                     return
-                self._cv.wait(timeout=min(self.window_s, end - now))
+                self._cv.wait(timeout=min(gap, end - now))
                 if self._arrivals == seen:
                     return
+
+    def _join_due(self) -> bool:
+        """Whether waiting Generate calls would join the running batch this round."""
+        with self._cv:
+            if self._paused or not self._live_pending():
+                return False
+            waiting = [c for c in self._pending if c.kind == "generate"]
+            return bool(waiting) and self._should_join(waiting)
 
     def _live_pending(self) -> bool:
         self._pending = [c for c in self._pending if not c.gone]
@@ -490,7 +511,9 @@ class Batcher:
         batch.remove([r for r in batch.rows if r.owner.gone])
         batch.advance()
         self._steps += 1
-        self.observer.batch("step", rows, padded, time.perf_counter() - t0, eng.hook_seconds - hook0)
+        seconds = time.perf_counter() - t0
+        self._step_s = seconds if self._step_s == 0 else 0.8 * self._step_s + 0.2 * seconds
+        self.observer.batch("step", rows, padded, seconds, eng.hook_seconds - hook0)
 
     def _row_done(self, call: _Call, row: int, result: Any, send: bool = True) -> None:
         call.results[row] = result

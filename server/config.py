@@ -72,9 +72,13 @@ class ServerConfig(BaseModel):
     vllm_compiled: bool = False
     ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
     # cross-request batching on the HF engine (server/batching.py); max rows = limits.max_batch_items
-    batch_window_ms: float = Field(default=5.0, ge=0)  # collect until no call arrived for this long; 0 = none
+    batch_window_ms: float = Field(default=5.0, ge=0)  # collect until no call arrived for this long (or a
+    # tenth of a decode step, if longer); 0 = none
     batch_max_wait_ms: float = Field(default=50.0, ge=0)  # ... but at most this long
     batch_max_tokens: int = Field(default=16384, gt=0)  # rows x longest (prompt + new) tokens per batch
+    # continuous batching: Generate calls join a running generation once they number this x its rows ...
+    batch_join_ratio: float = Field(default=0.25, ge=0)
+    batch_join_wait_steps: int = Field(default=4, ge=0)  # ... or have waited this many decode steps
     batching: bool = True  # False: every call runs alone, in arrival order
     # HF engine (and the vLLM engine's HF side): every row bit-identical to the row run alone, whatever
     # shares its batch (server/batch_invariant.py; docs/engines.md, "Batch-invariant mode", for its cost)

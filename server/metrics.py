@@ -35,7 +35,9 @@ class Metrics:
 
     Per engine (label `engine`: "hf" or "vllm"), from the batcher: batch size, queue wait, latents
     per request, and seconds in batches and in the intervention/capture hooks (hook_seconds /
-    batch_seconds = the share of engine time the interventions cost). For vLLM the batcher is its
+    batch_seconds = the share of engine time the interventions cost); the HF batcher's generation
+    reports each admission of new rows (kind "generate", their prefill) and each decode step of the
+    running rows (kind "step"). For vLLM the batcher is its
     HF side (Encode / Residuals / Loss); its own Generate / Score work is reported per model step
     (kind "step": rows, forward seconds, hook seconds) and its requests' latent counts, drained from
     the worker after each call; queue wait there is the time from the engine receiving a request to

@@ -216,3 +216,55 @@ def test_a_cache_that_cannot_be_spliced_makes_newcomers_wait(monkeypatch):
     assert results[1].token_ids == want.token_ids
     steps = [rows for kind, rows in gate.batches if kind == "step"]
     assert max(steps) == 1 and len(steps) == 30 + len(want.token_ids), steps
+
+
+def test_non_finite_logits_end_only_their_rows_call():
+    """A row whose logits turn NaN fails its own call (naming its item); the row beside it in the same
+    decode batch goes on and equals its solo run."""
+    from refusal_audit.audit.errors import NonFiniteOutput
+
+    engine = build_engine("llama")
+    good = Request(prompt="The quick brown fox", sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))
+    bad = Request(prompt="Numbers: 0 1 2 3", sampling=SamplingParams(max_new_tokens=6, ignore_eos=True))
+    want = engine.generate([good])[0]
+    marker = engine.render(bad.prompt)[-1]
+    assert marker != engine.render(good.prompt)[-1]
+    real_forward = engine._forward
+
+    def poisoned(input_ids, *a, **k):  # NaN logits for the row whose prompt ends with the marker
+        out = real_forward(input_ids, *a, **k)
+        if input_ids.shape[1] > 1:
+            out.logits[input_ids[:, -1] == marker] = float("nan")
+        return out
+
+    engine._forward = poisoned
+    batcher = Batcher(engine, window_s=0.0)
+    try:
+        with batcher.paused():
+            threads, results = _run_threads([lambda: batcher.generate([good])[0],
+                                             lambda: batcher.generate([good, bad])])
+            for _ in range(3000):
+                if batcher.pending_rows() >= 3:
+                    break
+                time.sleep(0.01)
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        batcher.close()
+    assert results[0].token_ids == want.token_ids
+    assert isinstance(results[1], NonFiniteOutput) and "items[1]" in str(results[1]), results[1]
+
+
+def test_the_servers_join_policy_reaches_its_batcher(tmp_path):
+    from refusal_audit.server.app import ThreadedServer
+    from refusal_audit.server.config import ServerConfig
+    from tiny import no_jobs
+
+    cfg = ServerConfig(port=0, data_dir=tmp_path, batch_join_ratio=0.5, batch_join_wait_steps=7)
+    srv = ThreadedServer(cfg, build_engine("llama"), jobs_factory=no_jobs).start()
+    try:
+        batcher = srv.handle.engine
+        assert isinstance(batcher, Batcher)
+        assert (batcher.join_ratio, batcher.max_join_wait) == (0.5, 7)
+    finally:
+        srv.stop()
