@@ -268,3 +268,30 @@ def test_the_servers_join_policy_reaches_its_batcher(tmp_path):
         assert (batcher.join_ratio, batcher.max_join_wait) == (0.5, 7)
     finally:
         srv.stop()
+
+
+def test_closed_loop_callers_with_joins_everywhere_equal_sequential():
+    """Eight callers each send three Generate calls one after the other (different prompts, lengths,
+    interventions and sampling), so rows join and leave a running generation at arbitrary steps;
+    every answer is bit-identical to the request alone, and each arrives exactly once."""
+    reqs = _requests()
+    engine = _engine_with_planted_ties("gemma3", reqs)
+    plan = [[reqs[(3 * c + k) % len(reqs)] for k in range(3)] for c in range(8)]
+    alone = {id(r): engine.generate([r])[0].token_ids for r in reqs}
+    rec = _Recorder()
+    batcher = Batcher(engine, window_s=0.0, observer=rec, join_ratio=0.0, max_join_wait=0)
+    try:
+        threads, results = _run_threads([lambda mine=mine: [batcher.generate([r])[0] for r in mine] for mine in plan])
+        for t in threads:
+            t.join(timeout=120)
+    finally:
+        batcher.close()
+    for mine, got in zip(plan, results, strict=True):
+        assert not isinstance(got, Exception), got
+        assert [c.token_ids for c in got] == [alone[id(r)] for r in mine]
+    # rows really joined running generations: a step right after an admission held more rows than it admitted
+    b = rec.batches
+    joins = [i for i, (k, rows) in enumerate(b) if k == "generate" and i + 1 < len(b) and b[i + 1][0] == "step"
+             and b[i + 1][1] > rows]
+    assert joins, b
+    assert sum(rows for k, rows in rec.batches if k == "generate") == 24
