@@ -104,6 +104,11 @@ def _resize(cache: DynamicCache, old: int, new: int) -> None:
             layer.cumulative_length = new
 
 
+def _left_pad_mask(mask: torch.Tensor, length: int) -> torch.Tensor:
+    """`mask` [B, T] with zero columns prepended up to `length`."""
+    return torch.cat([mask.new_zeros(mask.shape[0], length - mask.shape[1]), mask], dim=1)
+
+
 class DecodeBatch:
     """Rows generating together on one HFEngine: `admit` prefills newcomers and splices them in, `pick`
     chooses every row's next token (finished rows leave), `advance` runs the next decode forward."""
@@ -130,14 +135,15 @@ class DecodeBatch:
     # ------------------------------------------------------------------ joining
 
     def admit(self, requests: Sequence[Request], indices: Sequence[int] | None = None,
-              owners: Sequence[Any] | None = None, prompt_ids: list[list[int]] | None = None) -> list[DecodeRow]:
+              owners: Sequence[Any] | None = None) -> list[DecodeRow]:
         """Validate and prefill `requests` in a forward of their own, then add them to the batch.
 
-        Validation errors (InvalidRequest, NotFound, LimitExceeded) name items by `indices` and are
-        raised before the batch changes. Raises RuntimeError when the batch holds rows and this
-        cache cannot be spliced (check `joinable`)."""
+        `indices` (default 0..n-1) become the rows' `index`, which events and row errors carry.
+        Validation errors (InvalidRequest, NotFound, LimitExceeded) are raised before the batch
+        changes and name items by their position in `requests` (the batcher maps them back).
+        Raises RuntimeError when the batch holds rows and its cache cannot be spliced (`joinable`)."""
         eng = self.engine
-        ids = prompt_ids if prompt_ids is not None else eng._batch_ids(requests)
+        ids = eng._batch_ids(requests)
         eng._check_sampling(requests)
         idx = list(indices) if indices is not None else list(range(len(requests)))
         rows = [
@@ -172,8 +178,7 @@ class DecodeBatch:
         for mine, theirs in zip(_layers(self._cache), _layers(cache), strict=True):
             mine.keys = torch.cat([mine.keys, theirs.keys], dim=0)
             mine.values = torch.cat([mine.values, theirs.values], dim=0)
-        pad = lambda m, n: torch.cat([m.new_zeros(m.shape[0], n - m.shape[1]), m], dim=1)  # noqa: E731
-        self._mask = torch.cat([pad(self._mask, T), pad(mask, T)], dim=0)
+        self._mask = torch.cat([_left_pad_mask(self._mask, T), _left_pad_mask(mask, T)], dim=0)
         self._logits = torch.cat([self._logits, logits], dim=0)
         self.rows = self.rows + rows
 
