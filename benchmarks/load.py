@@ -49,8 +49,7 @@ PROMPTS = ["Explain photosynthesis briefly.", "Write a haiku about rain.", "What
 
 
 def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, max_inflight: int,
-                  vllm_compiled: bool = False, sae_l0: float = 0.0, batch_invariant: bool = False,
-                  join: tuple[float, int] = (0.25, 4)) -> Any:
+                  vllm_compiled: bool = False, sae_l0: float = 0.0, batch_invariant: bool = False) -> Any:
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from refusal_audit.server.hf_engine import HFEngine
@@ -59,7 +58,7 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
 
     data_dir = Path(tempfile.mkdtemp(prefix="refusal-audit-load-"))
     cfg = ServerConfig(port=0, data_dir=data_dir, max_inflight=max_inflight, engine=engine_kind, metrics_port=0,
-                       metrics_host="127.0.0.1", batch_join_ratio=join[0], batch_join_wait_steps=join[1])
+                       metrics_host="127.0.0.1")
     m, tok = load_model(model)
     text = m.config.get_text_config()
     saes = random_saes(m, tok, layers, d_sae, sae_l0)
@@ -242,15 +241,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="--engine hf: the engine's batch-invariant mode (on by default, as in `serve`)")
-    ap.add_argument("--join-ratio", type=float, default=0.25,
-                    help="in-process HF server: Generate calls join a running generation once they number this x its "
-                         "rows (serve --batch-join-ratio)")
-    ap.add_argument("--join-wait", type=int, default=4,
-                    help="... or once the oldest has waited this many decode steps (serve --batch-join-wait-steps); "
-                         "a huge value with a huge --join-ratio: new calls wait until the generation is empty")
-    ap.add_argument("--join-policies", default=None,
-                    help="in-process HF server: run every client count under each RATIO:WAIT policy in turn, on the "
-                         "same server (e.g. 0.25:4,0:0,inf:inf; inf:inf = no joins, the dynamic batching of before)")
+    ap.add_argument("--join-policies", default="0.25:4",
+                    help="in-process HF server: when a Generate call joins a running generation, as RATIO:WAIT (once "
+                         "the waiting calls number RATIO x its rows, or the oldest has waited WAIT decode steps: "
+                         "serve --batch-join-ratio / --batch-join-wait-steps); several, comma-separated, run every "
+                         "client count under each in turn on the same server (e.g. 0.25:4,1:16,inf:inf; inf:inf = "
+                         "no joins, the dynamic batching of before)")
     ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -259,15 +255,14 @@ def main() -> None:
 
         torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
-    policies = ([_parse_policy(p) for p in args.join_policies.split(",")] if args.join_policies
-                else [(args.join_ratio, args.join_wait)])
+    policies = [_parse_policy(p) for p in args.join_policies.split(",")]
     shape = Shape(args.new_tokens, args.latents, tuple(layers), args.d_sae, args.distinct_prompts, args.ignore_eos)
     server = None
     address, metrics_url = args.server, args.metrics
     if address is None:
         server = _start_server(args.engine, args.model, layers, args.d_sae, max_inflight=256,
                                vllm_compiled=args.vllm_compiled, sae_l0=args.sae_l0,
-                               batch_invariant=args.batch_invariant, join=(args.join_ratio, args.join_wait))
+                               batch_invariant=args.batch_invariant)
         address = server.address
         if server.handle.metrics_port:
             metrics_url = f"http://127.0.0.1:{server.handle.metrics_port}/metrics"

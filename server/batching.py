@@ -89,7 +89,7 @@ class _Call:
     key: tuple[Any, ...]
     requests: list[Request]
     costs: list[int]  # per row: padded tokens it needs (prompt + new / completion tokens)
-    extras: list[Any]  # per row: loss completion (else None)
+    extras: list[Any]  # per row: loss completion, or Generate's prompt ids (rendered once, at submission)
     cancel: threading.Event | None
     sink: Callable[[Any], None]  # receives events (generate) or the final result list / a _Failure
     enqueued: float = field(default_factory=time.perf_counter)
@@ -234,7 +234,7 @@ class Batcher:
         eng._check_sampling(reqs)
         q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         call = self._submit("generate", (), reqs, [len(x) + r.sampling.max_new_tokens for x, r in zip(ids, reqs, strict=True)],
-                            [None] * len(reqs), q.put)
+                            ids, q.put)
         finished = 0
         try:
             while finished < len(reqs):
@@ -377,10 +377,13 @@ class Batcher:
     def _join_due(self) -> bool:
         """Whether waiting Generate calls would join the running batch this round."""
         with self._cv:
-            if self._paused or not self._live_pending():
-                return False
-            waiting = [c for c in self._pending if c.kind == "generate"]
-            return bool(waiting) and self._should_join(waiting)
+            return not self._paused and self._live_pending() and bool(self._joiners())
+
+    def _joiners(self) -> list[_Call]:
+        """The waiting Generate calls, if they are to join the decode batch this round (`_should_join`);
+        else none. Called under the lock."""
+        waiting = [c for c in self._pending if c.kind == "generate"]
+        return waiting if waiting and self._should_join(waiting) else []
 
     def _live_pending(self) -> bool:
         self._pending = [c for c in self._pending if not c.gone]
@@ -399,8 +402,8 @@ class Batcher:
             group = [c for c in self._pending if c.kind == head.kind and c.key == head.key]
             unary = self._round_robin(group, max_items, 0, 0)
         joining: list[tuple[_Call, int]] = []
-        waiting = [c for c in self._pending if c.kind == "generate"]
-        if waiting and self._should_join(waiting):
+        waiting = self._joiners()
+        if waiting:
             running = self._decoding.rows
             longest = max((r.cost for r in running), default=0)
             joining = self._round_robin(waiting, max_items, len(running), longest)
@@ -489,7 +492,7 @@ class Batcher:
     def _admit(self, rows: list[tuple[_Call, int]], reqs: list[Request]) -> None:
         """Prefill Generate rows and splice them into the running decode batch (their first tokens
         come with its next step)."""
-        self._decoding.admit(reqs, [i for _, i in rows], [c for c, _ in rows])
+        self._decoding.admit(reqs, [i for _, i in rows], [c for c, _ in rows], [c.extras[i] for c, i in rows])
 
     def _step(self) -> None:
         """One decode step: drop rows whose caller is gone, send every row its next token, run the forward."""

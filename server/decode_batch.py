@@ -135,15 +135,16 @@ class DecodeBatch:
     # ------------------------------------------------------------------ joining
 
     def admit(self, requests: Sequence[Request], indices: Sequence[int] | None = None,
-              owners: Sequence[Any] | None = None) -> list[DecodeRow]:
+              owners: Sequence[Any] | None = None, prompt_ids: Sequence[list[int]] | None = None) -> list[DecodeRow]:
         """Validate and prefill `requests` in a forward of their own, then add them to the batch.
 
-        `indices` (default 0..n-1) become the rows' `index`, which events and row errors carry.
+        `indices` (default 0..n-1) become the rows' `index`, which events and row errors carry;
+        `prompt_ids`, the prompts as the caller already rendered them (`_batch_ids`; else rendered here).
         Validation errors (InvalidRequest, NotFound, LimitExceeded) are raised before the batch
         changes and name items by their position in `requests` (the batcher maps them back).
         Raises RuntimeError when the batch holds rows and its cache cannot be spliced (`joinable`)."""
         eng = self.engine
-        ids = eng._batch_ids(requests)
+        ids = [list(p) for p in prompt_ids] if prompt_ids is not None else eng._batch_ids(requests)
         eng._check_sampling(requests)
         idx = list(indices) if indices is not None else list(range(len(requests)))
         rows = [
