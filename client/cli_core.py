@@ -290,6 +290,9 @@ def register(app: typer.Typer) -> None:
             "this x its rows (each join costs the running rows one prefill)")] = 0.25,
         batch_join_wait_steps: Annotated[int, typer.Option(
             "--batch-join-wait-steps", help="HF batching: ... or once the oldest has waited this many decode steps")] = 4,
+        batch_interleave: Annotated[float, typer.Option(
+            "--batch-interleave", help="HF batching: while rows generate, a prompt-only batch between two decode "
+            "steps takes about this x a step (inf: all at once, holding the streams)")] = 4.0,
         batch_invariant: Annotated[bool | None, typer.Option(
             "--batch-invariant/--no-batch-invariant", help="HF engine: every row bit-identical to the row run "
             "alone, whatever shares its batch (slower single requests; docs/engines.md). Default: on where "
@@ -328,6 +331,7 @@ def register(app: typer.Typer) -> None:
                 dtype=dtype, device=device, grace_s=grace, batch_window_ms=batch_window_ms,
                 batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens, batch_invariant=batch_invariant,
                 batch_join_ratio=batch_join_ratio, batch_join_wait_steps=batch_join_wait_steps,
+                batch_interleave=batch_interleave,
                 tensor_parallel_size=tensor_parallel_size, vllm_compiled=vllm_compiled,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),

@@ -142,7 +142,8 @@ def _with_batching(engine: ServingEngine, config: ServerConfig, metrics: Metrics
                               "observer": metrics.batch_observer("vllm"), "max_wait_s": max_wait_s}
         return engine
     return batched(engine, window_s, budget, metrics.batch_observer("hf"), max_wait_s,  # type: ignore[no-any-return]
-                   join_ratio=config.batch_join_ratio, max_join_wait=config.batch_join_wait_steps)
+                   join_ratio=config.batch_join_ratio, max_join_wait=config.batch_join_wait_steps,
+                   interleave=config.batch_interleave)
 
 
 async def _maybe_call(obj: Any, *names: str, **kw: Any) -> None:

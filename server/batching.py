@@ -18,6 +18,11 @@ its batch-mates or on when it joined: batching changes throughput, not results.
 * Fairness: rows are taken round-robin over the waiting calls, oldest first, so a job's 256-row
   Score shares each batch with the interactive one-row calls instead of holding the engine, and
   prompt-only calls run between decode steps instead of after a generation.
+* Interleaving: while rows are generating, the prompt-only batch between two decode steps is sized to
+  take about `interleave` (4) x a decode step (at least one row), from a fit of earlier prompt-only
+  batches' seconds against their padded tokens (`UnaryCost`); the rest of a large call runs in the
+  following rounds. So a job's Score sweep slows running streams by about that factor instead of
+  holding them for the whole sweep; `interleave=inf` lets it take the full token budget at once.
 * Joining: a join costs the running rows one extra forward (the newcomers' prefill), so with rows
   running, waiting Generate rows join once they number `join_ratio` x the running rows or the oldest
   has waited `max_join_wait` steps.
@@ -118,6 +123,41 @@ class _Failure:
 _USER_ERRORS = (InvalidRequest, NotFound, LimitExceeded)
 
 
+class UnaryCost:
+    """Seconds of a prompt-only batch as `fixed + per_token x padded tokens`, fitted by least squares
+    over recent batches (each older batch weighs `decay` times less): what sizes the batch that runs
+    between two decode steps. A single size seen so far gives no slope; then all cost is per token."""
+
+    def __init__(self, decay: float = 0.9) -> None:
+        self.decay = decay
+        self._w = self._n = self._t = self._nn = self._nt = 0.0
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        d, n = self.decay, float(max(1, tokens))
+        self._w, self._n, self._t = d * self._w + 1, d * self._n + n, d * self._t + seconds
+        self._nn, self._nt = d * self._nn + n * n, d * self._nt + n * seconds
+
+    def fit(self) -> tuple[float, float] | None:
+        """(fixed seconds, seconds per padded token), or None before any batch."""
+        if self._w == 0:
+            return None
+        det = self._w * self._nn - self._n * self._n
+        slope = (self._w * self._nt - self._n * self._t) / det if det > 1e-9 * self._w * self._nn else 0.0
+        if slope <= 0:
+            return 0.0, self._t / self._n
+        fixed = (self._t - slope * self._n) / self._w
+        if fixed < 0:  # the line through zero instead
+            return 0.0, self._nt / self._nn
+        return fixed, slope
+
+    def tokens_within(self, seconds: float) -> int:
+        """The most padded tokens a batch may hold to take at most `seconds` (0 before any batch)."""
+        f = self.fit()
+        if f is None or f[1] <= 0:
+            return 0
+        return max(0, int((seconds - f[0]) / f[1]))
+
+
 class Batcher:
     """The Engine protocol over an HFEngine, with concurrent calls merged into batches.
 
@@ -136,8 +176,11 @@ class Batcher:
         max_wait_s: float = 0.05,
         join_ratio: float = 0.25,
         max_join_wait: int = 4,
+        interleave: float = 4.0,
     ) -> None:
         self._engine = engine
+        self.interleave = float(interleave)
+        self.unary_cost = UnaryCost()
         self.join_ratio = float(join_ratio)
         self.max_join_wait = int(max_join_wait)
         self._decoding = DecodeBatch(engine)
@@ -400,7 +443,7 @@ class Batcher:
         head = next((c for c in self._pending if c.kind != "generate"), None)
         if head is not None:
             group = [c for c in self._pending if c.kind == head.kind and c.key == head.key]
-            unary = self._round_robin(group, max_items, 0, 0)
+            unary = self._round_robin(group, max_items, 0, 0, self._unary_budget())
         joining: list[tuple[_Call, int]] = []
         waiting = self._joiners()
         if waiting:
@@ -410,9 +453,20 @@ class Batcher:
         self._pending = [c for c in self._pending if c.next_row < len(c.requests)]
         return unary, joining
 
-    def _round_robin(self, group: list[_Call], max_items: int, taken: int, longest: int) -> list[tuple[_Call, int]]:
+    def _unary_budget(self) -> int:
+        """Padded tokens for this round's prompt-only batch: the full `max_batch_tokens` when nothing
+        is generating, else what `UnaryCost` says takes `interleave` x a decode step (at least one
+        row is taken whatever the budget)."""
+        if not self._decoding.rows or self.interleave == float("inf"):
+            return self.max_batch_tokens
+        return min(self.max_batch_tokens, self.unary_cost.tokens_within(self.interleave * self._step_s))
+
+    def _round_robin(self, group: list[_Call], max_items: int, taken: int, longest: int,
+                     budget: int | None = None) -> list[tuple[_Call, int]]:
         """Rows taken round-robin over `group`, oldest first, until `max_items` rows (counting `taken`
-        already running) or `max_batch_tokens` padded tokens (rows x longest row) are reached."""
+        already running) or `budget` padded tokens (rows x longest row; default `max_batch_tokens`)
+        are reached. The first row is always taken."""
+        budget = self.max_batch_tokens if budget is None else budget
         rows: list[tuple[_Call, int]] = []
         progress = True
         while progress and taken + len(rows) < max_items:
@@ -421,7 +475,7 @@ class Batcher:
                 if c.next_row >= len(c.requests) or taken + len(rows) >= max_items:
                     continue
                 cost = c.costs[c.next_row]
-                if (taken or rows) and (taken + len(rows) + 1) * max(longest, cost) > self.max_batch_tokens:
+                if (taken or rows) and (taken + len(rows) + 1) * max(longest, cost) > budget:
                     continue
                 rows.append((c, c.next_row))
                 c.next_row += 1
@@ -469,8 +523,10 @@ class Batcher:
                 self._rerun_alone(rows, calls, exc)
         finally:
             longest = max(c.costs[i] for c, i in rows)
-            self.observer.batch(kind, len(rows), len(rows) * longest, time.perf_counter() - t0,
-                                eng.hook_seconds - hook0)
+            seconds = time.perf_counter() - t0
+            if kind != "generate":
+                self.unary_cost.observe(len(rows) * longest, seconds)
+            self.observer.batch(kind, len(rows), len(rows) * longest, seconds, eng.hook_seconds - hook0)
 
     def _run_unary(self, kind: str, key: tuple[Any, ...], reqs: list[Request], extras: list[Any]) -> list[Any]:
         eng = self._engine
@@ -578,11 +634,12 @@ def n_latents(r: Request, resolver: Any) -> int:
 
 def batched(engine: Any, window_s: float = 0.005, max_batch_tokens: int = 16384,
             observer: BatchObserver | None = None, max_wait_s: float = 0.05, join_ratio: float = 0.25,
-            max_join_wait: int = 4) -> Any:
+            max_join_wait: int = 4, interleave: float = 4.0) -> Any:
     """`engine` behind a Batcher when it is an HFEngine (else unchanged)."""
     if isinstance(engine, HFEngine):
-        return Batcher(engine, window_s, max_batch_tokens, observer, max_wait_s, join_ratio, max_join_wait)
+        return Batcher(engine, window_s, max_batch_tokens, observer, max_wait_s, join_ratio, max_join_wait,
+                       interleave)
     return engine
 
 
-__all__ = ["Batcher", "BatchObserver", "RequestCancelled", "batched", "cancel_scope"]
+__all__ = ["Batcher", "BatchObserver", "RequestCancelled", "UnaryCost", "batched", "cancel_scope"]

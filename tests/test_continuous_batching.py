@@ -13,7 +13,7 @@ import pytest
 import torch
 from refusal_audit.audit.spec import Request, SamplingParams, user_prompt
 from refusal_audit.server import decode_batch
-from refusal_audit.server.batching import Batcher
+from refusal_audit.server.batching import Batcher, UnaryCost
 from refusal_audit.server.decode_batch import DecodeBatch
 from refusal_audit.server.hf_engine import HFEngine
 from test_batch_invariance import _Recorder, _run_threads
@@ -255,17 +255,71 @@ def test_non_finite_logits_end_only_their_rows_call():
     assert isinstance(results[1], NonFiniteOutput) and "items[1]" in str(results[1]), results[1]
 
 
+def test_unary_cost_fits_fixed_plus_per_token_seconds():
+    cost = UnaryCost()
+    assert cost.fit() is None and cost.tokens_within(10.0) == 0  # nothing measured: one row at a time
+    cost.observe(100, 0.4)
+    assert cost.fit() == (0.0, 0.004)  # one size: no slope to fit, all of it per token
+    cost = UnaryCost()
+    for n in (10, 100, 400, 50):
+        cost.observe(n, 0.1 + 0.002 * n)
+    fixed, per_token = cost.fit()  # type: ignore[misc]
+    assert fixed == pytest.approx(0.1) and per_token == pytest.approx(0.002)
+    assert cost.tokens_within(0.5) in (199, 200) and cost.tokens_within(0.05) == 0
+
+
+def _score_rows() -> list[Request]:
+    return [Request(prompt=user_prompt(f"Question {i}: what is {i} plus {i}?")) for i in range(6)]
+
+
+@pytest.mark.parametrize("budget", ["one_row", "two_rows", "unbounded"])
+def test_a_large_prompt_only_call_interleaves_with_running_streams(budget):
+    """A six-row Score call arriving mid-generation runs in batches sized by the interleave budget,
+    one batch between two decode steps (a budget below one row still takes a row per round), instead
+    of holding the running stream for all six rows; with no cap it is one batch. Its results and the
+    stream's tokens are bit-identical to each run alone."""
+    rows = _score_rows()
+    engine = _engine_with_planted_ties("gemma3", [*rows, _long_request()])
+    want_gen = engine.generate([_long_request()])[0]
+    want_score = engine.score(rows, [5, 6], top_k=3)
+    gate = _Gate(3, lambda: batcher.pending_rows() >= len(rows))
+    batcher = Batcher(engine, window_s=0.0, observer=gate, interleave=float("inf") if budget == "unbounded" else 1.0)
+    if budget != "unbounded":
+        longest = max(len(x) for x in engine._batch_ids(rows))
+        tokens = 0 if budget == "one_row" else 2 * longest
+        batcher.unary_cost.tokens_within = lambda seconds: tokens  # type: ignore[method-assign]
+    try:
+        threads, results = _run_threads([lambda: batcher.generate([_long_request()])[0]])
+        assert gate.holding.wait(60), "the long generation never reached the gate"
+        more, scored = _run_threads([lambda: batcher.score(rows, [5, 6], top_k=3)])
+        for t in threads + more:
+            t.join(timeout=120)
+    finally:
+        batcher.close()
+    assert results[0].token_ids == want_gen.token_ids
+    assert not isinstance(scored[0], Exception), scored[0]
+    for got, want in zip(scored[0], want_score, strict=True):
+        assert np.array_equal(got.logprobs, want.logprobs) and np.array_equal(got.top_token_ids, want.top_token_ids)
+    kinds = [kind for kind, _ in gate.batches]
+    score_batches = [n for kind, n in gate.batches if kind == "score"]
+    expect = {"one_row": [1] * 6, "two_rows": [2, 2, 2], "unbounded": [6]}[budget]
+    assert score_batches == expect, gate.batches
+    first = kinds.index("score")
+    between = kinds[first : first + 2 * len(expect) - 1]
+    assert between == ["score", "step"] * (len(expect) - 1) + ["score"], gate.batches  # a step between each
+
+
 def test_the_servers_join_policy_reaches_its_batcher(tmp_path):
     from refusal_audit.server.app import ThreadedServer
     from refusal_audit.server.config import ServerConfig
     from tiny import no_jobs
 
-    cfg = ServerConfig(port=0, data_dir=tmp_path, batch_join_ratio=0.5, batch_join_wait_steps=7)
+    cfg = ServerConfig(port=0, data_dir=tmp_path, batch_join_ratio=0.5, batch_join_wait_steps=7, batch_interleave=2.5)
     srv = ThreadedServer(cfg, build_engine("llama"), jobs_factory=no_jobs).start()
     try:
         batcher = srv.handle.engine
         assert isinstance(batcher, Batcher)
-        assert (batcher.join_ratio, batcher.max_join_wait) == (0.5, 7)
+        assert (batcher.join_ratio, batcher.max_join_wait, batcher.interleave) == (0.5, 7, 2.5)
     finally:
         srv.stop()
 
