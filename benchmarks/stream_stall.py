@@ -86,7 +86,8 @@ def run_once(address: str, args: argparse.Namespace, layers: list[int]) -> dict[
 def gaps(run: dict[str, Any]) -> tuple[list[float], list[float]]:
     """Gaps between two tokens of a stream: those overlapping the Score call's window, and the rest."""
     s0, s1 = run["window"]
-    inside, outside = [], []
+    inside: list[float] = []
+    outside: list[float] = []
     for ts in run["times"]:
         for a, b in zip(ts, ts[1:], strict=False):
             (inside if a < s1 and b > s0 else outside).append(b - a)
