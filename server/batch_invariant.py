@@ -14,6 +14,10 @@ whatever the batch holds, instead of a path chosen by the batch's size and count
   through the same large-size kernel. The floor is measured, not assumed: `row_floor` compares
   calls of many sizes with the same entries computed in calls of exactly f rows, once per (K, dtype,
   device, threads). A BLAS with no floor up to 64 raises `NoRowFloor`.
+  On CPU, float32 `F.linear` (every projection of the model and its LM head) goes to oneDNN's
+  inner product instead (`torch.ops.mkldnn._linear_pointwise`, the op Inductor lowers CPU linears
+  to), where its floor is measured too: it is 2 on the x86 hosts measured (MKL: 12), and oneDNN is
+  2-3x faster than MKL there for the 262k-row LM head (docs/engines.md, "Batch-invariant mode").
 * **Padding inside attention.** A left-padded row attends over a longer, masked key axis through
   another kernel (an explicit mask instead of `is_causal`), so its softmax sums in another order.
   The "rows" attention implementations (`rows-sdpa`, `rows-eager`) run each row on its own unpadded
@@ -47,7 +51,8 @@ _PROBE_WIDE = 96  # the other dimension while one is varied
 _PROBE_ROWS = 1031
 _PROBE_LONG = (2047, 2048, 4096, 4099)  # the floor found is checked on calls this long too
 
-_floors: dict[tuple[int, torch.dtype, str, int], int | None] = {}  # None: no floor found
+_floors: dict[tuple[int, torch.dtype, str, int, str], int | None] = {}  # None: no floor found
+_onednn_floors: dict[tuple[int, int, str], int | None] = {}  # (K, threads, precision); None: not usable
 
 
 class NoRowFloor(RuntimeError):
@@ -63,7 +68,12 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
 
-def _probe(k: int, dtype: torch.dtype, device: torch.device) -> int | None:
+def _onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [m, k] @ weight [n, k].T (+ bias) through oneDNN's inner product (float32 on CPU)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+def _probe(k: int, dtype: torch.dtype, device: torch.device, onednn: bool = False) -> int | None:
     """The smallest f <= 64 such that an [M, k] @ [k, N] matmul's entry does not depend on M or N
     once both are at least f.
 
@@ -75,30 +85,40 @@ def _probe(k: int, dtype: torch.dtype, device: torch.device) -> int | None:
     g = torch.Generator(device="cpu").manual_seed(1234 + k)
     x = torch.randn(_PROBE_LONG[-1], k, generator=g).to(dtype=dtype, device=device)
     w = torch.randn(k, max(_PROBE_SIZES), generator=g).to(dtype=dtype, device=device)
+    w_rows = w.T.contiguous()  # oneDNN's linear takes the weight as rows, as nn.Linear stores it
+
+    def mm(a: torch.Tensor, cols: int) -> torch.Tensor:
+        return _onednn_linear(a, w_rows[:cols]) if onednn else a @ w[:, :cols]
 
     def chunked(rows: int, f: int, cols: int) -> torch.Tensor:
         padded = _pad(x[:rows], 0, -(-rows // f) * f)
-        return torch.cat([padded[i : i + f] @ w[:, :cols] for i in range(0, padded.shape[0], f)])
+        return torch.cat([mm(padded[i : i + f], cols) for i in range(0, padded.shape[0], f)])
 
     for f in range(1, _MAX_FLOOR + 1):
         ref = chunked(_PROBE_ROWS, f, w.shape[1])
         sizes = [*range(f, 2 * f + 4), *(n for n in _PROBE_SIZES if n >= f)]
         wide = max(_PROBE_WIDE, f)
-        ok = all(torch.equal(x[:m] @ w[:, :wide], ref[:m, :wide]) for m in sizes)
-        ok = ok and all(torch.equal(x[:40] @ w[:, :n], ref[:40, :n]) for n in sizes)
-        ok = ok and all(torch.equal(x[:n] @ w[:, :n], ref[:n, :n]) for n in sizes)
+        ok = all(torch.equal(mm(x[:m], wide), ref[:m, :wide]) for m in sizes)
+        ok = ok and all(torch.equal(mm(x[:40], n), ref[:40, :n]) for n in sizes)
+        ok = ok and all(torch.equal(mm(x[:n], n), ref[:n, :n]) for n in sizes)
         if ok:
             long_ref = chunked(_PROBE_LONG[-1], f, _PROBE_WIDE)
-            if all(torch.equal(x[:m] @ w[:, :_PROBE_WIDE], long_ref[:m]) for m in _PROBE_LONG):
+            if all(torch.equal(mm(x[:m], _PROBE_WIDE), long_ref[:m]) for m in _PROBE_LONG):
                 return f
             return None
     return None
 
 
+def _precision() -> str:
+    """oneDNN's float32 matmul precision ("bf16" inside the demo's `bf16_matmuls`): it changes the kernels."""
+    matmul = getattr(torch.backends.mkldnn, "matmul", None)
+    return str(getattr(matmul, "fp32_precision", ""))
+
+
 def row_floor(k: int, dtype: torch.dtype, device: torch.device) -> int:
     """The measured floor (rows and columns) of matmuls reducing over `k`, cached per dtype, device
     and thread count."""
-    key = (k, dtype, str(device), torch.get_num_threads())
+    key = (k, dtype, str(device), torch.get_num_threads(), _precision())
     if key not in _floors:
         _floors[key] = _probe(k, dtype, device)  # inside the mode's handler the mode is off
         log.info("matmul floor for K=%d %s on %s, %d threads: %s", k, dtype, device, key[3], _floors[key])
@@ -107,6 +127,22 @@ def row_floor(k: int, dtype: torch.dtype, device: torch.device) -> int:
         raise NoRowFloor(f"the BLAS rounds an entry of a K={k} {dtype} matmul differently at every size up to "
                          f"{_MAX_FLOOR}: batch-invariant matmuls are not possible on this build")
     return floor
+
+
+def onednn_floor(k: int, dtype: torch.dtype, device: torch.device) -> int | None:
+    """The measured floor of oneDNN's linear for K=k (float32 on CPU), cached per thread count and
+    precision; None where oneDNN is not built in, the op fails, or no floor up to 64 exists."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    key = (k, torch.get_num_threads(), _precision())
+    if key not in _onednn_floors:
+        try:
+            _onednn_floors[key] = _probe(k, dtype, device, onednn=True)
+        except (RuntimeError, AttributeError) as exc:  # an op missing from this build
+            log.info("oneDNN linear unavailable (%s): matmuls go to the BLAS", exc)
+            _onednn_floors[key] = None
+        log.info("oneDNN linear floor for K=%d, %d threads: %s", k, key[1], _onednn_floors[key])
+    return _onednn_floors[key]
 
 
 def _floor_of(a: torch.Tensor) -> int:
@@ -134,8 +170,14 @@ def _linear(input: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     x = input
     if x.dim() < 2:
         return F.linear(x, weight, bias)
-    f = _floor_of(x)
     m, n = x.numel() // max(1, x.shape[-1]), weight.shape[0]
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)  # the op has no backward
+    g = None if grad or weight.dim() != 2 or not weight.is_contiguous() else onednn_floor(x.shape[-1], x.dtype, x.device)
+    if g is not None and weight.dtype == x.dtype and (bias is None or bias.dtype == x.dtype):
+        b = None if bias is None else _pad(bias, 0, g)
+        out = _onednn_linear(_pad(x.reshape(m, x.shape[-1]), 0, g).contiguous(), _pad(weight, 0, g), b)[:m, :n]
+        return out.reshape(*x.shape[:-1], n)
+    f = _floor_of(x)
     if m >= f and n >= f:
         return F.linear(x, weight, bias)
     bias = None if bias is None else _pad_term(bias, -1, n, f)

@@ -77,7 +77,34 @@ def test_a_rows_projection_does_not_depend_on_how_many_rows_share_the_call():
         shared = [F.linear(x[:m], w)[:1] for m in range(1, 40)]
         batched = [torch.bmm(x[:m].unsqueeze(0), w.T.unsqueeze(0))[0, :1] for m in range(1, 40)]
     assert all(torch.equal(s, alone) for s in shared), f"row floor {floor}"
-    assert all(torch.equal(b, alone) for b in batched)
+    # each op against its own call alone: F.linear goes to oneDNN on CPU where it has a floor, bmm to the BLAS
+    assert all(torch.equal(b, batched[0]) for b in batched)
+    torch.testing.assert_close(batched[0], alone, rtol=1e-5, atol=2e-4)  # |entries| ~ 25: float32 rounding
+
+
+def test_cpu_float32_linears_go_to_onednn_where_it_has_a_floor():
+    g_floor = bi.onednn_floor(640, torch.float32, torch.device("cpu"))
+    if g_floor is None:
+        pytest.skip("oneDNN's linear has no measured floor on this build: F.linear stays on the BLAS")
+    g = torch.Generator().manual_seed(5)
+    x, w, b = torch.randn(3, 640, generator=g), torch.randn(300, 640, generator=g), torch.randn(300, generator=g)
+    with bi.InvariantMatmuls():
+        got = F.linear(x[:1], w, b)
+        wide = F.linear(x[:1], w[:1], b[:1])  # fewer output columns than the floor: padded too
+    want = bi._onednn_linear(bi._pad(x[:1], 0, g_floor), w, b)[:1]
+    assert torch.equal(got, want)
+    assert torch.equal(wide, got[:, :1])
+
+
+def test_a_linear_that_needs_gradients_takes_the_blas_and_backpropagates():
+    """oneDNN's inference op has no backward: attribution's gradients go through the padded BLAS."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 640, generator=g, requires_grad=True)
+    w = torch.randn(64, 640, generator=g)
+    with bi.InvariantMatmuls():
+        F.linear(x, w).sum().backward()
+    assert x.grad is not None
+    torch.testing.assert_close(x.grad, w.sum(0).expand(2, -1), rtol=1e-5, atol=1e-4)
 
 
 # ---------------------------------------------------------------------------------------------- attention
