@@ -36,7 +36,14 @@ from ..audit.engine import (
 from ..audit.errors import InvalidRequest
 from ..audit.latent_edges import EdgeResponse
 from ..audit.spec import Request
-from .batch_invariant import InvariantMatmuls, NoRowFloor, padded_batch, row_floor, use_row_attention
+from .batch_invariant import (
+    InvariantMatmuls,
+    NoRowFloor,
+    onednn_floor,
+    padded_batch,
+    row_floor,
+    use_row_attention,
+)
 from .engine_base import EngineBase
 from .interventions import BatchPlan, Resolver, RowCache, TokenContext, compile_plan
 from .sae_runtime import LayerSAE
@@ -132,6 +139,7 @@ class HFEngine(EngineBase):
         try:
             for k in sorted({m.in_features for m in self.model.modules() if isinstance(m, nn.Linear)}):
                 row_floor(k, self.dtype, self.device)
+                onednn_floor(k, self.dtype, self.device)  # where measured, F.linear goes to oneDNN instead
             use_row_attention(self.model)
         except (NoRowFloor, ValueError) as exc:
             if wanted:
