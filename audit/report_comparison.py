@@ -94,6 +94,9 @@ def render_compute(d: dict[str, Any]) -> str:
     precision = d.get("matmul_precision")  # a demo run's; jobs do not record it
     how = " (fp32 tensors, bf16 inputs, fp32 accumulation)" if precision == "bf16" else ""
     note = f" Matmul precision: {esc(precision)}{how}." if precision else ""
+    if "batch_invariant" in d:  # a demo run's engine: whether a prompt's numbers depend on its batch-mates
+        note += (" Batch-invariant engine: every prompt's numbers are the prompt's alone, whatever shares its batch."
+                 if d["batch_invariant"] else " Plain engine: a prompt's numbers may differ in the last bits with its batch-mates.")
     return ("<p>Per prompt row; forward-equivalents = forward + 2 x backward; a generation's prefill is one forward, "
             f"its further tokens are counted apart.{note}</p>" + table(
                 ["section", "stage", "forward", "backward", "forward-equiv.", "generations", "generated tokens",

@@ -60,8 +60,10 @@ def load_demo_engine(data_dir: Path) -> HFEngine:
     for sub in sorted(saes_root.glob("layer_*")):
         saes.append((int(sub.name.split("_")[1]), SAE.load_from_disk(str(sub), device="cpu"), str(sub)))
     cfg = model.config.get_text_config()
+    # batch-invariant where the BLAS allows it: a prompt's verdict does not depend on which prompts
+    # share its batch (nor on the batch size), only on the prompt, the model and the precision
     return HFEngine(model, tokenizer, build_layer_saes(saes, cfg.hidden_size, cfg.num_hidden_layers),
-                    model_name="embedded:gemma-3-270m-refusal")
+                    model_name="embedded:gemma-3-270m-refusal", batch_invariant=None)
 
 
 def refusal_rates(engine: Any, prompts: list[str], interventions: tuple = (), max_new_tokens: int = 24,
@@ -249,6 +251,7 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
         eng.resolver = _LocalResolver(ctx)
         timings["load"] = time.perf_counter() - t0
         info = eng.info
+        results["compute"]["batch_invariant"] = bool(getattr(info, "batch_invariant", False))
         console.print(f"engine: {info.model} ({info.architecture}, {info.n_layers} layers, d={info.d_model}); "
                       f"SAEs at layers {list(info.sae_layers)}")
         return eng
