@@ -367,6 +367,8 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
                 ctx.directions.update(entry["directions"])
                 ctx.latent_sets.update(entry["latent_sets"])
                 compute[name] = entry.get("compute")
+                if entry.get("batch_invariant") is not None:  # the engine that computed it (not loaded now)
+                    results["compute"]["batch_invariant"] = entry["batch_invariant"]
                 timings[name] = 0.0
                 reused.append(name)
             else:
@@ -381,7 +383,8 @@ def run_demo(data_dir: Path | str, small: bool = False, n_prompts: int | None = 
                 if ok:
                     cache.put(name, fp, {"results": out, "objects": dict(objects), "directions": dict(ctx.directions),
                                          "latent_sets": dict(ctx.latent_sets), "seconds": timings[name],
-                                         "compute": compute[name]})
+                                         "compute": compute[name],
+                                         "batch_invariant": results["compute"].get("batch_invariant")})
                 write_report(results, run_dir, title=title)  # the sections so far, readable now
             if name == "coherence_gate":
                 ctx.judge = gate()  # every later verdict passes the gate
