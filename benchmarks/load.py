@@ -82,7 +82,8 @@ def scrape(url: str | None) -> dict[str, float]:
     for fam in text_string_to_metric_families(text):
         for s in fam.samples:
             if not s.name.startswith(("refusal_audit_batch", "refusal_audit_queue_wait", "refusal_audit_hook",
-                                      "refusal_audit_latents_per_request", "refusal_audit_generated_tokens")):
+                                      "refusal_audit_latents_per_request", "refusal_audit_generated_tokens",
+                                      "refusal_audit_token_interval")):
                 continue
             if s.name.endswith("_bucket") or s.name.endswith("_created"):
                 continue
@@ -291,6 +292,7 @@ def main() -> None:
             qw_n = _delta(after, before, "refusal_audit_queue_wait_seconds_count")
             lat_n = _delta(after, before, "refusal_audit_latents_per_request_count")
             batch_s = _delta(after, before, "refusal_audit_batch_seconds_total")
+            ti_n = _delta(after, before, "refusal_audit_token_interval_seconds_count")
             rows.append({
                 "engine": args.engine + (" (batch-invariant)" if args.batch_invariant and args.engine == "hf" else "")
                 + (f", joins {_policy_name(ratio, wait)}" if len(policies) > 1 else ""),
@@ -302,6 +304,9 @@ def main() -> None:
                 "mean_batch": _delta(after, before, "refusal_audit_batch_size_sum" + kind) / bs_n if bs_n else float("nan"),
                 "mean_queue_wait_s": (_delta(after, before, "refusal_audit_queue_wait_seconds_sum") / qw_n
                                       if qw_n else float("nan")),
+                # HF generation: a stream's mean wait between two tokens (steps + work run between them)
+                "token_interval_s": (_delta(after, before, "refusal_audit_token_interval_seconds_sum") / ti_n
+                                     if ti_n else float("nan")),
                 "hook_share": _delta(after, before, "refusal_audit_hook_seconds_total") / batch_s if batch_s else float("nan"),
                 # HF generation: engine time in admissions (newcomers' prefills) vs decode steps
                 "prefill_share": (_delta(after, before, "refusal_audit_batch_seconds_total{generate}") / batch_s
@@ -326,15 +331,16 @@ def main() -> None:
           f"{_joins_note(policies) if not args.server and args.engine == 'hf' else ''}; "
           "load average (1 min) before -> after each row\n")
     print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
-          "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | time in hooks | time in prefills | "
-          "latents/request | load avg |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+          "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | mean token interval s | time in hooks | "
+          "time in prefills | latents/request | load avg |")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         base = next(b for b in rows if b["engine"] == r["engine"])  # the policy's first client count
         print(f"| {r['engine']} | {r['clients']} | {r['issued']} | {'yes' if r['exactly_once'] else 'NO'} | "
               f"{r['same_as_alone']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
               f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p50_s'] / base['p50_s']:.2f}x | {r['mean_batch']:.1f} | "
-              f"{r['mean_queue_wait_s']:.3f} | {100 * r['hook_share']:.1f}% | {_pct(r['prefill_share'])} | "
+              f"{r['mean_queue_wait_s']:.3f} | {r['token_interval_s']:.3f} | {100 * r['hook_share']:.1f}% | "
+              f"{_pct(r['prefill_share'])} | "
               f"{r['latents_per_request']:.0f} | "
               f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
         for e in r["first_errors"]:

@@ -186,6 +186,7 @@ class Batcher:
         self._decoding = DecodeBatch(engine)
         self._steps = 0  # decode steps run (how long a waiting Generate call has waited)
         self._step_s = 0.0  # a decode step's seconds (moving average): scales the collection gap
+        self._last_step_at: float | None = None  # when the running generation's last step started
         self.window_s = float(window_s)
         self.max_wait_s = float(max_wait_s)
         self.max_batch_tokens = int(max_batch_tokens)
@@ -392,6 +393,7 @@ class Batcher:
                     log.exception("decode step failed")
                     self._fail_all([(r.owner, r.index) for r in self._decoding.rows], exc)
                     self._decoding = DecodeBatch(self._engine)
+                    self._last_step_at = None
         for row in self._decoding.rows:
             self._fail(row.owner, RequestCancelled("the server is shutting down"))
 
@@ -555,10 +557,14 @@ class Batcher:
         batch = self._decoding
         batch.remove([r for r in batch.rows if r.owner.gone])
         if not batch.rows:
+            self._last_step_at = None
             return
         eng = self._engine
         rows, padded = len(batch), batch.padded_tokens
         hook0, t0 = eng.hook_seconds, time.perf_counter()
+        if self._last_step_at is not None:
+            self.observer.token_interval(t0 - self._last_step_at)
+        self._last_step_at = t0
         for row, event in batch.pick():
             call: _Call = row.owner
             if isinstance(event, Exception):
@@ -568,6 +574,8 @@ class Batcher:
                 if event.finished:
                     self._row_done(call, row.index, None, send=False)
         batch.remove([r for r in batch.rows if r.owner.gone])
+        if not batch.rows:
+            self._last_step_at = None  # the generation ended: the next one's first interval starts afresh
         batch.advance()
         self._steps += 1
         seconds = time.perf_counter() - t0

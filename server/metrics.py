@@ -26,6 +26,10 @@ class BatchObserver:
     def scheduler(self, waiting: int, running: int) -> None:
         """The engine's own scheduler holds `waiting` queued and `running` scheduled requests (vLLM)."""
 
+    def token_interval(self, seconds: float) -> None:
+        """Two consecutive decode steps of a running generation started `seconds` apart: what its
+        streams waited between two tokens (the step, plus any prompt-only batch or admission between)."""
+
     def latents(self, n: int) -> None:
         """One request (row) names n SAE latents in its interventions."""
 
@@ -89,6 +93,12 @@ class Metrics:
         self.latents_per_request = Histogram(
             "refusal_audit_latents_per_request", "SAE latents named by a request's interventions", ["engine"],
             buckets=_LATENT_BUCKETS, registry=r,
+        )
+        self.token_interval = Histogram(
+            "refusal_audit_token_interval_seconds",
+            "time between two decode steps of a running generation: a stream's wait between two tokens, "
+            "including prompt-only batches and admissions run between the steps (HF engine)",
+            ["engine"], buckets=_WAIT_BUCKETS, registry=r,
         )
         self.batch_seconds = Counter(
             "refusal_audit_batch_seconds", "seconds the engine spent running batches", ["engine", "kind"], registry=r
@@ -154,6 +164,9 @@ class _PromObserver(BatchObserver):
 
     def queued(self, kind: str, wait_s: float) -> None:
         self.m.queue_wait.labels(self.engine, kind).observe(max(0.0, wait_s))
+
+    def token_interval(self, seconds: float) -> None:
+        self.m.token_interval.labels(self.engine).observe(max(0.0, seconds))
 
     def scheduler(self, waiting: int, running: int) -> None:
         self.m.scheduler_requests.labels(self.engine, "waiting").set(waiting)

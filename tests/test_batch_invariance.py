@@ -314,6 +314,8 @@ def test_concurrent_grpc_calls_equal_sequential_and_are_metered(tmp_path):
         assert n_lat and float(n_lat[0].split()[-1]) >= len(reqs)
         hook = [ln for ln in text.splitlines() if ln.startswith('refusal_audit_hook_seconds_total{engine="hf"')]
         assert hook and float(hook[0].split()[-1]) > 0
+        gaps = [ln for ln in text.splitlines() if ln.startswith('refusal_audit_token_interval_seconds_count{engine="hf"}')]
+        assert gaps and float(gaps[0].split()[-1]) >= 1  # the streams' waits between two tokens
         for c in clients:
             c.close()
     finally:

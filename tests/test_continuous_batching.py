@@ -283,6 +283,8 @@ def test_a_large_prompt_only_call_interleaves_with_running_streams(budget):
     want_gen = engine.generate([_long_request()])[0]
     want_score = engine.score(rows, [5, 6], top_k=3)
     gate = _Gate(3, lambda: batcher.pending_rows() >= len(rows))
+    intervals: list[float] = []
+    gate.token_interval = intervals.append  # type: ignore[method-assign]
     batcher = Batcher(engine, window_s=0.0, observer=gate, interleave=float("inf") if budget == "unbounded" else 1.0)
     if budget != "unbounded":
         longest = max(len(x) for x in engine._batch_ids(rows))
@@ -307,6 +309,8 @@ def test_a_large_prompt_only_call_interleaves_with_running_streams(budget):
     first = kinds.index("score")
     between = kinds[first : first + 2 * len(expect) - 1]
     assert between == ["score", "step"] * (len(expect) - 1) + ["score"], gate.batches  # a step between each
+    # one wait between two tokens per pair of consecutive steps of the (one, unbroken) generation
+    assert len(intervals) == kinds.count("step") - 1 and all(t > 0 for t in intervals), intervals
 
 
 def test_the_servers_join_policy_reaches_its_batcher(tmp_path):
