@@ -242,6 +242,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads of the in-process server (0 = default)")
     ap.add_argument("--batch-invariant", action=argparse.BooleanOptionalAction, default=True,
                     help="--engine hf: the engine's batch-invariant mode (on by default, as in `serve`)")
+    ap.add_argument("--interleave", type=float, default=4.0,
+                    help="the in-process HF server's --batch-interleave (inf: no cap on work between two steps)")
     ap.add_argument("--join-policies", default="0.25:4",
                     help="in-process HF server: when a Generate call joins a running generation, as RATIO:WAIT (once "
                          "the waiting calls number RATIO x its rows, or the oldest has waited WAIT decode steps: "
@@ -279,6 +281,7 @@ def main() -> None:
         for (ratio, wait), n in [(p, int(x)) for p in policies for x in args.clients.split(",")]:
             if server is not None and hasattr(server.handle.engine, "join_ratio"):
                 server.handle.engine.join_ratio, server.handle.engine.max_join_wait = ratio, wait
+                server.handle.engine.interleave = args.interleave
             per = max(args.min_per_client, -(-args.total // n))
             before = scrape(metrics_url)
             lv = run_level(address, n, per, shape, args.duration)

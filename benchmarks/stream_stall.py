@@ -9,7 +9,8 @@ call ran and their median gap outside it, the Score call's latency, the streams'
 1-minute load average. Every stream's tokens and every Score result must be the same under every
 value (batch-invariant mode: bit for bit).
 
-    python benchmarks/stream_stall.py --interleaves inf,1,0.5 --streams 4 --score-rows 128
+    python benchmarks/stream_stall.py --interleaves inf,4,1 --streams 4 --score-rows 128
+    python benchmarks/stream_stall.py --interleaves 4 --sweep generate --score-rows 64   # a job's Generate joins
 """
 
 from __future__ import annotations
@@ -74,7 +75,10 @@ def run_once(address: str, args: argparse.Namespace, layers: list[int]) -> dict[
     started.wait(timeout=600)
     client = AuditClient(address, timeout=900)
     s0 = time.perf_counter()
-    scores = client.score(_score_prompts(args.score_rows), [5, 6, 7], top_k=4)
+    if args.sweep == "score":
+        scores: list[Any] = client.score(_score_prompts(args.score_rows), [5, 6, 7], top_k=4)
+    else:  # a job's generation: its rows join the running streams' decode batch
+        scores = client.generate(_score_prompts(args.score_rows), max_new_tokens=args.sweep_tokens)
     s1 = time.perf_counter()
     client.close()
     for t in threads:
@@ -101,7 +105,10 @@ def main() -> None:
     ap.add_argument("--streams", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--after", type=int, default=4, help="stream tokens before the Score call is sent")
-    ap.add_argument("--score-rows", type=int, default=128)
+    ap.add_argument("--score-rows", type=int, default=128, help="prompts in the sweep's one call")
+    ap.add_argument("--sweep", choices=["score", "generate"], default="score",
+                    help="the sweep's call: Score (prompt-only, interleaved) or Generate (its rows join the streams)")
+    ap.add_argument("--sweep-tokens", type=int, default=4, help="--sweep generate: new tokens per sweep prompt")
     ap.add_argument("--latents", type=int, default=2000, help="per stream, its own mask")
     ap.add_argument("--layers", default="3,6,9,12")
     ap.add_argument("--d-sae", type=int, default=16384)
@@ -130,18 +137,21 @@ def main() -> None:
                 first = run
             else:
                 same_tokens = run["tokens"] == first["tokens"]
-                same_scores = all(np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.top_token_ids, b.top_token_ids)
-                                  for a, b in zip(run["score"], first["score"], strict=True))
+                same_scores = all(
+                    (a.token_ids == b.token_ids) if args.sweep == "generate" else
+                    (np.array_equal(a.logprobs, b.logprobs) and np.array_equal(a.top_token_ids, b.top_token_ids))
+                    for a, b in zip(run["score"], first["score"], strict=True))
                 same = "yes" if same_tokens and same_scores else f"NO (tokens {same_tokens}, scores {same_scores})"
             rows.append((text, max(inside, default=float("nan")), percentile(inside, 0.95),
                          statistics.median(outside) if outside else float("nan"), run["window"][1] - run["window"][0],
                          run["wall"], len(run["errors"]), same, load0, os.getloadavg()[0]))
     finally:
         server.stop()
-    print(f"\n{args.streams} streams x {args.new_tokens} tokens ({args.latents} latents each), one Score call of "
+    sweep = "Score" if args.sweep == "score" else f"Generate ({args.sweep_tokens} new tokens each)"
+    print(f"\n{args.streams} streams x {args.new_tokens} tokens ({args.latents} latents each), one {sweep} call of "
           f"{args.score_rows} prompts after {args.after} stream tokens; batch-invariant={args.batch_invariant}; "
           f"torch threads {torch.get_num_threads()}\n")
-    print("| interleave | longest gap during Score s | p95 gap during Score s | median gap otherwise s | Score call s "
+    print("| interleave | longest gap during the sweep s | p95 gap during it s | median gap otherwise s | sweep call s "
           "| streams' wall s | errors | same as first | load |")
     print("|---|---:|---:|---:|---:|---:|---:|---|---|")
     for r in rows:

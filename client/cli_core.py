@@ -291,7 +291,7 @@ def register(app: typer.Typer) -> None:
         batch_join_wait_steps: Annotated[int, typer.Option(
             "--batch-join-wait-steps", help="HF batching: ... or once the oldest has waited this many decode steps")] = 4,
         batch_interleave: Annotated[float, typer.Option(
-            "--batch-interleave", help="HF batching: while rows generate, a prompt-only batch between two decode "
+            "--batch-interleave", help="HF batching: while rows generate, a prompt-only batch or a join between two decode "
             "steps takes about this x a step (inf: all at once, holding the streams)")] = 4.0,
         batch_invariant: Annotated[bool | None, typer.Option(
             "--batch-invariant/--no-batch-invariant", help="HF engine: every row bit-identical to the row run "

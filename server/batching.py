@@ -18,11 +18,12 @@ its batch-mates or on when it joined: batching changes throughput, not results.
 * Fairness: rows are taken round-robin over the waiting calls, oldest first, so a job's 256-row
   Score shares each batch with the interactive one-row calls instead of holding the engine, and
   prompt-only calls run between decode steps instead of after a generation.
-* Interleaving: while rows are generating, the prompt-only batch between two decode steps is sized to
-  take about `interleave` (4) x a decode step (at least one row), from a fit of earlier prompt-only
-  batches' seconds against their padded tokens (`UnaryCost`); the rest of a large call runs in the
-  following rounds. So a job's Score sweep slows running streams by about that factor instead of
-  holding them for the whole sweep; `interleave=inf` lets it take the full token budget at once.
+* Interleaving: while rows are generating, the prompt-only batch between two decode steps, and the
+  prefill of Generate rows joining them, are each sized to take about `interleave` (4) x a decode
+  step (at least one row), from fits of earlier batches' seconds against their padded tokens
+  (`UnaryCost`, one for each); the rest of a large call runs or joins in the following rounds. So a
+  job's sweep slows running streams by about that factor instead of holding them for the whole
+  sweep; `interleave=inf` lets it take the full token budget at once.
 * Joining: a join costs the running rows one extra forward (the newcomers' prefill), so with rows
   running, waiting Generate rows join once they number `join_ratio` x the running rows or the oldest
   has waited `max_join_wait` steps.
@@ -180,7 +181,8 @@ class Batcher:
     ) -> None:
         self._engine = engine
         self.interleave = float(interleave)
-        self.unary_cost = UnaryCost()
+        self.unary_cost = UnaryCost()  # prompt-only batches
+        self.admit_cost = UnaryCost()  # admissions of Generate rows (their prefill)
         self.join_ratio = float(join_ratio)
         self.max_join_wait = int(max_join_wait)
         self._decoding = DecodeBatch(engine)
@@ -451,7 +453,8 @@ class Batcher:
         if waiting:
             running = self._decoding.rows
             longest = max((r.cost for r in running), default=0)
-            joining = self._round_robin(waiting, max_items, len(running), longest)
+            joining = self._round_robin(waiting, max_items, len(running), longest,
+                                        prefill_budget=self._budget(self.admit_cost) if running else None)
         self._pending = [c for c in self._pending if c.next_row < len(c.requests)]
         return unary, joining
 
@@ -459,17 +462,24 @@ class Batcher:
         """Padded tokens for this round's prompt-only batch: the full `max_batch_tokens` when nothing
         is generating, else what `UnaryCost` says takes `interleave` x a decode step (at least one
         row is taken whatever the budget)."""
-        if not self._decoding.rows or self.interleave == float("inf"):
-            return self.max_batch_tokens
-        return min(self.max_batch_tokens, self.unary_cost.tokens_within(self.interleave * self._step_s))
+        budget = self._budget(self.unary_cost) if self._decoding.rows else None
+        return self.max_batch_tokens if budget is None else min(self.max_batch_tokens, budget)
+
+    def _budget(self, cost: UnaryCost) -> int | None:
+        """Padded tokens of work that `cost` says takes `interleave` x a decode step (None: no cap)."""
+        if self.interleave == float("inf"):
+            return None
+        return cost.tokens_within(self.interleave * self._step_s)
 
     def _round_robin(self, group: list[_Call], max_items: int, taken: int, longest: int,
-                     budget: int | None = None) -> list[tuple[_Call, int]]:
+                     budget: int | None = None, prefill_budget: int | None = None) -> list[tuple[_Call, int]]:
         """Rows taken round-robin over `group`, oldest first, until `max_items` rows (counting `taken`
         already running) or `budget` padded tokens (rows x longest row; default `max_batch_tokens`)
-        are reached. The first row is always taken."""
+        are reached, and, for Generate rows joining a running batch, until their own prefill
+        (new rows x longest new prompt) would exceed `prefill_budget`. The first row is always taken."""
         budget = self.max_batch_tokens if budget is None else budget
         rows: list[tuple[_Call, int]] = []
+        longest_prompt = 0
         progress = True
         while progress and taken + len(rows) < max_items:
             progress = False
@@ -479,9 +489,14 @@ class Batcher:
                 cost = c.costs[c.next_row]
                 if (taken or rows) and (taken + len(rows) + 1) * max(longest, cost) > budget:
                     continue
+                prompt = _prompt_tokens(c, c.next_row)
+                if (prefill_budget is not None and rows
+                        and (len(rows) + 1) * max(longest_prompt, prompt) > prefill_budget):
+                    continue
                 rows.append((c, c.next_row))
                 c.next_row += 1
                 longest = max(longest, cost)
+                longest_prompt = max(longest_prompt, prompt)
                 progress = True
         return rows
 
@@ -528,6 +543,8 @@ class Batcher:
             seconds = time.perf_counter() - t0
             if kind != "generate":
                 self.unary_cost.observe(len(rows) * longest, seconds)
+            else:  # an admission: the newcomers' prefill
+                self.admit_cost.observe(len(rows) * max(_prompt_tokens(c, i) for c, i in rows), seconds)
             self.observer.batch(kind, len(rows), len(rows) * longest, seconds, eng.hook_seconds - hook0)
 
     def _run_unary(self, kind: str, key: tuple[Any, ...], reqs: list[Request], extras: list[Any]) -> list[Any]:
@@ -615,6 +632,11 @@ class Batcher:
                         self._row_done(c, i, res)
             except _USER_ERRORS as own:
                 self._fail(c, _reindex(own, [i for _, i in mine]))
+
+
+def _prompt_tokens(call: _Call, row: int) -> int:
+    """Tokens a row's prefill reads: a Generate row's rendered prompt, else its whole cost."""
+    return len(call.extras[row]) if call.kind == "generate" and call.extras[row] is not None else call.costs[row]
 
 
 def _reindex(exc: BaseException, rows: list[int]) -> BaseException:

@@ -79,8 +79,8 @@ class ServerConfig(BaseModel):
     # continuous batching: Generate calls join a running generation once they number this x its rows ...
     batch_join_ratio: float = Field(default=0.25, ge=0)
     batch_join_wait_steps: int = Field(default=4, ge=0)  # ... or have waited this many decode steps
-    # while rows generate, a prompt-only batch between two decode steps takes about this x a step (inf: the
-    # whole token budget at once, holding the streams for it)
+    # while rows generate, a prompt-only batch or a join (its prefill) between two decode steps takes about this
+    # x a step (inf: the whole token budget at once, holding the streams for it)
     batch_interleave: float = Field(default=4.0, gt=0)
     batching: bool = True  # False: every call runs alone, in arrival order
     # HF engine (and the vLLM engine's HF side): every row bit-identical to the row run alone, whatever

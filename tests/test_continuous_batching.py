@@ -164,7 +164,7 @@ def test_calls_join_a_running_generation_and_equal_sequential():
     alone = [engine.generate([r])[0] for r in [_long_request(), *newcomers]]
     alone_score = engine.score([newcomers[0]], [5, 6])[0]
     gate = _Gate(3, lambda: batcher.pending_rows() >= len(newcomers) + 1)
-    batcher = Batcher(engine, window_s=0.0, observer=gate, join_ratio=0.0)
+    batcher = Batcher(engine, window_s=0.0, observer=gate, join_ratio=0.0, interleave=float("inf"))  # one admission
     try:
         results, done_at = _serve_with_newcomers(batcher, gate, newcomers)
     finally:
@@ -311,6 +311,40 @@ def test_a_large_prompt_only_call_interleaves_with_running_streams(budget):
     assert between == ["score", "step"] * (len(expect) - 1) + ["score"], gate.batches  # a step between each
     # one wait between two tokens per pair of consecutive steps of the (one, unbroken) generation
     assert len(intervals) == kinds.count("step") - 1 and all(t > 0 for t in intervals), intervals
+
+
+@pytest.mark.parametrize("budget", ["two_rows", "unbounded"])
+def test_a_large_generate_call_joins_running_streams_in_chunks(budget):
+    """A six-row Generate call arriving mid-generation joins in admissions whose prefill fits the
+    interleave budget (two rows here, one decode step between two admissions), or all at once with no
+    cap; every answer is bit-identical to the request alone either way."""
+    rows = [Request(prompt=r.prompt, sampling=SamplingParams(max_new_tokens=3)) for r in _score_rows()]
+    engine = _engine_with_planted_ties("gemma3", [*rows, _long_request()])
+    want_gen = engine.generate([_long_request()])[0]
+    want = [engine.generate([r])[0] for r in rows]
+    gate = _Gate(3, lambda: batcher.pending_rows() >= len(rows))
+    batcher = Batcher(engine, window_s=0.0, observer=gate, join_ratio=0.0,
+                      interleave=float("inf") if budget == "unbounded" else 1.0)
+    if budget == "two_rows":
+        longest = max(len(x) for x in engine._batch_ids(rows))
+        batcher.admit_cost.tokens_within = lambda seconds: 2 * longest  # type: ignore[method-assign]
+    try:
+        threads, results = _run_threads([lambda: batcher.generate([_long_request()])[0]])
+        assert gate.holding.wait(60), "the long generation never reached the gate"
+        more, joined = _run_threads([lambda: batcher.generate(rows)])
+        for t in threads + more:
+            t.join(timeout=120)
+    finally:
+        batcher.close()
+    assert results[0].token_ids == want_gen.token_ids
+    assert not isinstance(joined[0], Exception), joined[0]
+    assert [c.token_ids for c in joined[0]] == [c.token_ids for c in want]
+    admissions = [n for kind, n in gate.batches if kind == "generate"]
+    assert admissions == ([1, 2, 2, 2] if budget == "two_rows" else [1, 6]), gate.batches
+    kinds = [kind for kind, _ in gate.batches]
+    first = kinds.index("generate", 1)
+    if budget == "two_rows":  # one decode step of the running rows between two admissions
+        assert kinds[first : first + 5] == ["generate", "step", "generate", "step", "generate"], gate.batches
 
 
 def test_the_servers_join_policy_reaches_its_batcher(tmp_path):
