@@ -272,6 +272,23 @@ def _score_rows() -> list[Request]:
     return [Request(prompt=user_prompt(f"Question {i}: what is {i} plus {i}?")) for i in range(6)]
 
 
+def _beside_a_long_generation(batcher: Batcher, gate: _Gate, call: Callable[[], Any]) -> tuple[Any, Any]:
+    """Start the long generation, send `call` once it holds at the gate, close the batcher; returns
+    (the long generation's completion, call's result), raising either's error."""
+    try:
+        threads, results = _run_threads([lambda: batcher.generate([_long_request()])[0]])
+        assert gate.holding.wait(60), "the long generation never reached the gate"
+        more, called = _run_threads([call])
+        for t in threads + more:
+            t.join(timeout=120)
+    finally:
+        batcher.close()
+    for r in (results[0], called[0]):
+        if isinstance(r, Exception):
+            raise r
+    return results[0], called[0]
+
+
 @pytest.mark.parametrize("budget", ["one_row", "two_rows", "unbounded"])
 def test_a_large_prompt_only_call_interleaves_with_running_streams(budget):
     """A six-row Score call arriving mid-generation runs in batches sized by the interleave budget,
@@ -290,17 +307,9 @@ def test_a_large_prompt_only_call_interleaves_with_running_streams(budget):
         longest = max(len(x) for x in engine._batch_ids(rows))
         tokens = 0 if budget == "one_row" else 2 * longest
         batcher.unary_cost.tokens_within = lambda seconds: tokens  # type: ignore[method-assign]
-    try:
-        threads, results = _run_threads([lambda: batcher.generate([_long_request()])[0]])
-        assert gate.holding.wait(60), "the long generation never reached the gate"
-        more, scored = _run_threads([lambda: batcher.score(rows, [5, 6], top_k=3)])
-        for t in threads + more:
-            t.join(timeout=120)
-    finally:
-        batcher.close()
-    assert results[0].token_ids == want_gen.token_ids
-    assert not isinstance(scored[0], Exception), scored[0]
-    for got, want in zip(scored[0], want_score, strict=True):
+    long_answer, scored = _beside_a_long_generation(batcher, gate, lambda: batcher.score(rows, [5, 6], top_k=3))
+    assert long_answer.token_ids == want_gen.token_ids
+    for got, want in zip(scored, want_score, strict=True):
         assert np.array_equal(got.logprobs, want.logprobs) and np.array_equal(got.top_token_ids, want.top_token_ids)
     kinds = [kind for kind, _ in gate.batches]
     score_batches = [n for kind, n in gate.batches if kind == "score"]
@@ -328,17 +337,9 @@ def test_a_large_generate_call_joins_running_streams_in_chunks(budget):
     if budget == "two_rows":
         longest = max(len(x) for x in engine._batch_ids(rows))
         batcher.admit_cost.tokens_within = lambda seconds: 2 * longest  # type: ignore[method-assign]
-    try:
-        threads, results = _run_threads([lambda: batcher.generate([_long_request()])[0]])
-        assert gate.holding.wait(60), "the long generation never reached the gate"
-        more, joined = _run_threads([lambda: batcher.generate(rows)])
-        for t in threads + more:
-            t.join(timeout=120)
-    finally:
-        batcher.close()
-    assert results[0].token_ids == want_gen.token_ids
-    assert not isinstance(joined[0], Exception), joined[0]
-    assert [c.token_ids for c in joined[0]] == [c.token_ids for c in want]
+    long_answer, joined = _beside_a_long_generation(batcher, gate, lambda: batcher.generate(rows))
+    assert long_answer.token_ids == want_gen.token_ids
+    assert [c.token_ids for c in joined] == [c.token_ids for c in want]
     admissions = [n for kind, n in gate.batches if kind == "generate"]
     assert admissions == ([1, 2, 2, 2] if budget == "two_rows" else [1, 6]), gate.batches
     kinds = [kind for kind, _ in gate.batches]
