@@ -96,6 +96,22 @@ def test_cpu_float32_linears_go_to_onednn_where_it_has_a_floor():
     assert torch.equal(wide, got[:, :1])
 
 
+def test_a_build_whose_onednn_linear_fails_keeps_the_blas(monkeypatch):
+    def broken(*_a, **_k):
+        raise RuntimeError("mkldnn::_linear_pointwise: not supported on this CPU")
+
+    monkeypatch.setattr(bi, "_onednn_linear", broken)
+    monkeypatch.setattr(bi, "_onednn_floors", {})
+    assert bi.onednn_floor(96, torch.float32, torch.device("cpu")) is None
+    floor = _floor_or_skip(96)
+    g = torch.Generator().manual_seed(7)
+    x, w = torch.randn(5, 96, generator=g), torch.randn(40, 96, generator=g)
+    with bi.InvariantMatmuls():
+        alone = F.linear(x[:1], w)
+        shared = F.linear(x, w)[:1]
+    assert torch.equal(alone, shared), f"row floor {floor}"
+
+
 def test_a_linear_that_needs_gradients_takes_the_blas_and_backpropagates():
     """oneDNN's inference op has no backward: attribution's gradients go through the padded BLAS."""
     g = torch.Generator().manual_seed(6)
