@@ -21,7 +21,7 @@ its batch-mates or on when it joined: batching changes throughput, not results.
 * Interleaving: while rows are generating, the prompt-only batch between two decode steps, and the
   prefill of Generate rows joining them, are each sized to take about `interleave` (4) x a decode
   step (at least one row), from fits of earlier batches' seconds against their padded tokens
-  (`UnaryCost`, one for each); the rest of a large call runs or joins in the following rounds. So a
+  (`BatchCost`, one for each); the rest of a large call runs or joins in the following rounds. So a
   job's sweep slows running streams by about that factor instead of holding them for the whole
   sweep; `interleave=inf` lets it take the full token budget at once.
 * Joining: a join costs the running rows one extra forward (the newcomers' prefill), so with rows
@@ -124,10 +124,11 @@ class _Failure:
 _USER_ERRORS = (InvalidRequest, NotFound, LimitExceeded)
 
 
-class UnaryCost:
-    """Seconds of a prompt-only batch as `fixed + per_token x padded tokens`, fitted by least squares
-    over recent batches (each older batch weighs `decay` times less): what sizes the batch that runs
-    between two decode steps. A single size seen so far gives no slope; then all cost is per token."""
+class BatchCost:
+    """Seconds of a batch (a prompt-only batch, or an admission's prefill) as `fixed + per_token x
+    padded tokens`, fitted by least squares over recent batches (each older batch weighs `decay`
+    times less): what sizes the work that runs between two decode steps. A single size seen so far
+    gives no slope; then all cost is per token."""
 
     def __init__(self, decay: float = 0.9) -> None:
         self.decay = decay
@@ -181,8 +182,8 @@ class Batcher:
     ) -> None:
         self._engine = engine
         self.interleave = float(interleave)
-        self.unary_cost = UnaryCost()  # prompt-only batches
-        self.admit_cost = UnaryCost()  # admissions of Generate rows (their prefill)
+        self.unary_cost = BatchCost()  # prompt-only batches
+        self.admit_cost = BatchCost()  # admissions of Generate rows (their prefill)
         self.join_ratio = float(join_ratio)
         self.max_join_wait = int(max_join_wait)
         self._decoding = DecodeBatch(engine)
@@ -395,7 +396,8 @@ class Batcher:
                     log.exception("decode step failed")
                     self._fail_all([(r.owner, r.index) for r in self._decoding.rows], exc)
                     self._decoding = DecodeBatch(self._engine)
-                    self._last_step_at = None
+            if not self._decoding.rows:
+                self._last_step_at = None  # no generation running: the next one's first interval starts afresh
         for row in self._decoding.rows:
             self._fail(row.owner, RequestCancelled("the server is shutting down"))
 
@@ -460,12 +462,12 @@ class Batcher:
 
     def _unary_budget(self) -> int:
         """Padded tokens for this round's prompt-only batch: the full `max_batch_tokens` when nothing
-        is generating, else what `UnaryCost` says takes `interleave` x a decode step (at least one
+        is generating, else what `BatchCost` says takes `interleave` x a decode step (at least one
         row is taken whatever the budget)."""
         budget = self._budget(self.unary_cost) if self._decoding.rows else None
         return self.max_batch_tokens if budget is None else min(self.max_batch_tokens, budget)
 
-    def _budget(self, cost: UnaryCost) -> int | None:
+    def _budget(self, cost: BatchCost) -> int | None:
         """Padded tokens of work that `cost` says takes `interleave` x a decode step (None: no cap)."""
         if self.interleave == float("inf"):
             return None
@@ -574,7 +576,6 @@ class Batcher:
         batch = self._decoding
         batch.remove([r for r in batch.rows if r.owner.gone])
         if not batch.rows:
-            self._last_step_at = None
             return
         eng = self._engine
         rows, padded = len(batch), batch.padded_tokens
@@ -591,8 +592,6 @@ class Batcher:
                 if event.finished:
                     self._row_done(call, row.index, None, send=False)
         batch.remove([r for r in batch.rows if r.owner.gone])
-        if not batch.rows:
-            self._last_step_at = None  # the generation ended: the next one's first interval starts afresh
         batch.advance()
         self._steps += 1
         seconds = time.perf_counter() - t0
@@ -672,4 +671,4 @@ def batched(engine: Any, window_s: float = 0.005, max_batch_tokens: int = 16384,
     return engine
 
 
-__all__ = ["Batcher", "BatchObserver", "RequestCancelled", "UnaryCost", "batched", "cancel_scope"]
+__all__ = ["BatchCost", "BatchObserver", "Batcher", "RequestCancelled", "batched", "cancel_scope"]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from refusal_audit.audit.spec import Request, SamplingParams, user_prompt
 from refusal_audit.server import decode_batch
-from refusal_audit.server.batching import Batcher, UnaryCost
+from refusal_audit.server.batching import BatchCost, Batcher
 from refusal_audit.server.decode_batch import DecodeBatch
 from refusal_audit.server.hf_engine import HFEngine
 from test_batch_invariance import _Recorder, _run_threads
@@ -255,12 +255,12 @@ def test_non_finite_logits_end_only_their_rows_call():
     assert isinstance(results[1], NonFiniteOutput) and "items[1]" in str(results[1]), results[1]
 
 
-def test_unary_cost_fits_fixed_plus_per_token_seconds():
-    cost = UnaryCost()
+def test_batch_cost_fits_fixed_plus_per_token_seconds():
+    cost = BatchCost()
     assert cost.fit() is None and cost.tokens_within(10.0) == 0  # nothing measured: one row at a time
     cost.observe(100, 0.4)
     assert cost.fit() == (0.0, 0.004)  # one size: no slope to fit, all of it per token
-    cost = UnaryCost()
+    cost = BatchCost()
     for n in (10, 100, 400, 50):
         cost.observe(n, 0.1 + 0.002 * n)
     fixed, per_token = cost.fit()  # type: ignore[misc]
