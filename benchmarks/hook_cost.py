@@ -10,6 +10,9 @@ GemmaScope-2-shaped JumpReLU SAE (640 -> 16,384, random weights: timing only), a
   * shared     all requests ablate the same set (one group: the floor for this set size)
   * union      every request ablates the union of the 8 distinct sets: the matmul work of the old
                union gather (~3,600 latents per token for 8 x 500), without its masks
+  * fused      the same plan with the fused CPU kernel (server/fused_hook.py): each token encodes
+               its own set's latents and adds its decoder terms in one C pass, no slots; sets with
+               more than fused_hook.MAX_TOKENS tokens in the step stay on the slot path
   * dense-dec  `batched` with the decode forced through the `bmm` over every latent of the sets
                (what `decode_coefficients` does past its sparse bound: dense clamps, long prefills)
 
@@ -19,7 +22,7 @@ threshold fires on ~31% of the latents for these random inputs, where the sparse
 Median over `--repeats` interleaved timings. Load-light compared with an end-to-end run, but it
 still shares the CPU with whatever else runs: print the load average next to it.
 
-    python benchmarks/hook_cost.py [--latents 500] [--prefill 20] [--repeats 30]
+    python benchmarks/hook_cost.py [--latents 500] [--prefill 20] [--repeats 30] [--threads 1] [--cold]
 """
 
 from __future__ import annotations
@@ -44,11 +47,15 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=8)
     ap.add_argument("--prefill", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (and the fused kernel's)")
+    ap.add_argument("--cold", action="store_true",
+                    help="write a 64 MB buffer before every timed call, so each starts with the caches cold, as "
+                         "between two layers of a forward pass")
     ap.add_argument("--fire-rate", type=float, default=None,
                     help="fraction of latents active per token (threshold from the N(0, 1) pre-activations of "
                          "the random inputs); default: threshold 0.5, i.e. ~31%% active, far denser than a real SAE")
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     d_sae, d = 16384, 640
     threshold = 0.5 if args.fire_rate is None else threshold_for_fire_rate(args.fire_rate)
     sae = gemmascope_shaped_sae(d, d_sae, seed=1, threshold=threshold)
@@ -63,10 +70,10 @@ def main() -> None:
     # one runtime SAE (same weights) per configuration: each keeps its own slot pool, as a server running
     # one of them would, instead of the interleaved configurations evicting each other's sets
     plans = {k: compile_plan(v, [args.prefill] * args.rows, build_layer_saes({1: sae}, d, 4), 4, d,
-                             torch.device("cpu")).latent_layers[1]
-             for k, v in specs.items()}
+                             torch.device("cpu"), fused=k == "fused").latent_layers[1]
+             for k, v in {**specs, "fused": specs["distinct"]}.items()}
     plans = {"batched": plans["distinct"], "looped": replace(plans["distinct"], batched=False),
-             "shared": plans["shared"], "union": plans["union"], "dense-dec": plans["distinct"]}
+             "shared": plans["shared"], "union": plans["union"], "dense-dec": plans["distinct"], "fused": plans["fused"]}
 
     def run(name: str, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         if name != "dense-dec":
@@ -79,8 +86,10 @@ def main() -> None:
             interventions._SPARSE_DECODE_FRACTION, interventions._SPARSE_DECODE_FRACTION_UNGATHERED = saved
 
     load0 = os.getloadavg()[0]
+    junk = torch.empty(16 << 20)
     print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; threshold {threshold:.2f}; "
-          "torch threads 1")
+          f"torch threads {args.threads}; caches {'cold' if args.cold else 'warm'}; "
+          f"fused kernel {'on' if plans['fused']._fused_arrays() is not None else 'unavailable'}")
     for step, per_row in (("decode", 1), ("prefill", args.prefill)):
         n = args.rows * per_row
         row = torch.arange(args.rows).repeat_interleave(per_row)
@@ -94,9 +103,12 @@ def main() -> None:
                 outs = {k: run(k, h, ctx) for k in plans}
             gap = float((outs["batched"] - outs["looped"]).abs().max())
             gap_dense = float((outs["batched"] - outs["dense-dec"]).abs().max())
+            gap_fused = float((outs["batched"] - outs["fused"]).abs().max())
             fired = float((plans["batched"].sae.encode(h[0]) > 0).float().mean())
             for _ in range(args.repeats):
                 for k in plans:
+                    if args.cold:
+                        junk.add_(1.0)
                     t0 = time.perf_counter()
                     run(k, h, ctx)
                     times[k].append(time.perf_counter() - t0)
@@ -104,8 +116,8 @@ def main() -> None:
         print(f"{step:8s} ({n:4d} tokens, {100 * fired:.1f}% of latents fire): "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
               + f"; batched/looped {med['batched'] / med['looped']:.2f}, looped/union {med['looped'] / med['union']:.2f}, "
-              f"batched/dense-dec {med['batched'] / med['dense-dec']:.2f}"
-              + f"; max |batched - looped| {gap:.1e}, |batched - dense-dec| {gap_dense:.1e}")
+              f"batched/dense-dec {med['batched'] / med['dense-dec']:.2f}, fused/batched {med['fused'] / med['batched']:.2f}"
+              + f"; max |batched - looped| {gap:.1e}, |batched - dense-dec| {gap_dense:.1e}, |batched - fused| {gap_fused:.1e}")
     print(f"load average (1 min) before / after: {load0:.1f} / {os.getloadavg()[0]:.1f}")
 
 

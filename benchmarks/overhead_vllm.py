@@ -10,6 +10,9 @@ to completion (greedy, `--new-tokens` each); every request carries its *own* ran
   * vllm-hooked/0  the SAE engine, no intervention (hooks installed, no-ops)
   * vllm-hooked/N  N latents ablated per request, spread over the 4 layers (sparse path)
   * hf/0, hf/N     the HF engine on the same weights and SAEs (one padded batch)
+  * vllm-slots/N   with `--unfused`: the same SAE engine with its fused CPU kernel switched off
+                   (`set_fused_hook(False)`: every latent hook on the slot path) for these runs, the
+                   comparison for server/fused_hook.py
 
 Reported: generated tokens/s (all tokens of the run / wall time) and the p50 / p99 of request
 latency (submit -> final token), over `--repeats` interleaved repeats (round-robin over the
@@ -95,6 +98,8 @@ def main() -> None:
     ap.add_argument("--sae-l0", type=float, default=100.0,
                     help="calibrate each random SAE's thresholds so that this many latents fire per token on real "
                          "activations, as in a trained SAE (0: one fixed threshold, 0.5, which fires on ~1/3 of them)")
+    ap.add_argument("--unfused", action="store_true",
+                    help="also run the hooked engine with its fused hook kernel off (configurations vllm-slots/N)")
     ap.add_argument("--out", default=None, help="append a markdown section to this file")
     ap.add_argument("--json", default=None, help="write raw results as JSON")
     args = ap.parse_args()
@@ -124,6 +129,8 @@ def main() -> None:
         t0 = time.perf_counter()
         engines["vllm-plain"] = VLLMEngine.from_config(model_name, {}, hooks=False, **vkw)
         startup["vllm-plain"] = time.perf_counter() - t0
+    if args.unfused:
+        engines["vllm-slots"] = hooked  # the same engine, its kernel switched off around these runs
     if not args.no_hf:
         torch.set_num_threads(args.hf_threads)
         engines["hf"] = HFEngine(model, tok, build_layer_saes(saes, d_model, len(model.model.layers)), model_name=model_name)
@@ -131,26 +138,38 @@ def main() -> None:
     if "vllm-plain" in engines:
         configs.append(("vllm-plain", "vllm-plain", 0))
     configs += [(f"vllm-hooked/{n}", "vllm-hooked", n) for n in ns]
+    if "vllm-slots" in engines:
+        configs += [(f"vllm-slots/{n}", "vllm-slots", n) for n in ns if n]
     if "hf" in engines:
         configs += [(f"hf/{n}", "hf", n) for n in (int(x) for x in args.hf_latents.split(","))]
     reqs = {name: requests_for(n, args.batch, args.new_tokens, layers, args.d_sae) for name, _, n in configs}
+    def run(name: str, eng: str, reqs_: list[Request]) -> tuple[float, int, list[float]]:
+        if eng == "vllm-slots":
+            hooked.set_fused_hook(False)
+        try:
+            return run_once(engines[eng], reqs_)
+        finally:
+            if eng == "vllm-slots":
+                hooked.set_fused_hook(True)
+
     for name, eng, _ in configs:  # warm-up (first-call allocations, slice caches)
-        run_once(engines[eng], reqs[name][:2])
+        run(name, eng, reqs[name][:2])
     raw: dict[str, dict[str, list[float]]] = {name: {"tps": [], "lat": [], "hook_s": []} for name, _, _ in configs}
     load_before = os.getloadavg()
     for rep in range(args.repeats):
         for name, eng, _ in configs:
-            if eng == "vllm-hooked":
-                hooked.hook_stats(reset=True)
-            wall, n_tok, lat = run_once(engines[eng], reqs[name])
+            hooks = eng in ("vllm-hooked", "vllm-slots")
+            if hooks:
+                engines[eng].hook_stats(reset=True)
+            wall, n_tok, lat = run(name, eng, reqs[name])
             raw[name]["tps"].append(n_tok / wall)
             raw[name]["lat"].extend(lat)
-            if eng == "vllm-hooked":
-                raw[name]["hook_s"].append(float(hooked.hook_stats().get("hook_s", 0.0)) / wall)
+            if hooks:
+                raw[name]["hook_s"].append(float(engines[eng].hook_stats().get("hook_s", 0.0)) / wall)
             print(f"repeat {rep} {name:18s} {n_tok / wall:7.1f} tok/s  p50 {statistics.median(lat):.2f}s")
     load_after = os.getloadavg()
     facts = hooked.worker_facts
-    for eng in engines.values():
+    for eng in {id(e): e for e in engines.values()}.values():
         if hasattr(eng, "close"):
             eng.close()
     base = statistics.median(raw[configs[0][0]]["tps"])
@@ -160,7 +179,7 @@ def main() -> None:
         hook = statistics.median(raw[name]["hook_s"]) if raw[name]["hook_s"] else None
         rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook))
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "
-               f"(worker torch threads: {facts.get('torch_threads')}), HF engine torch threads: {torch.get_num_threads()}, "
+               f"(worker torch threads: {facts.get('torch_threads')}, fused hook kernel: {facts.get('fused_hook')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
     md = [
         f"### {model_name}{' (vLLM compiled)' if args.compiled else ''}, batch {args.batch} x {args.new_tokens} new tokens, "

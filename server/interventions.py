@@ -36,6 +36,7 @@ from ..audit.spec import (
     ScaleLatents,
     TokenScope,
 )
+from . import fused_hook
 from .sae_runtime import LayerSAE
 
 SCOPE_ALL, SCOPE_PROMPT, SCOPE_GENERATED, SCOPE_LAST_N, SCOPE_POSITIONS = range(5)
@@ -282,7 +283,10 @@ class LatentLayerPlan:
     groups: list[_LatentGroup]
     batched: bool = True  # the slot path (False: always the per-group loop, for comparisons)
     invariant: bool = False  # batch-invariant: one path and a sparse decode whatever the batch holds
+    fused: bool = False  # sets with few tokens this step through the fused CPU kernel (server/fused_hook.py)
     _batch: _GroupBatch | None = field(default=None, init=False, repr=False)
+    _tables: fused_hook.SetTables | None = field(default=None, init=False, repr=False)
+    _arrays: fused_hook.SAEArrays | None | bool = field(default=False, init=False, repr=False)  # False: not decided
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [B, T, d] -> h' with every row's ops at this layer applied (exact, error term kept)."""
@@ -293,7 +297,8 @@ class LatentLayerPlan:
 
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
-        if self.sae.separable and (self.invariant or (self.batched and len(self.groups) > 1)):
+        if self.sae.separable and (self.invariant or self._fused_arrays() is not None
+                                   or (self.batched and len(self.groups) > 1)):
             return self._apply_slots(h, ctx)
         return self._apply_looped(h, self.scopes.masks(ctx))  # one group: the loop's few ops, its slices cached
 
@@ -322,6 +327,22 @@ class LatentLayerPlan:
         if not toks:
             return h
         return x_all.index_copy(0, torch.cat(toks), torch.cat(news)).unsqueeze(0)
+
+    def _fused_arrays(self) -> fused_hook.SAEArrays | None:
+        """The SAE's arrays for the fused kernel when this plan may use it (decided once): every row's
+        op covers its whole set (else per-token op weights are needed, which only the slot path has)."""
+        arrays = self._arrays
+        if arrays is False:
+            ok = self.fused and all(g.single for g in self.groups) and self.scopes.rows.device.type == "cpu"
+            arrays = self._arrays = self.sae.fused_arrays() if ok else None
+        assert arrays is not True
+        return arrays
+
+    def _set_tables(self) -> fused_hook.SetTables:
+        tables = self._tables
+        if tables is None:
+            tables = self._tables = fused_hook.set_tables([(g.latents, g.scales[0], g.targets[0]) for g in self.groups])
+        return tables
 
     def _batch_consts(self) -> _GroupBatch:
         gb = self._batch
@@ -361,6 +382,26 @@ class LatentLayerPlan:
         tok = tok[order]
         gid = tok_group[tok]
         counts = np.bincount(gid, minlength=G)
+        sae = self.sae
+        x_all = h[0]
+        toks: list[torch.Tensor] = []
+        news: list[torch.Tensor] = []
+        arrays = self._fused_arrays()
+        if arrays is not None:  # sets with few tokens this step (decodes): the fused kernel, no slots
+            few = (counts <= fused_hook.MAX_TOKENS)[gid]
+            if few.any():
+                tok_t = torch.from_numpy(tok[few]).to(x_all.device)
+                x = x_all.index_select(0, tok_t)
+                x_in, scale = sae.normalise_in(x)
+                delta = fused_hook.fused_delta(x_in, gid[few], self._set_tables(), arrays)
+                if not isinstance(scale, float) or scale != 1.0:
+                    delta = delta * scale
+                toks.append(tok_t)
+                news.append(x + delta)
+                tok, gid = tok[~few], gid[~few]
+                counts = np.bincount(gid, minlength=G)
+                if tok.size == 0:
+                    return x_all.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
         slot_in_group = np.arange(tok.size) - (np.cumsum(counts) - counts)[gid]
         present = np.flatnonzero(counts)
         runs = [present]
@@ -368,12 +409,13 @@ class LatentLayerPlan:
         if G * t_max > _PAD_LIMIT * tok.size and G * t_max - tok.size > _PAD_SLACK * G:
             cap = 2 * int(np.sort(counts[present])[(present.size - 1) // 2])  # twice the (lower) median
             runs = [present[counts[present] <= cap]] + [np.array([g]) for g in present[counts[present] > cap]]
-        sae = self.sae
-        x_all = h[0]
-        toks: list[torch.Tensor] = []
-        news: list[torch.Tensor] = []
         with sae.pool_lock:
-            slots = np.asarray(sae.pool.assign(gb.keys, gb.edits, [g.latents for g in self.groups]))
+            if arrays is None:
+                slots = np.asarray(sae.pool.assign(gb.keys, gb.edits, [g.latents for g in self.groups]))
+            else:  # only the sets the kernel left (long prefills) take slots
+                slots = np.full(G, -1, dtype=np.int64)
+                slots[present] = sae.pool.assign([gb.keys[g] for g in present], [gb.edits[g] for g in present],
+                                                 [self.groups[g].latents for g in present])
             for run in runs:
                 if run.size == 0:
                     continue
@@ -774,6 +816,7 @@ def compile_plan(
     row_keys: Sequence[Hashable | None] | None = None,
     row_cache: RowCache | None = None,
     batch_invariant: bool = False,
+    fused: bool = False,
 ) -> BatchPlan:
     """Validate and compile per-row interventions (raises InvalidRequest / NotFound, naming the field).
 
@@ -783,6 +826,8 @@ def compile_plan(
     `row_keys` entry is not None is parsed once per (key, prompt length, sequence length): the key
     must name the row's interventions exactly (a hash of their canonical form). `batch_invariant`
     makes every latent layer take one path whatever the batch holds (server/batch_invariant.py).
+    `fused` runs the latent hook's decode-step tokens through the fused CPU kernel where it can
+    (server/fused_hook.py).
     """
     resolver = resolver or Resolver()
     latent_ops: dict[int, list[tuple[int, _LatentOp]]] = {}
@@ -810,6 +855,7 @@ def compile_plan(
             scopes=_scope_table([(r, op.scope) for r, op in ops], prompt_lens, device),
             groups=_latent_groups(ops, device, dtype),
             invariant=batch_invariant,
+            fused=fused and not batch_invariant,
         )
     if abl:
         plan.ablations = DirectionPlan(

@@ -25,6 +25,7 @@ from sae_lens.saes.standard_sae import StandardSAE
 from ..audit.engine import SAEInfo, SAERows
 from ..audit.errors import InvalidRequest
 from ..audit.stage_utils import rank_latents
+from . import fused_hook
 
 _SEPARABLE_NORMS = {"none", "expected_average_only_in", "constant_norm_rescale", "layer_norm"}
 ENCODER_ROWS_MAX_BYTES = 256 << 20
@@ -251,6 +252,7 @@ class LayerSAE:
         self._row_absmax: np.ndarray | None = None
         self._enc_rows: torch.Tensor | None = None
         self._b_enc_in: torch.Tensor | None = None
+        self._fused: fused_hook.SAEArrays | None | bool = False  # False: not made yet
 
     @property
     def info(self) -> SAEInfo:
@@ -310,6 +312,22 @@ class LayerSAE:
                     self._b_enc_in = (b - sae.b_dec.detach() @ sae.W_enc.detach()) if sae.cfg.apply_b_dec_to_input else b
                 bias = self._b_enc_in
         return bias
+
+    def fused_arrays(self) -> fused_hook.SAEArrays | None:
+        """The SAE as the fused hook kernel reads it (server/fused_hook.py; made once), or None where
+        the kernel cannot run it (not separable, not float32 on the CPU, no C compiler here)."""
+        arrays = self._fused
+        if arrays is False:
+            sae = self.sae
+            arrays = None
+            if self.separable and fused_hook.available():
+                arrays = fused_hook.sae_arrays(
+                    self._encoder_rows(), self._input_bias(),
+                    sae.threshold if isinstance(sae, JumpReLUSAE) else None, sae.W_dec,
+                )
+            self._fused = arrays
+        assert arrays is not True
+        return arrays
 
     def gather_encoder(self, key: tuple[int, ...], enc_rows: torch.Tensor | None = None,
                        idx: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:

@@ -247,10 +247,12 @@ class VLLMEngine(EngineBase):
         dtype: str = "float32",
         hf_device: str = "cpu",
         hooks: bool = True,
+        fused_hook: bool = True,
         **vllm_kwargs: Any,
     ) -> None:
         """`hooks=False` runs plain vLLM (no worker extension; requests with interventions are refused):
-        the baseline for measuring what the hooks cost."""
+        the baseline for measuring what the hooks cost. `fused_hook=False` keeps the latent hook on the
+        slot path where the fused CPU kernel could run (server/fused_hook.py; for comparisons)."""
         from transformers import AutoConfig, GenerationConfig
 
         self.vllm_version = check_vllm()
@@ -308,7 +310,7 @@ class VLLMEngine(EngineBase):
             self.llm = self._loop.call(self._start(vllm_kwargs))
             facts: Any = {"n_layers": self.n_layers, "hooks": False}
             if hooks:
-                payload = {"saes": sae_payload(saes), "d_model": self.d_model}
+                payload = {"saes": sae_payload(saes), "d_model": self.d_model, "fused_hook": fused_hook}
                 facts = self._loop.call(self.llm.collective_rpc("ra_install", args=(payload,)))
         except BaseException:
             self.close()
@@ -446,6 +448,14 @@ class VLLMEngine(EngineBase):
             return {}
         out = self._loop.call(self.llm.collective_rpc("ra_stats", args=(reset,)))
         return dict(out[0] if isinstance(out, list) else out)
+
+    def set_fused_hook(self, on: bool) -> bool:
+        """Switch the workers' fused CPU hook kernel (server/fused_hook.py) on or off for the following
+        steps; returns whether it is on (it needs CPU workers where the kernel builds)."""
+        if not self.hooks:
+            return False
+        out = self._loop.call(self.llm.collective_rpc("ra_set_fused", args=(bool(on),)))
+        return all(bool(x) for x in (out if isinstance(out, list) else [out]))
 
     def report_steps(self) -> int:
         """Hand the worker's model steps since the last call to `observer` (kind "step": one vLLM

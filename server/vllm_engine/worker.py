@@ -52,6 +52,7 @@ from pydantic import TypeAdapter
 from torch import nn
 
 from ...audit.spec import Intervention
+from .. import fused_hook
 from ..hf_engine import contribution_modules, decoder_layers
 from ..intervention_op import (
     SITE_CONTRIB,
@@ -157,6 +158,7 @@ class _HookRuntime:
         self._plans: OrderedDict[tuple, tuple[BatchPlan | None, torch.Tensor, frozenset[tuple[int, int]]]] = OrderedDict()
         self.hooks: _LayerHooks | None = None  # eager mode: hook points registered per step (`_LayerHooks.sync`)
         self._rows = RowCache()  # each request's interventions parsed once, whatever batch it is in
+        self.fused = False  # the latent hook's fused CPU kernel where it can run (`ra_install`)
         self._lock = threading.Lock()
         self.stats = {"steps": 0, "hooked_steps": 0, "plan_compiles": 0, "hook_s": 0.0, "step_setup_s": 0.0}
         # Per model step since the engine's last `ra_drain_steps`: (rows, seconds in the forward, of
@@ -211,7 +213,7 @@ class _HookRuntime:
             rows = [self._spec(payloads[k[0]]) if k else () for k in key]
             plens = [k[1] if k else 0 for k in key]
             plan = compile_plan(rows, plens, self.saes, self.n_layers, self.d_model, self.device,
-                                row_keys=[k[0] if k else None for k in key], row_cache=self._rows)
+                                row_keys=[k[0] if k else None for k in key], row_cache=self._rows, fused=self.fused)
             compiled_plan = None if plan.empty else plan
             cached = (compiled_plan, torch.tensor(plens, dtype=torch.long, device=self.device),
                       _plan_sites(compiled_plan, self.n_layers))
@@ -437,6 +439,8 @@ class SAEWorkerExtension:
         if not rt.d_model:
             rt.d_model = int(payload["d_model"])
         rt.saes = saes_from_payload(payload["saes"], rt.d_model, rt.n_layers, rt.device)
+        # the kernel builds here (about a second, once per machine), not inside the first request's step
+        rt.fused = bool(payload.get("fused_hook", True)) and rt.device.type == "cpu" and fused_hook.available()
         rt._plans.clear()
         rt._rows.clear()
         return self._ra_facts(rt)
@@ -451,6 +455,7 @@ class SAEWorkerExtension:
             "runner": type(rt.runner).__name__,
             "compiled": _compiled(rt.runner),
             "op_calls": op_calls(),
+            "fused_hook": rt.fused,
         }
 
     def ra_drain_steps(self) -> list[tuple[int, float, float]]:
@@ -460,6 +465,16 @@ class SAEWorkerExtension:
             return []
         log, rt.step_log = rt.step_log, deque(maxlen=_STEP_LOG_SIZE)
         return list(log)
+
+    def ra_set_fused(self, on: bool) -> bool:
+        """Switch the latent hook's fused CPU kernel on or off for the following steps (benchmarks compare
+        the two on one engine); returns whether it is on, which needs a CPU worker and a built kernel."""
+        rt: _HookRuntime | None = getattr(self, "_ra_runtime", None)
+        if rt is None:
+            return False
+        rt.fused = bool(on) and rt.device.type == "cpu" and fused_hook.available()
+        rt._plans.clear()  # plans carry the choice
+        return rt.fused
 
     def ra_stats(self, reset: bool = False) -> dict[str, Any]:
         """Hook counters: steps, hooked steps, plan compiles, seconds inside hooks and step set-up."""

@@ -1,0 +1,122 @@
+/* The latent hook fused into one CPU kernel (server/fused_hook.py builds and calls it).
+ *
+ * For each token t of set g = tok_set[t] (tokens sorted by set), over the set's latents i in order:
+ *     pre_i = b_enc[i] + x[t] . enc_rows[i];   z_i = pre_i > floor[i] ? pre_i : 0
+ *     c = mul[j] z_i + add[j];   out[t] += c dec[i]   (terms with c == 0 skipped)
+ * A token's arithmetic depends only on the token and its set: the same dot product (fixed lane
+ * order, then a fixed tree) and the same sum order of decoder terms whatever else the call holds,
+ * so the kernel is batch-invariant by construction (`dot` is one out-of-line function, and without
+ * -ffast-math the compiler keeps the written order). Tokens of one set are taken in blocks of
+ * `block`, so an encoder or decoder row read once serves the block from the L1 cache; blocks are
+ * spread over `threads` OpenMP threads, each block entirely on one thread. */
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define LANES 64
+#ifndef PREFETCH
+#define PREFETCH 4
+#endif
+
+__attribute__((noinline)) static float dot(const float *restrict a, const float *restrict b, int64_t d) {
+    float acc[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= d; k += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * b[k + l];
+    float tail = 0.0f;
+    for (; k < d; k++) tail += a[k] * b[k];
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0] + tail;
+}
+
+static inline float bf16_value(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* x . q for a bfloat16 row q (exact conversion to float32, then as `dot`): the screen's estimate. */
+__attribute__((noinline)) static float dot_bf16(const float *restrict a, const uint16_t *restrict q, int64_t d) {
+    float acc[LANES] = {0};
+    int64_t k = 0;
+    for (; k + LANES <= d; k += LANES)
+        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * bf16_value(q[k + l]);
+    float tail = 0.0f;
+    for (; k < d; k++) tail += a[k] * bf16_value(q[k]);
+    for (int w = LANES / 2; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
+    return acc[0] + tail;
+}
+
+/* The screen (enc_bf16 != NULL): latent i cannot fire at token t when
+ *     s~ + ||x|| slack[i] <= floor[i] - b_enc[i]
+ * where s~ = x . bf16(W_enc row i) and slack[i] bounds |x . row_i - s~| / ||x|| (bfloat16 rounding of
+ * the row plus both dot products' float32 rounding; server/fused_hook.py derives it). Then the exact
+ * pre-activation b + x . row_i is <= floor[i], so z_i = 0 exactly, without reading the float32 row;
+ * every other latent is computed exactly, as without the screen: the result is bit-identical, and
+ * the encoder bytes read per latent halve. The comparison runs in double with a relative margin. */
+int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *tok_set, const int64_t *offsets,
+                   const int64_t *ids, const float *mul, const float *add, const float *enc_rows,
+                   const float *b_enc, const float *floor_, const float *dec, float *out, int64_t block,
+                   int threads, const uint16_t *enc_bf16, const double *slack, int64_t *exact) {
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    if (starts == NULL) return 1;
+    int64_t n_items = 0;
+    for (int64_t t = 0; t < n;) {  /* runs of up to `block` consecutive tokens of one set */
+        starts[n_items++] = t;
+        int64_t e = t + 1;
+        while (e < n && e - t < block && tok_set[e] == tok_set[t]) e++;
+        t = e;
+    }
+    starts[n_items] = n;
+    int64_t n_exact = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_exact)
+    for (int64_t item = 0; item < n_items; item++) {
+        const int64_t t0 = starts[item], t1 = starts[item + 1], g = tok_set[t0];
+        double norm[block];
+        for (int64_t t = t0; t < t1; t++) {
+            double ss = 0.0;
+            for (int64_t k = 0; k < d; k++) ss += (double)x[t * d + k] * (double)x[t * d + k];
+            norm[t - t0] = sqrt(ss);
+        }
+        for (int64_t j = offsets[g]; j < offsets[g + 1]; j++) {
+            const int64_t i = ids[j];
+            const float *er = enc_rows + i * d, *dr = dec + i * d;
+            if (j + PREFETCH < offsets[g + 1]) {  /* rows are scattered: ask for a later latent's row now */
+                const int64_t ahead = ids[j + PREFETCH];
+                if (enc_bf16 != NULL)
+                    for (int64_t k = 0; k < d; k += 32) __builtin_prefetch(enc_bf16 + ahead * d + k);
+                else
+                    for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
+            }
+            const double room = (double)floor_[i] - (double)b_enc[i];
+            for (int64_t t = t0; t < t1; t++) {
+                float z = 0.0f;
+                int fires = 1;
+                if (enc_bf16 != NULL) {
+                    const double est = (double)dot_bf16(x + t * d, enc_bf16 + i * d, d);
+                    const double reach = est + norm[t - t0] * slack[i];
+                    const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(room) + 1e-30);
+                    fires = !(reach + margin <= room);  /* NaN / inf: not decided, computed exactly */
+                }
+                if (fires) {
+                    const float pre = b_enc[i] + dot(x + t * d, er, d);
+                    z = pre > floor_[i] ? pre : 0.0f;
+                    n_exact++;
+                }
+                const float c = mul[j] * z + add[j];
+                if (c != 0.0f) {
+                    float *o = out + t * d;
+                    for (int64_t k = 0; k < d; k++) o[k] += c * dr[k];
+                }
+            }
+        }
+    }
+    free(starts);
+    if (exact != NULL) *exact += n_exact;
+    return 0;
+}

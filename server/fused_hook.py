@@ -1,0 +1,223 @@
+"""The latent hook fused into one CPU kernel (C, `fused_hook.c`): encode a token's own latents, edit, decode.
+
+The slot path (`interventions.LatentLayerPlan._apply_slots`) places tokens by latent set into a
+padded [P, T_max, d] block, encodes it with one `baddbmm` against the SAE's slot pool and decodes
+sparsely: about twenty eager ops per layer, plus slot assignment whenever the batch's composition
+changes. At a decode step (a token or a few per set) the arithmetic is small and those ops, on
+caches the model's weights have just flushed, are most of the hook's time. The kernel does the same
+math per token in one pass, reading each latent's encoder row by latent id from the SAE's
+transposed encoder (no slots) and adding each non-zero term's decoder row in latent order:
+
+    pre_i = b_i + x . W_enc[:, i];  z_i = pre_i if pre_i > max(theta_i, 0) else 0
+    delta = sum_{i in S, in latent order} ((a_i - 1) z_i + b'_i) W_dec[i]
+
+A token's result depends only on the token and its set, so the kernel is batch-invariant by
+construction. Past `MAX_TOKENS` tokens of one set in a step (a long prefill) the slot path's `bmm`
+is faster and keeps them.
+
+Why C through ctypes: no library fuses an SAE hook, numba (the obvious JIT) leaves an object in
+`llvmlite` that makes vLLM's CPU worker fail to start in any process that imported it, and a torch
+C++ extension takes a minute to compile against torch's headers. The C file builds in about a second
+with the system's C compiler (`cc -O3 -march=native -fopenmp`, no -ffast-math), once per machine and
+source, into `~/.cache/refusal_audit/kernels` (`REFUSAL_AUDIT_KERNEL_DIR`). Where no compiler or no
+OpenMP is found the kernel is unavailable and the slot path runs, as before (logged once).
+
+Used where the tensors are float32 on the CPU and every op of a row covers its whole set
+(`_GroupBatch.single`); everything else keeps the slot path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+MAX_TOKENS = 32
+"""Tokens of one latent set in one step past which the slot path's `bmm` is faster (hook_cost.py:
+fused / slot time 0.57x at 1 token per set, 0.63x at 8, 0.85x at 20, 2 threads, cold caches)."""
+
+_BLOCK = 8
+_SOURCE = Path(__file__).with_name("fused_hook.c")
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-lm"]
+_LOCK = threading.Lock()
+_LIB: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailable here
+
+
+def _cache_dir() -> Path:
+    return Path(os.environ.get("REFUSAL_AUDIT_KERNEL_DIR") or Path.home() / ".cache" / "refusal_audit" / "kernels")
+
+
+def _cpu_key() -> str:
+    """What -march=native compiles for: the CPU's model and flags (a shared home across hosts must not
+    hand one host's binary to another)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in info.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    except OSError:
+        lines = []
+    return "\n".join(lines) or platform.processor() or platform.machine()
+
+
+def _build() -> ctypes.CDLL | None:
+    """Compile the kernel (or find it compiled) and load it; None where that is not possible here."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.warning("fused hook kernel unavailable: no C compiler (cc / gcc) on PATH; the latent hook keeps the slot path")
+        return None
+    source = _SOURCE.read_bytes()
+    key = hashlib.sha256(b"\0".join([source, cc.encode(), " ".join(_FLAGS).encode(), _cpu_key().encode()])).hexdigest()[:16]
+    target = _cache_dir() / f"fused_hook-{key}.so"
+    try:
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+                out = Path(tmp) / target.name
+                subprocess.run([cc, *_FLAGS, "-o", str(out), str(_SOURCE)], check=True, capture_output=True, timeout=120)
+                os.replace(out, target)  # atomic: concurrent builders (tensor-parallel workers) each write whole files
+        lib = ctypes.CDLL(str(target))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.warning("fused hook kernel unavailable (%s%s); the latent hook keeps the slot path",
+                    e, f": {detail.decode(errors='replace')[:500]}" if detail else "")
+        return None
+    fn = lib.ra_fused_delta
+    fn.restype = ctypes.c_int
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    fn.argtypes = [ptr, i64, i64, *[ptr] * 10, i64, ctypes.c_int, ptr, ptr, ptr]
+    return lib
+
+
+def _library() -> ctypes.CDLL | None:
+    global _LIB
+    if _LIB is False:
+        with _LOCK:
+            if _LIB is False:
+                _LIB = _build()
+    assert _LIB is not True
+    return _LIB
+
+
+def available() -> bool:
+    """Whether the fused kernel runs here (builds it on the first call: about a second, once per machine)."""
+    return _library() is not None
+
+
+@dataclass(frozen=True)
+class SAEArrays:
+    """One SAE's weights as the kernel reads them (made once per SAE)."""
+
+    enc_rows: np.ndarray  # [d_sae, d] float32: W_enc transposed, one latent per row
+    b_enc: np.ndarray  # [d_sae] float32, with sae-lens's b_dec-to-input term folded in
+    floor: np.ndarray  # [d_sae] float32: max(threshold, 0) (0 for ReLU SAEs): z > 0 only above it
+    dec: np.ndarray  # [d_sae, d] float32
+    enc_bf16: np.ndarray  # [d_sae, d] uint16: the encoder rows rounded to bfloat16 (the screen's copy)
+    slack: np.ndarray  # [d_sae] float64: |x . row_i - x . bf16(row_i)| (both as computed) <= ||x|| slack_i
+
+
+_U = 2.0**-24  # float32 unit roundoff
+
+
+def screen_slack(enc_rows: torch.Tensor, enc_bf16: torch.Tensor) -> np.ndarray:
+    """A per-latent bound for the screen: with e the float32 row, q its bfloat16 rounding and gamma_n =
+    n u / (1 - n u) (n = d + 8 roundings at most along the kernel's dot product, u = 2^-24),
+
+        |fl(x . e) - fl(x . q)| <= |x . (e - q)| + gamma_n (|x| . |e| + |x| . |q|)
+                                <= ||x|| (||e - q|| + gamma_n (||e|| + ||q||))      (Cauchy-Schwarz),
+
+    returned with 1 % added for the float64 arithmetic of the norms here and in the kernel."""
+    e = enc_rows.detach().to(torch.float64)
+    q = enc_bf16.detach().to(torch.float64)
+    n = e.shape[1] + 8
+    gamma = n * _U / (1 - n * _U)
+    slack = (e - q).norm(dim=1) + gamma * (e.norm(dim=1) + q.norm(dim=1))
+    return (slack * 1.01).cpu().numpy()
+
+
+def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: torch.Tensor | None,
+               W_dec: torch.Tensor) -> SAEArrays | None:
+    """The kernel's view of an SAE, or None where it cannot run (not float32 on the CPU, no encoder rows)."""
+    tensors = [t for t in (enc_rows, b_enc, threshold, W_dec) if t is not None]
+    if enc_rows is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    with torch.no_grad():
+        rows = enc_rows.detach().contiguous()
+        bf16 = rows.to(torch.bfloat16)
+        floor = torch.zeros_like(b_enc) if threshold is None else threshold.detach().clamp(min=0.0)
+        return SAEArrays(
+            rows.numpy(), b_enc.detach().contiguous().numpy(), floor.contiguous().numpy(),
+            W_dec.detach().contiguous().numpy(), bf16.view(torch.int16).numpy().view(np.uint16),
+            screen_slack(rows, bf16),
+        )
+
+
+@dataclass(frozen=True)
+class SetTables:
+    """The latent sets of one layer plan, concatenated: set g is ids[offsets[g]:offsets[g + 1]], each
+    latent edited to z' = (mul + 1) z + add."""
+
+    offsets: np.ndarray  # [G + 1] int64
+    ids: np.ndarray  # [sum S] int64, sorted within each set
+    mul: np.ndarray  # [sum S] float32: a - 1
+    add: np.ndarray  # [sum S] float32: b
+
+
+def set_tables(sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> SetTables:
+    """From each set's (latent ids [S], a [S], b [S])."""
+    offsets = np.zeros(len(sets) + 1, dtype=np.int64)
+    offsets[1:] = np.cumsum([len(ids) for ids, _, _ in sets])
+
+    def cat(parts: list[torch.Tensor], dtype: type) -> np.ndarray:
+        if not parts:
+            return np.zeros(0, dtype=dtype)
+        return np.concatenate([p.detach().cpu().numpy().astype(dtype, copy=False) for p in parts])
+
+    return SetTables(
+        offsets, cat([ids for ids, _, _ in sets], np.int64),
+        cat([a - 1.0 for _, a, _ in sets], np.float32), cat([b for _, _, b in sets], np.float32),
+    )
+
+
+def _ptr(a: np.ndarray) -> int:
+    return int(a.ctypes.data)
+
+
+def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
+                screen: bool = True, exact: np.ndarray | None = None) -> torch.Tensor:
+    """The sum of each token's edited terms, [n, d] float32, for normalised inputs x_in [n, d] whose set
+    (an index into `tables`) is tok_set [n], tokens sorted by set. `screen` skips the float32 encoder
+    row of latents the bfloat16 screen proves silent (the result is bit-identical either way);
+    `exact[0]` (int64) is increased by the number of (token, latent) pre-activations computed in full."""
+    lib = _library()
+    if lib is None:
+        raise RuntimeError("the fused hook kernel is not available here (fused_hook.available())")
+    x = np.ascontiguousarray(x_in.detach().to(torch.float32).numpy())
+    n, d = x.shape
+    if sae.enc_rows.shape[1] != d:
+        raise ValueError(f"inputs of width {d} for an SAE of width {sae.enc_rows.shape[1]}")
+    sets = np.ascontiguousarray(tok_set, dtype=np.int64)
+    out = np.zeros_like(x)
+    count = np.zeros(1, dtype=np.int64)
+    rc = lib.ra_fused_delta(
+        _ptr(x), n, d, _ptr(sets), _ptr(tables.offsets), _ptr(tables.ids), _ptr(tables.mul), _ptr(tables.add),
+        _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec), _ptr(out), _BLOCK,
+        max(1, torch.get_num_threads()), _ptr(sae.enc_bf16) if screen else None,
+        _ptr(sae.slack) if screen else None, _ptr(count),
+    )
+    if rc != 0:
+        raise MemoryError("fused hook kernel: out of memory")
+    if exact is not None:
+        exact[0] += count[0]
+    return torch.from_numpy(out)

@@ -1,0 +1,189 @@
+"""The fused CPU kernel of the latent hook (server/fused_hook.py) against independent computations.
+
+* its edits equal sae-lens's own dense encode / decode (h + (z'_S - z_S) W_dec[S]) for ablation,
+  clamp and scaling, JumpReLU and ReLU SAEs, with b_dec subtracted from the input and with
+  sae-lens's constant-norm rescaling;
+* a token's result is bit-identical whatever else the call holds: alone, beside other sets' tokens,
+  and as any token of a block of its own set's tokens (batch invariance by construction);
+* through a plan (`compile_plan(fused=True)`) it takes the decode tokens, leaves a long prefill to
+  the slot path, leaves rows with several ops to the slot path, and agrees with the unfused plan.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from refusal_audit.audit.spec import AblateLatents, ClampLatents, ScaleLatents, TokenScope
+from refusal_audit.server import fused_hook
+from refusal_audit.server.interventions import TokenContext, compile_plan
+from refusal_audit.server.sae_runtime import build_layer_saes
+from tiny import make_sae
+
+if not fused_hook.available():  # pragma: no cover - depends on the machine
+    pytest.skip("the fused hook kernel could not be built here (no C compiler with OpenMP; see the log)",
+                allow_module_level=True)
+
+D, D_SAE, N_LAYERS = 48, 96, 4
+
+
+def _ctx(counts: list[int], plens: list[int]) -> tuple[TokenContext, torch.Tensor]:
+    """A packed step: row r brings counts[r] tokens (a prefill from 0, or one decode token at plens[r])."""
+    row = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+    pos = torch.cat([torch.arange(n) + (plens[r] if n == 1 else 0) for r, n in enumerate(counts)])
+    plen = torch.tensor(plens)
+    return TokenContext.packed(pos, pos < plen[row], plen, row), row
+
+
+def _dense(sae: Any, h: torch.Tensor, row: torch.Tensor, edits: list[tuple[tuple[int, ...], float, float]]) -> torch.Tensor:
+    """h + sum_{i in S} (a z_i + b - z_i) W_dec[i] per row, through sae-lens's own encode (z) and
+    W_dec, with its output scale when the SAE normalises its input."""
+    z = sae.encode(h)
+    out = h.clone()
+    for r, (ids, a, b) in enumerate(edits):
+        sel, idx = row == r, torch.tensor(ids)
+        zs = z[sel][:, idx]
+        recon_delta = ((a - 1.0) * zs + b) @ sae.W_dec[idx]
+        if sae.cfg.normalize_activations == "constant_norm_rescale":  # decode-space delta times ||h|| / sqrt(d)
+            recon_delta = recon_delta * (h[sel].norm(dim=-1, keepdim=True) / D**0.5)
+        out[sel] += recon_delta
+    return out
+
+
+@pytest.mark.parametrize("arch,norm", [("jumprelu", "none"), ("standard", "none"), ("jumprelu", "constant_norm_rescale")])
+def test_fused_edits_equal_the_dense_sae(arch: str, norm: str) -> None:
+    sae = make_sae(D, D_SAE, arch, seed=3, norm=4.0, normalize_activations=norm)  # type: ignore[arg-type]
+    saes = build_layer_saes({1: sae}, D, N_LAYERS)
+    sets = [tuple(range(0, D_SAE, 3)), (1, 2, 9), tuple(range(10, 70)), (7,), tuple(range(5, 40, 2))]
+    edits = [(sets[0], 0.0, 0.0), (sets[1], 0.0, 2.5), (sets[2], -3.0, 0.0), (sets[3], 0.0, 0.0), (sets[4], 0.5, 0.0)]
+    rows = [
+        (AblateLatents(latents={1: sets[0]}),),
+        (ClampLatents(latents={1: sets[1]}, value=2.5),),
+        (ScaleLatents(latents={1: sets[2]}, factor=-3.0),),
+        (AblateLatents(latents={1: sets[3]}),),
+        (ScaleLatents(latents={1: sets[4]}, factor=0.5),),
+    ]
+    counts, plens = [1, 1, 9, 1, 3], [4, 6, 9, 2, 3]  # decodes and short prefills: all within MAX_TOKENS
+    ctx, row = _ctx(counts, plens)
+    h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(2)) * 4.0
+    fused = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"), fused=True).latent_layers[1]
+    with torch.no_grad():
+        assert fused._fused_arrays() is not None
+        out = fused.apply(h, ctx)[0]
+        want = _dense(saes[1].sae, h[0], row, edits)
+        z = saes[1].sae.encode(h[0])
+    assert saes[1].pool.writes == 0, "every token took the fused kernel: no slot was written"
+    assert float((z > 0).float().mean()) > 0.05, "some latents must fire for the test to mean anything"
+    assert torch.allclose(out, want, atol=1e-4, rtol=1e-4), float((out - want).abs().max())
+    assert not torch.allclose(out, h[0], atol=1e-3), "the edits must act"
+
+
+def test_a_token_is_bit_identical_whatever_its_batch() -> None:
+    """Each token alone equals the same token inside calls of other compositions: beside other sets'
+    tokens, in a block with its own set's tokens (at any position in the block), sets reordered."""
+    sae = make_sae(640, 2048, "jumprelu", seed=1, norm=8.0)  # the model width: a real vectorised dot product
+    saes = build_layer_saes({1: sae}, 640, N_LAYERS)
+    arrays = saes[1].fused_arrays()
+    assert arrays is not None
+    g = torch.Generator().manual_seed(0)
+    sets = [torch.randperm(2048, generator=g)[:300].sort().values for _ in range(3)]
+    tables = fused_hook.set_tables([(s, torch.full((len(s),), a), torch.full((len(s),), b))
+                                    for s, a, b in zip(sets, (0.0, 0.0, -3.0), (0.0, 1.5, 0.0), strict=True)])
+    x = torch.randn(40, 640, generator=g) * 8.0
+    tok_set = np.array([0] * 20 + [1] * 3 + [2] * 17)
+    together = fused_hook.fused_delta(x, tok_set, tables, arrays)
+    for t in range(40):
+        alone = fused_hook.fused_delta(x[t:t + 1], tok_set[t:t + 1], tables, arrays)
+        assert torch.equal(alone[0], together[t]), t
+    # the same tokens, the sets' order and block boundaries shifted (set 0 starts at token 5 of a block)
+    perm = np.r_[23:40, 20:23, 0:20]
+    shifted = fused_hook.fused_delta(x[perm], tok_set[perm], tables, arrays)
+    assert torch.equal(shifted, together[perm])
+    assert float(together.abs().max()) > 0, "the edits must act"
+
+
+def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
+    sae = make_sae(D, D_SAE, "jumprelu", seed=5, norm=4.0)
+    saes = build_layer_saes({1: sae}, D, N_LAYERS)
+    long = fused_hook.MAX_TOKENS + 8
+    sets = [tuple(range(0, 64, 3)), (1, 2, 9), tuple(range(10, 60))]
+    rows = [(AblateLatents(latents={1: s}),) for s in sets]
+    counts, plens = [long, 1, 1], [long, 3, 4]
+    ctx, row = _ctx(counts, plens)
+    h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(1)) * 4.0
+    fused = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"), fused=True).latent_layers[1]
+    plain_saes = build_layer_saes({1: sae}, D, N_LAYERS)
+    plain = compile_plan(rows, plens, plain_saes, N_LAYERS, D, torch.device("cpu")).latent_layers[1]
+    with torch.no_grad():
+        out, ref = fused.apply(h, ctx), plain.apply(h, ctx)
+        want = _dense(sae, h[0], row, [(s, 0.0, 0.0) for s in sets])
+    assert saes[1].pool.writes == 1, "only the long prefill's set went through the slot pool"
+    assert torch.equal(out[0, row == 0], ref[0, row == 0]), "the long prefill took the slot path, as unfused"
+    assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
+    assert torch.allclose(out[0], want, atol=1e-4, rtol=1e-4)
+
+    # a row with two ops of different scopes needs per-token op weights: the whole layer keeps the slot path
+    multi = [(AblateLatents(latents={1: sets[0]}), ClampLatents(latents={1: (0, 3)}, value=1.0, scope=TokenScope(kind="prompt"))),
+             rows[1][0:1]]
+    mp = compile_plan(multi, [3, 3], saes, N_LAYERS, D, torch.device("cpu"), fused=True).latent_layers[1]
+    assert mp._fused_arrays() is None
+    # and a batch-invariant plan never takes the kernel (its mode fixes one path)
+    inv = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"), fused=True, batch_invariant=True)
+    assert not inv.latent_layers[1].fused
+
+
+def test_the_bfloat16_screen_skips_most_rows_and_changes_no_bit() -> None:
+    """The screen proves most latents silent from a bfloat16 copy of their encoder row and computes
+    the rest in full: bit-identical to the kernel without it, also for latents whose threshold sits
+    a hair below (fires) or at (does not) the exact pre-activation, and for non-finite inputs."""
+    d, d_sae = 640, 4096
+    sae = make_sae(d, d_sae, "jumprelu", seed=2, norm=8.0)
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(24, d, generator=g) * 8.0
+    with torch.no_grad():  # thresholds as a trained SAE's: ~1 % of the latents fire on these inputs
+        pre = x @ sae.W_enc + sae.b_enc - sae.b_dec @ sae.W_enc
+        sae.threshold.copy_(pre.quantile(0.99, dim=0).clamp(min=0.0))
+    saes = build_layer_saes({1: sae}, d, N_LAYERS)
+    arrays = saes[1].fused_arrays()
+    assert arrays is not None
+    sets = [torch.randperm(d_sae, generator=g)[:800].sort().values for _ in range(3)]
+    tables = fused_hook.set_tables([(s, torch.zeros(len(s)), torch.zeros(len(s))) for s in sets])
+    tok_set = np.repeat(np.arange(3), 8)
+    # the pre-activations (torch's matmul, within float32 rounding of the kernel's), to put thresholds at them
+    exact_pre = torch.from_numpy(arrays.b_enc)[None, :] + x @ torch.from_numpy(arrays.enc_rows).T
+    for t, s in ((0, 0), (9, 1), (17, 2)):
+        i = int(sets[s][5])
+        arrays.floor[i] = np.nextafter(np.float32(exact_pre[t, i]), np.float32(-np.inf))  # fires, by one ulp
+        j = int(sets[s][6])
+        arrays.floor[j] = np.float32(exact_pre[t, j])  # silent: pre is not above the threshold
+    full = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=False)
+    counted = np.zeros(1, dtype=np.int64)
+    screened = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True, exact=counted)
+    assert torch.equal(screened, full)
+    assert 0 < counted[0] < 0.1 * 24 * 800, counted[0]  # most rows skipped, the firing ones computed
+    assert float(full.abs().max()) > 0
+    x_bad = x.clone()
+    x_bad[1, 3] = float("inf")
+    x_bad[10, 0] = float("nan")
+    full_bad = fused_hook.fused_delta(x_bad, tok_set, tables, arrays, screen=False)
+    screened_bad = fused_hook.fused_delta(x_bad, tok_set, tables, arrays, screen=True)
+    assert torch.equal(screened_bad.isnan(), full_bad.isnan())
+    ok = ~full_bad.isnan()
+    assert torch.equal(screened_bad[ok], full_bad[ok])
+
+
+def test_screen_slack_bounds_the_estimate_error() -> None:
+    """The slack the screen relies on really bounds |fl(x . e) - fl(x . bf16(e))| / ||x|| (checked in
+    float64 against the float32 products the kernel computes, over inputs aligned with the rows)."""
+    g = torch.Generator().manual_seed(4)
+    rows = torch.randn(256, 640, generator=g) * torch.logspace(-3, 1, 256)[:, None]
+    bf16 = rows.to(torch.bfloat16)
+    slack = torch.from_numpy(fused_hook.screen_slack(rows, bf16))
+    x = torch.cat([torch.randn(16, 640, generator=g), rows[:16].sign(), bf16[:16].float()])
+    est = x @ bf16.float().T
+    ref = x @ rows.T
+    err = (ref.double() - est.double()).abs() / x.double().norm(dim=1, keepdim=True)
+    assert bool((err <= slack[None, :]).all()), float((err / slack[None, :]).max())
+    assert float((err / slack[None, :]).max()) > 0.01, "the bound should not be vacuous"
