@@ -32,37 +32,34 @@ __attribute__((noinline)) static float dot(const float *restrict a, const float 
     return acc[0] + tail;
 }
 
-static inline float bf16_value(uint16_t h) {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-/* x . q for a bfloat16 row q (exact conversion to float32, then as `dot`): the screen's estimate. */
-__attribute__((noinline)) static float dot_bf16(const float *restrict a, const uint16_t *restrict q, int64_t d) {
+/* x . q for an int8 row q (exact in float32), as `dot`: the screen's estimate is this times the row's scale. */
+__attribute__((noinline)) static float dot_i8(const float *restrict a, const int8_t *restrict q, int64_t d) {
     float acc[LANES] = {0};
     int64_t k = 0;
     for (; k + LANES <= d; k += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * bf16_value(q[k + l]);
+        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * (float)q[k + l];
     float tail = 0.0f;
-    for (; k < d; k++) tail += a[k] * bf16_value(q[k]);
+    for (; k < d; k++) tail += a[k] * (float)q[k];
     for (int w = LANES / 2; w >= 1; w /= 2)
         for (int l = 0; l < w; l++) acc[l] += acc[l + w];
     return acc[0] + tail;
 }
 
-/* The screen (enc_bf16 != NULL): latent i cannot fire at token t when
+/* The screen (enc_q != NULL): latent i cannot fire at token t when
  *     s~ + ||x|| slack[i] <= floor[i] - b_enc[i]
- * where s~ = x . bf16(W_enc row i) and slack[i] bounds |x . row_i - s~| / ||x|| (bfloat16 rounding of
- * the row plus both dot products' float32 rounding; server/fused_hook.py derives it). Then the exact
+ * where s~ = scale[i] (x . q_i), q_i the row quantised to int8 with the row's own scale, and slack[i]
+ * bounds |x . row_i - s~| / ||x|| (the quantisation of the row plus both dot products' float32
+ * rounding; server/fused_hook.py derives it). Then the exact
  * pre-activation b + x . row_i is <= floor[i], so z_i = 0 exactly, without reading the float32 row;
  * every other latent is computed exactly, as without the screen: the result is bit-identical, and
- * the encoder bytes read per latent halve. The comparison runs in double with a relative margin. */
-int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *tok_set, const int64_t *offsets,
-                   const int64_t *ids, const float *mul, const float *add, const float *enc_rows,
-                   const float *b_enc, const float *floor_, const float *dec, float *out, int64_t block,
-                   int threads, const uint16_t *enc_bf16, const double *slack, int64_t *exact) {
+ * the encoder bytes read per latent drop to a quarter. The comparison runs in double with a relative margin. */
+int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, const int64_t *tok_set,
+                   const int64_t *offsets, const int64_t *ids, const float *mul, const float *add,
+                   const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
+                   int add_input, int64_t block, int threads, const int8_t *enc_q, const float *q_scale,
+                   const double *slack, int64_t *exact) {
+    /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
+     * summed terms, plus the token's input when add_input is set (rows no token names are not touched). */
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(n + 1));
     if (starts == NULL) return 1;
     int64_t n_items = 0;
@@ -73,50 +70,66 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *tok_set,
         t = e;
     }
     starts[n_items] = n;
-    int64_t n_exact = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_exact)
+    int64_t n_exact = 0, failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
-        const int64_t t0 = starts[item], t1 = starts[item + 1], g = tok_set[t0];
-        double norm[block];
-        for (int64_t t = t0; t < t1; t++) {
+        const int64_t t0 = starts[item], nb = starts[item + 1] - t0, g = tok_set[t0];
+        float *acc = calloc((size_t)(nb * d), sizeof(float));  /* the block's summed terms */
+        double norm[nb];
+        const float *xt[nb];
+        if (acc == NULL) {
+            failed++;
+            continue;
+        }
+        for (int64_t b = 0; b < nb; b++) {
+            xt[b] = x + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
             double ss = 0.0;
-            for (int64_t k = 0; k < d; k++) ss += (double)x[t * d + k] * (double)x[t * d + k];
-            norm[t - t0] = sqrt(ss);
+            for (int64_t k = 0; k < d; k++) ss += (double)xt[b][k] * (double)xt[b][k];
+            norm[b] = sqrt(ss);
         }
         for (int64_t j = offsets[g]; j < offsets[g + 1]; j++) {
             const int64_t i = ids[j];
             const float *er = enc_rows + i * d, *dr = dec + i * d;
             if (j + PREFETCH < offsets[g + 1]) {  /* rows are scattered: ask for a later latent's row now */
                 const int64_t ahead = ids[j + PREFETCH];
-                if (enc_bf16 != NULL)
-                    for (int64_t k = 0; k < d; k += 32) __builtin_prefetch(enc_bf16 + ahead * d + k);
+                if (enc_q != NULL)
+                    for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
                 else
                     for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
             }
             const double room = (double)floor_[i] - (double)b_enc[i];
-            for (int64_t t = t0; t < t1; t++) {
+            for (int64_t b = 0; b < nb; b++) {
                 float z = 0.0f;
                 int fires = 1;
-                if (enc_bf16 != NULL) {
-                    const double est = (double)dot_bf16(x + t * d, enc_bf16 + i * d, d);
-                    const double reach = est + norm[t - t0] * slack[i];
+                if (enc_q != NULL) {
+                    const double est = (double)(q_scale[i] * dot_i8(xt[b], enc_q + i * d, d));
+                    const double reach = est + norm[b] * slack[i];
                     const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(room) + 1e-30);
                     fires = !(reach + margin <= room);  /* NaN / inf: not decided, computed exactly */
                 }
                 if (fires) {
-                    const float pre = b_enc[i] + dot(x + t * d, er, d);
+                    const float pre = b_enc[i] + dot(xt[b], er, d);
                     z = pre > floor_[i] ? pre : 0.0f;
                     n_exact++;
                 }
                 const float c = mul[j] * z + add[j];
                 if (c != 0.0f) {
-                    float *o = out + t * d;
-                    for (int64_t k = 0; k < d; k++) o[k] += c * dr[k];
+                    float *a = acc + b * d;
+                    for (int64_t k = 0; k < d; k++) a[k] += c * dr[k];
                 }
             }
         }
+        for (int64_t b = 0; b < nb; b++) {
+            float *o = out + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
+            const float *a = acc + b * d;
+            if (add_input)
+                for (int64_t k = 0; k < d; k++) o[k] = xt[b][k] + a[k];
+            else
+                for (int64_t k = 0; k < d; k++) o[k] = a[k];
+        }
+        free(acc);
     }
     free(starts);
     if (exact != NULL) *exact += n_exact;
-    return 0;
+    return failed ? 1 : 0;
 }

@@ -96,7 +96,7 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.ra_fused_delta
     fn.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, *[ptr] * 10, i64, ctypes.c_int, ptr, ptr, ptr]
+    fn.argtypes = [ptr, i64, i64, *[ptr] * 11, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, ptr, ptr]
     return lib
 
 
@@ -123,23 +123,32 @@ class SAEArrays:
     b_enc: np.ndarray  # [d_sae] float32, with sae-lens's b_dec-to-input term folded in
     floor: np.ndarray  # [d_sae] float32: max(threshold, 0) (0 for ReLU SAEs): z > 0 only above it
     dec: np.ndarray  # [d_sae, d] float32
-    enc_bf16: np.ndarray  # [d_sae, d] uint16: the encoder rows rounded to bfloat16 (the screen's copy)
-    slack: np.ndarray  # [d_sae] float64: |x . row_i - x . bf16(row_i)| (both as computed) <= ||x|| slack_i
+    enc_q: np.ndarray  # [d_sae, d] int8: the encoder rows quantised, one scale per row (the screen's copy)
+    q_scale: np.ndarray  # [d_sae] float32: row i is about q_scale[i] * enc_q[i]
+    slack: np.ndarray  # [d_sae] float64: |x . row_i - scale_i (x . q_i)| (both as computed) <= ||x|| slack_i
 
 
 _U = 2.0**-24  # float32 unit roundoff
 
 
-def screen_slack(enc_rows: torch.Tensor, enc_bf16: torch.Tensor) -> np.ndarray:
-    """A per-latent bound for the screen: with e the float32 row, q its bfloat16 rounding and gamma_n =
-    n u / (1 - n u) (n = d + 8 roundings at most along the kernel's dot product, u = 2^-24),
+def quantise_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 rows, float32 scale per row): row i ~ scale[i] * q[i], |q| <= 127 (round to nearest)."""
+    scale = (rows.abs().amax(dim=1) / 127.0).clamp(min=torch.finfo(torch.float32).tiny)
+    q = torch.round(rows / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale.to(torch.float32)
+
+
+def screen_slack(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """A per-latent bound for the screen: with e the float32 row, q = scale * q8 its quantised value
+    (as a real vector) and gamma_n = n u / (1 - n u) (n = d + 8 roundings at most along the kernel's
+    dot product and the scaling, u = 2^-24),
 
         |fl(x . e) - fl(x . q)| <= |x . (e - q)| + gamma_n (|x| . |e| + |x| . |q|)
                                 <= ||x|| (||e - q|| + gamma_n (||e|| + ||q||))      (Cauchy-Schwarz),
 
     returned with 1 % added for the float64 arithmetic of the norms here and in the kernel."""
     e = enc_rows.detach().to(torch.float64)
-    q = enc_bf16.detach().to(torch.float64)
+    q = q.detach().to(torch.float64) * scale.detach().to(torch.float64)[:, None]
     n = e.shape[1] + 8
     gamma = n * _U / (1 - n * _U)
     slack = (e - q).norm(dim=1) + gamma * (e.norm(dim=1) + q.norm(dim=1))
@@ -154,12 +163,11 @@ def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: to
         return None
     with torch.no_grad():
         rows = enc_rows.detach().contiguous()
-        bf16 = rows.to(torch.bfloat16)
+        q, scale = quantise_rows(rows)
         floor = torch.zeros_like(b_enc) if threshold is None else threshold.detach().clamp(min=0.0)
         return SAEArrays(
             rows.numpy(), b_enc.detach().contiguous().numpy(), floor.contiguous().numpy(),
-            W_dec.detach().contiguous().numpy(), bf16.view(torch.int16).numpy().view(np.uint16),
-            screen_slack(rows, bf16),
+            W_dec.detach().contiguous().numpy(), q.numpy(), scale.numpy(), screen_slack(rows, q, scale),
         )
 
 
@@ -194,30 +202,50 @@ def _ptr(a: np.ndarray) -> int:
     return int(a.ctypes.data)
 
 
-def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
-                screen: bool = True, exact: np.ndarray | None = None) -> torch.Tensor:
-    """The sum of each token's edited terms, [n, d] float32, for normalised inputs x_in [n, d] whose set
-    (an index into `tables`) is tok_set [n], tokens sorted by set. `screen` skips the float32 encoder
-    row of latents the bfloat16 screen proves silent (the result is bit-identical either way);
-    `exact[0]` (int64) is increased by the number of (token, latent) pre-activations computed in full."""
+def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
+         out: np.ndarray, add_input: bool, screen: bool, exact: np.ndarray | None) -> None:
     lib = _library()
     if lib is None:
         raise RuntimeError("the fused hook kernel is not available here (fused_hook.available())")
-    x = np.ascontiguousarray(x_in.detach().to(torch.float32).numpy())
-    n, d = x.shape
+    d = x.shape[1]
     if sae.enc_rows.shape[1] != d:
         raise ValueError(f"inputs of width {d} for an SAE of width {sae.enc_rows.shape[1]}")
     sets = np.ascontiguousarray(tok_set, dtype=np.int64)
-    out = np.zeros_like(x)
     count = np.zeros(1, dtype=np.int64)
     rc = lib.ra_fused_delta(
-        _ptr(x), n, d, _ptr(sets), _ptr(tables.offsets), _ptr(tables.ids), _ptr(tables.mul), _ptr(tables.add),
-        _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec), _ptr(out), _BLOCK,
-        max(1, torch.get_num_threads()), _ptr(sae.enc_bf16) if screen else None,
-        _ptr(sae.slack) if screen else None, _ptr(count),
+        _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), _ptr(tables.offsets), _ptr(tables.ids),
+        _ptr(tables.mul), _ptr(tables.add), _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec),
+        _ptr(out), int(add_input), _BLOCK, max(1, torch.get_num_threads()),
+        _ptr(sae.enc_q) if screen else None, _ptr(sae.q_scale) if screen else None, _ptr(sae.slack) if screen else None,
+        _ptr(count),
     )
     if rc != 0:
         raise MemoryError("fused hook kernel: out of memory")
     if exact is not None:
         exact[0] += count[0]
+
+
+def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
+                screen: bool = True, exact: np.ndarray | None = None) -> torch.Tensor:
+    """The sum of each token's edited terms, [n, d] float32, for normalised inputs x_in [n, d] whose set
+    (an index into `tables`) is tok_set [n], tokens sorted by set. `screen` skips the float32 encoder
+    row of latents the int8 screen proves silent (the result is bit-identical either way);
+    `exact[0]` (int64) is increased by the number of (token, latent) pre-activations computed in full."""
+    x = np.ascontiguousarray(x_in.detach().to(torch.float32).numpy())
+    out = np.empty_like(x)
+    _run(x, None, x.shape[0], tok_set, tables, sae, out, False, screen, exact)
     return torch.from_numpy(out)
+
+
+def fused_edit(h: torch.Tensor, tokens: np.ndarray, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
+               screen: bool = True) -> torch.Tensor:
+    """h [N, d] (float32, contiguous, on the CPU) with rows `tokens` edited in one pass: row + its
+    summed terms (fused_delta's, computed from the row itself: an SAE without input normalisation).
+    A new tensor; rows not in `tokens` are copies."""
+    x = h.detach().numpy()
+    if not x.flags.c_contiguous or x.dtype != np.float32:
+        raise ValueError("fused_edit needs a contiguous float32 stream")
+    out = h.detach().clone()
+    rows = np.ascontiguousarray(tokens, dtype=np.int64)
+    _run(x, rows, rows.shape[0], tok_set, tables, sae, out.numpy(), True, screen, None)
+    return out

@@ -386,22 +386,28 @@ class LatentLayerPlan:
         x_all = h[0]
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
+        base = x_all  # what the slot path's results are written into
         arrays = self._fused_arrays()
         if arrays is not None:  # sets with few tokens this step (decodes): the fused kernel, no slots
             few = (counts <= fused_hook.MAX_TOKENS)[gid]
             if few.any():
-                tok_t = torch.from_numpy(tok[few]).to(x_all.device)
-                x = x_all.index_select(0, tok_t)
-                x_in, scale = sae.normalise_in(x)
-                delta = fused_hook.fused_delta(x_in, gid[few], self._set_tables(), arrays)
-                if not isinstance(scale, float) or scale != 1.0:
-                    delta = delta * scale
-                toks.append(tok_t)
-                news.append(x + delta)
+                if sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous():
+                    base = fused_hook.fused_edit(x_all, tok[few], gid[few], self._set_tables(), arrays)  # in one pass
+                else:  # normalised input, or a stream in another precision: the terms, then the edit here
+                    tok_t = torch.from_numpy(tok[few]).to(x_all.device)
+                    x = x_all.index_select(0, tok_t)
+                    x_in, scale = sae.normalise_in(x)
+                    delta = fused_hook.fused_delta(x_in, gid[few], self._set_tables(), arrays)
+                    if not isinstance(scale, float) or scale != 1.0:
+                        delta = delta * scale
+                    toks.append(tok_t)
+                    news.append(x + delta)
                 tok, gid = tok[~few], gid[~few]
                 counts = np.bincount(gid, minlength=G)
                 if tok.size == 0:
-                    return x_all.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
+                    if toks:
+                        base = base.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype))
+                    return base.unsqueeze(0)
         slot_in_group = np.arange(tok.size) - (np.cumsum(counts) - counts)[gid]
         present = np.flatnonzero(counts)
         runs = [present]
@@ -423,7 +429,7 @@ class LatentLayerPlan:
                 t, new = self._encode_decode(x_all, tok[sel], gid[sel], slot_in_group[sel], slots, run, gb, masks, ctx)
                 toks.append(t)
                 news.append(new)
-        return x_all.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
+        return base.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
 
     def _encode_decode(
         self, x_all: torch.Tensor, tok: np.ndarray, gid: np.ndarray, slot_in_group: np.ndarray, slots: np.ndarray,

@@ -102,6 +102,14 @@ def test_a_token_is_bit_identical_whatever_its_batch() -> None:
     shifted = fused_hook.fused_delta(x[perm], tok_set[perm], tables, arrays)
     assert torch.equal(shifted, together[perm])
     assert float(together.abs().max()) > 0, "the edits must act"
+    # edited in place of a stream: the tokens' rows are x + their terms, bit for bit, other rows copies
+    stream = torch.randn(50, 640, generator=g) * 8.0
+    at = np.sort(torch.randperm(50, generator=g)[:40].numpy())
+    stream[at] = x
+    edited = fused_hook.fused_edit(stream, at, tok_set, tables, arrays)
+    assert torch.equal(edited[at], x + together)
+    rest = np.setdiff1d(np.arange(50), at)
+    assert torch.equal(edited[rest], stream[rest])
 
 
 def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
@@ -134,8 +142,8 @@ def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
     assert not inv.latent_layers[1].fused
 
 
-def test_the_bfloat16_screen_skips_most_rows_and_changes_no_bit() -> None:
-    """The screen proves most latents silent from a bfloat16 copy of their encoder row and computes
+def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
+    """The screen proves most latents silent from an int8 copy of their encoder row and computes
     the rest in full: bit-identical to the kernel without it, also for latents whose threshold sits
     a hair below (fires) or at (does not) the exact pre-activation, and for non-finite inputs."""
     d, d_sae = 640, 4096
@@ -175,15 +183,17 @@ def test_the_bfloat16_screen_skips_most_rows_and_changes_no_bit() -> None:
 
 
 def test_screen_slack_bounds_the_estimate_error() -> None:
-    """The slack the screen relies on really bounds |fl(x . e) - fl(x . bf16(e))| / ||x|| (checked in
-    float64 against the float32 products the kernel computes, over inputs aligned with the rows)."""
+    """The slack the screen relies on really bounds |fl(x . e) - scale fl(x . q)| / ||x|| (checked in
+    float64 against float32 dot products, over rows of many magnitudes and inputs aligned with them)."""
     g = torch.Generator().manual_seed(4)
     rows = torch.randn(256, 640, generator=g) * torch.logspace(-3, 1, 256)[:, None]
-    bf16 = rows.to(torch.bfloat16)
-    slack = torch.from_numpy(fused_hook.screen_slack(rows, bf16))
-    x = torch.cat([torch.randn(16, 640, generator=g), rows[:16].sign(), bf16[:16].float()])
-    est = x @ bf16.float().T
+    rows[7, 5] = 40.0  # one large entry: a coarse scale for the rest of its row
+    q, scale = fused_hook.quantise_rows(rows)
+    slack = torch.from_numpy(fused_hook.screen_slack(rows, q, scale))
+    qf = q.float() * scale[:, None]
+    x = torch.cat([torch.randn(16, 640, generator=g), rows[:16].sign(), qf[:16], (rows - qf)[:16].sign()])
+    est = (x @ q.float().T) * scale[None, :]
     ref = x @ rows.T
     err = (ref.double() - est.double()).abs() / x.double().norm(dim=1, keepdim=True)
     assert bool((err <= slack[None, :]).all()), float((err / slack[None, :]).max())
-    assert float((err / slack[None, :]).max()) > 0.01, "the bound should not be vacuous"
+    assert float((err / slack[None, :]).max()) > 0.05, "the bound should not be vacuous"
