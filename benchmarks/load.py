@@ -13,11 +13,14 @@ one answer and that a sample of answers equals the same request sent alone (gree
     python benchmarks/load.py --engine hf --clients 1,16 --ignore-eos                 # fixed-length answers
     python benchmarks/load.py --engine hf --clients 1,16 --ignore-eos --no-batch-invariant
     python benchmarks/load.py --engine hf --clients 16 --min-per-client 6 --join-policies 0.25:4,0:0,inf:inf
+    python benchmarks/load.py --engine vllm --clients 16 --total 96 --distinct-prompts --fused-hook off,on
 
 The in-process HF engine runs in the batch-invariant mode by default, as `serve` does; with
 `--no-batch-invariant` a sampled answer can differ from its solo run (docs/interventions.md).
 `--join-policies` runs every client count once per continuous-batching policy (when a Generate call
 joins a running generation; `inf:inf` = never, the dynamic batching of before) on the same server.
+`--fused-hook off,on` runs every client count with the vLLM workers' fused CPU hook kernel switched
+off and on (server/fused_hook.py), on the same server.
 """
 
 from __future__ import annotations
@@ -250,6 +253,9 @@ def main() -> None:
                          "serve --batch-join-ratio / --batch-join-wait-steps); several, comma-separated, run every "
                          "client count under each in turn on the same server (e.g. 0.25:4,1:16,inf:inf; inf:inf = "
                          "no joins, the dynamic batching of before)")
+    ap.add_argument("--fused-hook", default="on",
+                    help="vLLM: comma list of on/off; every client count runs once per setting of the workers' fused "
+                         "CPU hook kernel, on the same server")
     ap.add_argument("--duration", type=float, default=900.0, help="per client count: stop issuing after this many s")
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args()
@@ -278,7 +284,11 @@ def main() -> None:
         # warm-up (first-call allocations, lazy init), not counted
         AuditClient(address, timeout=600).generate(
             [make_request(0, 0, shape)])
-        for (ratio, wait), n in [(p, int(x)) for p in policies for x in args.clients.split(",")]:
+        fused_settings = [x.strip() == "on" for x in args.fused_hook.split(",")]
+        levels = [(p, f, int(x)) for p in policies for f in fused_settings for x in args.clients.split(",")]
+        for (ratio, wait), fused, n in levels:
+            if server is not None and hasattr(server.handle.engine, "set_fused_hook"):
+                fused = server.handle.engine.set_fused_hook(fused)
             if server is not None and hasattr(server.handle.engine, "join_ratio"):
                 server.handle.engine.join_ratio, server.handle.engine.max_join_wait = ratio, wait
                 server.handle.engine.interleave = args.interleave
@@ -298,7 +308,8 @@ def main() -> None:
             ti_n = _delta(after, before, "refusal_audit_token_interval_seconds_count")
             rows.append({
                 "engine": args.engine + (" (batch-invariant)" if args.batch_invariant and args.engine == "hf" else "")
-                + (f", joins {_policy_name(ratio, wait)}" if len(policies) > 1 else ""),
+                + (f", joins {_policy_name(ratio, wait)}" if len(policies) > 1 else "")
+                + (f", fused kernel {'on' if fused else 'off'}" if len(fused_settings) > 1 else ""),
                 "clients": n, "issued": lv.issued, "answered": len(lv.answers),
                 "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
                 "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,

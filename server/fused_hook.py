@@ -147,12 +147,15 @@ def screen_slack(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
                                 <= ||x|| (||e - q|| + gamma_n (||e|| + ||q||))      (Cauchy-Schwarz),
 
     returned with 1 % added for the float64 arithmetic of the norms here and in the kernel."""
-    e = enc_rows.detach().to(torch.float64)
-    q = q.detach().to(torch.float64) * scale.detach().to(torch.float64)[:, None]
-    n = e.shape[1] + 8
+    n = enc_rows.shape[1] + 8
     gamma = n * _U / (1 - n * _U)
-    slack = (e - q).norm(dim=1) + gamma * (e.norm(dim=1) + q.norm(dim=1))
-    return (slack * 1.01).cpu().numpy()
+    out = np.empty(enc_rows.shape[0], dtype=np.float64)
+    for lo in range(0, enc_rows.shape[0], 4096):  # in float64, a block of rows at a time
+        e = enc_rows[lo:lo + 4096].detach().to(torch.float64)
+        qe = q[lo:lo + 4096].detach().to(torch.float64) * scale[lo:lo + 4096].detach().to(torch.float64)[:, None]
+        slack = (e - qe).norm(dim=1) + gamma * (e.norm(dim=1) + qe.norm(dim=1))
+        out[lo:lo + 4096] = (slack * 1.01).cpu().numpy()
+    return out
 
 
 def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: torch.Tensor | None,
