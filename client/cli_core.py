@@ -310,6 +310,9 @@ def register(app: typer.Typer) -> None:
         vllm_compiled: Annotated[bool, typer.Option(
             "--vllm-compiled", help="--engine vllm: torch.compile + piecewise CUDA graphs, hooks as a custom op "
             "(default: eager)")] = False,
+        vllm_fused_hook: Annotated[bool, typer.Option(
+            "--vllm-fused-hook/--no-vllm-fused-hook", help="--engine vllm on CPU: decode tokens' latent hook in one "
+            "fused C pass (built with the system's C compiler; without one the slot path runs)")] = True,
         replica_cpus: Annotated[float, typer.Option("--replica-cpus", help="CPUs per replica (--ray)")] = 1.0,
         replica_gpus: Annotated[float, typer.Option("--replica-gpus", help="GPUs per replica (--ray; 1 on GPUs)")] = 0.0,
     ) -> None:
@@ -332,7 +335,7 @@ def register(app: typer.Typer) -> None:
                 batch_max_wait_ms=batch_max_wait_ms, batch_max_tokens=batch_max_tokens, batch_invariant=batch_invariant,
                 batch_join_ratio=batch_join_ratio, batch_join_wait_steps=batch_join_wait_steps,
                 batch_interleave=batch_interleave,
-                tensor_parallel_size=tensor_parallel_size, vllm_compiled=vllm_compiled,
+                tensor_parallel_size=tensor_parallel_size, vllm_compiled=vllm_compiled, vllm_fused_hook=vllm_fused_hook,
                 ray=None if ray_address is None else RayConfig(
                     address=ray_address, replicas=replicas, num_cpus=replica_cpus, num_gpus=replica_gpus),
                 limits=LimitsConfig(max_prompt_tokens=max_prompt_tokens, max_new_tokens=max_new_tokens,

@@ -70,6 +70,8 @@ class ServerConfig(BaseModel):
     # --engine vllm: run the model compiled (torch.compile; piecewise CUDA graphs on GPU) with the hooks as a
     # custom op. Off by default: on CPU compiling costs ~2 min of start-up for no speed (docs/engines.md)
     vllm_compiled: bool = False
+    # --engine vllm on CPU: the latent hook's decode tokens through the fused C kernel (server/fused_hook.py)
+    vllm_fused_hook: bool = True
     ray: RayConfig | None = None  # None: one in-process engine (the default; Ray is never imported)
     # cross-request batching on the HF engine (server/batching.py); max rows = limits.max_batch_items
     batch_window_ms: float = Field(default=5.0, ge=0)  # collect until no call arrived for this long (or a

@@ -110,6 +110,19 @@ def _library() -> ctypes.CDLL | None:
     return _LIB
 
 
+_COUNTS = {"tokens": 0, "screened": 0, "exact": 0}  # this process's kernel work (the vLLM worker's stats)
+
+
+def counts(reset: bool = False) -> dict[str, int]:
+    """Tokens through the kernel, (token, latent) pairs that went through the screen, and of all pairs
+    those whose pre-activation was computed in full, since the last reset."""
+    out = dict(_COUNTS)
+    if reset:
+        for k in _COUNTS:
+            _COUNTS[k] = 0
+    return out
+
+
 def available() -> bool:
     """Whether the fused kernel runs here (builds it on the first call: about a second, once per machine)."""
     return _library() is not None
@@ -226,6 +239,10 @@ def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, ta
         raise MemoryError("fused hook kernel: out of memory")
     if exact is not None:
         exact[0] += count[0]
+    _COUNTS["tokens"] += n
+    _COUNTS["exact"] += int(count[0])
+    if screen:
+        _COUNTS["screened"] += int(np.diff(tables.offsets)[sets].sum())
 
 
 def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,

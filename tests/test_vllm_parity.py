@@ -212,6 +212,33 @@ def test_mixed_batch_matches_hf(engines: _Engines) -> None:
     assert stats["hooked_steps"] > 0 and stats["plan_compiles"] > 0
 
 
+def test_fused_kernel_on_and_off_agree(engines: _Engines) -> None:
+    """The CPU worker's fused hook kernel (server/fused_hook.py) against the slot path, in the same
+    engine: the same greedy tokens and log-probs within the parity tolerance, on requests with one
+    latent op per layer (what the kernel takes), and the kernel really ran."""
+    eng = engines.vllm
+    if not eng.worker_facts.get("fused_hook"):
+        pytest.skip("the fused hook kernel is not built on this machine (no C compiler with OpenMP)")
+    reqs = [r for i, r in enumerate(_mixed(max_new=6)) if i in (0, 1, 2, 3, 8)]
+    eng.hook_stats(reset=True)
+    fused_gen, fused_s = eng.generate(reqs), eng.score(reqs, SCORE_IDS)
+    stats = eng.hook_stats(reset=True)
+    assert stats["fused_tokens"] > 0 and 0 < stats["fused_exact"] < stats["fused_screened"], stats
+    try:
+        assert eng.set_fused_hook(False) is False
+        slot_gen, slot_s = eng.generate(reqs), eng.score(reqs, SCORE_IDS)
+        assert eng.hook_stats()["fused_tokens"] == 0
+    finally:
+        assert eng.set_fused_hook(True) is True
+    for i, r in enumerate(reqs):
+        tol = _tolerance(engines.hf, r)
+        d = _max_score_diff([fused_s[i]], [slot_s[i]])
+        print(f"{engines.arch} fused vs slots, request {i}: max |dlogprob| {d:.1e} (tolerance {tol:.0e})")
+        assert d < tol, (i, d)
+        if tol == TOL:
+            assert fused_gen[i].token_ids == slot_gen[i].token_ids, i
+
+
 def test_each_request_alone_equals_its_batch(engines: _Engines) -> None:
     reqs = _mixed(max_new=5)
     batch = engines.vllm.generate(reqs)

@@ -854,4 +854,4 @@ def build_engine(config: ServerConfig) -> VLLMEngine:
     if config.vllm_compiled:
         tp["enforce_eager"] = False  # the hooks as a custom op inside the compiled model (compiled.py)
     return VLLMEngine.from_config(config.model, list(config.saes), config.limits, dtype=config.dtype,
-                                  hf_device=config.device, **tp)
+                                  hf_device=config.device, fused_hook=config.vllm_fused_hook, **tp)

@@ -485,12 +485,16 @@ class SAEWorkerExtension:
         return rt.set_fused(on)
 
     def ra_stats(self, reset: bool = False) -> dict[str, Any]:
-        """Hook counters: steps, hooked steps, plan compiles, seconds inside hooks and step set-up."""
+        """Hook counters: steps, hooked steps, plan compiles, seconds inside hooks and step set-up, and the
+        fused kernel's (`fused_tokens`, `fused_screened` (token, latent) pairs screened, `fused_exact` of
+        them computed in full)."""
         rt: _HookRuntime | None = getattr(self, "_ra_runtime", None)
         if rt is None:
             return {}
         out = dict(rt.stats)
         out["torch_threads"] = torch.get_num_threads()
+        out["fused_hook"] = rt.fused
+        out.update({f"fused_{k}": v for k, v in fused_hook.counts(reset).items()})
         if reset:
             for k in rt.stats:
                 rt.stats[k] = 0.0 if isinstance(rt.stats[k], float) else 0
