@@ -165,7 +165,10 @@ def main() -> None:
             raw[name]["tps"].append(n_tok / wall)
             raw[name]["lat"].extend(lat)
             if hooks:
-                raw[name]["hook_s"].append(float(engines[eng].hook_stats().get("hook_s", 0.0)) / wall)
+                st = engines[eng].hook_stats()
+                raw[name]["hook_s"].append(float(st.get("hook_s", 0.0)) / wall)
+                if st.get("fused_screened"):
+                    raw[name].setdefault("exact", []).append(st["fused_exact"] / st["fused_screened"])
             print(f"repeat {rep} {name:18s} {n_tok / wall:7.1f} tok/s  p50 {statistics.median(lat):.2f}s")
     load_after = os.getloadavg()
     facts = hooked.worker_facts
@@ -198,6 +201,10 @@ def main() -> None:
     for name, n, tps, slow, p50, p99, hook in rows:
         md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {p50:.2f} | {p99:.2f} | "
                   f"{'' if hook is None else f'{100 * hook:.1f}%'} |")
+    exact = {name: statistics.median(r["exact"]) for name, r in raw.items() if r.get("exact")}
+    if exact:
+        md += ["", "Fused kernel's screen: pre-activations computed in full (float32 row read), of those screened: "
+               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in exact.items()) + "."]
     text = "\n".join(md) + "\n"
     print(text)
     if args.out:

@@ -57,23 +57,31 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                    const int64_t *offsets, const int64_t *ids, const float *mul, const float *add,
                    const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
                    int add_input, int64_t block, int threads, const int8_t *enc_q, const float *q_scale,
-                   const double *slack, int64_t *exact) {
+                   const double *slack, int64_t screen_max_tokens, int64_t *exact) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
      * summed terms, plus the token's input when add_input is set (rows no token names are not touched). */
-    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(n + 1));
+    int64_t *starts = malloc(sizeof(int64_t) * (size_t)(2 * n + 1));
     if (starts == NULL) return 1;
+    int64_t *screened = starts + n + 1;  /* per item: whether its latents go through the screen */
     int64_t n_items = 0;
     for (int64_t t = 0; t < n;) {  /* runs of up to `block` consecutive tokens of one set */
-        starts[n_items++] = t;
-        int64_t e = t + 1;
-        while (e < n && e - t < block && tok_set[e] == tok_set[t]) e++;
-        t = e;
+        int64_t end = t;  /* the set's tokens: [t, end) */
+        while (end < n && tok_set[end] == tok_set[t]) end++;
+        /* a set with more tokens than that re-reads its rows from the cache: there the screen's extra
+         * dot products cost more than the memory they save (benchmarks/hook_cost.py) */
+        const int64_t screen = enc_q != NULL && end - t <= screen_max_tokens;
+        for (int64_t b = t; b < end; b += block) {
+            starts[n_items] = b;
+            screened[n_items++] = screen;
+        }
+        t = end;
     }
     starts[n_items] = n;
     int64_t n_exact = 0, failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
         const int64_t t0 = starts[item], nb = starts[item + 1] - t0, g = tok_set[t0];
+        const int screen = (int)screened[item];
         float *acc = calloc((size_t)(nb * d), sizeof(float));  /* the block's summed terms */
         double norm[nb];
         const float *xt[nb];
@@ -92,7 +100,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
             const float *er = enc_rows + i * d, *dr = dec + i * d;
             if (j + PREFETCH < offsets[g + 1]) {  /* rows are scattered: ask for a later latent's row now */
                 const int64_t ahead = ids[j + PREFETCH];
-                if (enc_q != NULL)
+                if (screen)
                     for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
                 else
                     for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
@@ -101,7 +109,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
             for (int64_t b = 0; b < nb; b++) {
                 float z = 0.0f;
                 int fires = 1;
-                if (enc_q != NULL) {
+                if (screen) {
                     const double est = (double)(q_scale[i] * dot_i8(xt[b], enc_q + i * d, d));
                     const double reach = est + norm[b] * slack[i];
                     const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(room) + 1e-30);
@@ -110,7 +118,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                 if (fires) {
                     const float pre = b_enc[i] + dot(xt[b], er, d);
                     z = pre > floor_[i] ? pre : 0.0f;
-                    n_exact++;
+                    n_exact += screen;
                 }
                 const float c = mul[j] * z + add[j];
                 if (c != 0.0f) {

@@ -50,6 +50,11 @@ MAX_TOKENS = 32
 fused / slot time 0.57x at 1 token per set, 0.63x at 8, 0.85x at 20, 2 threads, cold caches)."""
 
 _BLOCK = 8
+SCREEN_MAX_TOKENS = 4
+"""Sets with more tokens than this in one call skip the screen: their rows, read once, serve every
+block from the cache, and the screen's int8 dot products can then cost more than the float32 bytes
+they save (2 threads, cold caches, 500-latent sets, screen / full time: 8 sets of 1, 2, 4 tokens
+0.62x, 0.59x, 0.70x; 8 sets of 8 tokens 0.88x, but 2 sets of 8 tokens 1.19x and of 32 tokens 1.25x)."""
 _SOURCE = Path(__file__).with_name("fused_hook.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-lm"]
 _LOCK = threading.Lock()
@@ -96,7 +101,7 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.ra_fused_delta
     fn.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, *[ptr] * 11, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, ptr, ptr]
+    fn.argtypes = [ptr, i64, i64, *[ptr] * 11, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr]
     return lib
 
 
@@ -233,7 +238,7 @@ def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, ta
         _ptr(tables.mul), _ptr(tables.add), _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec),
         _ptr(out), int(add_input), _BLOCK, max(1, torch.get_num_threads()),
         _ptr(sae.enc_q) if screen else None, _ptr(sae.q_scale) if screen else None, _ptr(sae.slack) if screen else None,
-        _ptr(count),
+        SCREEN_MAX_TOKENS, _ptr(count),
     )
     if rc != 0:
         raise MemoryError("fused hook kernel: out of memory")
@@ -242,7 +247,9 @@ def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, ta
     _COUNTS["tokens"] += n
     _COUNTS["exact"] += int(count[0])
     if screen:
-        _COUNTS["screened"] += int(np.diff(tables.offsets)[sets].sum())
+        set_tokens = np.bincount(sets, minlength=len(tables.offsets) - 1)
+        small = set_tokens <= SCREEN_MAX_TOKENS
+        _COUNTS["screened"] += int((set_tokens * np.diff(tables.offsets))[small].sum())
 
 
 def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,

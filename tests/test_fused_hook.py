@@ -156,12 +156,14 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
     saes = build_layer_saes({1: sae}, d, N_LAYERS)
     arrays = saes[1].fused_arrays()
     assert arrays is not None
-    sets = [torch.randperm(d_sae, generator=g)[:800].sort().values for _ in range(3)]
+    sets = [torch.randperm(d_sae, generator=g)[:800].sort().values for _ in range(6)]
     tables = fused_hook.set_tables([(s, torch.zeros(len(s)), torch.zeros(len(s))) for s in sets])
-    tok_set = np.repeat(np.arange(3), 8)
+    # 4 tokens of each of five sets (screened: at most SCREEN_MAX_TOKENS), and 4 of the last set too
+    tok_set = np.repeat(np.arange(6), 4)
+    assert fused_hook.SCREEN_MAX_TOKENS >= 4
     # the pre-activations (torch's matmul, within float32 rounding of the kernel's), to put thresholds at them
     exact_pre = torch.from_numpy(arrays.b_enc)[None, :] + x @ torch.from_numpy(arrays.enc_rows).T
-    for t, s in ((0, 0), (9, 1), (17, 2)):
+    for t, s in ((0, 0), (9, 2), (17, 4)):
         i = int(sets[s][5])
         arrays.floor[i] = np.nextafter(np.float32(exact_pre[t, i]), np.float32(-np.inf))  # fires, by one ulp
         j = int(sets[s][6])
@@ -171,6 +173,10 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
     screened = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True, exact=counted)
     assert torch.equal(screened, full)
     assert 0 < counted[0] < 0.1 * 24 * 800, counted[0]  # most rows skipped, the firing ones computed
+    # a set with more tokens than SCREEN_MAX_TOKENS skips the screen: the same bits again
+    many = np.zeros(24, dtype=np.int64)
+    assert torch.equal(fused_hook.fused_delta(x, many, tables, arrays, screen=True),
+                       fused_hook.fused_delta(x, many, tables, arrays, screen=False))
     assert float(full.abs().max()) > 0
     x_bad = x.clone()
     x_bad[1, 3] = float("inf")
