@@ -45,9 +45,10 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 32
-"""Tokens of one latent set in one step past which the slot path's `bmm` is faster (hook_cost.py:
-fused / slot time 0.57x at 1 token per set, 0.63x at 8, 0.85x at 20, 2 threads, cold caches)."""
+MAX_TOKENS = 8
+"""Tokens of one latent set in one step past which the slot path's `bmm` is faster (hook_cost.py,
+2 threads, cold caches, 8 sets of 500 latents, fused / slot time: 0.54x at 1 token per set, 0.52x
+at 2, 0.73x at 4, 0.99x at 8, 1.18x at 12, 1.35x at 20)."""
 
 _BLOCK = 8
 SCREEN_MAX_TOKENS = 4
