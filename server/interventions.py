@@ -391,17 +391,10 @@ class LatentLayerPlan:
         if arrays is not None:  # sets with few tokens this step (decodes): the fused kernel, no slots
             few = (counts <= fused_hook.MAX_TOKENS)[gid]
             if few.any():
-                if sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous():
-                    base = fused_hook.fused_edit(x_all, tok[few], gid[few], self._set_tables(), arrays)  # in one pass
-                else:  # normalised input, or a stream in another precision: the terms, then the edit here
-                    tok_t = torch.from_numpy(tok[few]).to(x_all.device)
-                    x = x_all.index_select(0, tok_t)
-                    x_in, scale = sae.normalise_in(x)
-                    delta = fused_hook.fused_delta(x_in, gid[few], self._set_tables(), arrays)
-                    if not isinstance(scale, float) or scale != 1.0:
-                        delta = delta * scale
-                    toks.append(tok_t)
-                    news.append(x + delta)
+                base, edited = self._apply_fused(x_all, tok[few], gid[few], arrays)
+                if edited is not None:
+                    toks.append(edited[0])
+                    news.append(edited[1])
                 tok, gid = tok[~few], gid[~few]
                 counts = np.bincount(gid, minlength=G)
                 if tok.size == 0:
@@ -430,6 +423,22 @@ class LatentLayerPlan:
                 toks.append(t)
                 news.append(new)
         return base.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
+
+    def _apply_fused(
+        self, x_all: torch.Tensor, tok: np.ndarray, gid: np.ndarray, arrays: fused_hook.SAEArrays,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """The fused kernel's part of `_apply_slots`, tokens `tok` of sets `gid`: (the stream with their rows
+        edited in one pass, None), or, for an SAE that normalises its input or a stream in another precision,
+        (x_all, (the tokens, their edited rows)) for the caller to write in."""
+        if self.sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous():
+            return fused_hook.fused_edit(x_all, tok, gid, self._set_tables(), arrays), None
+        tok_t = torch.from_numpy(tok).to(x_all.device)
+        x = x_all.index_select(0, tok_t)
+        x_in, scale = self.sae.normalise_in(x)
+        delta = fused_hook.fused_delta(x_in, gid, self._set_tables(), arrays)
+        if not isinstance(scale, float) or scale != 1.0:
+            delta = delta * scale
+        return x_all, (tok_t, x + delta)
 
     def _encode_decode(
         self, x_all: torch.Tensor, tok: np.ndarray, gid: np.ndarray, slot_in_group: np.ndarray, slots: np.ndarray,
