@@ -19,7 +19,7 @@ Why C through ctypes: no library fuses an SAE hook, numba (the obvious JIT) leav
 `llvmlite` that makes vLLM's CPU worker fail to start in any process that imported it, and a torch
 C++ extension takes a minute to compile against torch's headers. The C file builds in about a second
 with the system's C compiler (`cc -O3 -march=native -fopenmp`, no -ffast-math), once per machine and
-source, into `~/.cache/refusal_audit/kernels` (`REFUSAL_AUDIT_KERNEL_DIR`). Where no compiler or no
+source, into `~/.cache/refusal-audit/kernels` (`REFUSAL_AUDIT_KERNEL_DIR`). Where no compiler or no
 OpenMP is found the kernel is unavailable and the slot path runs, as before (logged once).
 
 Used where the tensors are float32 on the CPU and every op of a row covers its whole set
@@ -63,7 +63,12 @@ _LIB: ctypes.CDLL | None | bool = False  # False: not tried yet; None: unavailab
 
 
 def _cache_dir() -> Path:
-    return Path(os.environ.get("REFUSAL_AUDIT_KERNEL_DIR") or Path.home() / ".cache" / "refusal_audit" / "kernels")
+    """$REFUSAL_AUDIT_KERNEL_DIR, else $XDG_CACHE_HOME/refusal-audit/kernels, else ~/.cache/refusal-audit/kernels."""
+    env = os.environ.get("REFUSAL_AUDIT_KERNEL_DIR")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "refusal-audit" / "kernels"
 
 
 def _cpu_key() -> str:
