@@ -57,9 +57,11 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                    const int64_t *offsets, const int64_t *ids, const float *mul, const float *add,
                    const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
                    int add_input, int64_t block, int threads, const int8_t *enc_q, const float *q_scale,
-                   const double *slack, int64_t screen_max_tokens, int64_t *exact) {
+                   const double *slack, int64_t screen_max_tokens, int64_t *counts) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
-     * summed terms, plus the token's input when add_input is set (rows no token names are not touched). */
+     * summed terms, plus the token's input when add_input is set (rows no token names are not touched).
+     * counts[0] += the (token, latent) pairs that went through the screen, counts[1] += those of them
+     * whose pre-activation was computed in full. */
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(2 * n + 1));
     if (starts == NULL) return 1;
     int64_t *screened = starts + n + 1;  /* per item: whether its latents go through the screen */
@@ -77,8 +79,8 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         t = end;
     }
     starts[n_items] = n;
-    int64_t n_exact = 0, failed = 0;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_exact, failed)
+    int64_t n_screened = 0, n_exact = 0, failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_screened, n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
         const int64_t t0 = starts[item], nb = starts[item + 1] - t0, g = tok_set[t0];
         const int screen = (int)screened[item];
@@ -89,6 +91,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
             failed++;
             continue;
         }
+        n_screened += screen * nb * (offsets[g + 1] - offsets[g]);
         for (int64_t b = 0; b < nb; b++) {
             xt[b] = x + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
             double ss = 0.0;
@@ -138,6 +141,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         free(acc);
     }
     free(starts);
-    if (exact != NULL) *exact += n_exact;
+    counts[0] += n_screened;
+    counts[1] += n_exact;
     return failed ? 1 : 0;
 }

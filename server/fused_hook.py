@@ -125,8 +125,8 @@ _COUNTS = {"tokens": 0, "screened": 0, "exact": 0}  # this process's kernel work
 
 
 def counts(reset: bool = False) -> dict[str, int]:
-    """Tokens through the kernel, (token, latent) pairs that went through the screen, and of all pairs
-    those whose pre-activation was computed in full, since the last reset."""
+    """Tokens through the kernel, (token, latent) pairs that went through the screen, and of those the
+    pairs whose pre-activation was computed in full, since the last reset (as the kernel counts them)."""
     out = dict(_COUNTS)
     if reset:
         for k in _COUNTS:
@@ -230,7 +230,7 @@ def _ptr(a: np.ndarray) -> int:
 
 
 def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
-         out: np.ndarray, add_input: bool, screen: bool, exact: np.ndarray | None) -> None:
+         out: np.ndarray, add_input: bool, screen: bool) -> None:
     lib = _library()
     if lib is None:
         raise RuntimeError("the fused hook kernel is not available here (fused_hook.available())")
@@ -238,35 +238,30 @@ def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, ta
     if sae.enc_rows.shape[1] != d:
         raise ValueError(f"inputs of width {d} for an SAE of width {sae.enc_rows.shape[1]}")
     sets = np.ascontiguousarray(tok_set, dtype=np.int64)
-    count = np.zeros(1, dtype=np.int64)
+    screened_exact = np.zeros(2, dtype=np.int64)
     rc = lib.ra_fused_delta(
         _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), _ptr(tables.offsets), _ptr(tables.ids),
         _ptr(tables.mul), _ptr(tables.add), _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec),
         _ptr(out), int(add_input), _BLOCK, max(1, torch.get_num_threads()),
         _ptr(sae.enc_q) if screen else None, _ptr(sae.q_scale) if screen else None, _ptr(sae.slack) if screen else None,
-        SCREEN_MAX_TOKENS, _ptr(count),
+        SCREEN_MAX_TOKENS, _ptr(screened_exact),
     )
     if rc != 0:
         raise MemoryError("fused hook kernel: out of memory")
-    if exact is not None:
-        exact[0] += count[0]
     _COUNTS["tokens"] += n
-    _COUNTS["exact"] += int(count[0])
-    if screen:
-        set_tokens = np.bincount(sets, minlength=len(tables.offsets) - 1)
-        small = set_tokens <= SCREEN_MAX_TOKENS
-        _COUNTS["screened"] += int((set_tokens * np.diff(tables.offsets))[small].sum())
+    _COUNTS["screened"] += int(screened_exact[0])
+    _COUNTS["exact"] += int(screened_exact[1])
 
 
 def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
-                screen: bool = True, exact: np.ndarray | None = None) -> torch.Tensor:
+                screen: bool = True) -> torch.Tensor:
     """The sum of each token's edited terms, [n, d] float32, for normalised inputs x_in [n, d] whose set
     (an index into `tables`) is tok_set [n], tokens sorted by set. `screen` skips the float32 encoder
-    row of latents the int8 screen proves silent (the result is bit-identical either way);
-    `exact[0]` (int64) is increased by the number of (token, latent) pre-activations computed in full."""
+    row of latents the int8 screen proves silent (the result is bit-identical either way; `counts`
+    says how often)."""
     x = np.ascontiguousarray(x_in.detach().to(torch.float32).numpy())
     out = np.empty_like(x)
-    _run(x, None, x.shape[0], tok_set, tables, sae, out, False, screen, exact)
+    _run(x, None, x.shape[0], tok_set, tables, sae, out, False, screen)
     return torch.from_numpy(out)
 
 
@@ -280,5 +275,5 @@ def fused_edit(h: torch.Tensor, tokens: np.ndarray, tok_set: np.ndarray, tables:
         raise ValueError("fused_edit needs a contiguous float32 stream")
     out = h.detach().clone()
     rows = np.ascontiguousarray(tokens, dtype=np.int64)
-    _run(x, rows, rows.shape[0], tok_set, tables, sae, out.numpy(), True, screen, None)
+    _run(x, rows, rows.shape[0], tok_set, tables, sae, out.numpy(), True, screen)
     return out

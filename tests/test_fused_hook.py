@@ -170,14 +170,17 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
         j = int(sets[s][6])
         arrays.floor[j] = np.float32(exact_pre[t, j])  # silent: pre is not above the threshold
     full = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=False)
-    counted = np.zeros(1, dtype=np.int64)
-    screened = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True, exact=counted)
+    fused_hook.counts(reset=True)
+    screened = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True)
+    counted = fused_hook.counts(reset=True)
     assert torch.equal(screened, full)
-    assert 0 < counted[0] < 0.1 * 24 * 800, counted[0]  # most rows skipped, the firing ones computed
+    assert counted["screened"] == 24 * 800, counted  # every pair of these small sets went through the screen
+    assert 0 < counted["exact"] < 0.1 * 24 * 800, counted  # most rows skipped, the firing ones computed
     # a set with more tokens than SCREEN_MAX_TOKENS skips the screen: the same bits again
     many = np.zeros(24, dtype=np.int64)
     assert torch.equal(fused_hook.fused_delta(x, many, tables, arrays, screen=True),
                        fused_hook.fused_delta(x, many, tables, arrays, screen=False))
+    assert fused_hook.counts(reset=True)["screened"] == 0
     assert float(full.abs().max()) > 0
     x_bad = x.clone()
     x_bad[1, 3] = float("inf")
