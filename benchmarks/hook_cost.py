@@ -89,7 +89,7 @@ def main() -> None:
     junk = torch.empty(16 << 20)
     print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; threshold {threshold:.2f}; "
           f"torch threads {args.threads}; caches {'cold' if args.cold else 'warm'}; "
-          f"fused kernel {'on' if plans['fused']._fused_arrays() is not None else 'unavailable'}")
+          f"fused kernel {'on' if plans['fused']._fused_arrays is not None else 'unavailable'}")
     for step, per_row in (("decode", 1), ("prefill", args.prefill)):
         n = args.rows * per_row
         row = torch.arange(args.rows).repeat_interleave(per_row)

@@ -16,6 +16,7 @@ addition  h' = h + a r.  Non-separable SAEs (TopK) go through sae-lens's full en
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 from collections import OrderedDict
@@ -285,8 +286,6 @@ class LatentLayerPlan:
     invariant: bool = False  # batch-invariant: one path and a sparse decode whatever the batch holds
     fused: bool = False  # sets with few tokens this step through the fused CPU kernel (server/fused_hook.py)
     _batch: _GroupBatch | None = field(default=None, init=False, repr=False)
-    _tables: fused_hook.SetTables | None = field(default=None, init=False, repr=False)
-    _arrays: fused_hook.SAEArrays | None | bool = field(default=False, init=False, repr=False)  # False: not decided
 
     def apply(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [B, T, d] -> h' with every row's ops at this layer applied (exact, error term kept)."""
@@ -297,7 +296,7 @@ class LatentLayerPlan:
 
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
-        if self.sae.separable and (self.invariant or self._fused_arrays() is not None
+        if self.sae.separable and (self.invariant or self._fused_arrays is not None
                                    or (self.batched and len(self.groups) > 1)):
             return self._apply_slots(h, ctx)
         return self._apply_looped(h, self.scopes.masks(ctx))  # one group: the loop's few ops, its slices cached
@@ -328,21 +327,17 @@ class LatentLayerPlan:
             return h
         return x_all.index_copy(0, torch.cat(toks), torch.cat(news)).unsqueeze(0)
 
+    @functools.cached_property
     def _fused_arrays(self) -> fused_hook.SAEArrays | None:
         """The SAE's arrays for the fused kernel when this plan may use it (decided once): every row's
         op covers its whole set (else per-token op weights are needed, which only the slot path has)."""
-        arrays = self._arrays
-        if arrays is False:
-            ok = self.fused and all(g.single for g in self.groups) and self.scopes.rows.device.type == "cpu"
-            arrays = self._arrays = self.sae.fused_arrays() if ok else None
-        assert arrays is not True
-        return arrays
+        ok = self.fused and all(g.single for g in self.groups) and self.scopes.rows.device.type == "cpu"
+        return self.sae.fused_arrays() if ok else None
 
+    @functools.cached_property
     def _set_tables(self) -> fused_hook.SetTables:
-        tables = self._tables
-        if tables is None:
-            tables = self._tables = fused_hook.set_tables([(g.latents, g.scales[0], g.targets[0]) for g in self.groups])
-        return tables
+        """The groups' latent sets and edits as the kernel reads them (made once)."""
+        return fused_hook.set_tables([(g.latents, g.scales[0], g.targets[0]) for g in self.groups])
 
     def _batch_consts(self) -> _GroupBatch:
         gb = self._batch
@@ -387,7 +382,7 @@ class LatentLayerPlan:
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
         base = x_all  # what the slot path's results are written into
-        arrays = self._fused_arrays()
+        arrays = self._fused_arrays
         if arrays is not None:  # sets with few tokens this step (decodes): the fused kernel, no slots
             few = (counts <= fused_hook.MAX_TOKENS)[gid]
             if few.any():
@@ -431,11 +426,11 @@ class LatentLayerPlan:
         edited in one pass, None), or, for an SAE that normalises its input or a stream in another precision,
         (x_all, (the tokens, their edited rows)) for the caller to write in."""
         if self.sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous():
-            return fused_hook.fused_edit(x_all, tok, gid, self._set_tables(), arrays), None
+            return fused_hook.fused_edit(x_all, tok, gid, self._set_tables, arrays), None
         tok_t = torch.from_numpy(tok).to(x_all.device)
         x = x_all.index_select(0, tok_t)
         x_in, scale = self.sae.normalise_in(x)
-        delta = fused_hook.fused_delta(x_in, gid, self._set_tables(), arrays)
+        delta = fused_hook.fused_delta(x_in, gid, self._set_tables, arrays)
         if not isinstance(scale, float) or scale != 1.0:
             delta = delta * scale
         return x_all, (tok_t, x + delta)

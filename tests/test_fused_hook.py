@@ -71,7 +71,7 @@ def test_fused_edits_equal_the_dense_sae(arch: str, norm: str) -> None:
     h = torch.randn(1, len(row), D, generator=torch.Generator().manual_seed(2)) * 4.0
     fused = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"), fused=True).latent_layers[1]
     with torch.no_grad():
-        assert fused._fused_arrays() is not None
+        assert fused._fused_arrays is not None
         out = fused.apply(h, ctx)[0]
         want = _dense(saes[1].sae, h[0], row, edits)
         z = saes[1].sae.encode(h[0])
@@ -137,7 +137,7 @@ def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
     multi = [(AblateLatents(latents={1: sets[0]}), ClampLatents(latents={1: (0, 3)}, value=1.0, scope=TokenScope(kind="prompt"))),
              rows[1][0:1]]
     mp = compile_plan(multi, [3, 3], saes, N_LAYERS, D, torch.device("cpu"), fused=True).latent_layers[1]
-    assert mp._fused_arrays() is None
+    assert mp._fused_arrays is None
     # and a batch-invariant plan never takes the kernel (its mode fixes one path)
     inv = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"), fused=True, batch_invariant=True)
     assert not inv.latent_layers[1].fused
