@@ -36,7 +36,7 @@ from dataclasses import replace
 import torch
 from _common import gemmascope_shaped_sae, threshold_for_fire_rate
 from refusal_audit.audit.spec import AblateLatents
-from refusal_audit.server import interventions
+from refusal_audit.server import fused_hook, interventions
 from refusal_audit.server.interventions import TokenContext, compile_plan
 from refusal_audit.server.sae_runtime import build_layer_saes
 
@@ -51,11 +51,18 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true",
                     help="write a 64 MB buffer before every timed call, so each starts with the caches cold, as "
                          "between two layers of a forward pass")
+    ap.add_argument("--new-sets", action="store_true",
+                    help="the slot pools forget their sets before every timed call, so the slot path writes each "
+                         "set into its slot again, as for a new request's prefill (the fused kernel has no slots)")
+    ap.add_argument("--max-tokens", type=int, default=None,
+                    help="fused_hook.MAX_TOKENS for this run: sets with more tokens in the step keep the slot path")
     ap.add_argument("--fire-rate", type=float, default=None,
                     help="fraction of latents active per token (threshold from the N(0, 1) pre-activations of "
                          "the random inputs); default: threshold 0.5, i.e. ~31%% active, far denser than a real SAE")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    if args.max_tokens is not None:
+        fused_hook.MAX_TOKENS = args.max_tokens
     d_sae, d = 16384, 640
     threshold = 0.5 if args.fire_rate is None else threshold_for_fire_rate(args.fire_rate)
     sae = gemmascope_shaped_sae(d, d_sae, seed=1, threshold=threshold)
@@ -89,6 +96,8 @@ def main() -> None:
     junk = torch.empty(16 << 20)
     print(f"{args.rows} rows x {args.latents} latents; union {len(union)} latents; threshold {threshold:.2f}; "
           f"torch threads {args.threads}; caches {'cold' if args.cold else 'warm'}; "
+          f"slot pools {'forget their sets before each call' if args.new_sets else 'keep their sets'}; "
+          f"fused kernel's MAX_TOKENS {fused_hook.MAX_TOKENS}; "
           f"fused kernel {'on' if plans['fused']._fused_arrays is not None else 'unavailable'}")
     for step, per_row in (("decode", 1), ("prefill", args.prefill)):
         n = args.rows * per_row
@@ -109,6 +118,8 @@ def main() -> None:
                 for k in plans:
                     if args.cold:
                         junk.add_(1.0)
+                    if args.new_sets:
+                        plans[k].sae.pool.forget()
                     t0 = time.perf_counter()
                     run(k, h, ctx)
                     times[k].append(time.perf_counter() - t0)

@@ -6,11 +6,15 @@
  * A token's arithmetic depends only on the token and its set: the same dot product (fixed lane
  * order, then a fixed tree) and the same sum order of decoder terms whatever else the call holds,
  * so the kernel is batch-invariant by construction (`dot` is one out-of-line function, and without
- * -ffast-math the compiler keeps the written order). Tokens of one set are taken in blocks of
- * `block`, so an encoder or decoder row read once serves the block from the L1 cache; blocks are
- * spread over `threads` OpenMP threads, each block entirely on one thread. */
+ * -ffast-math the compiler keeps the written order). A set's tokens are split into work items
+ * spread over `threads` OpenMP threads, each item entirely on one thread; within an item the
+ * latents go in chunks and the tokens in blocks of `block`, so that an encoder or decoder row read
+ * from memory once serves its block from L1 and the item's other blocks from L2. */
 
 #include <math.h>
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -19,30 +23,89 @@
 #ifndef PREFETCH
 #define PREFETCH 4
 #endif
+#ifndef CHUNK
+#define CHUNK 32 /* latents whose encoder and decoder rows (2 x 32 x d floats) stay in L2 across token blocks */
+#endif
+#ifndef ITEM_TOKENS
+#define ITEM_TOKENS 64 /* most tokens of one work item: their accumulators (64 x d floats) stay in L2 too */
+#endif
 
-__attribute__((noinline)) static float dot(const float *restrict a, const float *restrict b, int64_t d) {
-    float acc[LANES] = {0};
-    int64_t k = 0;
-    for (; k + LANES <= d; k += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * b[k + l];
-    float tail = 0.0f;
-    for (; k < d; k++) tail += a[k] * b[k];
-    for (int w = LANES / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
-    return acc[0] + tail;
+/* Dot products of up to NT_MAX tokens with one row, `nt` a compile-time constant in each caller
+ * (dot1, dot4), so that each token's arithmetic is the same whatever else the call holds: 64 lanes
+ * (four 16-float vectors) accumulated in order along the row, a scalar tail, then a fixed tree
+ * ((v0 + v1) + (v2 + v3), then halves down to one lane) plus the tail. The row is read once for all
+ * the tokens. The int8 variant converts the row to float (exact) and is otherwise the same. */
+typedef float vf16 __attribute__((vector_size(64)));
+typedef float vf8 __attribute__((vector_size(32)));
+typedef float vf4 __attribute__((vector_size(16)));
+#define NT_MAX 4
+
+static inline vf16 load_f(const float *p) {
+    vf16 v;
+    memcpy(&v, p, sizeof v);
+    return v;
 }
 
-/* x . q for an int8 row q (exact in float32), as `dot`: the screen's estimate is this times the row's scale. */
-__attribute__((noinline)) static float dot_i8(const float *restrict a, const int8_t *restrict q, int64_t d) {
-    float acc[LANES] = {0};
-    int64_t k = 0;
-    for (; k + LANES <= d; k += LANES)
-        for (int l = 0; l < LANES; l++) acc[l] += a[k + l] * (float)q[k + l];
-    float tail = 0.0f;
-    for (; k < d; k++) tail += a[k] * (float)q[k];
-    for (int w = LANES / 2; w >= 1; w /= 2)
-        for (int l = 0; l < w; l++) acc[l] += acc[l + w];
-    return acc[0] + tail;
+static inline vf16 load_q(const int8_t *p) {
+#ifdef __AVX512F__
+    return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
+#else
+    vf16 v;  /* GCC turns __builtin_convertvector from int8 into scalar code: convert lane by lane */
+    for (int l = 0; l < 16; l++) v[l] = (float)p[l];
+    return v;
+#endif
+}
+
+static inline float hsum(vf16 v0, vf16 v1, vf16 v2, vf16 v3, float tail) {
+    const vf16 v = (v0 + v1) + (v2 + v3);
+    const vf8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+    const vf4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    return ((h4[0] + h4[2]) + (h4[1] + h4[3])) + tail;
+}
+
+#define DOT_BODY(LOAD, ROW_T)                                                                          \
+    static inline __attribute__((always_inline)) void dots_##ROW_T(const float *const *xs, int nt,    \
+                                                                   const ROW_T *restrict r, int64_t d, \
+                                                                   float *out) {                       \
+        vf16 acc[NT_MAX][4] = {{{0}}};                                                                 \
+        int64_t k = 0;                                                                                 \
+        for (; k + 64 <= d; k += 64) {                                                                 \
+            const vf16 r0 = LOAD(r + k), r1 = LOAD(r + k + 16), r2 = LOAD(r + k + 32), r3 = LOAD(r + k + 48); \
+            for (int t = 0; t < nt; t++) {                                                             \
+                const float *x = xs[t] + k;                                                            \
+                acc[t][0] += load_f(x) * r0;                                                           \
+                acc[t][1] += load_f(x + 16) * r1;                                                      \
+                acc[t][2] += load_f(x + 32) * r2;                                                      \
+                acc[t][3] += load_f(x + 48) * r3;                                                      \
+            }                                                                                          \
+        }                                                                                              \
+        for (int t = 0; t < nt; t++) {                                                                 \
+            float tail = 0.0f;                                                                         \
+            for (int64_t j = k; j < d; j++) tail += xs[t][j] * (float)r[j];                           \
+            out[t] = hsum(acc[t][0], acc[t][1], acc[t][2], acc[t][3], tail);                           \
+        }                                                                                              \
+    }
+DOT_BODY(load_f, float)
+DOT_BODY(load_q, int8_t)
+
+/* x . row for one token, and for four tokens at once (the row read once): bit for bit the same per token. */
+__attribute__((noinline)) static float dot(const float *x, const float *restrict r, int64_t d) {
+    float out;
+    dots_float(&x, 1, r, d, &out);
+    return out;
+}
+__attribute__((noinline)) static void dot4(const float *const *xs, const float *restrict r, int64_t d, float *out) {
+    dots_float(xs, 4, r, d, out);
+}
+/* x . q for an int8 row q (q exact in float32): the screen's estimate is this times the row's scale. */
+__attribute__((noinline)) static float dot_i8(const float *x, const int8_t *restrict q, int64_t d) {
+    float out;
+    dots_int8_t(&x, 1, q, d, &out);
+    return out;
+}
+__attribute__((noinline)) static void dot4_i8(const float *const *xs, const int8_t *restrict q, int64_t d, float *out) {
+    dots_int8_t(xs, 4, q, d, out);
 }
 
 /* The screen (enc_q != NULL): latent i cannot fire at token t when
@@ -61,19 +124,29 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
      * summed terms, plus the token's input when add_input is set (rows no token names are not touched).
      * counts[0] += the (token, latent) pairs that went through the screen, counts[1] += those of them
-     * whose pre-activation was computed in full. */
+     * whose pre-activation was computed in full.
+     *
+     * Work items: a set's tokens, split evenly into ceil(T / ITEM_TOKENS) items, or into as many as there
+     * are threads (at least `block` tokens each) when that is more, so that a lone prefill uses every
+     * thread. Within an item the set's latents go in chunks of CHUNK: a chunk's rows, read from memory
+     * once, serve every token block of the item from the cache. Each token still takes its set's
+     * latents in order, so the split changes no bit of the result. */
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(2 * n + 1));
     if (starts == NULL) return 1;
     int64_t *screened = starts + n + 1;  /* per item: whether its latents go through the screen */
     int64_t n_items = 0;
-    for (int64_t t = 0; t < n;) {  /* runs of up to `block` consecutive tokens of one set */
+    for (int64_t t = 0; t < n;) {
         int64_t end = t;  /* the set's tokens: [t, end) */
         while (end < n && tok_set[end] == tok_set[t]) end++;
+        const int64_t T = end - t;
         /* a set with more tokens than that re-reads its rows from the cache: there the screen's extra
          * dot products cost more than the memory they save (benchmarks/hook_cost.py) */
-        const int64_t screen = enc_q != NULL && end - t <= screen_max_tokens;
-        for (int64_t b = t; b < end; b += block) {
-            starts[n_items] = b;
+        const int64_t screen = enc_q != NULL && T <= screen_max_tokens;
+        int64_t parts = (T + ITEM_TOKENS - 1) / ITEM_TOKENS;
+        const int64_t by_threads = (T + block - 1) / block < threads ? (T + block - 1) / block : threads;
+        if (by_threads > parts) parts = by_threads;
+        for (int64_t p = 0; p < parts; p++) {
+            starts[n_items] = t + p * T / parts;
             screened[n_items++] = screen;
         }
         t = end;
@@ -82,55 +155,84 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
     int64_t n_screened = 0, n_exact = 0, failed = 0;
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_screened, n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
-        const int64_t t0 = starts[item], nb = starts[item + 1] - t0, g = tok_set[t0];
+        const int64_t t0 = starts[item], nt = starts[item + 1] - t0, g = tok_set[t0];
+        const int64_t lo = offsets[g], hi = offsets[g + 1];
         const int screen = (int)screened[item];
-        float *acc = calloc((size_t)(nb * d), sizeof(float));  /* the block's summed terms */
-        double norm[nb];
-        const float *xt[nb];
-        if (acc == NULL) {
+        float *acc = calloc((size_t)(nt * d), sizeof(float));  /* the item's summed terms */
+        double *norm = malloc(sizeof(double) * (size_t)nt);
+        const float **xt = (const float **)malloc(sizeof(float *) * (size_t)nt);
+        if (acc == NULL || norm == NULL || xt == NULL) {
+            free(acc);
+            free(norm);
+            free(xt);
             failed++;
             continue;
         }
-        n_screened += screen * nb * (offsets[g + 1] - offsets[g]);
-        for (int64_t b = 0; b < nb; b++) {
+        n_screened += screen * nt * (hi - lo);
+        for (int64_t b = 0; b < nt; b++) {
             xt[b] = x + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
             double ss = 0.0;
-            for (int64_t k = 0; k < d; k++) ss += (double)xt[b][k] * (double)xt[b][k];
+            if (screen)
+                for (int64_t k = 0; k < d; k++) ss += (double)xt[b][k] * (double)xt[b][k];
             norm[b] = sqrt(ss);
         }
-        for (int64_t j = offsets[g]; j < offsets[g + 1]; j++) {
-            const int64_t i = ids[j];
-            const float *er = enc_rows + i * d, *dr = dec + i * d;
-            if (j + PREFETCH < offsets[g + 1]) {  /* rows are scattered: ask for a later latent's row now */
-                const int64_t ahead = ids[j + PREFETCH];
-                if (screen)
-                    for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
-                else
-                    for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
-            }
-            const double room = (double)floor_[i] - (double)b_enc[i];
-            for (int64_t b = 0; b < nb; b++) {
-                float z = 0.0f;
-                int fires = 1;
-                if (screen) {
-                    const double est = (double)(q_scale[i] * dot_i8(xt[b], enc_q + i * d, d));
-                    const double reach = est + norm[b] * slack[i];
-                    const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(room) + 1e-30);
-                    fires = !(reach + margin <= room);  /* NaN / inf: not decided, computed exactly */
-                }
-                if (fires) {
-                    const float pre = b_enc[i] + dot(xt[b], er, d);
-                    z = pre > floor_[i] ? pre : 0.0f;
-                    n_exact += screen;
-                }
-                const float c = mul[j] * z + add[j];
-                if (c != 0.0f) {
-                    float *a = acc + b * d;
-                    for (int64_t k = 0; k < d; k++) a[k] += c * dr[k];
+        for (int64_t j0 = lo; j0 < hi; j0 += CHUNK) {
+            const int64_t j1 = j0 + CHUNK < hi ? j0 + CHUNK : hi;
+            for (int64_t b0 = 0; b0 < nt; b0 += block) {
+                const int64_t b1 = b0 + block < nt ? b0 + block : nt;
+                for (int64_t j = j0; j < j1; j++) {
+                    const int64_t i = ids[j];
+                    const float *er = enc_rows + i * d, *dr = dec + i * d;
+                    if (b0 == 0 && j + PREFETCH < hi) {  /* rows are scattered: ask for a later latent's row now */
+                        const int64_t ahead = ids[j + PREFETCH];
+                        if (screen)
+                            for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
+                        else
+                            for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
+                    }
+                    const double room = (double)floor_[i] - (double)b_enc[i];
+                    for (int64_t b = b0; b < b1; b += NT_MAX) {  /* NT_MAX tokens at a time: the row read once */
+                        const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
+                        float dots[NT_MAX];
+                        int fires[NT_MAX] = {1, 1, 1, 1};
+                        if (screen) {
+                            float est_dot[NT_MAX];
+                            if (m == NT_MAX)
+                                dot4_i8(xt + b, enc_q + i * d, d, est_dot);
+                            else
+                                for (int64_t u = 0; u < m; u++) est_dot[u] = dot_i8(xt[b + u], enc_q + i * d, d);
+                            for (int64_t u = 0; u < m; u++) {
+                                const double est = (double)(q_scale[i] * est_dot[u]);
+                                const double reach = est + norm[b + u] * slack[i];
+                                const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(room) + 1e-30);
+                                fires[u] = !(reach + margin <= room);  /* NaN / inf: not decided, computed exactly */
+                                if (fires[u]) {
+                                    dots[u] = dot(xt[b + u], er, d);
+                                    n_exact++;
+                                }
+                            }
+                        } else if (m == NT_MAX) {
+                            dot4(xt + b, er, d, dots);
+                        } else {
+                            for (int64_t u = 0; u < m; u++) dots[u] = dot(xt[b + u], er, d);
+                        }
+                        for (int64_t u = 0; u < m; u++) {
+                            float z = 0.0f;
+                            if (fires[u]) {
+                                const float pre = b_enc[i] + dots[u];
+                                z = pre > floor_[i] ? pre : 0.0f;
+                            }
+                            const float c = mul[j] * z + add[j];
+                            if (c != 0.0f) {
+                                float *a = acc + (b + u) * d;
+                                for (int64_t k = 0; k < d; k++) a[k] += c * dr[k];
+                            }
+                        }
+                    }
                 }
             }
         }
-        for (int64_t b = 0; b < nb; b++) {
+        for (int64_t b = 0; b < nt; b++) {
             float *o = out + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
             const float *a = acc + b * d;
             if (add_input)
@@ -139,6 +241,8 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                 for (int64_t k = 0; k < d; k++) o[k] = a[k];
         }
         free(acc);
+        free(norm);
+        free(xt);
     }
     free(starts);
     counts[0] += n_screened;

@@ -45,10 +45,12 @@ import torch
 
 log = logging.getLogger(__name__)
 
-MAX_TOKENS = 8
-"""Tokens of one latent set in one step past which the slot path's `bmm` is faster (hook_cost.py,
-2 threads, cold caches, 8 sets of 500 latents, fused / slot time: 0.54x at 1 token per set, 0.52x
-at 2, 0.73x at 4, 0.99x at 8, 1.18x at 12, 1.35x at 20)."""
+MAX_TOKENS = 24
+"""Tokens of one latent set in one step past which the slot path's `bmm` is faster. With the kernel on,
+a set reaches the slot pool only through a step past this limit, so the kernel's sets are new to the
+pool and the slot path would first write their rows into a slot (hook_cost.py --new-sets, 2 threads,
+cold caches, 8 sets of 2,000 latents, fused / slot time: 0.67x at 8 tokens per set, 0.75x at 20,
+1.00x at 32, 1.11x at 48; against sets already in the pool 1.08x at 8 and 1.21x at 20)."""
 
 _BLOCK = 8
 SCREEN_MAX_TOKENS = 4

@@ -84,6 +84,11 @@ class SlicePool:
         self.writes = 0  # sets written into slots (for tests and benchmarks)
         self.moves = 0  # sets moved down into a hole (`_compact`)
 
+    def forget(self) -> None:
+        """Drop every set from the slots (the next `assign` writes each again, as for requests never seen):
+        the new-request case of benchmarks/hook_cost.py."""
+        self._slot_of.clear()
+
     def _allocate(self, n_slots: int, width: int, n_ops: int, keep: StackedSlices | None = None) -> None:
         """New zeroed slot tensors [n_slots, ..., width]; `keep`'s slots are copied into the first ones
         (growing), else every slot starts empty."""
