@@ -17,7 +17,8 @@ to completion (greedy, `--new-tokens` each); every request carries its *own* ran
 Reported: generated tokens/s (all tokens of the run / wall time) and the p50 / p99 of request
 latency (submit -> final token), over `--repeats` interleaved repeats (round-robin over the
 configurations; the prefix cache is reset before every vLLM run so masked and unmasked runs pay
-the same prefill).
+the same prefill). Each configuration's throughput is also given paired by repeat (its tokens/s over
+the first row's in the same round): the median, and the range, which is the noise that median carries.
 
     python benchmarks/overhead_vllm.py [--batch 8] [--new-tokens 32] [--repeats 3] [--out benchmarks/RESULTS_vllm.md]
 
@@ -180,7 +181,11 @@ def main() -> None:
     for name, _, n in configs:
         tps = statistics.median(raw[name]["tps"])
         hook = statistics.median(raw[name]["hook_s"]) if raw[name]["hook_s"] else None
-        rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook))
+        # each repeat's tokens/s over the first row's in the same repeat (interleaved: seconds apart, so a
+        # drift of the shared host hits both); the spread of these ratios is the noise the median carries
+        paired = sorted(t / b for t, b in zip(raw[name]["tps"], raw[configs[0][0]]["tps"], strict=True))
+        rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook,
+                     statistics.median(paired), paired[0], paired[-1]))
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "
                f"(worker torch threads: {facts.get('torch_threads')}, fused hook kernel: {facts.get('fused_hook')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
@@ -195,11 +200,12 @@ def main() -> None:
                               + ", ".join(f"{ly}: {v:.0f}" for ly, v in sae_l0.items()) + ")" if sae_l0
                               else "one fixed threshold 0.5 (about a third of the latents fire)") + ".",
         "",
-        "| configuration | latents / request | tokens/s | slowdown vs first row | p50 latency (s) | p99 latency (s) | time in hooks |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| configuration | latents / request | tokens/s | slowdown vs first row | throughput vs first row, paired by "
+        "repeat: median [min, max] | p50 latency (s) | p99 latency (s) | time in hooks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, n, tps, slow, p50, p99, hook in rows:
-        md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {p50:.2f} | {p99:.2f} | "
+    for name, n, tps, slow, p50, p99, hook, pmed, plo, phi in rows:
+        md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {pmed:.3f}x [{plo:.3f}, {phi:.3f}] | {p50:.2f} | {p99:.2f} | "
                   f"{'' if hook is None else f'{100 * hook:.1f}%'} |")
     exact = {name: statistics.median(r["exact"]) for name, r in raw.items() if r.get("exact")}
     if exact:

@@ -46,16 +46,6 @@ static inline vf16 load_f(const float *p) {
     return v;
 }
 
-static inline vf16 load_q(const int8_t *p) {
-#ifdef __AVX512F__
-    return (vf16)_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)p)));
-#else
-    vf16 v;  /* GCC turns __builtin_convertvector from int8 into scalar code: convert lane by lane */
-    for (int l = 0; l < 16; l++) v[l] = (float)p[l];
-    return v;
-#endif
-}
-
 static inline float hsum(vf16 v0, vf16 v1, vf16 v2, vf16 v3, float tail) {
     const vf16 v = (v0 + v1) + (v2 + v3);
     const vf8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
@@ -87,7 +77,6 @@ static inline float hsum(vf16 v0, vf16 v1, vf16 v2, vf16 v3, float tail) {
         }                                                                                              \
     }
 DOT_BODY(load_f, float)
-DOT_BODY(load_q, int8_t)
 
 /* x . row for one token, and for four tokens at once (the row read once): bit for bit the same per token. */
 __attribute__((noinline)) static float dot(const float *x, const float *restrict r, int64_t d) {
@@ -98,29 +87,76 @@ __attribute__((noinline)) static float dot(const float *x, const float *restrict
 __attribute__((noinline)) static void dot4(const float *const *xs, const float *restrict r, int64_t d, float *out) {
     dots_float(xs, 4, r, d, out);
 }
-/* x . q for an int8 row q (q exact in float32): the screen's estimate is this times the row's scale. */
-__attribute__((noinline)) static float dot_i8(const float *x, const int8_t *restrict q, int64_t d) {
-    float out;
-    dots_int8_t(&x, 1, q, d, &out);
-    return out;
+/* The screen's estimate: xq . q for the token quantised to int16 and an int8 row, in int32 (exact:
+ * |xq| <= xmax keeps every partial sum below 2^31, see `screen_xmax`), so its order does not matter. */
+__attribute__((noinline)) static int32_t dot_q(const int16_t *restrict xq, const int8_t *restrict q, int64_t d) {
+    int32_t s = 0;
+    for (int64_t k = 0; k < d; k++) s += (int32_t)xq[k] * (int32_t)q[k];
+    return s;
 }
-__attribute__((noinline)) static void dot4_i8(const float *const *xs, const int8_t *restrict q, int64_t d, float *out) {
-    dots_int8_t(xs, 4, q, d, out);
+__attribute__((noinline)) static void dot4_q(const int16_t *restrict x0, const int16_t *restrict x1,
+                                             const int16_t *restrict x2, const int16_t *restrict x3,
+                                             const int8_t *restrict q, int64_t d, int32_t *out) {
+    int32_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+    for (int64_t k = 0; k < d; k++) {
+        const int32_t v = q[k];
+        s0 += (int32_t)x0[k] * v;
+        s1 += (int32_t)x1[k] * v;
+        s2 += (int32_t)x2[k] * v;
+        s3 += (int32_t)x3[k] * v;
+    }
+    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+}
+
+/* The largest |xq| for width d: d * 127 * xmax < 2^31, and at most 2^14 - 1. */
+static int32_t screen_xmax(int64_t d) {
+    const int64_t cap = (INT64_C(2147483647)) / (127 * (d > 0 ? d : 1));
+    return (int32_t)(cap < 16383 ? cap : 16383);
+}
+
+/* Quantise token x to int16 (xq = round(x / sx), sx = max|x| / xmax), returning sx and setting *resid to
+ * an upper bound on ||x - sx xq|| (in double, 1e-6 added for its rounding); -1 where x has a NaN or inf
+ * (the token skips the screen: every latent is computed in full). */
+static double quantise_token(const float *x, int64_t d, int32_t xmax, int16_t *xq, double *resid) {
+    float mx = 0.0f;
+    for (int64_t k = 0; k < d; k++) {
+        const float a = fabsf(x[k]);
+        if (!(a <= 3.4028234663852886e38f)) return -1.0;
+        mx = a > mx ? a : mx;
+    }
+    if (mx == 0.0f) {
+        memset(xq, 0, sizeof(int16_t) * (size_t)d);
+        *resid = 0.0;
+        return 0.0;
+    }
+    const double sx = (double)mx / (double)xmax;
+    double ss = 0.0;
+    for (int64_t k = 0; k < d; k++) {
+        double r = nearbyint((double)x[k] / sx);
+        r = r > xmax ? xmax : (r < -xmax ? -xmax : r);
+        xq[k] = (int16_t)r;
+        const double e = (double)x[k] - sx * r;
+        ss += e * e;
+    }
+    *resid = sqrt(ss) * (1.0 + 1e-6);
+    return sx;
 }
 
 /* The screen (enc_q != NULL): latent i cannot fire at token t when
- *     s~ + ||x|| slack[i] <= floor[i] - b_enc[i]
- * where s~ = scale[i] (x . q_i), q_i the row quantised to int8 with the row's own scale, and slack[i]
- * bounds |x . row_i - s~| / ||x|| (the quantisation of the row plus both dot products' float32
- * rounding; server/fused_hook.py derives it). Then the exact
+ *     s~ + ||x|| slack[i] + ||x - sx xq|| q_norm[i] <= room[i] = floor[i] - b_enc[i]
+ * where s~ = scale[i] sx (xq . q_i), q_i the row quantised to int8 with the row's own scale, xq the
+ * token quantised to int16 with its own scale sx, q_norm[i] = ||scale[i] q_i||, and slack[i] bounds
+ * the row's quantisation and the exact dot product's float32 rounding per unit ||x|| (the four per
+ * latent in one float64 row of `meta`, [room, slack, q_norm, scale], one cache line per two latents)
+ * (server/fused_hook.py derives it; x . e - s~ = x . (e - q~) + (x - x~) . q~). Then the exact
  * pre-activation b + x . row_i is <= floor[i], so z_i = 0 exactly, without reading the float32 row;
  * every other latent is computed exactly, as without the screen: the result is bit-identical, and
  * the encoder bytes read per latent drop to a quarter. The comparison runs in double with a relative margin. */
 int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, const int64_t *tok_set,
                    const int64_t *offsets, const int64_t *ids, const float *mul, const float *add,
                    const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
-                   int add_input, int64_t block, int threads, const int8_t *enc_q, const float *q_scale,
-                   const double *slack, int64_t screen_max_tokens, int64_t *counts) {
+                   int add_input, int64_t block, int threads, const int8_t *enc_q, const double *meta,
+                   int64_t screen_max_tokens, int64_t *counts) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
      * summed terms, plus the token's input when add_input is set (rows no token names are not touched).
      * counts[0] += the (token, latent) pairs that went through the screen, counts[1] += those of them
@@ -153,18 +189,22 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
     }
     starts[n_items] = n;
     int64_t n_screened = 0, n_exact = 0, failed = 0;
+    const int32_t xmax = screen_xmax(d);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_screened, n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
         const int64_t t0 = starts[item], nt = starts[item + 1] - t0, g = tok_set[t0];
         const int64_t lo = offsets[g], hi = offsets[g + 1];
         const int screen = (int)screened[item];
         float *acc = calloc((size_t)(nt * d), sizeof(float));  /* the item's summed terms */
-        double *norm = malloc(sizeof(double) * (size_t)nt);
+        double *norm = malloc(sizeof(double) * (size_t)(3 * nt));  /* ||x||, sx, ||x - sx xq|| per token */
+        double *sx = norm + nt, *resid = norm + 2 * nt;
         const float **xt = (const float **)malloc(sizeof(float *) * (size_t)nt);
-        if (acc == NULL || norm == NULL || xt == NULL) {
+        int16_t *xq = screen ? malloc(sizeof(int16_t) * (size_t)(nt * d)) : NULL;
+        if (acc == NULL || norm == NULL || xt == NULL || (screen && xq == NULL)) {
             free(acc);
             free(norm);
             free(xt);
+            free(xq);
             failed++;
             continue;
         }
@@ -172,8 +212,10 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         for (int64_t b = 0; b < nt; b++) {
             xt[b] = x + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
             double ss = 0.0;
-            if (screen)
+            if (screen) {
                 for (int64_t k = 0; k < d; k++) ss += (double)xt[b][k] * (double)xt[b][k];
+                sx[b] = quantise_token(xt[b], d, xmax, xq + b * d, resid + b);
+            }
             norm[b] = sqrt(ss);
         }
         for (int64_t j0 = lo; j0 < hi; j0 += CHUNK) {
@@ -185,27 +227,35 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                     const float *er = enc_rows + i * d, *dr = dec + i * d;
                     if (b0 == 0 && j + PREFETCH < hi) {  /* rows are scattered: ask for a later latent's row now */
                         const int64_t ahead = ids[j + PREFETCH];
-                        if (screen)
+                        if (screen) {
+                            __builtin_prefetch(meta + 4 * ahead);
                             for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
-                        else
+                        } else {
+                            __builtin_prefetch(b_enc + ahead);
+                            __builtin_prefetch(floor_ + ahead);
                             for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
+                        }
                     }
-                    const double room = (double)floor_[i] - (double)b_enc[i];
+                    const double *mi = screen ? meta + 4 * i : NULL;  /* room, slack, q_norm, scale */
                     for (int64_t b = b0; b < b1; b += NT_MAX) {  /* NT_MAX tokens at a time: the row read once */
                         const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
                         float dots[NT_MAX];
                         int fires[NT_MAX] = {1, 1, 1, 1};
                         if (screen) {
-                            float est_dot[NT_MAX];
+                            int32_t est_dot[NT_MAX];
+                            const int8_t *qi = enc_q + i * d;
                             if (m == NT_MAX)
-                                dot4_i8(xt + b, enc_q + i * d, d, est_dot);
+                                dot4_q(xq + b * d, xq + (b + 1) * d, xq + (b + 2) * d, xq + (b + 3) * d, qi, d, est_dot);
                             else
-                                for (int64_t u = 0; u < m; u++) est_dot[u] = dot_i8(xt[b + u], enc_q + i * d, d);
+                                for (int64_t u = 0; u < m; u++) est_dot[u] = dot_q(xq + (b + u) * d, qi, d);
                             for (int64_t u = 0; u < m; u++) {
-                                const double est = (double)(q_scale[i] * est_dot[u]);
-                                const double reach = est + norm[b + u] * slack[i];
-                                const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(room) + 1e-30);
-                                fires[u] = !(reach + margin <= room);  /* NaN / inf: not decided, computed exactly */
+                                fires[u] = sx[b + u] < 0.0;  /* NaN / inf in the token: computed exactly */
+                                if (!fires[u]) {
+                                    const double est = mi[3] * sx[b + u] * (double)est_dot[u];
+                                    const double reach = est + norm[b + u] * mi[1] + resid[b + u] * mi[2];
+                                    const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(mi[0]) + 1e-30);
+                                    fires[u] = !(reach + margin <= mi[0]);
+                                }
                                 if (fires[u]) {
                                     dots[u] = dot(xt[b + u], er, d);
                                     n_exact++;
@@ -243,6 +293,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         free(acc);
         free(norm);
         free(xt);
+        free(xq);
     }
     free(starts);
     counts[0] += n_screened;

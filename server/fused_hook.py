@@ -109,7 +109,7 @@ def _build() -> ctypes.CDLL | None:
     fn = lib.ra_fused_delta
     fn.restype = ctypes.c_int
     ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, *[ptr] * 11, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, ptr, i64, ptr]
+    fn.argtypes = [ptr, i64, i64, *[ptr] * 11, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, i64, ptr]
     return lib
 
 
@@ -152,6 +152,8 @@ class SAEArrays:
     enc_q: np.ndarray  # [d_sae, d] int8: the encoder rows quantised, one scale per row (the screen's copy)
     q_scale: np.ndarray  # [d_sae] float32: row i is about q_scale[i] * enc_q[i]
     slack: np.ndarray  # [d_sae] float64: |x . row_i - scale_i (x . q_i)| (both as computed) <= ||x|| slack_i
+    q_norm: np.ndarray  # [d_sae] float64: ||scale_i q_i||, what the token's own quantisation error is multiplied by
+    screen_meta: np.ndarray  # [d_sae, 4] float64: (floor_i - b_i, slack_i, q_norm_i, q_scale_i), what the screen reads
 
 
 _U = 2.0**-24  # float32 unit roundoff
@@ -184,6 +186,23 @@ def screen_slack(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -
     return out
 
 
+def quantised_norms(q: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
+    """||scale_i q_i|| per row, in float64 with 1 % added (a bound, as `screen_slack`)."""
+    out = np.empty(q.shape[0], dtype=np.float64)
+    for lo in range(0, q.shape[0], 4096):
+        qe = q[lo:lo + 4096].detach().to(torch.float64) * scale[lo:lo + 4096].detach().to(torch.float64)[:, None]
+        out[lo:lo + 4096] = (qe.norm(dim=1) * 1.01).cpu().numpy()
+    return out
+
+
+def screen_meta(b_enc: np.ndarray, floor: np.ndarray, slack: np.ndarray, q_norm: np.ndarray,
+                q_scale: np.ndarray) -> np.ndarray:
+    """What the screen reads per latent, in one float64 row (one cache line per two latents):
+    (floor - b, slack, q_norm, q_scale)."""
+    room = floor.astype(np.float64) - b_enc.astype(np.float64)
+    return np.ascontiguousarray(np.stack([room, slack, q_norm, q_scale.astype(np.float64)], axis=1))
+
+
 def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: torch.Tensor | None,
                W_dec: torch.Tensor) -> SAEArrays | None:
     """The kernel's view of an SAE, or None where it cannot run (not float32 on the CPU, no encoder rows)."""
@@ -194,9 +213,11 @@ def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: to
         rows = enc_rows.detach().contiguous()
         q, scale = quantise_rows(rows)
         floor = torch.zeros_like(b_enc) if threshold is None else threshold.detach().clamp(min=0.0)
+        slack, q_norm = screen_slack(rows, q, scale), quantised_norms(q, scale)
         return SAEArrays(
             rows.numpy(), b_enc.detach().contiguous().numpy(), floor.contiguous().numpy(),
-            W_dec.detach().contiguous().numpy(), q.numpy(), scale.numpy(), screen_slack(rows, q, scale),
+            W_dec.detach().contiguous().numpy(), q.numpy(), scale.numpy(), slack, q_norm,
+            screen_meta(b_enc.detach().numpy(), floor.numpy(), slack, q_norm, scale.numpy()),
         )
 
 
@@ -245,7 +266,7 @@ def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, ta
         _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), _ptr(tables.offsets), _ptr(tables.ids),
         _ptr(tables.mul), _ptr(tables.add), _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec),
         _ptr(out), int(add_input), _BLOCK, max(1, torch.get_num_threads()),
-        _ptr(sae.enc_q) if screen else None, _ptr(sae.q_scale) if screen else None, _ptr(sae.slack) if screen else None,
+        _ptr(sae.enc_q) if screen else None, _ptr(sae.screen_meta) if screen else None,
         SCREEN_MAX_TOKENS, _ptr(screened_exact),
     )
     if rc != 0:

@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import Any
 
 import numpy as np
@@ -164,11 +166,14 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
     assert fused_hook.SCREEN_MAX_TOKENS >= 4
     # the pre-activations (torch's matmul, within float32 rounding of the kernel's), to put thresholds at them
     exact_pre = torch.from_numpy(arrays.b_enc)[None, :] + x @ torch.from_numpy(arrays.enc_rows).T
+    floor = arrays.floor.copy()
     for t, s in ((0, 0), (9, 2), (17, 4)):
         i = int(sets[s][5])
-        arrays.floor[i] = np.nextafter(np.float32(exact_pre[t, i]), np.float32(-np.inf))  # fires, by one ulp
+        floor[i] = np.nextafter(np.float32(exact_pre[t, i]), np.float32(-np.inf))  # fires, by one ulp
         j = int(sets[s][6])
-        arrays.floor[j] = np.float32(exact_pre[t, j])  # silent: pre is not above the threshold
+        floor[j] = np.float32(exact_pre[t, j])  # silent: pre is not above the threshold
+    arrays = dataclasses.replace(arrays, floor=floor, screen_meta=fused_hook.screen_meta(
+        arrays.b_enc, floor, arrays.slack, arrays.q_norm, arrays.q_scale))
     full = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=False)
     fused_hook.counts(reset=True)
     screened = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True)
@@ -193,17 +198,28 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
 
 
 def test_screen_slack_bounds_the_estimate_error() -> None:
-    """The slack the screen relies on really bounds |fl(x . e) - scale fl(x . q)| / ||x|| (checked in
-    float64 against float32 dot products, over rows of many magnitudes and inputs aligned with them)."""
+    """The bound the screen relies on holds: with the token quantised to int16 as the kernel does
+    (sx = max|x| / xmax, xq = round(x / sx)), |fl(x . e) - scale sx (xq . q)| <= ||x|| slack +
+    ||x - sx xq|| q_norm (checked in float64 against float32 dot products, over rows of many
+    magnitudes and inputs aligned with them or with one massive dimension, as residual streams have)."""
     g = torch.Generator().manual_seed(4)
-    rows = torch.randn(256, 640, generator=g) * torch.logspace(-3, 1, 256)[:, None]
+    d = 640
+    rows = torch.randn(256, d, generator=g) * torch.logspace(-3, 1, 256)[:, None]
     rows[7, 5] = 40.0  # one large entry: a coarse scale for the rest of its row
     q, scale = fused_hook.quantise_rows(rows)
     slack = torch.from_numpy(fused_hook.screen_slack(rows, q, scale))
+    q_norm = torch.from_numpy(fused_hook.quantised_norms(q, scale))
     qf = q.float() * scale[:, None]
-    x = torch.cat([torch.randn(16, 640, generator=g), rows[:16].sign(), qf[:16], (rows - qf)[:16].sign()])
-    est = (x @ q.float().T) * scale[None, :]
-    ref = x @ rows.T
-    err = (ref.double() - est.double()).abs() / x.double().norm(dim=1, keepdim=True)
-    assert bool((err <= slack[None, :]).all()), float((err / slack[None, :]).max())
-    assert float((err / slack[None, :]).max()) > 0.05, "the bound should not be vacuous"
+    massive = torch.randn(16, d, generator=g)
+    massive[:, 3] = 300.0
+    x = torch.cat([torch.randn(16, d, generator=g), rows[:16].sign(), qf[:16], (rows - qf)[:16].sign(), massive])
+    xmax = min(16383, (2**31 - 1) // (127 * d))
+    sx = x.double().abs().amax(dim=1, keepdim=True) / xmax
+    xq = torch.round(x.double() / sx).clamp(-xmax, xmax)
+    est = (xq @ q.double().T) * sx * scale.double()[None, :]
+    resid = (x.double() - sx * xq).norm(dim=1, keepdim=True)
+    ref = (x @ rows.T).double()
+    bound = x.double().norm(dim=1, keepdim=True) * slack[None, :] + resid * q_norm[None, :]
+    err = (ref - est).abs()
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert float((err / bound).max()) > 0.05, "the bound should not be vacuous"
