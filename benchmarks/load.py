@@ -21,6 +21,13 @@ The in-process HF engine runs in the batch-invariant mode by default, as `serve`
 joins a running generation; `inf:inf` = never, the dynamic batching of before) on the same server.
 `--fused-hook off,on` runs every client count with the vLLM workers' fused CPU hook kernel switched
 off and on (server/fused_hook.py), on the same server.
+
+    python benchmarks/load.py --engine vllm --clients 16 --total 96 --distinct-prompts --latents 0,2000 --rounds 4
+
+`--latents 0,2000` runs every level without and with masks on the same server (requests without
+interventions leave the hooks idle: the unmasked throughput), and `--rounds R` repeats all levels R
+times, interleaved; the masked levels' tokens/s are then also given over the unmasked level of the
+same round and client count: the median and range of those paired ratios (the range is the noise).
 """
 
 from __future__ import annotations
@@ -218,6 +225,21 @@ def check_level(lv: Level, address: str, sample: int, shape: Shape, rng: random.
     return once, same, len(keys)
 
 
+def _print_paired(rows: list[dict[str, Any]]) -> None:
+    """Masked tokens/s over unmasked in the same round, client count and join policy: median [min, max]."""
+    base = {(r["round"], r["policy"], r["clients"]): r["tokens_per_s"] for r in rows if r["latents"] == 0}
+    paired: dict[tuple[str, int], list[float]] = {}
+    for r in rows:
+        b = base.get((r["round"], r["policy"], r["clients"]))
+        if r["latents"] and b:
+            paired.setdefault((r["engine"], r["clients"]), []).append(r["tokens_per_s"] / b)
+    print("\n| level | clients | rounds | tokens/s over unmasked, paired by round: median [min, max] |")
+    print("|---|---:|---:|---:|")
+    for (engine, n), v in paired.items():
+        v = sorted(v)
+        print(f"| {engine} | {n} | {len(v)} | {statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}] |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", default=None, help="address of a running server (default: start one)")
@@ -229,7 +251,8 @@ def main() -> None:
     ap.add_argument("--total", type=int, default=16, help="requests per client count (at least --min-per-client each)")
     ap.add_argument("--min-per-client", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=16)
-    ap.add_argument("--latents", type=int, default=2000)
+    ap.add_argument("--latents", default="2000", help="latents per request, or a comma list (every level runs with each)")
+    ap.add_argument("--rounds", type=int, default=1, help="run all levels this many times, interleaved")
     ap.add_argument("--layers", default="3,6,9,12")
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--sae-l0", type=float, default=100.0,
@@ -265,7 +288,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     layers = [int(x) for x in args.layers.split(",")]
     policies = [_parse_policy(p) for p in args.join_policies.split(",")]
-    shape = Shape(args.new_tokens, args.latents, tuple(layers), args.d_sae, args.distinct_prompts, args.ignore_eos)
+    latents = [int(x) for x in args.latents.split(",")]
+    shapes = {n: Shape(args.new_tokens, n, tuple(layers), args.d_sae, args.distinct_prompts, args.ignore_eos)
+              for n in latents}
     server = None
     address, metrics_url = args.server, args.metrics
     if address is None:
@@ -283,10 +308,13 @@ def main() -> None:
     try:
         # warm-up (first-call allocations, lazy init), not counted
         AuditClient(address, timeout=600).generate(
-            [make_request(0, 0, shape)])
+            [make_request(0, 0, shapes[max(latents)])])
         fused_settings = [x.strip() == "on" for x in args.fused_hook.split(",")]
-        levels = [(p, f, int(x)) for p in policies for f in fused_settings for x in args.clients.split(",")]
-        for (ratio, wait), fused, n in levels:
+        levels = [(rnd, p, f, lat, int(x)) for rnd in range(args.rounds) for p in policies for f in fused_settings
+                  for lat in latents for x in args.clients.split(",")
+                  if lat or f == fused_settings[-1]]  # without masks the kernel has nothing to do: once
+        for rnd, (ratio, wait), fused, lat, n in levels:
+            shape = shapes[lat]
             if server is not None and hasattr(server.handle.engine, "set_fused_hook"):
                 fused = server.handle.engine.set_fused_hook(fused)
             if server is not None and hasattr(server.handle.engine, "join_ratio"):
@@ -309,8 +337,9 @@ def main() -> None:
             rows.append({
                 "engine": args.engine + (" (batch-invariant)" if args.batch_invariant and args.engine == "hf" else "")
                 + (f", joins {_policy_name(ratio, wait)}" if len(policies) > 1 else "")
-                + (f", fused kernel {'on' if fused else 'off'}" if len(fused_settings) > 1 else ""),
-                "clients": n, "issued": lv.issued, "answered": len(lv.answers),
+                + (f", fused kernel {'on' if fused else 'off'}" if len(fused_settings) > 1 and lat else "")
+                + (f", {lat} latents" if len(latents) > 1 else ""),
+                "round": rnd, "latents": lat, "policy": (ratio, wait), "clients": n, "issued": lv.issued, "answered": len(lv.answers),
                 "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
                 "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,
                 "p50_s": statistics.median(lv.latencies) if lv.latencies else float("nan"),
@@ -359,6 +388,8 @@ def main() -> None:
               f"{r['load_before']:.1f} -> {r['load_after']:.1f} |")
         for e in r["first_errors"]:
             print(f"  error: {e}")
+    if 0 in latents and len(latents) > 1:
+        _print_paired(rows)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if any(not r["exactly_once"] for r in rows):

@@ -5,8 +5,9 @@
  *     c = mul[j] z_i + add[j];   out[t] += c dec[i]   (terms with c == 0 skipped)
  * A token's arithmetic depends only on the token and its set: the same dot product (fixed lane
  * order, then a fixed tree) and the same sum order of decoder terms whatever else the call holds,
- * so the kernel is batch-invariant by construction (`dot` is one out-of-line function, and without
- * -ffast-math the compiler keeps the written order). A set's tokens are split into work items
+ * so the kernel is batch-invariant by construction (`dot` and `dot4` are one body with the token
+ * count a constant, each token's lanes computed by the same expressions; without -ffast-math the
+ * compiler keeps the written order; tests/test_fused_hook.py checks the bits alone and in blocks). A set's tokens are split into work items
  * spread over `threads` OpenMP threads, each item entirely on one thread; within an item the
  * latents go in chunks and the tokens in blocks of `block`, so that an encoder or decoder row read
  * from memory once serves its block from L1 and the item's other blocks from L2. */

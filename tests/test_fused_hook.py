@@ -12,7 +12,6 @@
 from __future__ import annotations
 
 import dataclasses
-
 from typing import Any
 
 import numpy as np
