@@ -57,11 +57,12 @@ pool and the slot path would first write their rows into a slot (hook_cost.py --
 sets already in the pool, 8 sets: 1.08x at 8 and 1.21x at 20)."""
 
 _BLOCK = 8
-SCREEN_MAX_TOKENS = 4
+SCREEN_MAX_TOKENS = 16
 """Sets with more tokens than this in one call skip the screen: their rows, read once, serve every
-block from the cache, and the screen's int8 dot products can then cost more than the float32 bytes
-they save (2 threads, cold caches, 500-latent sets, screen / full time: 8 sets of 1, 2, 4 tokens
-0.62x, 0.59x, 0.70x; 8 sets of 8 tokens 0.88x, but 2 sets of 8 tokens 1.19x and of 32 tokens 1.25x)."""
+token from the cache, and the screen's extra work then saves less (direct calls, 2 threads, cold
+caches, 500-latent sets, 1.9 % of the pairs computed in full; screen / no screen time: 8 sets of 1,
+2, 4, 8, 16 tokens 0.45x, 0.41x, 0.49x, 0.57x, 0.68x; 2 sets of 16 tokens 0.72x, of 32 tokens 0.85x;
+on a model's activations about 8 % of the pairs are computed in full, hence the margin)."""
 _SOURCE = Path(__file__).with_name("fused_hook.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-lm"]
 _LOCK = threading.Lock()

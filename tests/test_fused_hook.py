@@ -180,7 +180,14 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
     assert torch.equal(screened, full)
     assert counted["screened"] == 24 * 800, counted  # every pair of these small sets went through the screen
     assert 0 < counted["exact"] < 0.1 * 24 * 800, counted  # most rows skipped, the firing ones computed
+    # two sets of 13 and 11 tokens, within the limit: blocks of four tokens per row read and the rest
+    assert fused_hook.SCREEN_MAX_TOKENS >= 13
+    some = np.repeat(np.arange(2), [13, 11])
+    assert torch.equal(fused_hook.fused_delta(x, some, tables, arrays, screen=True),
+                       fused_hook.fused_delta(x, some, tables, arrays, screen=False))
+    assert fused_hook.counts(reset=True)["screened"] == 24 * 800
     # a set with more tokens than SCREEN_MAX_TOKENS skips the screen: the same bits again
+    assert 24 > fused_hook.SCREEN_MAX_TOKENS
     many = np.zeros(24, dtype=np.int64)
     assert torch.equal(fused_hook.fused_delta(x, many, tables, arrays, screen=True),
                        fused_hook.fused_delta(x, many, tables, arrays, screen=False))
