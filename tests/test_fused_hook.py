@@ -187,7 +187,7 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
                        fused_hook.fused_delta(x, some, tables, arrays, screen=False))
     assert fused_hook.counts(reset=True)["screened"] == 24 * 800
     # a set with more tokens than SCREEN_MAX_TOKENS skips the screen: the same bits again
-    assert 24 > fused_hook.SCREEN_MAX_TOKENS
+    assert fused_hook.SCREEN_MAX_TOKENS < 24
     many = np.zeros(24, dtype=np.int64)
     assert torch.equal(fused_hook.fused_delta(x, many, tables, arrays, screen=True),
                        fused_hook.fused_delta(x, many, tables, arrays, screen=False))
