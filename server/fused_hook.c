@@ -13,9 +13,6 @@
  * from memory once serves its block from L1 and the item's other blocks from L2. */
 
 #include <math.h>
-#ifdef __AVX512F__
-#include <immintrin.h>
-#endif
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
