@@ -238,19 +238,17 @@ class SetTables:
 
 
 def set_tables(sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> SetTables:
-    """From each set's (latent ids [S], a [S], b [S])."""
+    """From each set's (latent ids [S], a [S], b [S]). Three concatenations and three conversions in all,
+    whatever the number of sets: under load a plan (and so its tables) is new at nearly every step."""
     offsets = np.zeros(len(sets) + 1, dtype=np.int64)
     offsets[1:] = np.cumsum([len(ids) for ids, _, _ in sets])
-
-    def cat(parts: list[torch.Tensor], dtype: type) -> np.ndarray:
-        if not parts:
-            return np.zeros(0, dtype=dtype)
-        return np.concatenate([p.detach().cpu().numpy().astype(dtype, copy=False) for p in parts])
-
-    return SetTables(
-        offsets, cat([ids for ids, _, _ in sets], np.int64),
-        cat([a - 1.0 for _, a, _ in sets], np.float32), cat([b for _, _, b in sets], np.float32),
-    )
+    if not sets:
+        return SetTables(offsets, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
+    with torch.no_grad():
+        ids = torch.cat([i for i, _, _ in sets]).to("cpu", torch.int64)
+        mul = (torch.cat([a for _, a, _ in sets]) - 1.0).to("cpu", torch.float32)
+        add = torch.cat([b for _, _, b in sets]).to("cpu", torch.float32)
+    return SetTables(offsets, ids.numpy(), mul.numpy(), add.numpy())
 
 
 def _ptr(a: np.ndarray) -> int:
