@@ -29,10 +29,10 @@
 #endif
 
 /* Dot products of up to NT_MAX tokens with one row, `nt` a compile-time constant in each caller
- * (dot1, dot4), so that each token's arithmetic is the same whatever else the call holds: 64 lanes
+ * (dot, dot4), so that each token's arithmetic is the same whatever else the call holds: 64 lanes
  * (four 16-float vectors) accumulated in order along the row, a scalar tail, then a fixed tree
  * ((v0 + v1) + (v2 + v3), then halves down to one lane) plus the tail. The row is read once for all
- * the tokens. The int8 variant converts the row to float (exact) and is otherwise the same. */
+ * the tokens. */
 typedef float vf16 __attribute__((vector_size(64)));
 typedef float vf8 __attribute__((vector_size(32)));
 typedef float vf4 __attribute__((vector_size(16)));
@@ -52,38 +52,35 @@ static inline float hsum(vf16 v0, vf16 v1, vf16 v2, vf16 v3, float tail) {
     return ((h4[0] + h4[2]) + (h4[1] + h4[3])) + tail;
 }
 
-#define DOT_BODY(LOAD, ROW_T)                                                                          \
-    static inline __attribute__((always_inline)) void dots_##ROW_T(const float *const *xs, int nt,    \
-                                                                   const ROW_T *restrict r, int64_t d, \
-                                                                   float *out) {                       \
-        vf16 acc[NT_MAX][4] = {{{0}}};                                                                 \
-        int64_t k = 0;                                                                                 \
-        for (; k + 64 <= d; k += 64) {                                                                 \
-            const vf16 r0 = LOAD(r + k), r1 = LOAD(r + k + 16), r2 = LOAD(r + k + 32), r3 = LOAD(r + k + 48); \
-            for (int t = 0; t < nt; t++) {                                                             \
-                const float *x = xs[t] + k;                                                            \
-                acc[t][0] += load_f(x) * r0;                                                           \
-                acc[t][1] += load_f(x + 16) * r1;                                                      \
-                acc[t][2] += load_f(x + 32) * r2;                                                      \
-                acc[t][3] += load_f(x + 48) * r3;                                                      \
-            }                                                                                          \
-        }                                                                                              \
-        for (int t = 0; t < nt; t++) {                                                                 \
-            float tail = 0.0f;                                                                         \
-            for (int64_t j = k; j < d; j++) tail += xs[t][j] * (float)r[j];                           \
-            out[t] = hsum(acc[t][0], acc[t][1], acc[t][2], acc[t][3], tail);                           \
-        }                                                                                              \
+static inline __attribute__((always_inline)) void dots(const float *const *xs, int nt, const float *restrict r,
+                                                       int64_t d, float *out) {
+    vf16 acc[NT_MAX][4] = {{{0}}};
+    int64_t k = 0;
+    for (; k + 64 <= d; k += 64) {
+        const vf16 r0 = load_f(r + k), r1 = load_f(r + k + 16), r2 = load_f(r + k + 32), r3 = load_f(r + k + 48);
+        for (int t = 0; t < nt; t++) {
+            const float *x = xs[t] + k;
+            acc[t][0] += load_f(x) * r0;
+            acc[t][1] += load_f(x + 16) * r1;
+            acc[t][2] += load_f(x + 32) * r2;
+            acc[t][3] += load_f(x + 48) * r3;
+        }
     }
-DOT_BODY(load_f, float)
+    for (int t = 0; t < nt; t++) {
+        float tail = 0.0f;
+        for (int64_t j = k; j < d; j++) tail += xs[t][j] * r[j];
+        out[t] = hsum(acc[t][0], acc[t][1], acc[t][2], acc[t][3], tail);
+    }
+}
 
 /* x . row for one token, and for four tokens at once (the row read once): bit for bit the same per token. */
 __attribute__((noinline)) static float dot(const float *x, const float *restrict r, int64_t d) {
     float out;
-    dots_float(&x, 1, r, d, &out);
+    dots(&x, 1, r, d, &out);
     return out;
 }
 __attribute__((noinline)) static void dot4(const float *const *xs, const float *restrict r, int64_t d, float *out) {
-    dots_float(xs, 4, r, d, out);
+    dots(xs, 4, r, d, out);
 }
 /* The screen's estimate: xq . q for the token quantised to int16 and an int8 row, in int32 (exact:
  * |xq| <= xmax keeps every partial sum below 2^31, see `screen_xmax`), so its order does not matter. */
