@@ -156,7 +156,7 @@ class SAEArrays:
     dec: np.ndarray  # [d_sae, d] float32
     enc_q: np.ndarray  # [d_sae, d] int8: the encoder rows quantised, one scale per row (the screen's copy)
     q_scale: np.ndarray  # [d_sae] float32: row i is about q_scale[i] * enc_q[i]
-    slack: np.ndarray  # [d_sae] float64: |x . row_i - scale_i (x . q_i)| (both as computed) <= ||x|| slack_i
+    slack: np.ndarray  # [d_sae] float64: the row's quantisation and float32 rounding per unit ||x|| (`screen_slack`)
     q_norm: np.ndarray  # [d_sae] float64: ||scale_i q_i||, what the token's own quantisation error is multiplied by
     screen_meta: np.ndarray  # [d_sae, 4] float64: (floor_i - b_i, slack_i, q_norm_i, q_scale_i), what the screen reads
 
