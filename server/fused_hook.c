@@ -34,8 +34,6 @@
  * ((v0 + v1) + (v2 + v3), then halves down to one lane) plus the tail. The row is read once for all
  * the tokens. */
 typedef float vf16 __attribute__((vector_size(64)));
-typedef float vf8 __attribute__((vector_size(32)));
-typedef float vf4 __attribute__((vector_size(16)));
 #define NT_MAX 4
 
 static inline vf16 load_f(const float *p) {
@@ -46,9 +44,10 @@ static inline vf16 load_f(const float *p) {
 
 static inline float hsum(vf16 v0, vf16 v1, vf16 v2, vf16 v3, float tail) {
     const vf16 v = (v0 + v1) + (v2 + v3);
-    const vf8 h8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                   __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-    const vf4 h4 = __builtin_shufflevector(h8, h8, 0, 1, 2, 3) + __builtin_shufflevector(h8, h8, 4, 5, 6, 7);
+    float a[16], h8[8], h4[4];  /* halves added lane by lane (any GCC or clang; the compiler keeps it in registers) */
+    memcpy(a, &v, sizeof a);
+    for (int l = 0; l < 8; l++) h8[l] = a[l] + a[l + 8];
+    for (int l = 0; l < 4; l++) h4[l] = h8[l] + h8[l + 4];
     return ((h4[0] + h4[2]) + (h4[1] + h4[3])) + tail;
 }
 
