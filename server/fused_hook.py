@@ -15,8 +15,8 @@ A token's result depends only on the token and its set, so the kernel is batch-i
 construction. Past `MAX_TOKENS` tokens of one set in a step (a long prefill) the slot path's `bmm`
 is faster and keeps them. For sets of at most `SCREEN_MAX_TOKENS` tokens an exact screen first
 estimates each pre-activation from an int8 copy of the row and the token taken to int16 (an integer
-dot product) and reads the float32 row only where the rigorous bound (`screen_slack`,
-`quantised_norms`) cannot prove the latent silent: bit-identical, a quarter of the bytes.
+dot product) and reads the float32 row only where the rigorous bound (`screen_bounds`) cannot
+prove the latent silent: bit-identical, a quarter of the bytes.
 
 Why C through ctypes: no library fuses an SAE hook, numba (the obvious JIT) leaves an object in
 `llvmlite` that makes vLLM's CPU worker fail to start in any process that imported it, and a torch
@@ -40,7 +40,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -156,9 +156,16 @@ class SAEArrays:
     dec: np.ndarray  # [d_sae, d] float32
     enc_q: np.ndarray  # [d_sae, d] int8: the encoder rows quantised, one scale per row (the screen's copy)
     q_scale: np.ndarray  # [d_sae] float32: row i is about q_scale[i] * enc_q[i]
-    slack: np.ndarray  # [d_sae] float64: the row's quantisation and float32 rounding per unit ||x|| (`screen_slack`)
+    slack: np.ndarray  # [d_sae] float64: the row's quantisation and float32 rounding per unit ||x|| (`screen_bounds`)
     q_norm: np.ndarray  # [d_sae] float64: ||scale_i q_i||, what the token's own quantisation error is multiplied by
-    screen_meta: np.ndarray  # [d_sae, 4] float64: (floor_i - b_i, slack_i, q_norm_i, q_scale_i), what the screen reads
+    # [d_sae, 4] float64: (floor_i - b_i, slack_i, q_norm_i, q_scale_i), what the screen reads, one cache line per
+    # two latents; derived from the fields above (so `dataclasses.replace` keeps it in step)
+    screen_meta: np.ndarray = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        room = self.floor.astype(np.float64) - self.b_enc.astype(np.float64)
+        meta = np.stack([room, self.slack, self.q_norm, self.q_scale.astype(np.float64)], axis=1)
+        object.__setattr__(self, "screen_meta", np.ascontiguousarray(meta))
 
 
 _U = 2.0**-24  # float32 unit roundoff
@@ -171,41 +178,28 @@ def quantise_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.float32)
 
 
-def screen_slack(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
-    """A per-latent bound for the screen: with e the float32 row, q = scale * q8 its quantised value
-    (as a real vector) and gamma_n = n u / (1 - n u) (n = d + 8 roundings at most along the kernel's
-    dot product and the scaling, u = 2^-24),
+def screen_bounds(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """The screen's two per-latent bounds, (slack, q_norm), each with 1 % added for the float64
+    arithmetic here and in the kernel. With e the float32 row, q~ = scale * q8 its quantised value (as a
+    real vector), x~ = sx xq the token's, s~ = x~ . q~ the kernel's exact integer estimate and
+    gamma_n = n u / (1 - n u) (n = d + 8, u = 2^-24):
 
-        |fl(x . e) - fl(x . q)| <= |x . (e - q)| + gamma_n (|x| . |e| + |x| . |q|)
-                                <= ||x|| (||e - q|| + gamma_n (||e|| + ||q||))      (Cauchy-Schwarz),
+        |fl(x . e) - s~| <= |x . (e - q~)| + |(x - x~) . q~| + gamma_n |x| . |e|
+                         <= ||x|| (||e - q~|| + gamma_n (||e|| + ||q~||)) + ||x - x~|| ||q~||   (Cauchy-Schwarz),
 
-    returned with 1 % added for the float64 arithmetic of the norms here and in the kernel."""
+    so slack = ||e - q~|| + gamma_n (||e|| + ||q~||) (the gamma_n ||q~|| term, for a float32 estimate,
+    is kept: it only widens the bound) and q_norm = ||q~||."""
     n = enc_rows.shape[1] + 8
     gamma = n * _U / (1 - n * _U)
-    out = np.empty(enc_rows.shape[0], dtype=np.float64)
+    slack = np.empty(enc_rows.shape[0], dtype=np.float64)
+    q_norm = np.empty(enc_rows.shape[0], dtype=np.float64)
     for lo in range(0, enc_rows.shape[0], 4096):  # in float64, a block of rows at a time
         e = enc_rows[lo:lo + 4096].detach().to(torch.float64)
         qe = q[lo:lo + 4096].detach().to(torch.float64) * scale[lo:lo + 4096].detach().to(torch.float64)[:, None]
-        slack = (e - qe).norm(dim=1) + gamma * (e.norm(dim=1) + qe.norm(dim=1))
-        out[lo:lo + 4096] = (slack * 1.01).cpu().numpy()
-    return out
-
-
-def quantised_norms(q: torch.Tensor, scale: torch.Tensor) -> np.ndarray:
-    """||scale_i q_i|| per row, in float64 with 1 % added (a bound, as `screen_slack`)."""
-    out = np.empty(q.shape[0], dtype=np.float64)
-    for lo in range(0, q.shape[0], 4096):
-        qe = q[lo:lo + 4096].detach().to(torch.float64) * scale[lo:lo + 4096].detach().to(torch.float64)[:, None]
-        out[lo:lo + 4096] = (qe.norm(dim=1) * 1.01).cpu().numpy()
-    return out
-
-
-def screen_meta(b_enc: np.ndarray, floor: np.ndarray, slack: np.ndarray, q_norm: np.ndarray,
-                q_scale: np.ndarray) -> np.ndarray:
-    """What the screen reads per latent, in one float64 row (one cache line per two latents):
-    (floor - b, slack, q_norm, q_scale)."""
-    room = floor.astype(np.float64) - b_enc.astype(np.float64)
-    return np.ascontiguousarray(np.stack([room, slack, q_norm, q_scale.astype(np.float64)], axis=1))
+        qn = qe.norm(dim=1)
+        slack[lo:lo + 4096] = ((e - qe).norm(dim=1) + gamma * (e.norm(dim=1) + qn)).mul(1.01).cpu().numpy()
+        q_norm[lo:lo + 4096] = (qn * 1.01).cpu().numpy()
+    return slack, q_norm
 
 
 def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: torch.Tensor | None,
@@ -218,11 +212,10 @@ def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: to
         rows = enc_rows.detach().contiguous()
         q, scale = quantise_rows(rows)
         floor = torch.zeros_like(b_enc) if threshold is None else threshold.detach().clamp(min=0.0)
-        slack, q_norm = screen_slack(rows, q, scale), quantised_norms(q, scale)
+        slack, q_norm = screen_bounds(rows, q, scale)
         return SAEArrays(
             rows.numpy(), b_enc.detach().contiguous().numpy(), floor.contiguous().numpy(),
             W_dec.detach().contiguous().numpy(), q.numpy(), scale.numpy(), slack, q_norm,
-            screen_meta(b_enc.detach().numpy(), floor.numpy(), slack, q_norm, scale.numpy()),
         )
 
 

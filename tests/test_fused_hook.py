@@ -171,8 +171,8 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
         floor[i] = np.nextafter(np.float32(exact_pre[t, i]), np.float32(-np.inf))  # fires, by one ulp
         j = int(sets[s][6])
         floor[j] = np.float32(exact_pre[t, j])  # silent: pre is not above the threshold
-    arrays = dataclasses.replace(arrays, floor=floor, screen_meta=fused_hook.screen_meta(
-        arrays.b_enc, floor, arrays.slack, arrays.q_norm, arrays.q_scale))
+    arrays = dataclasses.replace(arrays, floor=floor)  # the screen's numbers follow the new thresholds
+    assert np.array_equal(arrays.screen_meta[:, 0], floor.astype(np.float64) - arrays.b_enc.astype(np.float64))
     full = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=False)
     fused_hook.counts(reset=True)
     screened = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True)
@@ -213,8 +213,8 @@ def test_screen_slack_bounds_the_estimate_error() -> None:
     rows = torch.randn(256, d, generator=g) * torch.logspace(-3, 1, 256)[:, None]
     rows[7, 5] = 40.0  # one large entry: a coarse scale for the rest of its row
     q, scale = fused_hook.quantise_rows(rows)
-    slack = torch.from_numpy(fused_hook.screen_slack(rows, q, scale))
-    q_norm = torch.from_numpy(fused_hook.quantised_norms(q, scale))
+    slack_np, q_norm_np = fused_hook.screen_bounds(rows, q, scale)
+    slack, q_norm = torch.from_numpy(slack_np), torch.from_numpy(q_norm_np)
     qf = q.float() * scale[:, None]
     massive = torch.randn(16, d, generator=g)
     massive[:, 3] = 300.0
