@@ -105,3 +105,10 @@ def percentile(xs: list[float], q: float) -> float:
         return float("nan")
     s = sorted(xs)
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
+
+
+def paired_ratio(ratios: list[float]) -> str:
+    """Ratios measured in pairs (each run over its baseline run beside it) as "median [min, max]": the
+    range is the noise the median carries."""
+    v = sorted(ratios)
+    return f"{statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}]"

@@ -48,7 +48,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import percentile, random_saes, spread_latents  # noqa: E402
+from _common import paired_ratio, percentile, random_saes, spread_latents  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
@@ -236,8 +236,7 @@ def _print_paired(rows: list[dict[str, Any]]) -> None:
     print("\n| level | clients | rounds | tokens/s over unmasked, paired by round: median [min, max] |")
     print("|---|---:|---:|---:|")
     for (engine, n), v in paired.items():
-        v = sorted(v)
-        print(f"| {engine} | {n} | {len(v)} | {statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}] |")
+        print(f"| {engine} | {n} | {len(v)} | {paired_ratio(v)} |")
 
 
 def main() -> None:

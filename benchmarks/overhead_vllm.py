@@ -39,7 +39,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import PROMPTS, calibrate_thresholds, gemmascope_shaped_sae, percentile, spread_latents
+from _common import (
+    PROMPTS,
+    calibrate_thresholds,
+    gemmascope_shaped_sae,
+    paired_ratio,
+    percentile,
+    spread_latents,
+)
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt
 from refusal_audit.server.hf_engine import HFEngine
 from refusal_audit.server.model_loading import load_model
@@ -183,9 +190,9 @@ def main() -> None:
         hook = statistics.median(raw[name]["hook_s"]) if raw[name]["hook_s"] else None
         # each repeat's tokens/s over the first row's in the same repeat (interleaved: seconds apart, so a
         # drift of the shared host hits both); the spread of these ratios is the noise the median carries
-        paired = sorted(t / b for t, b in zip(raw[name]["tps"], raw[configs[0][0]]["tps"], strict=True))
+        paired = [t / b for t, b in zip(raw[name]["tps"], raw[configs[0][0]]["tps"], strict=True)]
         rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook,
-                     statistics.median(paired), paired[0], paired[-1]))
+                     paired_ratio(paired)))
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "
                f"(worker torch threads: {facts.get('torch_threads')}, fused hook kernel: {facts.get('fused_hook')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
@@ -204,8 +211,8 @@ def main() -> None:
         "repeat: median [min, max] | p50 latency (s) | p99 latency (s) | time in hooks |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, n, tps, slow, p50, p99, hook, pmed, plo, phi in rows:
-        md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {pmed:.3f}x [{plo:.3f}, {phi:.3f}] | {p50:.2f} | {p99:.2f} | "
+    for name, n, tps, slow, p50, p99, hook, paired_text in rows:
+        md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {paired_text} | {p50:.2f} | {p99:.2f} | "
                   f"{'' if hook is None else f'{100 * hook:.1f}%'} |")
     exact = {name: statistics.median(r["exact"]) for name, r in raw.items() if r.get("exact")}
     if exact:
