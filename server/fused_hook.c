@@ -7,10 +7,11 @@
  * order, then a fixed tree) and the same sum order of decoder terms whatever else the call holds,
  * so the kernel is batch-invariant by construction (`dot` and `dot4` are one body with the token
  * count a constant, each token's lanes computed by the same expressions; without -ffast-math the
- * compiler keeps the written order; tests/test_fused_hook.py checks the bits alone and in blocks). A set's tokens are split into work items
- * spread over `threads` OpenMP threads, each item entirely on one thread; within an item the
- * latents go in chunks and the tokens in blocks of `block`, so that an encoder or decoder row read
- * from memory once serves its block from L1 and the item's other blocks from L2. */
+ * compiler keeps the written order; tests/test_fused_hook.py checks the bits alone and in blocks).
+ * A set's tokens are split into work items spread over `threads` OpenMP threads, each item
+ * entirely on one thread; within an item the latents go in chunks and the tokens in blocks of
+ * `block`, so that an encoder or decoder row read from memory once serves its block from L1 and
+ * the item's other blocks from L2. */
 
 #include <math.h>
 #include <stdint.h>
@@ -140,9 +141,10 @@ static double quantise_token(const float *x, int64_t d, int32_t xmax, int16_t *x
  *     s~ + ||x|| slack[i] + ||x - sx xq|| q_norm[i] <= room[i] = floor[i] - b_enc[i]
  * where s~ = scale[i] sx (xq . q_i), q_i the row quantised to int8 with the row's own scale, xq the
  * token quantised to int16 with its own scale sx, q_norm[i] = ||scale[i] q_i||, and slack[i] bounds
- * the row's quantisation and the exact dot product's float32 rounding per unit ||x|| (the four per
- * latent in one float64 row of `meta`, [room, slack, q_norm, scale], one cache line per two latents)
- * (server/fused_hook.py derives it; x . e - s~ = x . (e - q~) + (x - x~) . q~). Then the exact
+ * the row's quantisation and the exact dot product's float32 rounding per unit ||x||
+ * (x . e - s~ = x . (e - q~) + (x - x~) . q~; server/fused_hook.py's `screen_bounds` derives both
+ * bounds). The four numbers per latent sit in one float64 row of `meta`, [room, slack, q_norm,
+ * scale]: one cache line per two latents. Then the exact
  * pre-activation b + x . row_i is <= floor[i], so z_i = 0 exactly, without reading the float32 row;
  * every other latent is computed exactly, as without the screen: the result is bit-identical, and
  * the encoder bytes read per latent drop to a quarter. The comparison runs in double with a relative margin. */
