@@ -111,7 +111,8 @@ static int32_t screen_xmax(int64_t d) {
 
 /* Quantise token x to int16 (xq = round(x / sx), sx = max|x| / xmax), returning sx and setting *resid to
  * an upper bound on ||x - sx xq|| (in double, 1e-6 added for its rounding); -1 where x has a NaN or inf
- * (the token skips the screen: every latent is computed in full). */
+ * (the token skips the screen: every latent is computed in full). The caller zeroes the heavy
+ * dimensions first: they are computed apart, in double. */
 static double quantise_token(const float *x, int64_t d, int32_t xmax, int16_t *xq, double *resid) {
     float mx = 0.0f;
     for (int64_t k = 0; k < d; k++) {
@@ -137,26 +138,53 @@ static double quantise_token(const float *x, int64_t d, int32_t xmax, int16_t *x
     return sx;
 }
 
+/* A token's numbers for the screen: ||x||, ||x_r|| (x without its heavy dimensions), sx and the
+ * residual of x_r's int16 quantisation (quantise_token), and x at the heavy dimensions (in double).
+ * tmp: d floats of scratch. sx < 0: x has a NaN or inf. */
+static void screen_token(const float *x, int64_t d, int32_t xmax, const int64_t *heavy, int64_t n_heavy,
+                         float *tmp, int16_t *xq, double *norm, double *norm_r, double *sx, double *resid, double *xh) {
+    memcpy(tmp, x, sizeof(float) * (size_t)d);
+    int finite = 1;
+    for (int64_t h = 0; h < n_heavy; h++) {
+        xh[h] = (double)x[heavy[h]];
+        finite &= fabs(xh[h]) <= 3.4028234663852886e38;
+        tmp[heavy[h]] = 0.0f;
+    }
+    double ss = 0.0, ss_r = 0.0;
+    for (int64_t k = 0; k < d; k++) {
+        ss += (double)x[k] * (double)x[k];
+        ss_r += (double)tmp[k] * (double)tmp[k];
+    }
+    *norm = sqrt(ss) * (1.0 + 1e-6);
+    *norm_r = sqrt(ss_r) * (1.0 + 1e-6);
+    *sx = finite ? quantise_token(tmp, d, xmax, xq, resid) : -1.0;
+}
+
 /* The screen (enc_q != NULL): latent i cannot fire at token t when
- *     s~ + ||x|| slack[i] + ||x - sx xq|| q_norm[i] <= room[i] = floor[i] - b_enc[i]
- * where s~ = scale[i] sx (xq . q_i), q_i the row quantised to int8 with the row's own scale, xq the
- * token quantised to int16 with its own scale sx, q_norm[i] = ||scale[i] q_i||, and slack[i] bounds
- * the row's quantisation and the exact dot product's float32 rounding per unit ||x||
- * (x . e - s~ = x . (e - q~) + (x - x~) . q~; server/fused_hook.py's `screen_bounds` derives both
- * bounds). The four numbers per latent sit in one float64 row of `meta`, [room, slack, q_norm,
- * scale]: one cache line per two latents. Then the exact
- * pre-activation b + x . row_i is <= floor[i], so z_i = 0 exactly, without reading the float32 row;
- * every other latent is computed exactly, as without the screen: the result is bit-identical, and
- * the encoder bytes read per latent drop to a quarter. The comparison runs in double with a relative margin. */
+ *     s~ + x_h . e_h + ||x|| rounding[i] + ||x_r|| q_err[i] + ||x_r - sx xq|| q_norm[i] <= room[i] = floor[i] - b_enc[i]
+ * Here x_h is the token at the `heavy` dimensions (a residual stream's few massive ones) and x_r the
+ * rest; x_h . e_h is computed in double from the float32 row's values there, kept in the latent's meta
+ * row. s~ = scale[i] sx (xq . q_i) with q_i the row quantised to int8 with the row's own scale, xq the
+ * token's x_r quantised to int16 with its own scale sx; q_err[i] = ||e_i - q~_i||, q_norm[i] = ||q~_i||
+ * and rounding[i] bounds the exact dot product's float32 rounding per unit ||x|| (server/fused_hook.py's
+ * `screen_bounds` derives the bound). Taking the heavy dimensions apart shrinks the bound from ||x||
+ * q_err to ||x_r|| q_err, and ||x|| is mostly the heavy dimensions'. A latent's meta row is 8 doubles,
+ * one cache line: [room, q_err, rounding, q_norm, scale, then HEAVY float32 values of the row at the
+ * heavy dimensions]. Then the exact pre-activation b + x . row_i is <= floor[i], so z_i = 0 exactly,
+ * without reading the float32 row; every other latent is computed exactly, as without the screen:
+ * the result is bit-identical, and the encoder bytes read per latent drop to a quarter. The
+ * comparison runs in double with a relative margin. */
+#define META 8
+#define HEAVY 6
 int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, const int64_t *tok_set,
                    const int64_t *offsets, const int64_t *ids, const float *mul, const float *add,
                    const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
                    int add_input, int64_t block, int threads, const int8_t *enc_q, const double *meta,
-                   int64_t screen_max_tokens, int64_t *counts) {
+                   const int64_t *heavy, int64_t n_heavy, int64_t screen_max_tokens, int64_t *counts) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
      * summed terms, plus the token's input when add_input is set (rows no token names are not touched).
      * counts[0] += the (token, latent) pairs that went through the screen, counts[1] += those of them
-     * whose pre-activation was computed in full.
+     * whose pre-activation was computed in full, counts[2] += n (atomic adds: the process's totals).
      *
      * Work items: a set's tokens, split evenly into ceil(T / ITEM_TOKENS) items, or into as many as there
      * are threads (at least `block` tokens each) when that is more, so that a lone prefill uses every
@@ -185,6 +213,8 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
     }
     starts[n_items] = n;
     int64_t n_screened = 0, n_exact = 0, failed = 0;
+    if (n_heavy > HEAVY) n_heavy = HEAVY;
+    if (n_heavy < 0) n_heavy = 0;
     const int32_t xmax = screen_xmax(d);
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_screened, n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
@@ -192,28 +222,29 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         const int64_t lo = offsets[g], hi = offsets[g + 1];
         const int screen = (int)screened[item];
         float *acc = calloc((size_t)(nt * d), sizeof(float));  /* the item's summed terms */
-        double *norm = malloc(sizeof(double) * (size_t)(3 * nt));  /* ||x||, sx, ||x - sx xq|| per token */
-        double *sx = norm + nt, *resid = norm + 2 * nt;
+        /* per token: ||x||, ||x_r||, sx, ||x_r - sx xq||, then x at the heavy dimensions */
+        double *norm = malloc(sizeof(double) * (size_t)((4 + HEAVY) * nt));
+        double *norm_r = norm + nt, *sx = norm + 2 * nt, *resid = norm + 3 * nt, *xh = norm + 4 * nt;
         const float **xt = (const float **)malloc(sizeof(float *) * (size_t)nt);
         int16_t *xq = screen ? malloc(sizeof(int16_t) * (size_t)(nt * d)) : NULL;
-        if (acc == NULL || norm == NULL || xt == NULL || (screen && xq == NULL)) {
+        float *tmp = screen ? malloc(sizeof(float) * (size_t)d) : NULL;
+        if (acc == NULL || norm == NULL || xt == NULL || (screen && (xq == NULL || tmp == NULL))) {
             free(acc);
             free(norm);
             free(xt);
             free(xq);
+            free(tmp);
             failed++;
             continue;
         }
         n_screened += screen * nt * (hi - lo);
         for (int64_t b = 0; b < nt; b++) {
             xt[b] = x + (rows != NULL ? rows[t0 + b] : t0 + b) * d;
-            double ss = 0.0;
-            if (screen) {
-                for (int64_t k = 0; k < d; k++) ss += (double)xt[b][k] * (double)xt[b][k];
-                sx[b] = quantise_token(xt[b], d, xmax, xq + b * d, resid + b);
-            }
-            norm[b] = sqrt(ss);
+            if (screen)
+                screen_token(xt[b], d, xmax, heavy, n_heavy, tmp, xq + b * d, norm + b, norm_r + b, sx + b, resid + b,
+                             xh + b * HEAVY);
         }
+        free(tmp);
         for (int64_t j0 = lo; j0 < hi; j0 += CHUNK) {
             const int64_t j1 = j0 + CHUNK < hi ? j0 + CHUNK : hi;
             for (int64_t b0 = 0; b0 < nt; b0 += block) {
@@ -224,7 +255,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                     if (b0 == 0 && j + PREFETCH < hi) {  /* rows are scattered: ask for a later latent's row now */
                         const int64_t ahead = ids[j + PREFETCH];
                         if (screen) {
-                            __builtin_prefetch(meta + 4 * ahead);
+                            __builtin_prefetch(meta + META * ahead);
                             for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
                         } else {
                             __builtin_prefetch(b_enc + ahead);
@@ -232,7 +263,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                             for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
                         }
                     }
-                    const double *mi = screen ? meta + 4 * i : NULL;  /* room, slack, q_norm, scale */
+                    const double *mi = screen ? meta + META * i : NULL;  /* room, q_err, rounding, q_norm, scale, heavy */
                     for (int64_t b = b0; b < b1; b += NT_MAX) {  /* NT_MAX tokens at a time: the row read once */
                         const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
                         float dots[NT_MAX];
@@ -247,9 +278,15 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                             for (int64_t u = 0; u < m; u++) {
                                 fires[u] = sx[b + u] < 0.0;  /* NaN / inf in the token: computed exactly */
                                 if (!fires[u]) {
-                                    const double est = mi[3] * sx[b + u] * (double)est_dot[u];
-                                    const double reach = est + norm[b + u] * mi[1] + resid[b + u] * mi[2];
-                                    const double margin = 1e-9 * (fabs(est) + fabs(reach) + fabs(mi[0]) + 1e-30);
+                                    const float *hv = (const float *)(mi + 5);
+                                    double est = mi[4] * sx[b + u] * (double)est_dot[u], habs = 0.0;
+                                    for (int64_t h = 0; h < n_heavy; h++) {
+                                        const double p = xh[(b + u) * HEAVY + h] * (double)hv[h];
+                                        est += p;
+                                        habs += fabs(p);
+                                    }
+                                    const double reach = est + norm[b + u] * mi[2] + norm_r[b + u] * mi[1] + resid[b + u] * mi[3];
+                                    const double margin = 1e-9 * (fabs(est) + habs + fabs(reach) + fabs(mi[0]) + 1e-30);
                                     fires[u] = !(reach + margin <= mi[0]);
                                 }
                                 if (fires[u]) {
@@ -292,7 +329,72 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         free(xq);
     }
     free(starts);
-    counts[0] += n_screened;
-    counts[1] += n_exact;
+    __atomic_fetch_add(&counts[0], n_screened, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&counts[1], n_exact, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&counts[2], n, __ATOMIC_RELAXED);
     return failed ? 1 : 0;
+}
+
+/* What stays the same across a layer plan's calls (fused_hook.StepKernel fills it once): all fields
+ * 8 bytes wide, so that ctypes and C agree on the layout without padding. */
+typedef struct {
+    const int64_t *row_set;  /* [n_rows]: each row's set at this layer, -1: none */
+    int64_t n_rows, n_sets, max_tokens;
+    const int64_t *offsets, *ids;
+    const float *mul, *add;
+    const float *enc_rows, *b_enc, *floor_, *dec;
+    const int8_t *enc_q;  /* NULL: no screen */
+    const double *meta;
+    const int64_t *heavy, *heavy_n;  /* *heavy_n: how many heavy dimensions are in use (< 0: none yet) */
+    int64_t screen_max_tokens, block;
+    int64_t *counts;
+} ra_step_args;
+
+/* One layer call of a packed step, grouping included: token t of x [n, d] belongs to row tok_row[t]
+ * (-1 or >= n_rows: no row) and so to set row_set[row] (-1: no op at this layer). out [n, d] gets x,
+ * with the tokens of every set that has at most max_tokens tokens here edited (x + terms, as
+ * ra_fused_delta with add_input). Sets with more tokens are left to the caller, their tokens copied
+ * unedited. Returns how many sets were left, or -1 when out of memory. Tokens go by set, in token
+ * order within a set (what the caller's stable sort gave before): a token's bits do not depend on it. */
+int64_t ra_fused_step(const float *x, int64_t n, int64_t d, const int64_t *tok_row, float *out, int threads,
+                      const ra_step_args *a) {
+    memcpy(out, x, sizeof(float) * (size_t)(n * d));
+    const int64_t n_sets = a->n_sets;
+    int64_t *count = calloc((size_t)(n_sets + 1), sizeof(int64_t));
+    int64_t *tok_g = malloc(sizeof(int64_t) * (size_t)(n > 0 ? 3 * n : 1));
+    if (count == NULL || tok_g == NULL) {
+        free(count);
+        free(tok_g);
+        return -1;
+    }
+    int64_t *sel = tok_g + n, *sel_set = tok_g + 2 * n;
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t r = tok_row[t];
+        const int64_t g = (r >= 0 && r < a->n_rows) ? a->row_set[r] : -1;
+        tok_g[t] = (g >= 0 && g < n_sets) ? g : -1;
+        if (tok_g[t] >= 0) count[tok_g[t]]++;
+    }
+    int64_t m = 0, n_left = 0;
+    for (int64_t g = 0; g < n_sets; g++) {  /* start of each taken set's tokens in sel (counting sort) */
+        const int64_t c = count[g];
+        const int left = c > a->max_tokens;
+        n_left += left;
+        count[g] = left ? -1 : m;
+        m += left ? 0 : c;
+    }
+    for (int64_t t = 0; t < n; t++) {
+        const int64_t g = tok_g[t];
+        if (g >= 0 && count[g] >= 0) {
+            sel[count[g]] = t;
+            sel_set[count[g]++] = g;
+        }
+    }
+    const int64_t n_heavy = a->enc_q != NULL && *a->heavy_n > 0 ? *a->heavy_n : 0;
+    const int rc = m == 0 ? 0
+                          : ra_fused_delta(x, m, d, sel, sel_set, a->offsets, a->ids, a->mul, a->add, a->enc_rows,
+                                           a->b_enc, a->floor_, a->dec, out, 1, a->block, threads, a->enc_q, a->meta,
+                                           a->heavy, n_heavy, a->screen_max_tokens, a->counts);
+    free(count);
+    free(tok_g);
+    return rc ? -1 : n_left;
 }

@@ -42,6 +42,7 @@ import tempfile
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -111,10 +112,12 @@ def _build() -> ctypes.CDLL | None:
         log.warning("fused hook kernel unavailable (%s%s); the latent hook keeps the slot path",
                     e, f": {detail.decode(errors='replace')[:500]}" if detail else "")
         return None
-    fn = lib.ra_fused_delta
-    fn.restype = ctypes.c_int
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    fn.argtypes = [ptr, i64, i64, *[ptr] * 11, ctypes.c_int, i64, ctypes.c_int, ptr, ptr, i64, ptr]
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    screen: list[Any] = [i64, c_int, ptr, ptr, ptr, i64, i64, ptr]  # block, threads, enc_q, meta, heavy, n_heavy, screen max, counts
+    lib.ra_fused_delta.restype = c_int
+    lib.ra_fused_delta.argtypes = [ptr, i64, i64, *[ptr] * 11, c_int, *screen]
+    lib.ra_fused_step.restype = i64
+    lib.ra_fused_step.argtypes = [ptr, i64, i64, ptr, ptr, c_int, ptr]
     return lib
 
 
@@ -128,22 +131,36 @@ def _library() -> ctypes.CDLL | None:
     return _LIB
 
 
-_COUNTS = {"tokens": 0, "screened": 0, "exact": 0}  # this process's kernel work (the vLLM worker's stats)
+_COUNTS = np.zeros(3, dtype=np.int64)  # this process's kernel work: pairs screened, of them exact, tokens (the C adds)
 
 
 def counts(reset: bool = False) -> dict[str, int]:
     """Tokens through the kernel, (token, latent) pairs that went through the screen, and of those the
     pairs whose pre-activation was computed in full, since the last reset (as the kernel counts them)."""
-    out = dict(_COUNTS)
+    screened, exact, tokens = (int(v) for v in _COUNTS)
     if reset:
-        for k in _COUNTS:
-            _COUNTS[k] = 0
-    return out
+        _COUNTS[:] = 0
+    return {"tokens": tokens, "screened": screened, "exact": exact}
 
 
 def available() -> bool:
     """Whether the fused kernel runs here (builds it on the first call: about a second, once per machine)."""
     return _library() is not None
+
+
+HEAVY_DIMS = 6
+"""Dimensions of the token the screen takes apart and computes in double (a residual stream's few massive
+ones: with them out, the bound shrinks from ||x|| to ||x_r||; fused_hook.c, "The screen")."""
+_META = 8  # float64 per latent in `SAEArrays.screen_meta`: one 64-byte cache line
+
+
+def _aligned_empty(shape: tuple[int, ...], dtype: np.dtype | type, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose first byte sits on an `align`-byte boundary."""
+    dt = np.dtype(dtype)
+    n = int(np.prod(shape)) * dt.itemsize
+    raw = np.empty(n + align, dtype=np.uint8)
+    off = (-raw.ctypes.data) % align
+    return raw[off:off + n].view(dt).reshape(shape)
 
 
 @dataclass(frozen=True)
@@ -156,16 +173,68 @@ class SAEArrays:
     dec: np.ndarray  # [d_sae, d] float32
     enc_q: np.ndarray  # [d_sae, d] int8: the encoder rows quantised, one scale per row (the screen's copy)
     q_scale: np.ndarray  # [d_sae] float32: row i is about q_scale[i] * enc_q[i]
-    slack: np.ndarray  # [d_sae] float64: the row's quantisation and float32 rounding per unit ||x|| (`screen_bounds`)
-    q_norm: np.ndarray  # [d_sae] float64: ||scale_i q_i||, what the token's own quantisation error is multiplied by
-    # [d_sae, 4] float64: (floor_i - b_i, slack_i, q_norm_i, q_scale_i), what the screen reads, one cache line per
-    # two latents; derived from the fields above (so `dataclasses.replace` keeps it in step)
+    q_err: np.ndarray  # [d_sae] float64: ||e_i - q~_i||, the row's quantisation error (`screen_bounds`)
+    rounding: np.ndarray  # [d_sae] float64: the exact dot product's float32 rounding per unit ||x||
+    q_norm: np.ndarray  # [d_sae] float64: ||q~_i||, what the token's own quantisation error is multiplied by
+    # [d_sae, 8] float64, 64-byte aligned: (floor_i - b_i, q_err_i, rounding_i, q_norm_i, q_scale_i, then
+    # HEAVY_DIMS float32: row i at the heavy dimensions), what the screen reads, one cache line per latent;
+    # derived from the fields above (so `dataclasses.replace` keeps it in step, heavy dimensions unset)
     screen_meta: np.ndarray = field(init=False, repr=False)
+    # the heavy dimensions (int64, -1: unused), chosen from the first tokens the screen sees (`set_heavy_dims`)
+    heavy: np.ndarray = field(init=False, repr=False)
+    heavy_n: np.ndarray = field(init=False, repr=False)  # [1] int64: how many are used; -1 until chosen (once)
+    ptrs: tuple[int, ...] = field(init=False, repr=False)  # enc_rows, b_enc, floor, dec, as the kernel takes them
+    screen_ptrs: tuple[int, ...] = field(init=False, repr=False)  # enc_q, screen_meta, heavy
 
     def __post_init__(self) -> None:
-        room = self.floor.astype(np.float64) - self.b_enc.astype(np.float64)
-        meta = np.stack([room, self.slack, self.q_norm, self.q_scale.astype(np.float64)], axis=1)
-        object.__setattr__(self, "screen_meta", np.ascontiguousarray(meta))
+        meta = _aligned_empty((self.floor.shape[0], _META), np.float64)
+        meta[:, 0] = self.floor.astype(np.float64) - self.b_enc.astype(np.float64)
+        meta[:, 1] = self.q_err
+        meta[:, 2] = self.rounding
+        meta[:, 3] = self.q_norm
+        meta[:, 4] = self.q_scale
+        meta[:, 5:] = 0.0
+        object.__setattr__(self, "screen_meta", meta)
+        object.__setattr__(self, "heavy", np.full(HEAVY_DIMS, -1, dtype=np.int64))
+        object.__setattr__(self, "heavy_n", np.full(1, -1, dtype=np.int64))
+        arrays = (self.enc_rows, self.b_enc, self.floor, self.dec, self.enc_q)
+        if any(not a.flags.c_contiguous for a in arrays):
+            raise ValueError("the kernel's arrays must be C-contiguous")
+        object.__setattr__(self, "ptrs", tuple(_ptr(a) for a in arrays[:4]))
+        object.__setattr__(self, "screen_ptrs", (_ptr(self.enc_q), _ptr(meta), _ptr(self.heavy)))
+
+    def set_heavy_dims(self, dims: np.ndarray) -> bool:
+        """Take these dimensions (at most HEAVY_DIMS, distinct) apart in the screen from now on, once per
+        arrays (False, and nothing changes, when they are already set: a kernel may be reading them; an
+        empty `dims` sets none).
+        Changes which pairs the screen computes in full, never a result. The rows' values there go into
+        the meta rows before the dimensions are published, so a kernel starting meanwhile reads none."""
+        dims = np.asarray(dims, dtype=np.int64).reshape(-1)[:HEAVY_DIMS]
+        if len(np.unique(dims)) != len(dims) or ((dims < 0) | (dims >= self.enc_rows.shape[1])).any():
+            raise ValueError(f"heavy dimensions must be distinct and in [0, {self.enc_rows.shape[1]}): {dims}")
+        with _LOCK:
+            if self.heavy_n[0] >= 0:
+                return False
+            values = self.screen_meta[:, 5:].view(np.float32)  # [d_sae, 6] float32
+            values[:, :len(dims)] = self.enc_rows[:, dims]
+            self.heavy[:len(dims)] = dims
+            self.heavy_n[0] = len(dims)
+            return True
+
+    @property
+    def n_heavy(self) -> int:
+        return max(int(self.heavy_n[0]), 0)
+
+
+def pick_heavy_dims(x: np.ndarray, k: int = HEAVY_DIMS) -> np.ndarray:
+    """The k dimensions with the largest share of the tokens' norms, |x| / ||x|| summed over the finite
+    tokens of x [n, d] (a residual stream's massive dimensions are the same at every token)."""
+    x = np.asarray(x, dtype=np.float64)
+    x = x[np.isfinite(x).all(axis=1)]
+    if x.shape[0] == 0:
+        return np.zeros(0, dtype=np.int64)
+    share = (np.abs(x) / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-30)).sum(axis=0)
+    return np.argsort(-share, kind="stable")[:k].astype(np.int64)
 
 
 _U = 2.0**-24  # float32 unit roundoff
@@ -178,28 +247,32 @@ def quantise_rows(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale.to(torch.float32)
 
 
-def screen_bounds(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """The screen's two per-latent bounds, (slack, q_norm), each with 1 % added for the float64
-    arithmetic here and in the kernel. With e the float32 row, q~ = scale * q8 its quantised value (as a
-    real vector), x~ = sx xq the token's, s~ = x~ . q~ the kernel's exact integer estimate and
-    gamma_n = n u / (1 - n u) (n = d + 8, u = 2^-24):
+def screen_bounds(enc_rows: torch.Tensor, q: torch.Tensor, scale: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The screen's three per-latent bounds, (q_err, rounding, q_norm), each with 1 % added for the
+    float64 arithmetic here and in the kernel. With e the float32 row, q~ = scale * q8 its quantised value
+    (as a real vector), x = x_h + x_r the token split into its heavy dimensions and the rest, x~_r = sx xq
+    the rest quantised, s~ = x~_r . q~ the kernel's exact integer estimate and gamma_n = n u / (1 - n u)
+    (n = d + 8, u = 2^-24):
 
-        |fl(x . e) - s~| <= |x . (e - q~)| + |(x - x~) . q~| + gamma_n |x| . |e|
-                         <= ||x|| (||e - q~|| + gamma_n (||e|| + ||q~||)) + ||x - x~|| ||q~||   (Cauchy-Schwarz),
+        |fl(x . e) - x_h . e_h - s~| <= |x_r . (e - q~)| + |(x_r - x~_r) . q~| + gamma_n |x| . |e|
+                                     <= ||x_r|| ||e - q~|| + ||x_r - x~_r|| ||q~|| + ||x|| gamma_n (||e|| + ||q~||)
 
-    so slack = ||e - q~|| + gamma_n (||e|| + ||q~||) (the gamma_n ||q~|| term, for a float32 estimate,
-    is kept: it only widens the bound) and q_norm = ||q~||."""
+    (Cauchy-Schwarz; x_r is zero at the heavy dimensions, so x_r . (e - q~) only sums the rest; the
+    gamma_n ||q~|| term, for a float32 estimate, is kept: it only widens the bound), so q_err = ||e - q~||,
+    rounding = gamma_n (||e|| + ||q~||) and q_norm = ||q~||."""
     n = enc_rows.shape[1] + 8
     gamma = n * _U / (1 - n * _U)
-    slack = np.empty(enc_rows.shape[0], dtype=np.float64)
+    q_err = np.empty(enc_rows.shape[0], dtype=np.float64)
+    rounding = np.empty(enc_rows.shape[0], dtype=np.float64)
     q_norm = np.empty(enc_rows.shape[0], dtype=np.float64)
     for lo in range(0, enc_rows.shape[0], 4096):  # in float64, a block of rows at a time
         e = enc_rows[lo:lo + 4096].detach().to(torch.float64)
         qe = q[lo:lo + 4096].detach().to(torch.float64) * scale[lo:lo + 4096].detach().to(torch.float64)[:, None]
         qn = qe.norm(dim=1)
-        slack[lo:lo + 4096] = ((e - qe).norm(dim=1) + gamma * (e.norm(dim=1) + qn)).mul(1.01).cpu().numpy()
+        q_err[lo:lo + 4096] = ((e - qe).norm(dim=1) * 1.01).cpu().numpy()
+        rounding[lo:lo + 4096] = (gamma * (e.norm(dim=1) + qn) * 1.01).cpu().numpy()
         q_norm[lo:lo + 4096] = (qn * 1.01).cpu().numpy()
-    return slack, q_norm
+    return q_err, rounding, q_norm
 
 
 def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: torch.Tensor | None,
@@ -212,10 +285,10 @@ def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: to
         rows = enc_rows.detach().contiguous()
         q, scale = quantise_rows(rows)
         floor = torch.zeros_like(b_enc) if threshold is None else threshold.detach().clamp(min=0.0)
-        slack, q_norm = screen_bounds(rows, q, scale)
+        q_err, rounding, q_norm = screen_bounds(rows, q, scale)
         return SAEArrays(
             rows.numpy(), b_enc.detach().contiguous().numpy(), floor.contiguous().numpy(),
-            W_dec.detach().contiguous().numpy(), q.numpy(), scale.numpy(), slack, q_norm,
+            W_dec.detach().contiguous().numpy(), q.numpy(), scale.numpy(), q_err, rounding, q_norm,
         )
 
 
@@ -228,6 +301,14 @@ class SetTables:
     ids: np.ndarray  # [sum S] int64, sorted within each set
     mul: np.ndarray  # [sum S] float32: a - 1
     add: np.ndarray  # [sum S] float32: b
+    ptrs: tuple[int, ...] = field(init=False, repr=False)  # the four arrays' addresses, as the kernel takes them
+
+    def __post_init__(self) -> None:
+        arrays = (np.ascontiguousarray(self.offsets, dtype=np.int64), np.ascontiguousarray(self.ids, dtype=np.int64),
+                  np.ascontiguousarray(self.mul, dtype=np.float32), np.ascontiguousarray(self.add, dtype=np.float32))
+        for name, a in zip(("offsets", "ids", "mul", "add"), arrays, strict=True):
+            object.__setattr__(self, name, a)
+        object.__setattr__(self, "ptrs", tuple(_ptr(a) for a in arrays))
 
 
 def set_tables(sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> SetTables:
@@ -248,28 +329,111 @@ def _ptr(a: np.ndarray) -> int:
     return int(a.ctypes.data)
 
 
-def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
-         out: np.ndarray, add_input: bool, screen: bool) -> None:
+def _lib() -> ctypes.CDLL:
     lib = _library()
     if lib is None:
         raise RuntimeError("the fused hook kernel is not available here (fused_hook.available())")
-    d = x.shape[1]
+    return lib
+
+
+def _screen_args(sae: SAEArrays, screen: bool) -> tuple[Any, ...]:
+    """ra_fused_delta's trailing arguments: block, threads, the screen's arrays (None: no screen), counts."""
+    enc_q, meta, heavy = sae.screen_ptrs
+    return (_BLOCK, max(1, torch.get_num_threads()), enc_q if screen else None, meta if screen else None, heavy,
+            sae.n_heavy if screen else 0, SCREEN_MAX_TOKENS, _ptr(_COUNTS))
+
+
+def _check_width(d: int, sae: SAEArrays) -> None:
     if sae.enc_rows.shape[1] != d:
         raise ValueError(f"inputs of width {d} for an SAE of width {sae.enc_rows.shape[1]}")
+
+
+def _choose_heavy(sae: SAEArrays, x: np.ndarray) -> None:
+    """The first tokens screened with an SAE choose its heavy dimensions (once)."""
+    if sae.heavy_n[0] < 0 and x.shape[0]:
+        sae.set_heavy_dims(pick_heavy_dims(x))
+
+
+def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
+         out: np.ndarray, add_input: bool, screen: bool) -> None:
+    lib = _lib()
+    d = x.shape[1]
+    _check_width(d, sae)
     sets = np.ascontiguousarray(tok_set, dtype=np.int64)
-    screened_exact = np.zeros(2, dtype=np.int64)
+    if screen:
+        _choose_heavy(sae, x if rows is None else x[rows[:n]])
     rc = lib.ra_fused_delta(
-        _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), _ptr(tables.offsets), _ptr(tables.ids),
-        _ptr(tables.mul), _ptr(tables.add), _ptr(sae.enc_rows), _ptr(sae.b_enc), _ptr(sae.floor), _ptr(sae.dec),
-        _ptr(out), int(add_input), _BLOCK, max(1, torch.get_num_threads()),
-        _ptr(sae.enc_q) if screen else None, _ptr(sae.screen_meta) if screen else None,
-        SCREEN_MAX_TOKENS, _ptr(screened_exact),
+        _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), *tables.ptrs, *sae.ptrs,
+        _ptr(out), int(add_input), *_screen_args(sae, screen),
     )
     if rc != 0:
         raise MemoryError("fused hook kernel: out of memory")
-    _COUNTS["tokens"] += n
-    _COUNTS["screened"] += int(screened_exact[0])
-    _COUNTS["exact"] += int(screened_exact[1])
+
+
+class _StepArgs(ctypes.Structure):
+    """fused_hook.c's `ra_step_args`: every field 8 bytes, in its order."""
+
+    _fields_ = [(name, ctypes.c_void_p if kind == "p" else ctypes.c_int64) for name, kind in (
+        ("row_set", "p"), ("n_rows", "i"), ("n_sets", "i"), ("max_tokens", "i"), ("offsets", "p"), ("ids", "p"),
+        ("mul", "p"), ("add", "p"), ("enc_rows", "p"), ("b_enc", "p"), ("floor", "p"), ("dec", "p"), ("enc_q", "p"),
+        ("meta", "p"), ("heavy", "p"), ("heavy_n", "p"), ("screen_max_tokens", "i"), ("block", "i"), ("counts", "p"),
+    )]
+
+
+class StepKernel:
+    """One layer plan's kernel, grouping included, its constant arguments prepared once: a call costs
+    one C call and a few Python operations. At a decode step the interpreter's own data is as cold as
+    the SAE rows (the model's weights have just passed through the caches), so each Python operation
+    saved is worth several microseconds there.
+
+    `row_set[r]`: row r's set in `tables` (-1: none). Sets with more than `max_tokens` (MAX_TOKENS)
+    tokens in a call are left unedited for the caller (the slot path)."""
+
+    def __init__(self, row_set: np.ndarray, tables: SetTables, sae: SAEArrays, max_tokens: int | None = None,
+                 screen: bool = True) -> None:
+        self.lib = _lib()
+        self.row_set = np.ascontiguousarray(row_set, dtype=np.int64)
+        self.tables, self.sae, self.screen = tables, sae, screen
+        self.max_tokens = MAX_TOKENS if max_tokens is None else int(max_tokens)
+        self.width = sae.enc_rows.shape[1]
+        enc_q, meta, heavy = sae.screen_ptrs
+        self.args = _StepArgs(
+            _ptr(self.row_set), self.row_set.shape[0], len(tables.offsets) - 1, self.max_tokens, *tables.ptrs,
+            *sae.ptrs, enc_q if screen else None, meta, heavy, _ptr(sae.heavy_n), SCREEN_MAX_TOKENS, _BLOCK,
+            _ptr(_COUNTS),
+        )
+        self.args_ref = ctypes.byref(self.args)
+
+    def __call__(self, h: torch.Tensor, tok_row: np.ndarray) -> tuple[torch.Tensor, np.ndarray | None]:
+        """h [..., N, d] (float32, contiguous, CPU; leading dims of size 1), token t of row tok_row[t]
+        (int64 [N], -1: none) -> (a new stream, h's shape, with every taken set's tokens edited and the
+        others copied; None, or a [G] bool mask of the sets left unedited)."""
+        n, d = h.shape[-2], h.shape[-1]
+        if tok_row.dtype != np.int64 or not tok_row.flags.c_contiguous:
+            tok_row = np.ascontiguousarray(tok_row, dtype=np.int64)
+        if (h.dtype != torch.float32 or not h.is_contiguous() or h.device.type != "cpu" or d != self.width
+                or h.numel() != n * d or tok_row.shape != (n,)):
+            raise ValueError(f"StepKernel needs a contiguous float32 stream [N, {self.width}] on the CPU and tok_row "
+                             f"[N] (got {h.dtype} {tuple(h.shape)} on {h.device}, tok_row {tok_row.shape})")
+        if self.screen and self.sae.heavy_n[0] < 0:
+            _choose_heavy(self.sae, h.detach().reshape(n, d).numpy()[tok_row >= 0])
+        out = torch.empty_like(h)
+        n_left = self.lib.ra_fused_step(h.data_ptr(), n, d, tok_row.ctypes.data, out.data_ptr(),
+                                        max(1, torch.get_num_threads()), self.args_ref)
+        if n_left < 0:
+            raise MemoryError("fused hook kernel: out of memory")
+        if n_left == 0:
+            return out, None
+        r = tok_row[(tok_row >= 0) & (tok_row < self.row_set.shape[0])]
+        g = self.row_set[r]
+        per_set = np.bincount(g[g >= 0], minlength=len(self.tables.offsets) - 1)
+        return out, per_set > self.max_tokens
+
+
+def fused_step(h: torch.Tensor, tok_row: np.ndarray, row_set: np.ndarray, tables: SetTables, sae: SAEArrays,
+               max_tokens: int | None = None, screen: bool = True) -> tuple[torch.Tensor, np.ndarray | None]:
+    """`StepKernel(row_set, tables, sae, max_tokens, screen)(h, tok_row)`, for one call."""
+    return StepKernel(row_set, tables, sae, max_tokens, screen)(h, tok_row)
 
 
 def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,

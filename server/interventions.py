@@ -296,6 +296,11 @@ class LatentLayerPlan:
 
     def _apply_packed(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """h [1, N, d]: only the tokens the ops touch go through the SAE, each on its own group's latents."""
+        step = self._step_kernel
+        if step is not None and ctx.row is not None and h.dtype == torch.float32 and h.is_contiguous():
+            # the common case (every token of a row edited, a float32 stream): grouping and kernel in one C call
+            out, left = step(h, ctx.host_row())
+            return out if left is None else self._apply_slots(out, ctx, left)
         if self.sae.separable and (self.invariant or self._fused_arrays is not None
                                    or (self.batched and len(self.groups) > 1)):
             return self._apply_slots(h, ctx)
@@ -335,6 +340,15 @@ class LatentLayerPlan:
         return self.sae.fused_arrays() if ok else None
 
     @functools.cached_property
+    def _step_kernel(self) -> fused_hook.StepKernel | None:
+        """The kernel with this plan's constants bound, where it edits the stream in place: every token of a
+        row takes the row's op, and the SAE reads the stream as it is (made once)."""
+        arrays = self._fused_arrays
+        if arrays is None or not self.scopes.all_tokens or self.sae.normalize != "none":
+            return None
+        return fused_hook.StepKernel(self._batch_consts().row_group, self._set_tables, arrays)
+
+    @functools.cached_property
     def _set_tables(self) -> fused_hook.SetTables:
         """The groups' latent sets and edits as the kernel reads them (made once)."""
         return fused_hook.set_tables([(g.latents, g.scales[0], g.targets[0]) for g in self.groups])
@@ -356,7 +370,7 @@ class LatentLayerPlan:
         masks = self.scopes.masks(ctx)
         return torch.where(masks, gb.op_group, -1).amax(0).cpu().numpy(), masks
 
-    def _apply_slots(self, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
+    def _apply_slots(self, h: torch.Tensor, ctx: TokenContext, left: np.ndarray | None = None) -> torch.Tensor:
         """All groups through the SAE's slot pool: a constant number of ops whatever the number of groups.
 
         Each touched token belongs to one row, hence one group, hence one slot of the pool: tokens are
@@ -369,21 +383,23 @@ class LatentLayerPlan:
         padded to its length."""
         gb = self._batch_consts()
         G = len(self.groups)
+        arrays = self._fused_arrays
+        x_all = h[0]
+        base = x_all  # what the slot path's results are written into
         tok_group, masks = self._token_groups(ctx, gb)
+        if left is not None:  # `_step_kernel` edited h's other sets: only these (long prefills) remain
+            tok_group = np.where(left[np.maximum(tok_group, 0)] & (tok_group >= 0), tok_group, -1)
         tok = np.flatnonzero(tok_group >= 0)
         if tok.size == 0:
-            return h
+            return base.unsqueeze(0)
         order = np.argsort(tok_group[tok], kind="stable")
         tok = tok[order]
         gid = tok_group[tok]
         counts = np.bincount(gid, minlength=G)
         sae = self.sae
-        x_all = h[0]
         toks: list[torch.Tensor] = []
         news: list[torch.Tensor] = []
-        base = x_all  # what the slot path's results are written into
-        arrays = self._fused_arrays
-        if arrays is not None:  # sets with few tokens this step (decodes): the fused kernel, no slots
+        if arrays is not None and left is None:  # sets with few tokens this step (decodes): the fused kernel, no slots
             few = (counts <= fused_hook.MAX_TOKENS)[gid]
             if few.any():
                 base, edited = self._apply_fused(x_all, tok[few], gid[few], arrays)
@@ -419,13 +435,17 @@ class LatentLayerPlan:
                 news.append(new)
         return base.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
 
+    def _edits_in_place(self, x_all: torch.Tensor) -> bool:
+        """Can the kernel edit the stream's rows directly (the SAE reads the stream as it is, float32)?"""
+        return self.sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous()
+
     def _apply_fused(
         self, x_all: torch.Tensor, tok: np.ndarray, gid: np.ndarray, arrays: fused_hook.SAEArrays,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
         """The fused kernel's part of `_apply_slots`, tokens `tok` of sets `gid`: (the stream with their rows
         edited in one pass, None), or, for an SAE that normalises its input or a stream in another precision,
         (x_all, (the tokens, their edited rows)) for the caller to write in."""
-        if self.sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous():
+        if self._edits_in_place(x_all):
             return fused_hook.fused_edit(x_all, tok, gid, self._set_tables, arrays), None
         tok_t = torch.from_numpy(tok).to(x_all.device)
         x = x_all.index_select(0, tok_t)

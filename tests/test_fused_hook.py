@@ -114,6 +114,42 @@ def test_a_token_is_bit_identical_whatever_its_batch() -> None:
     assert torch.equal(edited[rest], stream[rest])
 
 
+def test_fused_step_groups_tokens_itself_and_leaves_long_sets() -> None:
+    """`fused_step` (grouping in C) equals `fused_edit` given the same tokens sorted by set: tokens of no
+    row (-1), rows with no op (-1) and rows interleaved in any order; a set past `max_tokens` is left
+    unedited and named in the mask, the others still edited bit for bit."""
+    sae = make_sae(640, 2048, "jumprelu", seed=3, norm=8.0)
+    arrays = build_layer_saes({1: sae}, 640, N_LAYERS)[1].fused_arrays()
+    assert arrays is not None
+    g = torch.Generator().manual_seed(7)
+    sets = [torch.randperm(2048, generator=g)[:300].sort().values for _ in range(3)]
+    tables = fused_hook.set_tables([(s, torch.zeros(len(s)), torch.zeros(len(s))) for s in sets])
+    tok_row = np.array([2, 0, -1, 3, 2, 1, 0, 4, 0, 0, -1, 3])  # row 1 has no op, rows 4+ do not exist
+    row_set = np.array([1, -1, 0, 2])
+    h = torch.randn(len(tok_row), 640, generator=g) * 8.0
+    out, left = fused_hook.fused_step(h, tok_row, row_set, tables, arrays)
+    assert left is None
+    touched = np.flatnonzero((tok_row >= 0) & (tok_row < 4))
+    touched = touched[row_set[tok_row[touched]] >= 0]
+    sets_of = row_set[tok_row[touched]]
+    order = np.argsort(sets_of, kind="stable")
+    ref = fused_hook.fused_edit(h, touched[order], sets_of[order], tables, arrays)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out[touched], h[touched]), "the edits must act"
+    untouched = np.setdiff1d(np.arange(len(tok_row)), touched)
+    assert torch.equal(out[untouched], h[untouched])
+    # set 1 (row 0: four tokens) past max_tokens = 3: left as it was, flagged; sets 0 and 2 (two tokens each)
+    # edited as before
+    out2, left2 = fused_hook.fused_step(h, tok_row, row_set, tables, arrays, max_tokens=3)
+    assert left2 is not None and left2.tolist() == [False, True, False]
+    of_set1 = np.flatnonzero(tok_row == 0)
+    assert torch.equal(out2[of_set1], h[of_set1])
+    others = np.setdiff1d(np.arange(len(tok_row)), of_set1)
+    assert torch.equal(out2[others], out[others])
+    with pytest.raises(ValueError, match="tok_row"):
+        fused_hook.fused_step(h, tok_row[:-1], row_set, tables, arrays)
+
+
 def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
     sae = make_sae(D, D_SAE, "jumprelu", seed=5, norm=4.0)
     saes = build_layer_saes({1: sae}, D, N_LAYERS)
@@ -204,28 +240,76 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
 
 
 def test_screen_slack_bounds_the_estimate_error() -> None:
-    """The bound the screen relies on holds: with the token quantised to int16 as the kernel does
-    (sx = max|x| / xmax, xq = round(x / sx)), |fl(x . e) - scale sx (xq . q)| <= ||x|| slack +
-    ||x - sx xq|| q_norm (checked in float64 against float32 dot products, over rows of many
-    magnitudes and inputs aligned with them or with one massive dimension, as residual streams have)."""
+    """The bound the screen relies on holds: with the token split into its heavy dimensions x_h
+    (computed apart) and the rest x_r quantised to int16 as the kernel does (sx = max|x_r| / xmax,
+    xq = round(x_r / sx)), |fl(x . e) - x_h . e_h - scale sx (xq . q)| <= ||x|| rounding +
+    ||x_r|| q_err + ||x_r - sx xq|| q_norm (checked in float64 against float32 dot products, over rows
+    of many magnitudes and inputs aligned with them or with massive dimensions, as residual streams
+    have; with no heavy dimension and with two)."""
     g = torch.Generator().manual_seed(4)
     d = 640
     rows = torch.randn(256, d, generator=g) * torch.logspace(-3, 1, 256)[:, None]
     rows[7, 5] = 40.0  # one large entry: a coarse scale for the rest of its row
     q, scale = fused_hook.quantise_rows(rows)
-    slack_np, q_norm_np = fused_hook.screen_bounds(rows, q, scale)
-    slack, q_norm = torch.from_numpy(slack_np), torch.from_numpy(q_norm_np)
+    q_err, rounding, q_norm = (torch.from_numpy(a) for a in fused_hook.screen_bounds(rows, q, scale))
     qf = q.float() * scale[:, None]
     massive = torch.randn(16, d, generator=g)
     massive[:, 3] = 300.0
+    massive[:8, 11] = -120.0
     x = torch.cat([torch.randn(16, d, generator=g), rows[:16].sign(), qf[:16], (rows - qf)[:16].sign(), massive])
     xmax = min(16383, (2**31 - 1) // (127 * d))
-    sx = x.double().abs().amax(dim=1, keepdim=True) / xmax
-    xq = torch.round(x.double() / sx).clamp(-xmax, xmax)
-    est = (xq @ q.double().T) * sx * scale.double()[None, :]
-    resid = (x.double() - sx * xq).norm(dim=1, keepdim=True)
     ref = (x @ rows.T).double()
-    bound = x.double().norm(dim=1, keepdim=True) * slack[None, :] + resid * q_norm[None, :]
-    err = (ref - est).abs()
-    assert bool((err <= bound).all()), float((err / bound).max())
-    assert float((err / bound).max()) > 0.05, "the bound should not be vacuous"
+    ratios, bounds = [], []
+    for heavy in ([], [3, 11]):
+        xr = x.double().clone()
+        xr[:, heavy] = 0.0
+        sx = xr.abs().amax(dim=1, keepdim=True) / xmax
+        xq = torch.round(xr / sx).clamp(-xmax, xmax)
+        est = (xq @ q.double().T) * sx * scale.double()[None, :] + x.double()[:, heavy] @ rows.double()[:, heavy].T
+        resid = (xr - sx * xq).norm(dim=1, keepdim=True)
+        bound = (x.double().norm(dim=1, keepdim=True) * rounding[None, :] + xr.norm(dim=1, keepdim=True) * q_err[None, :]
+                 + resid * q_norm[None, :])
+        err = (ref - est).abs()
+        assert bool((err <= bound).all()), (heavy, float((err / bound).max()))
+        ratios.append(float((err / bound).max()))
+        bounds.append(bound)
+    assert min(ratios) > 0.05, "the bound should not be vacuous"
+    # the massive inputs' bound shrinks with their heavy dimensions taken apart
+    assert float(bounds[1][-16:].mean()) < 0.5 * float(bounds[0][-16:].mean())
+
+
+def test_heavy_dimensions_tighten_the_screen_and_change_no_bit() -> None:
+    """Inputs with massive dimensions (as residual streams have): the screen with those dimensions taken
+    apart computes fewer pairs in full than without, and every result is bit-identical to the
+    unscreened kernel; the first screened call chooses them (`pick_heavy_dims`), once."""
+    d, d_sae = 640, 4096
+    sae = make_sae(d, d_sae, "jumprelu", seed=5, norm=8.0)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(16, d, generator=g) * 2.0
+    x[:, 100] = 400.0
+    x[:, 7] = -150.0
+    with torch.no_grad():
+        pre = x @ sae.W_enc + sae.b_enc - sae.b_dec @ sae.W_enc
+        sae.threshold.copy_(pre.quantile(0.97, dim=0).clamp(min=0.0))
+    plain = build_layer_saes({1: sae}, d, N_LAYERS)[1].fused_arrays()
+    assert plain is not None and plain.n_heavy == 0
+    sets = [torch.randperm(d_sae, generator=g)[:1000].sort().values for _ in range(4)]
+    tables = fused_hook.set_tables([(s, torch.zeros(len(s)), torch.zeros(len(s))) for s in sets])
+    tok_set = np.repeat(np.arange(4), 4)
+    full = fused_hook.fused_delta(x, tok_set, tables, plain, screen=False)
+    exact = {}
+    for name, dims in (("none", None), ("massive", [100, 7])):
+        arrays = dataclasses.replace(plain)  # fresh arrays: heavy dimensions not chosen yet
+        assert arrays.set_heavy_dims(np.array(dims or [], dtype=np.int64))
+        assert not arrays.set_heavy_dims(np.array([1, 2]))  # once per arrays
+        assert arrays.n_heavy == len(dims or []) and list(arrays.heavy[:arrays.n_heavy]) == (dims or [])
+        fused_hook.counts(reset=True)
+        got = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True)
+        exact[name] = fused_hook.counts(reset=True)["exact"]
+        assert torch.equal(got, full), name
+    assert exact["massive"] < 0.7 * exact["none"], exact
+    # chosen from the first screened call: the massive dimensions come first
+    auto = dataclasses.replace(plain)
+    assert torch.equal(fused_hook.fused_delta(x, tok_set, tables, auto, screen=True), full)
+    assert set(auto.heavy[:2].tolist()) == {100, 7} and auto.n_heavy == fused_hook.HEAVY_DIMS
+    assert list(fused_hook.pick_heavy_dims(x.numpy(), 2)) == [100, 7]
