@@ -15,8 +15,10 @@ A token's result depends only on the token and its set, so the kernel is batch-i
 construction. Past `MAX_TOKENS` tokens of one set in a step (a long prefill) the slot path's `bmm`
 is faster and keeps them. For sets of at most `SCREEN_MAX_TOKENS` tokens an exact screen first
 estimates each pre-activation from an int8 copy of the row and the token taken to int16 (an integer
-dot product) and reads the float32 row only where the rigorous bound (`screen_bounds`) cannot
-prove the latent silent: bit-identical, a quarter of the bytes.
+dot product), with the token's few massive dimensions (`HEAVY_DIMS`) computed apart in double, and
+reads the float32 row only where the rigorous bound (`screen_bounds`) cannot prove the latent silent:
+bit-identical, a quarter of the bytes. `StepKernel` is one layer plan's call with the grouping of
+tokens by set done in C and the plan's constants bound once.
 
 Why C through ctypes: no library fuses an SAE hook, numba (the obvious JIT) leaves an object in
 `llvmlite` that makes vLLM's CPU worker fail to start in any process that imported it, and a torch
