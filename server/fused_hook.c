@@ -353,12 +353,19 @@ typedef struct {
 /* One layer call of a packed step, grouping included: token t of x [n, d] belongs to row tok_row[t]
  * (-1 or >= n_rows: no row) and so to set row_set[row] (-1: no op at this layer). out [n, d] gets x,
  * with the tokens of every set that has at most max_tokens tokens here edited (x + terms, as
- * ra_fused_delta with add_input). Sets with more tokens are left to the caller, their tokens copied
- * unedited. Returns how many sets were left, or -1 when out of memory. Tokens go by set, in token
+ * ra_fused_delta with add_input; out may be x itself). Sets with more tokens are left to the caller, their
+ * tokens copied unedited. Returns how many sets were left, or -1 when out of memory. Tokens go by set, in token
  * order within a set (what the caller's stable sort gave before): a token's bits do not depend on it. */
-int64_t ra_fused_step(const float *x, int64_t n, int64_t d, const int64_t *tok_row, float *out, int threads,
-                      const ra_step_args *a) {
-    memcpy(out, x, sizeof(float) * (size_t)(n * d));
+int64_t ra_fused_step(float *x, int64_t n, int64_t d, const int64_t *tok_row, float *out, float *residual,
+                      int threads, const ra_step_args *a) {
+    /* out == x: the stream is edited in place; then residual (if not NULL: vLLM's hidden / residual pair)
+     * is first added into x and zeroed, so that x is the stream the next layer reads (x + 0) */
+    if (out != x) {
+        memcpy(out, x, sizeof(float) * (size_t)(n * d));
+    } else if (residual != NULL) {
+        for (int64_t k = 0; k < n * d; k++) x[k] += residual[k];
+        memset(residual, 0, sizeof(float) * (size_t)(n * d));
+    }
     const int64_t n_sets = a->n_sets;
     int64_t *count = calloc((size_t)(n_sets + 1), sizeof(int64_t));
     int64_t *tok_g = malloc(sizeof(int64_t) * (size_t)(n > 0 ? 3 * n : 1));

@@ -119,7 +119,7 @@ def _build() -> ctypes.CDLL | None:
     lib.ra_fused_delta.restype = c_int
     lib.ra_fused_delta.argtypes = [ptr, i64, i64, *[ptr] * 11, c_int, *screen]
     lib.ra_fused_step.restype = i64
-    lib.ra_fused_step.argtypes = [ptr, i64, i64, ptr, ptr, c_int, ptr]
+    lib.ra_fused_step.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, ptr]
     return lib
 
 
@@ -410,6 +410,21 @@ class StepKernel:
         """h [..., N, d] (float32, contiguous, CPU; leading dims of size 1), token t of row tok_row[t]
         (int64 [N], -1: none) -> (a new stream, h's shape, with every taken set's tokens edited and the
         others copied; None, or a [G] bool mask of the sets left unedited)."""
+        tok_row = self._check(h, tok_row)
+        out = torch.empty_like(h)
+        return out, self._call(h, tok_row, out, None)
+
+    def in_place(self, stream: torch.Tensor, residual: torch.Tensor | None, tok_row: np.ndarray) -> np.ndarray | None:
+        """The same edit written into `stream` itself, after adding `residual` (vLLM's hidden / residual pair;
+        same shape, zeroed here) into it: their sum, the stream the next layer reads, is then `stream`.
+        Returns None, or the [G] bool mask of the sets left unedited."""
+        tok_row = self._check(stream, tok_row)
+        if residual is not None and (residual.shape != stream.shape or residual.dtype != torch.float32
+                                     or not residual.is_contiguous() or residual.device.type != "cpu"):
+            raise ValueError(f"residual {residual.dtype} {tuple(residual.shape)} does not match the stream")
+        return self._call(stream, tok_row, stream, residual)
+
+    def _check(self, h: torch.Tensor, tok_row: np.ndarray) -> np.ndarray:
         n, d = h.shape[-2], h.shape[-1]
         if tok_row.dtype != np.int64 or not tok_row.flags.c_contiguous:
             tok_row = np.ascontiguousarray(tok_row, dtype=np.int64)
@@ -419,17 +434,21 @@ class StepKernel:
                              f"[N] (got {h.dtype} {tuple(h.shape)} on {h.device}, tok_row {tok_row.shape})")
         if self.screen and self.sae.heavy_n[0] < 0:
             _choose_heavy(self.sae, h.detach().reshape(n, d).numpy()[tok_row >= 0])
-        out = torch.empty_like(h)
-        n_left = self.lib.ra_fused_step(h.data_ptr(), n, d, tok_row.ctypes.data, out.data_ptr(),
+        return tok_row
+
+    def _call(self, h: torch.Tensor, tok_row: np.ndarray, out: torch.Tensor, residual: torch.Tensor | None) -> np.ndarray | None:
+        n_left = self.lib.ra_fused_step(h.data_ptr(), tok_row.shape[0], self.width, tok_row.ctypes.data, out.data_ptr(),
+                                        None if residual is None else residual.data_ptr(),
                                         max(1, torch.get_num_threads()), self.args_ref)
         if n_left < 0:
             raise MemoryError("fused hook kernel: out of memory")
         if n_left == 0:
-            return out, None
+            return None
         r = tok_row[(tok_row >= 0) & (tok_row < self.row_set.shape[0])]
         g = self.row_set[r]
         per_set = np.bincount(g[g >= 0], minlength=len(self.tables.offsets) - 1)
-        return out, per_set > self.max_tokens
+        left: np.ndarray = per_set > self.max_tokens
+        return left
 
 
 def fused_step(h: torch.Tensor, tok_row: np.ndarray, row_set: np.ndarray, tables: SetTables, sae: SAEArrays,

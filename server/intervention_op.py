@@ -107,6 +107,9 @@ def _edit_stream(stream: torch.Tensor, residual: torch.Tensor | None, layer: int
     source: StepSource | None = getattr(_ACTIVE, "source", None)
     if source is None or not source.acts_at(layer, site):
         return
+    in_place = getattr(source, "edit_in_place", None)  # a source that can write the edit straight into the pair
+    if in_place is not None and in_place(stream, residual, layer, site):
+        return
     x = stream if residual is None else stream + residual
     new = source.edit(x, layer, site)
     if new is None:

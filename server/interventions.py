@@ -306,6 +306,20 @@ class LatentLayerPlan:
             return self._apply_slots(h, ctx)
         return self._apply_looped(h, self.scopes.masks(ctx))  # one group: the loop's few ops, its slices cached
 
+    def edit_in_place(self, stream: torch.Tensor, residual: torch.Tensor | None, ctx: TokenContext) -> bool:
+        """This layer's ops written into a packed stream [N, d] itself, `residual` (vLLM's hidden / residual
+        pair, zeroed) added in first, where the kernel edits the stream directly (`_step_kernel`): no
+        tensor is made for the sum or the result. False, with nothing touched, where it cannot."""
+        step = self._step_kernel
+        if (step is None or ctx.row is None or stream.dtype != torch.float32 or not stream.is_contiguous()
+                or (residual is not None and (residual.dtype != torch.float32 or not residual.is_contiguous()
+                                              or residual.shape != stream.shape))):
+            return False
+        left = step.in_place(stream, residual, ctx.host_row())
+        if left is not None:  # long prefills: the slot path on the summed stream, written back
+            stream.copy_(self._apply_slots(stream.view(1, *stream.shape[-2:]), ctx, left).view_as(stream))
+        return True
+
     def _apply_looped(self, h: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
         """One gather per group over its own latents for its own tokens (~20 small ops per group): a
         single group (fewer ops than the slot path), SAEs that are not separable, and the reference

@@ -150,6 +150,33 @@ def test_fused_step_groups_tokens_itself_and_leaves_long_sets() -> None:
         fused_hook.fused_step(h, tok_row[:-1], row_set, tables, arrays)
 
 
+def test_in_place_edit_of_the_hidden_residual_pair_equals_the_new_stream() -> None:
+    """vLLM hands the stream as (hidden, residual): editing hidden in place after adding residual into it
+    (and zeroing residual) gives the same bits as the edit of hidden + residual into a new tensor, also
+    through a plan whose long prefill is left to the slot path."""
+    sae = make_sae(D, D_SAE, "jumprelu", seed=5, norm=4.0)
+    long = fused_hook.MAX_TOKENS + 8
+    sets = [tuple(range(0, 64, 3)), (1, 2, 9), tuple(range(10, 60))]
+    rows = [(AblateLatents(latents={1: s}),) for s in sets]
+    for counts, plens in (([1, 1, 1], [5, 3, 4]), ([long, 1, 1], [long, 3, 4])):
+        ctx, row = _ctx(counts, plens)
+        g = torch.Generator().manual_seed(2)
+        hidden, residual = torch.randn(len(row), D, generator=g) * 4.0, torch.randn(len(row), D, generator=g)
+        saes = build_layer_saes({1: sae}, D, N_LAYERS)
+        plan = compile_plan(rows, plens, saes, N_LAYERS, D, torch.device("cpu"), fused=True).latent_layers[1]
+        with torch.no_grad():
+            want = plan.apply((hidden + residual).unsqueeze(0), ctx)[0]
+            h2, r2 = hidden.clone(), residual.clone()
+            assert plan.edit_in_place(h2, r2, ctx)
+        assert torch.equal(h2, want), counts
+        assert not r2.any()
+        assert not torch.equal(want, hidden + residual), "the edits must act"
+        # a residual of another layout: nothing touched, the caller takes the general path
+        h3, r3 = hidden.clone(), residual.t().contiguous().t()
+        assert not plan.edit_in_place(h3, r3, ctx)
+        assert torch.equal(h3, hidden)
+
+
 def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
     sae = make_sae(D, D_SAE, "jumprelu", seed=5, norm=4.0)
     saes = build_layer_saes({1: sae}, D, N_LAYERS)

@@ -269,6 +269,21 @@ class _HookRuntime:
         """`intervention_op.StepSource`: has this step's plan an op at this hook point?"""
         return self.plan is not None and self.ctx is not None and (layer, site) in self.sites
 
+    def edit_in_place(self, stream: torch.Tensor, residual: torch.Tensor | None, layer: int, site: int) -> bool:
+        """The edit written straight into vLLM's (hidden, residual) pair where this layer has only latent ops
+        and the fused kernel takes them (`LatentLayerPlan.edit_in_place`); False, untouched, elsewhere."""
+        plan, ctx = self.plan, self.ctx
+        if plan is None or ctx is None or site != SITE_POST or layer in plan.additions:
+            return False
+        lp = plan.latent_layers.get(layer)
+        if lp is None:
+            return False
+        t0 = time.perf_counter()
+        try:
+            return lp.edit_in_place(stream, residual, ctx)
+        finally:
+            self.stats["hook_s"] += time.perf_counter() - t0
+
     def edit(self, x: torch.Tensor, layer: int, site: int) -> torch.Tensor | None:
         """`intervention_op.StepSource`: the edited packed stream [N, d] at one hook point, or None."""
         plan, ctx = self.plan, self.ctx
