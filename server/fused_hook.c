@@ -1,6 +1,7 @@
 /* The latent hook fused into one CPU kernel (server/fused_hook.py builds and calls it).
  *
- * For each token t of set g = tok_set[t] (tokens sorted by set), over the set's latents i in order:
+ * For each token t of set g = tok_set[t] (tokens sorted by set), over the set's latents i = ids[j] in
+ * order (ids, mul, add: the set's own arrays, set_ids[g], set_mul[g], set_add[g], set_len[g] long):
  *     pre_i = b_enc[i] + x[t] . enc_rows[i];   z_i = pre_i > floor[i] ? pre_i : 0
  *     c = mul[j] z_i + add[j];   out[t] += c dec[i]   (terms with c == 0 skipped)
  * A token's arithmetic depends only on the token and its set: the same dot product (fixed lane
@@ -177,8 +178,8 @@ static void screen_token(const float *x, int64_t d, int32_t xmax, const int64_t 
 #define META 8
 #define HEAVY 6
 int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, const int64_t *tok_set,
-                   const int64_t *offsets, const int64_t *ids, const float *mul, const float *add,
-                   const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
+                   const int64_t *set_len, const int64_t *const *set_ids, const float *const *set_mul,
+                   const float *const *set_add, const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
                    int add_input, int64_t block, int threads, const int8_t *enc_q, const double *meta,
                    const int64_t *heavy, int64_t n_heavy, int64_t screen_max_tokens, int64_t *counts) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
@@ -219,7 +220,9 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
 #pragma omp parallel for num_threads(threads) schedule(dynamic, 1) reduction(+ : n_screened, n_exact, failed)
     for (int64_t item = 0; item < n_items; item++) {
         const int64_t t0 = starts[item], nt = starts[item + 1] - t0, g = tok_set[t0];
-        const int64_t lo = offsets[g], hi = offsets[g + 1];
+        const int64_t lo = 0, hi = set_len[g];  /* the set's latents: ids[lo:hi], with their edits */
+        const int64_t *ids = set_ids[g];
+        const float *mul = set_mul[g], *add = set_add[g];
         const int screen = (int)screened[item];
         float *acc = calloc((size_t)(nt * d), sizeof(float));  /* the item's summed terms */
         /* per token: ||x||, ||x_r||, sx, ||x_r - sx xq||, then x at the heavy dimensions */
@@ -340,8 +343,9 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
 typedef struct {
     const int64_t *row_set;  /* [n_rows]: each row's set at this layer, -1: none */
     int64_t n_rows, n_sets, max_tokens;
-    const int64_t *offsets, *ids;
-    const float *mul, *add;
+    const int64_t *set_len;  /* [n_sets], then each set's ids, mul and add arrays */
+    const int64_t *const *set_ids;
+    const float *const *set_mul, *const *set_add;
     const float *enc_rows, *b_enc, *floor_, *dec;
     const int8_t *enc_q;  /* NULL: no screen */
     const double *meta;
@@ -398,7 +402,7 @@ int64_t ra_fused_step(float *x, int64_t n, int64_t d, const int64_t *tok_row, fl
     }
     const int64_t n_heavy = a->enc_q != NULL && *a->heavy_n > 0 ? *a->heavy_n : 0;
     const int rc = m == 0 ? 0
-                          : ra_fused_delta(x, m, d, sel, sel_set, a->offsets, a->ids, a->mul, a->add, a->enc_rows,
+                          : ra_fused_delta(x, m, d, sel, sel_set, a->set_len, a->set_ids, a->set_mul, a->set_add, a->enc_rows,
                                            a->b_enc, a->floor_, a->dec, out, 1, a->block, threads, a->enc_q, a->meta,
                                            a->heavy, n_heavy, a->screen_max_tokens, a->counts);
     free(count);

@@ -295,36 +295,59 @@ def sae_arrays(enc_rows: torch.Tensor | None, b_enc: torch.Tensor, threshold: to
 
 
 @dataclass(frozen=True)
-class SetTables:
-    """The latent sets of one layer plan, concatenated: set g is ids[offsets[g]:offsets[g + 1]], each
-    latent edited to z' = (mul + 1) z + add."""
+class KernelSet:
+    """One latent set as the kernel reads it, each latent edited to z' = (mul + 1) z + add. Made once per
+    set (the group constants' cache keeps it), so that a plan's tables are only its sets' addresses."""
 
-    offsets: np.ndarray  # [G + 1] int64
-    ids: np.ndarray  # [sum S] int64, sorted within each set
-    mul: np.ndarray  # [sum S] float32: a - 1
-    add: np.ndarray  # [sum S] float32: b
-    ptrs: tuple[int, ...] = field(init=False, repr=False)  # the four arrays' addresses, as the kernel takes them
+    ids: np.ndarray  # [S] int64, sorted
+    mul: np.ndarray  # [S] float32: a - 1 (computed in float32, as the slot path does)
+    add: np.ndarray  # [S] float32: b
+    addr: tuple[int, int, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
-        arrays = (np.ascontiguousarray(self.offsets, dtype=np.int64), np.ascontiguousarray(self.ids, dtype=np.int64),
-                  np.ascontiguousarray(self.mul, dtype=np.float32), np.ascontiguousarray(self.add, dtype=np.float32))
-        for name, a in zip(("offsets", "ids", "mul", "add"), arrays, strict=True):
+        arrays = (np.ascontiguousarray(self.ids, dtype=np.int64), np.ascontiguousarray(self.mul, dtype=np.float32),
+                  np.ascontiguousarray(self.add, dtype=np.float32))
+        if not arrays[0].shape == arrays[1].shape == arrays[2].shape or arrays[0].ndim != 1:
+            raise ValueError(f"a set's ids, mul and add must be [S] alike (got {[a.shape for a in arrays]})")
+        for name, a in zip(("ids", "mul", "add"), arrays, strict=True):
             object.__setattr__(self, name, a)
-        object.__setattr__(self, "ptrs", tuple(_ptr(a) for a in arrays))
+        object.__setattr__(self, "addr", (_ptr(arrays[0]), _ptr(arrays[1]), _ptr(arrays[2])))
+
+
+def kernel_set(ids: np.ndarray | torch.Tensor, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> KernelSet:
+    """A set's latent ids [S] and edits z' = a z + b ([S] each; mul = a - 1 in float32)."""
+    def host(v: np.ndarray | torch.Tensor) -> np.ndarray:
+        return v.detach().cpu().numpy() if isinstance(v, torch.Tensor) else np.asarray(v)
+    return KernelSet(host(ids).astype(np.int64), host(a).astype(np.float32) - np.float32(1.0), host(b).astype(np.float32))
+
+
+@dataclass(frozen=True)
+class SetTables:
+    """The latent sets of one layer plan, as the kernel takes them: per set its length and the addresses
+    of its three arrays (the sets themselves are kept, so that the addresses stay valid)."""
+
+    sets: tuple[KernelSet, ...]
+    lens: np.ndarray = field(init=False, repr=False)  # [G] int64
+    addrs: np.ndarray = field(init=False, repr=False)  # [3, G] uint64: ids, mul, add of each set
+    ptrs: tuple[int, ...] = field(init=False, repr=False)  # lens, then the three address rows
+
+    def __post_init__(self) -> None:
+        lens = np.fromiter((len(s.ids) for s in self.sets), dtype=np.int64, count=len(self.sets))
+        addrs = np.zeros((3, len(self.sets)), dtype=np.uint64)
+        if self.sets:
+            addrs[:] = np.array([s.addr for s in self.sets], dtype=np.uint64).T
+        object.__setattr__(self, "lens", lens)
+        object.__setattr__(self, "addrs", addrs)
+        object.__setattr__(self, "ptrs", (_ptr(lens), _ptr(addrs[0]), _ptr(addrs[1]), _ptr(addrs[2])))
+
+    @property
+    def n_sets(self) -> int:
+        return len(self.sets)
 
 
 def set_tables(sets: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> SetTables:
-    """From each set's (latent ids [S], a [S], b [S]). Three concatenations and three conversions in all,
-    whatever the number of sets: under load a plan (and so its tables) is new at nearly every step."""
-    offsets = np.zeros(len(sets) + 1, dtype=np.int64)
-    offsets[1:] = np.cumsum([len(ids) for ids, _, _ in sets])
-    if not sets:
-        return SetTables(offsets, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros(0, np.float32))
-    with torch.no_grad():
-        ids = torch.cat([i for i, _, _ in sets]).to("cpu", torch.int64)
-        mul = (torch.cat([a for _, a, _ in sets]) - 1.0).to("cpu", torch.float32)
-        add = torch.cat([b for _, _, b in sets]).to("cpu", torch.float32)
-    return SetTables(offsets, ids.numpy(), mul.numpy(), add.numpy())
+    """From each set's (latent ids [S], a [S], b [S])."""
+    return SetTables(tuple(kernel_set(ids, a, b) for ids, a, b in sets))
 
 
 def _ptr(a: np.ndarray) -> int:
@@ -376,8 +399,8 @@ class _StepArgs(ctypes.Structure):
     """fused_hook.c's `ra_step_args`: every field 8 bytes, in its order."""
 
     _fields_ = [(name, ctypes.c_void_p if kind == "p" else ctypes.c_int64) for name, kind in (
-        ("row_set", "p"), ("n_rows", "i"), ("n_sets", "i"), ("max_tokens", "i"), ("offsets", "p"), ("ids", "p"),
-        ("mul", "p"), ("add", "p"), ("enc_rows", "p"), ("b_enc", "p"), ("floor", "p"), ("dec", "p"), ("enc_q", "p"),
+        ("row_set", "p"), ("n_rows", "i"), ("n_sets", "i"), ("max_tokens", "i"), ("set_len", "p"), ("set_ids", "p"),
+        ("set_mul", "p"), ("set_add", "p"), ("enc_rows", "p"), ("b_enc", "p"), ("floor", "p"), ("dec", "p"), ("enc_q", "p"),
         ("meta", "p"), ("heavy", "p"), ("heavy_n", "p"), ("screen_max_tokens", "i"), ("block", "i"), ("counts", "p"),
     )]
 
@@ -400,7 +423,7 @@ class StepKernel:
         self.width = sae.enc_rows.shape[1]
         enc_q, meta, heavy = sae.screen_ptrs
         self.args = _StepArgs(
-            _ptr(self.row_set), self.row_set.shape[0], len(tables.offsets) - 1, self.max_tokens, *tables.ptrs,
+            _ptr(self.row_set), self.row_set.shape[0], tables.n_sets, self.max_tokens, *tables.ptrs,
             *sae.ptrs, enc_q if screen else None, meta, heavy, _ptr(sae.heavy_n), SCREEN_MAX_TOKENS, _BLOCK,
             _ptr(_COUNTS),
         )
@@ -446,7 +469,7 @@ class StepKernel:
             return None
         r = tok_row[(tok_row >= 0) & (tok_row < self.row_set.shape[0])]
         g = self.row_set[r]
-        per_set = np.bincount(g[g >= 0], minlength=len(self.tables.offsets) - 1)
+        per_set = np.bincount(g[g >= 0], minlength=self.tables.n_sets)
         left: np.ndarray = per_set > self.max_tokens
         return left
 

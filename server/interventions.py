@@ -185,6 +185,8 @@ class _LatentGroup:
     targets: torch.Tensor  # [K, S] b * membership
     edit_key: Hashable  # what the group's rows edit (the ops' latents, a and b as bytes)
     constants: torch.Tensor  # [3, K, S]: membership, scales, targets stacked (what the slot pool copies)
+    kernel: fused_hook.KernelSet | None = None  # one-op groups on the CPU: the set as the fused kernel reads it
+    rows: tuple[int, ...] = ()  # the plan rows in the group
 
     @property
     def single(self) -> bool:
@@ -360,12 +362,15 @@ class LatentLayerPlan:
         arrays = self._fused_arrays
         if arrays is None or not self.scopes.all_tokens or self.sae.normalize != "none":
             return None
-        return fused_hook.StepKernel(self._batch_consts().row_group, self._set_tables, arrays)
+        return fused_hook.StepKernel(_row_groups(self.groups, self.scopes.rows), self._set_tables, arrays)
 
     @functools.cached_property
     def _set_tables(self) -> fused_hook.SetTables:
-        """The groups' latent sets and edits as the kernel reads them (made once)."""
-        return fused_hook.set_tables([(g.latents, g.scales[0], g.targets[0]) for g in self.groups])
+        """The groups' latent sets and edits as the kernel reads them (their addresses: the sets are made
+        once per group constants, not per plan)."""
+        return fused_hook.SetTables(tuple(
+            g.kernel if g.kernel is not None else fused_hook.kernel_set(g.latents, g.scales[0], g.targets[0])
+            for g in self.groups))
 
     def _batch_consts(self) -> _GroupBatch:
         gb = self._batch
@@ -624,7 +629,8 @@ def _check_positions(scope: TokenScope, field_name: str, row: int, prompt_len: i
 
 
 _GROUP_CACHE_SIZE = 1024
-_GroupConstants = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+_GroupConstants = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                        fused_hook.KernelSet | None]
 _GROUP_CACHE: OrderedDict[tuple, _GroupConstants] = OrderedDict()
 _GROUP_CACHE_LOCK = threading.Lock()
 """A group's constants by (what its rows edit, device, dtype): under load every step has a new batch
@@ -646,7 +652,9 @@ def _group_constants(
     if len(edits) == 1:  # one op (the common case): its ids are sorted and unique already
         ids, a, b = edits[0]
         stacked = torch.from_numpy(np.stack([np.ones_like(a), a, b])[:, None, :]).to(device=device, dtype=dtype)
-        return tuple(ids.tolist()), torch.from_numpy(ids).to(device), stacked[0], stacked[1], stacked[2], stacked
+        # the fused kernel's copy (float32, as the kernel computes; its mul = a - 1 as the slot path's scales - 1)
+        kernel = fused_hook.kernel_set(ids, stacked[1, 0].float(), stacked[2, 0].float()) if device.type == "cpu" else None
+        return tuple(ids.tolist()), torch.from_numpy(ids).to(device), stacked[0], stacked[1], stacked[2], stacked, kernel
     latents = np.unique(np.concatenate([ids for ids, _, _ in edits]))
     membership = np.zeros((len(edits), len(latents)), dtype=np.float64)
     scales = np.zeros_like(membership)
@@ -657,7 +665,7 @@ def _group_constants(
         scales[k, cols] = a
         targets[k, cols] = b
     stacked = torch.from_numpy(np.stack([membership, scales, targets])).to(device=device, dtype=dtype)
-    return tuple(latents.tolist()), torch.from_numpy(latents).to(device), stacked[0], stacked[1], stacked[2], stacked
+    return tuple(latents.tolist()), torch.from_numpy(latents).to(device), stacked[0], stacked[1], stacked[2], stacked, None
 
 
 def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype: torch.dtype) -> list[_LatentGroup]:
@@ -666,8 +674,11 @@ def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype
     for o, (row, _) in enumerate(ops):
         by_row.setdefault(row, []).append(o)
     grouped: dict[tuple, list[list[int]]] = {}
-    for row_ops in by_row.values():
-        grouped.setdefault(tuple(ops[o][1].key for o in row_ops), []).append(row_ops)
+    group_rows: dict[tuple, list[int]] = {}
+    for row, row_ops in by_row.items():
+        edit = tuple(ops[o][1].key for o in row_ops)
+        grouped.setdefault(edit, []).append(row_ops)
+        group_rows.setdefault(edit, []).append(row)
     out = []
     for key_edits, members in grouped.items():
         cache_key = (key_edits, str(device), dtype)
@@ -681,12 +692,27 @@ def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype
                 _GROUP_CACHE[cache_key] = consts
                 while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
                     _GROUP_CACHE.popitem(last=False)
-        key, latents, membership, scales, targets, stacked = consts
+        key, latents, membership, scales, targets, stacked, kernel = consts
         out.append(_LatentGroup(
             key=key, latents=latents, ops=torch.from_numpy(np.asarray(members, dtype=np.int64)).to(device),
             membership=membership, scales=scales, targets=targets, edit_key=key_edits, constants=stacked,
+            kernel=kernel, rows=tuple(group_rows[key_edits]),
         ))
     return out
+
+
+def _row_groups(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> np.ndarray:
+    """[max row + 1] int64 on the host: the group of each plan row at this layer, -1 without ops here."""
+    if all(g.rows for g in groups):  # known from grouping (`_latent_groups`): no device reads
+        row_group = np.full(max(max(g.rows) for g in groups) + 1, -1, dtype=np.int64)
+        for gi, g in enumerate(groups):
+            row_group[list(g.rows)] = gi
+        return row_group
+    op_rows = scope_rows.cpu().numpy()
+    row_group = np.full(int(op_rows.max()) + 1, -1, dtype=np.int64)
+    for gi, g in enumerate(groups):
+        row_group[op_rows[g.ops.cpu().numpy().reshape(-1)]] = gi
+    return row_group
 
 
 def _group_batch(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> _GroupBatch:
@@ -699,9 +725,7 @@ def _group_batch(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> _Group
         ops = g.ops.cpu().numpy()  # [R, K]
         op_group[ops.reshape(-1), 0] = gi
         op_k[ops, np.arange(ops.shape[1])[None, :]] = 1.0
-    op_rows = scope_rows.cpu().numpy()
-    row_group = np.full(int(op_rows.max()) + 1, -1, dtype=np.int64)
-    row_group[op_rows] = op_group[:, 0]
+    row_group = _row_groups(groups, scope_rows)
     ref = groups[0].membership
     return _GroupBatch(
         tuple(g.key for g in groups), tuple((g.edit_key, g.constants) for g in groups),

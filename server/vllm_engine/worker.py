@@ -240,22 +240,30 @@ class _HookRuntime:
         if compiled is None:
             return
         plan = compiled
-        qsl = torch.from_numpy(runner.query_start_loc.np[: n_reqs + 1]).to(torch.long)
+        qsl = runner.query_start_loc.np[: n_reqs + 1]
         n_sched = int(qsl[-1])
         n_tok = int(positions.shape[-1])
         if positions.dim() != 1 or n_sched > n_tok:
             raise VLLMInternalsError(
                 f"1-D positions covering query_start_loc (positions {tuple(positions.shape)}, {n_sched} scheduled)"
             )
-        counts = qsl[1:] - qsl[:-1]
-        row_host = torch.full((n_tok,), -1, dtype=torch.long)
-        row_host[:n_sched] = torch.repeat_interleave(torch.arange(n_reqs), counts)
-        row = row_host.to(self.device)
-        pos = positions.to(torch.long).clone()
-        pos[n_sched:] = -1
-        is_prompt = (pos >= 0) & (pos < plen.index_select(0, row.clamp(min=0)))
+        # each token's row, position (-1 past the scheduled ones) and whether it is a prompt token; in numpy
+        # on a CPU worker (a handful of small arrays: numpy's calls cost a fraction of torch's there)
+        row_host = np.full(n_tok, -1, dtype=np.int64)
+        row_host[:n_sched] = np.repeat(np.arange(n_reqs, dtype=np.int64), np.diff(qsl))
+        if self.device.type == "cpu" and positions.device.type == "cpu":
+            plen_host = plen.numpy()
+            pos_host = positions.numpy().astype(np.int64)  # a copy
+            pos_host[n_sched:] = -1
+            is_prompt_host = (pos_host >= 0) & (pos_host < plen_host[np.maximum(row_host, 0)])
+            row, pos, is_prompt = torch.from_numpy(row_host), torch.from_numpy(pos_host), torch.from_numpy(is_prompt_host)
+        else:
+            row = torch.from_numpy(row_host).to(self.device)
+            pos = positions.to(torch.long).clone()
+            pos[n_sched:] = -1
+            is_prompt = (pos >= 0) & (pos < plen.index_select(0, row.clamp(min=0)))
         self.plan = plan
-        self.ctx = TokenContext.packed(pos, is_prompt, plen, row, row_on_host=row_host.numpy())
+        self.ctx = TokenContext.packed(pos, is_prompt, plen, row, row_on_host=row_host)
         self.sites = sites
         self.stats["hooked_steps"] += 1
         self.stats["step_setup_s"] += time.perf_counter() - t0
