@@ -33,6 +33,7 @@ same round and client count: the median and range of those paired ratios (the ra
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
@@ -155,12 +156,19 @@ class Shape:
     ignore_eos: bool = False  # every answer runs to new_tokens: latencies compare like with like
 
 
+@functools.lru_cache(maxsize=1024)
+def client_mask(i: int, shape: Shape) -> tuple[AblateLatents, ...]:
+    """Client i's latent mask (made once per client: the load generator shares the host with the server,
+    and drawing 2,000 latents per request would charge the server's measurement for the client's work)."""
+    return ((AblateLatents(latents=spread_latents(shape.n_latents, list(shape.layers), shape.d_sae, seed=i)),)
+            if shape.n_latents else ())
+
+
 def make_request(i: int, j: int, shape: Shape) -> Request:
     """The j-th request of client i: its client's latent mask, one of six prompts, greedy. `distinct`:
     the prompt starts with the request's own tag, so that no request can reuse another's cached KV
     blocks (masked requests never can: their cache salt is their mask)."""
-    iv = ((AblateLatents(latents=spread_latents(shape.n_latents, list(shape.layers), shape.d_sae, seed=i)),)
-          if shape.n_latents else ())
+    iv = client_mask(i, shape)
     text = PROMPTS[(i + j) % len(PROMPTS)]
     return Request(prompt=user_prompt(f"(Request {i}.{j}) {text}" if shape.distinct else text), interventions=iv,
                    sampling=SamplingParams(max_new_tokens=shape.new_tokens, ignore_eos=shape.ignore_eos))

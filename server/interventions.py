@@ -940,6 +940,25 @@ def compile_plan(
     return plan
 
 
+def validate_rows(
+    rows: Sequence[Sequence[Intervention]],
+    prompt_lens: Sequence[int],
+    saes: dict[int, LayerSAE],
+    n_layers: int,
+    d_model: int,
+    resolver: Resolver | None = None,
+    max_latents_per_request: int | None = None,
+    seq_lens: Sequence[int] | None = None,
+) -> None:
+    """Validate per-row interventions exactly as `compile_plan` does (raises InvalidRequest / NotFound,
+    naming the field) without building a plan: where only the check is wanted (an engine that compiles
+    its plans elsewhere, a job config), the plan's group constants and scope tables are most of the cost."""
+    resolver = resolver or Resolver()
+    for row, ivs in enumerate(rows):
+        _parse_row(row, ivs, prompt_lens[row], seq_lens[row] if seq_lens is not None else None, saes, n_layers,
+                   d_model, resolver, max_latents_per_request)
+
+
 def check_interventions(
     engine: Any, interventions: Sequence[Intervention], field_name: str, resolver: Resolver | None = None,
     prompt_len: int | None = None, seq_len: int | None = None,
@@ -954,9 +973,9 @@ def check_interventions(
         prompt_len = int(limits.max_prompt_tokens)
         seq_len = prompt_len + int(limits.max_new_tokens)
     try:
-        compile_plan([list(interventions)], [prompt_len], engine.saes, engine.n_layers, engine.d_model,
-                     torch.device("cpu"), resolver if resolver is not None else engine.resolver,
-                     limits.max_latents_per_request, seq_lens=None if seq_len is None else [seq_len])
+        validate_rows([list(interventions)], [prompt_len], engine.saes, engine.n_layers, engine.d_model,
+                      resolver if resolver is not None else engine.resolver, limits.max_latents_per_request,
+                      seq_lens=None if seq_len is None else [seq_len])
     except InvalidRequest as exc:
         msg = str(exc).replace("items[0].interventions", field_name)
         raise InvalidRequest(msg.replace(" of items[0] ", " ") if seq_len is not None else msg) from None

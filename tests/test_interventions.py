@@ -248,3 +248,33 @@ def test_generated_scope_changes_generation_only_after_prompt():
     # the first generated token is predicted from prompt positions only: unchanged
     assert hooked.token_ids[0] == base.token_ids[0]
     assert hooked.token_ids != base.token_ids
+
+
+def test_validate_rows_rejects_exactly_what_compile_plan_rejects():
+    """The vLLM engine and job configs validate with `validate_rows` (no plan built): every bad row is
+    rejected with compile_plan's error type and message (naming the same field), good rows pass both."""
+    from refusal_audit.audit.errors import InvalidRequest, NotFound
+    from refusal_audit.server.interventions import Resolver, compile_plan, validate_rows
+    from tiny import make_sae
+
+    saes = build_layer_saes({1: make_sae(16, 32, seed=0), 2: make_sae(16, 32, seed=1)}, 16, 4)
+    good = (AblateLatents(latents={1: (0, 3), 2: (5,)}), ClampLatents(latents={1: (7,)}, value=1.0))
+    bad_rows = [
+        (AblateLatents(latents={1: (40,)}),),  # latent out of range
+        (AblateLatents(latents={3: (1,)}),),  # no SAE at that layer
+        (ClampLatents(latents={1: (2,)}, value=1e38),),  # would overflow the stream
+        (AblateLatents(latent_set_id="nope"),),  # unknown set
+        (AblateLatents(latents={1: (1,)}, scope=TokenScope(kind="positions", positions=(50,))),),  # past the sequence
+        (AblateLatents(latents={1: tuple(range(20)), 2: tuple(range(20))}),),  # over the per-request limit
+    ]
+    args = dict(saes=saes, n_layers=4, d_model=16, resolver=Resolver(), max_latents_per_request=32)
+    validate_rows([good, ()], [5, 3], seq_lens=[8, 3], **args)
+    compile_plan([good, ()], [5, 3], device=torch.device("cpu"), seq_lens=[8, 3], **args)
+    for bad in bad_rows:
+        rows, plens, slens = [good, bad], [5, 6], [8, 9]
+        with pytest.raises((InvalidRequest, NotFound)) as want:
+            compile_plan(rows, plens, device=torch.device("cpu"), seq_lens=slens, **args)
+        with pytest.raises(type(want.value)) as got:
+            validate_rows(rows, plens, seq_lens=slens, **args)
+        assert str(got.value) == str(want.value)
+        assert "items[1]" in str(got.value) or "nope" in str(got.value), str(got.value)

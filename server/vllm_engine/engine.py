@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import hashlib
 import logging
 import os
 import queue
@@ -51,7 +52,7 @@ from ...audit.spec import (
 from ..batching import n_latents
 from ..engine_base import EngineBase
 from ..hf_engine import HFEngine
-from ..interventions import Resolver, compile_plan
+from ..interventions import Resolver, validate_rows
 from ..metrics import BatchObserver
 from ..sae_runtime import LayerSAE, build_layer_saes, load_sae
 from .compiled import HOOKED_WORKER, add_splitting_op, compilation_config
@@ -105,11 +106,13 @@ def resolve_interventions(interventions: Sequence[Intervention], resolver: Resol
     return tuple(out)
 
 
-def cache_salt(interventions: Sequence[Intervention], prompt_len: int) -> str | None:
-    """Prefix-cache salt: None without interventions; the spec hash, plus the prompt length when a
-    scope depends on where the prompt ends (the same token at the same position may be edited for
-    one prompt length and not for another)."""
-    h = spec_hash(tuple(interventions))
+def cache_salt(interventions: Sequence[Intervention], prompt_len: int, spec_hash_: str | None = None) -> str | None:
+    """Prefix-cache salt: None without interventions; the spec hash (`spec_hash_` if the caller has it),
+    plus the prompt length when a scope depends on where the prompt ends (the same token at the same
+    position may be edited for one prompt length and not for another)."""
+    if not interventions:
+        return None
+    h = spec_hash_ if spec_hash_ is not None else spec_hash(tuple(interventions))
     if h is None:
         return None
     boundary = any(
@@ -491,10 +494,10 @@ class VLLMEngine(EngineBase):
         (`generating`: explicit positions may point at generated tokens, as in the HF engine)."""
         prompt_lens = [len(x) for x in ids]
         seq_lens = [n + (r.sampling.max_new_tokens - 1 if generating else 0) for n, r in zip(prompt_lens, requests, strict=True)]
-        # Validation (names the offending field exactly as the HF engine does); the plan is discarded.
-        compile_plan(
+        # Validation (names the offending field exactly as the HF engine does); the worker compiles the plans.
+        validate_rows(
             [r.interventions for r in requests], prompt_lens, self.saes, self.n_layers, self.d_model,
-            torch.device("cpu"), self.resolver, self.limits.max_latents_per_request, seq_lens=seq_lens,
+            self.resolver, self.limits.max_latents_per_request, seq_lens=seq_lens,
         )
         payloads: list[dict[str, Any] | None] = []
         salts: list[str | None] = []
@@ -506,9 +509,10 @@ class VLLMEngine(EngineBase):
             if not self.hooks:
                 raise InvalidRequest(f"items[{i}].interventions: this vLLM engine runs without SAE hooks")
             resolved = resolve_interventions(r.interventions, self.resolver)
-            h = spec_hash(resolved)
-            payloads.append({"spec": canonical_spec_json(resolved), "hash": h})
-            salts.append(cache_salt(resolved, n))
+            spec = canonical_spec_json(resolved)  # once: the payload, its hash and the cache salt
+            h = hashlib.sha256(spec.encode()).hexdigest()
+            payloads.append({"spec": spec, "hash": h})
+            salts.append(cache_salt(resolved, n, h))
         return payloads, salts
 
     def _check_length(self, i: int, n_prompt: int, n_new: int) -> None:
