@@ -28,6 +28,8 @@ off and on (server/fused_hook.py), on the same server.
 interventions leave the hooks idle: the unmasked throughput), and `--rounds R` repeats all levels R
 times, interleaved; the masked levels' tokens/s are then also given over the unmasked level of the
 same round and client count: the median and range of those paired ratios (the range is the noise).
+Masks change the text, so without `--ignore-eos` masked answers may end at other lengths than unmasked
+ones and tokens/s then compares different work (the script says so when tokens per request differ).
 """
 
 from __future__ import annotations
@@ -245,6 +247,14 @@ def _print_paired(rows: list[dict[str, Any]]) -> None:
     print("|---|---:|---:|---:|")
     for (engine, n), v in paired.items():
         print(f"| {engine} | {n} | {len(v)} | {paired_ratio(v)} |")
+    # masks change the text, so answers may end (EOS) at other lengths: then tokens/s compares different work
+    # (fewer tokens per prefill, a shrinking batch as short answers leave); --ignore-eos compares like with like
+    per_req = {lat: statistics.mean(r["tokens_per_request"] for r in rows if r["latents"] == lat)
+               for lat in sorted({r["latents"] for r in rows})}
+    if max(per_req.values()) > 1.01 * min(per_req.values()):
+        print("\nNot like with like: generated tokens per request differ between levels ("
+              + ", ".join(f"{lat} latents: {t:.1f}" for lat, t in per_req.items())
+              + "); --ignore-eos runs every answer to its last token.")
 
 
 def main() -> None:
@@ -349,6 +359,7 @@ def main() -> None:
                 "round": rnd, "latents": lat, "policy": (ratio, wait), "clients": n, "issued": lv.issued, "answered": len(lv.answers),
                 "errors": len(lv.errors), "exactly_once": once, "same_as_alone": f"{same}/{k}",
                 "wall_s": lv.wall_s, "tokens": lv.tokens, "tokens_per_s": lv.tokens / lv.wall_s,
+                "tokens_per_request": lv.tokens / max(len(lv.latencies), 1),
                 "p50_s": statistics.median(lv.latencies) if lv.latencies else float("nan"),
                 "p95_s": percentile(lv.latencies, 0.95),
                 "mean_batch": _delta(after, before, "refusal_audit_batch_size_sum" + kind) / bs_n if bs_n else float("nan"),
@@ -380,14 +391,14 @@ def main() -> None:
           f"{', every answer runs to its last token (ignore_eos)' if args.ignore_eos else ''}"
           f"{_joins_note(policies) if not args.server and args.engine == 'hf' else ''}; "
           "load average (1 min) before -> after each row\n")
-    print("| engine | clients | requests | exactly one answer | same as alone | tokens/s | vs 1 client | "
+    print("| engine | clients | requests | exactly one answer | same as alone | tokens/request | tokens/s | vs 1 client | "
           "p50 s | p95 s | p50 vs 1 client | mean batch | mean queue wait s | mean token interval s | time in hooks | "
           "time in prefills | latents/request | load avg |")
-    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
         base = next(b for b in rows if b["engine"] == r["engine"])  # the policy's first client count
         print(f"| {r['engine']} | {r['clients']} | {r['issued']} | {'yes' if r['exactly_once'] else 'NO'} | "
-              f"{r['same_as_alone']} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
+              f"{r['same_as_alone']} | {r['tokens_per_request']:.1f} | {r['tokens_per_s']:.1f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x | "
               f"{r['p50_s']:.2f} | {r['p95_s']:.2f} | {r['p50_s'] / base['p50_s']:.2f}x | {r['mean_batch']:.1f} | "
               f"{r['mean_queue_wait_s']:.3f} | {r['token_interval_s']:.3f} | {100 * r['hook_share']:.1f}% | "
               f"{_pct(r['prefill_share'])} | "
