@@ -454,7 +454,7 @@ class LatentLayerPlan:
                 news.append(new)
         return base.index_copy(0, torch.cat(toks), torch.cat(news).to(h.dtype)).unsqueeze(0)
 
-    def _edits_in_place(self, x_all: torch.Tensor) -> bool:
+    def _stream_editable(self, x_all: torch.Tensor) -> bool:
         """Can the kernel edit the stream's rows directly (the SAE reads the stream as it is, float32)?"""
         return self.sae.normalize == "none" and x_all.dtype == torch.float32 and x_all.is_contiguous()
 
@@ -464,7 +464,7 @@ class LatentLayerPlan:
         """The fused kernel's part of `_apply_slots`, tokens `tok` of sets `gid`: (the stream with their rows
         edited in one pass, None), or, for an SAE that normalises its input or a stream in another precision,
         (x_all, (the tokens, their edited rows)) for the caller to write in."""
-        if self._edits_in_place(x_all):
+        if self._stream_editable(x_all):
             return fused_hook.fused_edit(x_all, tok, gid, self._set_tables, arrays), None
         tok_t = torch.from_numpy(tok).to(x_all.device)
         x = x_all.index_select(0, tok_t)
