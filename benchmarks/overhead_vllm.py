@@ -171,6 +171,7 @@ def main() -> None:
                 engines[eng].hook_stats(reset=True)
             wall, n_tok, lat = run(name, eng, reqs[name])
             raw[name]["tps"].append(n_tok / wall)
+            raw[name].setdefault("tokens", []).append(n_tok / len(reqs[name]))
             raw[name]["lat"].extend(lat)
             if hooks:
                 st = engines[eng].hook_stats()
@@ -214,6 +215,10 @@ def main() -> None:
     for name, n, tps, slow, p50, p99, hook, paired_text in rows:
         md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {paired_text} | {p50:.2f} | {p99:.2f} | "
                   f"{'' if hook is None else f'{100 * hook:.1f}%'} |")
+    per_req = {name: statistics.mean(r["tokens"]) for name, r in raw.items()}
+    md += ["", "Generated tokens per request: " + ", ".join(f"{k} {v:.1f}" for k, v in per_req.items())
+           + (" (they differ: masks changed where answers stop, so tokens/s compares different work)"
+              if max(per_req.values()) > 1.01 * min(per_req.values()) else " (like with like)") + "."]
     exact = {name: statistics.median(r["exact"]) for name, r in raw.items() if r.get("exact")}
     if exact:
         md += ["", "Fused kernel's screen: pre-activations computed in full (float32 row read), of those screened: "
