@@ -162,7 +162,8 @@ static void screen_token(const float *x, int64_t d, int32_t xmax, const int64_t 
 }
 
 /* The screen (enc_q != NULL): latent i cannot fire at token t when
- *     s~ + x_h . e_h + ||x|| rounding[i] + ||x_r|| q_err[i] + ||x_r - sx xq|| q_norm[i] <= room[i] = floor[i] - b_enc[i]
+ *     s~ + x_h . e_h + ||x|| rounding[i] + ||x_r|| q_err[i] + ||x_r - sx xq|| q_norm[i]
+ *         <= room[i] = floor[i] - b_enc[i]
  * Here x_h is the token at the `heavy` dimensions (a residual stream's few massive ones) and x_r the
  * rest; x_h . e_h is computed in double from the float32 row's values there, kept in the latent's meta
  * row. s~ = scale[i] sx (xq . q_i) with q_i the row quantised to int8 with the row's own scale, xq the
@@ -179,7 +180,8 @@ static void screen_token(const float *x, int64_t d, int32_t xmax, const int64_t 
 #define HEAVY 6
 int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, const int64_t *tok_set,
                    const int64_t *set_len, const int64_t *const *set_ids, const float *const *set_mul,
-                   const float *const *set_add, const float *enc_rows, const float *b_enc, const float *floor_, const float *dec, float *out,
+                   const float *const *set_add, const float *enc_rows, const float *b_enc, const float *floor_,
+                   const float *dec, float *out,
                    int add_input, int64_t block, int threads, const int8_t *enc_q, const double *meta,
                    const int64_t *heavy, int64_t n_heavy, int64_t screen_max_tokens, int64_t *counts) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
@@ -266,7 +268,8 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                             for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
                         }
                     }
-                    const double *mi = screen ? meta + META * i : NULL;  /* room, q_err, rounding, q_norm, scale, heavy */
+                    /* room, q_err, rounding, q_norm, scale, heavy values */
+                    const double *mi = screen ? meta + META * i : NULL;
                     for (int64_t b = b0; b < b1; b += NT_MAX) {  /* NT_MAX tokens at a time: the row read once */
                         const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
                         float dots[NT_MAX];
@@ -288,7 +291,8 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                                         est += p;
                                         habs += fabs(p);
                                     }
-                                    const double reach = est + norm[b + u] * mi[2] + norm_r[b + u] * mi[1] + resid[b + u] * mi[3];
+                                    const double reach =
+                                        est + norm[b + u] * mi[2] + norm_r[b + u] * mi[1] + resid[b + u] * mi[3];
                                     const double margin = 1e-9 * (fabs(est) + habs + fabs(reach) + fabs(mi[0]) + 1e-30);
                                     fires[u] = !(reach + margin <= mi[0]);
                                 }
@@ -357,9 +361,10 @@ typedef struct {
 /* One layer call of a packed step, grouping included: token t of x [n, d] belongs to row tok_row[t]
  * (-1 or >= n_rows: no row) and so to set row_set[row] (-1: no op at this layer). out [n, d] gets x,
  * with the tokens of every set that has at most max_tokens tokens here edited (x + terms, as
- * ra_fused_delta with add_input; out may be x itself). Sets with more tokens are left to the caller, their
- * tokens copied unedited. Returns how many sets were left, or -1 when out of memory. Tokens go by set, in token
- * order within a set (what the caller's stable sort gave before): a token's bits do not depend on it. */
+ * ra_fused_delta with add_input; out may be x itself). Sets with more tokens are left to the caller,
+ * their tokens copied unedited. Returns how many sets were left, or -1 when out of memory. Tokens go by
+ * set, in token order within a set (what the caller's stable sort gave before): a token's bits do not
+ * depend on it. */
 int64_t ra_fused_step(float *x, int64_t n, int64_t d, const int64_t *tok_row, float *out, float *residual,
                       int threads, const ra_step_args *a) {
     /* out == x: the stream is edited in place; then residual (if not NULL: vLLM's hidden / residual pair)
@@ -402,8 +407,9 @@ int64_t ra_fused_step(float *x, int64_t n, int64_t d, const int64_t *tok_row, fl
     }
     const int64_t n_heavy = a->enc_q != NULL && *a->heavy_n > 0 ? *a->heavy_n : 0;
     const int rc = m == 0 ? 0
-                          : ra_fused_delta(x, m, d, sel, sel_set, a->set_len, a->set_ids, a->set_mul, a->set_add, a->enc_rows,
-                                           a->b_enc, a->floor_, a->dec, out, 1, a->block, threads, a->enc_q, a->meta,
+                          : ra_fused_delta(x, m, d, sel, sel_set, a->set_len, a->set_ids, a->set_mul, a->set_add,
+                                           a->enc_rows, a->b_enc, a->floor_, a->dec, out, 1, a->block, threads,
+                                           a->enc_q, a->meta,
                                            a->heavy, n_heavy, a->screen_max_tokens, a->counts);
     free(count);
     free(tok_g);
