@@ -242,8 +242,13 @@ def canonical_spec_json(interventions: tuple[Intervention, ...] | list[Intervent
     return json.dumps(payload, sort_keys=True, separators=(",", ":"))
 
 
+def spec_json_hash(spec_json: str) -> str:
+    """The hash of a canonical spec (`canonical_spec_json`): sha256, hex."""
+    return hashlib.sha256(spec_json.encode()).hexdigest()
+
+
 def spec_hash(interventions: tuple[Intervention, ...] | list[Intervention]) -> str | None:
     """sha256 of the canonical spec, or None when there is no intervention (no cache salt)."""
     if not interventions:
         return None
-    return hashlib.sha256(canonical_spec_json(interventions).encode()).hexdigest()
+    return spec_json_hash(canonical_spec_json(interventions))

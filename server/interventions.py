@@ -185,8 +185,8 @@ class _LatentGroup:
     targets: torch.Tensor  # [K, S] b * membership
     edit_key: Hashable  # what the group's rows edit (the ops' latents, a and b as bytes)
     constants: torch.Tensor  # [3, K, S]: membership, scales, targets stacked (what the slot pool copies)
-    kernel: fused_hook.KernelSet | None = None  # one-op groups on the CPU: the set as the fused kernel reads it
-    rows: tuple[int, ...] = ()  # the plan rows in the group
+    rows: tuple[int, ...]  # the plan rows in the group
+    kernel: fused_hook.KernelSet | None  # one-op groups of a fused plan: the set as the fused kernel reads it
 
     @property
     def single(self) -> bool:
@@ -362,7 +362,7 @@ class LatentLayerPlan:
         arrays = self._fused_arrays
         if arrays is None or not self.scopes.all_tokens or self.sae.normalize != "none":
             return None
-        return fused_hook.StepKernel(_row_groups(self.groups, self.scopes.rows), self._set_tables, arrays)
+        return fused_hook.StepKernel(_row_groups(self.groups), self._set_tables, arrays)
 
     @functools.cached_property
     def _set_tables(self) -> fused_hook.SetTables:
@@ -633,8 +633,9 @@ _GroupConstants = tuple[tuple[int, ...], torch.Tensor, torch.Tensor, torch.Tenso
                         fused_hook.KernelSet | None]
 _GROUP_CACHE: OrderedDict[tuple, _GroupConstants] = OrderedDict()
 _GROUP_CACHE_LOCK = threading.Lock()
-"""A group's constants by (what its rows edit, device, dtype): under load every step has a new batch
-composition, but its latent sets are those of requests already seen, so a new plan reuses them."""
+"""A group's constants by (what its rows edit, device, dtype, with the kernel's copy or not): under load
+every step has a new batch composition, but its latent sets are those of requests already seen, so a new
+plan reuses them."""
 
 
 def _op_edits(ids: np.ndarray, muls: np.ndarray, vals: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -645,15 +646,17 @@ def _op_edits(ids: np.ndarray, muls: np.ndarray, vals: np.ndarray) -> tuple[np.n
 
 
 def _group_constants(
-    edits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype
+    edits: list[tuple[np.ndarray, np.ndarray, np.ndarray]], device: torch.device, dtype: torch.dtype,
+    kernel_set: bool = False,
 ) -> _GroupConstants:
-    """(key, latents, membership, scales, targets, the last three stacked) of a group whose rows' ops
-    edit `edits` in order."""
+    """(key, latents, membership, scales, targets, the last three stacked, the fused kernel's copy of the set
+    or None) of a group whose rows' ops edit `edits` in order; the copy is made for one-op groups when
+    `kernel_set` (a fused plan's)."""
     if len(edits) == 1:  # one op (the common case): its ids are sorted and unique already
         ids, a, b = edits[0]
         stacked = torch.from_numpy(np.stack([np.ones_like(a), a, b])[:, None, :]).to(device=device, dtype=dtype)
-        # the fused kernel's copy (float32, as the kernel computes; its mul = a - 1 as the slot path's scales - 1)
-        kernel = fused_hook.kernel_set(ids, stacked[1, 0].float(), stacked[2, 0].float()) if device.type == "cpu" else None
+        # for a fused plan, the kernel's copy (float32, as the kernel computes; mul = a - 1 as the slot path's scales - 1)
+        kernel = fused_hook.kernel_set(ids, stacked[1, 0].float(), stacked[2, 0].float()) if kernel_set else None
         return tuple(ids.tolist()), torch.from_numpy(ids).to(device), stacked[0], stacked[1], stacked[2], stacked, kernel
     latents = np.unique(np.concatenate([ids for ids, _, _ in edits]))
     membership = np.zeros((len(edits), len(latents)), dtype=np.float64)
@@ -668,8 +671,10 @@ def _group_constants(
     return tuple(latents.tolist()), torch.from_numpy(latents).to(device), stacked[0], stacked[1], stacked[2], stacked, None
 
 
-def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype: torch.dtype) -> list[_LatentGroup]:
-    """Group the rows of one layer's ops by what their ops edit (latents and (a, b) per op, in order)."""
+def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype: torch.dtype,
+                   kernel_sets: bool = False) -> list[_LatentGroup]:
+    """Group the rows of one layer's ops by what their ops edit (latents and (a, b) per op, in order);
+    `kernel_sets`: also keep each one-op group's set as the fused kernel reads it (a fused plan)."""
     by_row: dict[int, list[int]] = {}
     for o, (row, _) in enumerate(ops):
         by_row.setdefault(row, []).append(o)
@@ -681,13 +686,13 @@ def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype
         group_rows.setdefault(edit, []).append(row)
     out = []
     for key_edits, members in grouped.items():
-        cache_key = (key_edits, str(device), dtype)
+        cache_key = (key_edits, str(device), dtype, kernel_sets)
         with _GROUP_CACHE_LOCK:
             consts = _GROUP_CACHE.get(cache_key)
             if consts is not None:
                 _GROUP_CACHE.move_to_end(cache_key)
         if consts is None:
-            consts = _group_constants([ops[o][1].edits for o in members[0]], device, dtype)
+            consts = _group_constants([ops[o][1].edits for o in members[0]], device, dtype, kernel_sets)
             with _GROUP_CACHE_LOCK:
                 _GROUP_CACHE[cache_key] = consts
                 while len(_GROUP_CACHE) > _GROUP_CACHE_SIZE:
@@ -701,17 +706,12 @@ def _latent_groups(ops: list[tuple[int, _LatentOp]], device: torch.device, dtype
     return out
 
 
-def _row_groups(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> np.ndarray:
-    """[max row + 1] int64 on the host: the group of each plan row at this layer, -1 without ops here."""
-    if all(g.rows for g in groups):  # known from grouping (`_latent_groups`): no device reads
-        row_group = np.full(max(max(g.rows) for g in groups) + 1, -1, dtype=np.int64)
-        for gi, g in enumerate(groups):
-            row_group[list(g.rows)] = gi
-        return row_group
-    op_rows = scope_rows.cpu().numpy()
-    row_group = np.full(int(op_rows.max()) + 1, -1, dtype=np.int64)
+def _row_groups(groups: list[_LatentGroup]) -> np.ndarray:
+    """[max row + 1] int64 on the host: the group of each plan row at this layer, -1 without ops here
+    (known from the grouping, `_latent_groups`: no device reads)."""
+    row_group = np.full(max(max(g.rows) for g in groups) + 1, -1, dtype=np.int64)
     for gi, g in enumerate(groups):
-        row_group[op_rows[g.ops.cpu().numpy().reshape(-1)]] = gi
+        row_group[list(g.rows)] = gi
     return row_group
 
 
@@ -725,7 +725,7 @@ def _group_batch(groups: list[_LatentGroup], scope_rows: torch.Tensor) -> _Group
         ops = g.ops.cpu().numpy()  # [R, K]
         op_group[ops.reshape(-1), 0] = gi
         op_k[ops, np.arange(ops.shape[1])[None, :]] = 1.0
-    row_group = _row_groups(groups, scope_rows)
+    row_group = _row_groups(groups)
     ref = groups[0].membership
     return _GroupBatch(
         tuple(g.key for g in groups), tuple((g.edit_key, g.constants) for g in groups),
@@ -921,7 +921,8 @@ def compile_plan(
         plan.latent_layers[layer] = LatentLayerPlan(
             sae=saes[layer],
             scopes=_scope_table([(r, op.scope) for r, op in ops], prompt_lens, device),
-            groups=_latent_groups(ops, device, dtype),
+            groups=_latent_groups(ops, device, dtype,
+                                  kernel_sets=fused and not batch_invariant and device.type == "cpu"),
             invariant=batch_invariant,
             fused=fused and not batch_invariant,
         )

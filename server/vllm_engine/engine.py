@@ -21,7 +21,6 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
-import hashlib
 import logging
 import os
 import queue
@@ -48,6 +47,7 @@ from ...audit.spec import (
     ScaleLatents,
     canonical_spec_json,
     spec_hash,
+    spec_json_hash,
 )
 from ..batching import n_latents
 from ..engine_base import EngineBase
@@ -510,7 +510,7 @@ class VLLMEngine(EngineBase):
                 raise InvalidRequest(f"items[{i}].interventions: this vLLM engine runs without SAE hooks")
             resolved = resolve_interventions(r.interventions, self.resolver)
             spec = canonical_spec_json(resolved)  # once: the payload, its hash and the cache salt
-            h = hashlib.sha256(spec.encode()).hexdigest()
+            h = spec_json_hash(spec)
             payloads.append({"spec": spec, "hash": h})
             salts.append(cache_salt(resolved, n, h))
         return payloads, salts
