@@ -37,6 +37,9 @@
  * the tokens. */
 typedef float vf16 __attribute__((vector_size(64)));
 #define NT_MAX 4
+#ifndef SCREEN_CHUNK
+#define SCREEN_CHUNK 64 /* latents the screen passes over before their float32 rows are read (see ra_fused_delta) */
+#endif
 
 static inline vf16 load_f(const float *p) {
     vf16 v;
@@ -180,8 +183,8 @@ static void screen_token(const float *x, int64_t d, int32_t xmax, const int64_t 
 #define HEAVY 6
 int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, const int64_t *tok_set,
                    const int64_t *set_len, const int64_t *const *set_ids, const float *const *set_mul,
-                   const float *const *set_add, const float *enc_rows, const float *b_enc, const float *floor_,
-                   const float *dec, float *out,
+                   const float *const *set_add, const int8_t *const *set_q, const float *enc_rows,
+                   const float *b_enc, const float *floor_, const float *dec, float *out,
                    int add_input, int64_t block, int threads, const int8_t *enc_q, const double *meta,
                    const int64_t *heavy, int64_t n_heavy, int64_t screen_max_tokens, int64_t *counts) {
     /* Token t is row rows[t] of x and out (t itself when rows is NULL); out's row gets the token's
@@ -193,7 +196,12 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
      * are threads (at least `block` tokens each) when that is more, so that a lone prefill uses every
      * thread. Within an item the set's latents go in chunks of CHUNK: a chunk's rows, read from memory
      * once, serve every token block of the item from the cache. Each token still takes its set's
-     * latents in order, so the split changes no bit of the result. */
+     * latents in order, so the split changes no bit of the result.
+     *
+     * set_q (may be NULL, as may any set_q[g]): set g's int8 rows, copied in the set's order (row j is
+     * latent ids[j]'s), so that the screen reads them as one stream; scattered rows cost about three times
+     * the time per byte (the screen is bound by memory: the model's weights pass through the caches
+     * between two calls). A set without a copy reads its rows from enc_q. */
     int64_t *starts = malloc(sizeof(int64_t) * (size_t)(2 * n + 1));
     if (starts == NULL) return 1;
     int64_t *screened = starts + n + 1;  /* per item: whether its latents go through the screen */
@@ -225,6 +233,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         const int64_t lo = 0, hi = set_len[g];  /* the set's latents: ids[lo:hi], with their edits */
         const int64_t *ids = set_ids[g];
         const float *mul = set_mul[g], *add = set_add[g];
+        const int8_t *set_rows = set_q != NULL ? set_q[g] : NULL;
         const int screen = (int)screened[item];
         float *acc = calloc((size_t)(nt * d), sizeof(float));  /* the item's summed terms */
         /* per token: ||x||, ||x_r||, sx, ||x_r - sx xq||, then x at the heavy dimensions */
@@ -233,7 +242,9 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         const float **xt = (const float **)malloc(sizeof(float *) * (size_t)nt);
         int16_t *xq = screen ? malloc(sizeof(int16_t) * (size_t)(nt * d)) : NULL;
         float *tmp = screen ? malloc(sizeof(float) * (size_t)d) : NULL;
-        if (acc == NULL || norm == NULL || xt == NULL || (screen && (xq == NULL || tmp == NULL))) {
+        unsigned char *fire = screen ? malloc((size_t)(SCREEN_CHUNK * block)) : NULL;
+        if (acc == NULL || norm == NULL || xt == NULL || (screen && (xq == NULL || tmp == NULL || fire == NULL))) {
+            free(fire);
             free(acc);
             free(norm);
             free(xt);
@@ -250,41 +261,38 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                              xh + b * HEAVY);
         }
         free(tmp);
-        for (int64_t j0 = lo; j0 < hi; j0 += CHUNK) {
-            const int64_t j1 = j0 + CHUNK < hi ? j0 + CHUNK : hi;
-            for (int64_t b0 = 0; b0 < nt; b0 += block) {
-                const int64_t b1 = b0 + block < nt ? b0 + block : nt;
-                for (int64_t j = j0; j < j1; j++) {
-                    const int64_t i = ids[j];
-                    const float *er = enc_rows + i * d, *dr = dec + i * d;
-                    if (b0 == 0 && j + PREFETCH < hi) {  /* rows are scattered: ask for a later latent's row now */
-                        const int64_t ahead = ids[j + PREFETCH];
-                        if (screen) {
+        if (screen) {
+            /* Two passes over each chunk of latents and block of tokens. The first screens every pair and
+             * asks for the float32 encoder and decoder rows of each latent that one of its tokens needs; the
+             * second computes those pairs in full and adds every term, latents in order as below. */
+            for (int64_t j0 = lo; j0 < hi; j0 += SCREEN_CHUNK) {
+                const int64_t j1 = j0 + SCREEN_CHUNK < hi ? j0 + SCREEN_CHUNK : hi;
+                for (int64_t b0 = 0; b0 < nt; b0 += block) {
+                    const int64_t b1 = b0 + block < nt ? b0 + block : nt;
+                    for (int64_t j = j0; j < j1; j++) {
+                        const int64_t i = ids[j];
+                        if (b0 == 0 && j + PREFETCH < hi) {  /* a later latent's meta row (and its row, if scattered) */
+                            const int64_t ahead = ids[j + PREFETCH];
                             __builtin_prefetch(meta + META * ahead);
-                            for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
-                        } else {
-                            __builtin_prefetch(b_enc + ahead);
-                            __builtin_prefetch(floor_ + ahead);
-                            for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
+                            if (set_rows == NULL)
+                                for (int64_t k = 0; k < d; k += 64) __builtin_prefetch(enc_q + ahead * d + k);
                         }
-                    }
-                    /* room, q_err, rounding, q_norm, scale, heavy values */
-                    const double *mi = screen ? meta + META * i : NULL;
-                    for (int64_t b = b0; b < b1; b += NT_MAX) {  /* NT_MAX tokens at a time: the row read once */
-                        const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
-                        float dots[NT_MAX];
-                        int fires[NT_MAX] = {1, 1, 1, 1};
-                        if (screen) {
+                        /* room, q_err, rounding, q_norm, scale, heavy values */
+                        const double *mi = meta + META * i;
+                        const float *hv = (const float *)(mi + 5);
+                        const int8_t *qi = set_rows != NULL ? set_rows + j * d : enc_q + i * d;
+                        unsigned char *fj = fire + (j - j0) * block;  /* fj[b - b0]: token b's pair */
+                        int any = 0;
+                        for (int64_t b = b0; b < b1; b += NT_MAX) {
+                            const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
                             int32_t est_dot[NT_MAX];
-                            const int8_t *qi = enc_q + i * d;
                             if (m == NT_MAX)
                                 dot4_q(xq + b * d, xq + (b + 1) * d, xq + (b + 2) * d, xq + (b + 3) * d, qi, d, est_dot);
                             else
                                 for (int64_t u = 0; u < m; u++) est_dot[u] = dot_q(xq + (b + u) * d, qi, d);
                             for (int64_t u = 0; u < m; u++) {
-                                fires[u] = sx[b + u] < 0.0;  /* NaN / inf in the token: computed exactly */
-                                if (!fires[u]) {
-                                    const float *hv = (const float *)(mi + 5);
+                                int f = sx[b + u] < 0.0;  /* NaN / inf in the token: computed exactly */
+                                if (!f) {
                                     double est = mi[4] * sx[b + u] * (double)est_dot[u], habs = 0.0;
                                     for (int64_t h = 0; h < n_heavy; h++) {
                                         const double p = xh[(b + u) * HEAVY + h] * (double)hv[h];
@@ -294,28 +302,67 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                                     const double reach =
                                         est + norm[b + u] * mi[2] + norm_r[b + u] * mi[1] + resid[b + u] * mi[3];
                                     const double margin = 1e-9 * (fabs(est) + habs + fabs(reach) + fabs(mi[0]) + 1e-30);
-                                    fires[u] = !(reach + margin <= mi[0]);
+                                    f = !(reach + margin <= mi[0]);
                                 }
-                                if (fires[u]) {
-                                    dots[u] = dot(xt[b + u], er, d);
-                                    n_exact++;
-                                }
+                                fj[b - b0 + u] = (unsigned char)f;
+                                any |= f;
                             }
-                        } else if (m == NT_MAX) {
-                            dot4(xt + b, er, d, dots);
-                        } else {
-                            for (int64_t u = 0; u < m; u++) dots[u] = dot(xt[b + u], er, d);
                         }
-                        for (int64_t u = 0; u < m; u++) {
+                        if (any)  /* read in the second pass, a chunk later: by then in the cache */
+                            for (int64_t k = 0; k < d; k += 16) {
+                                __builtin_prefetch(enc_rows + i * d + k);
+                                __builtin_prefetch(dec + i * d + k);
+                            }
+                    }
+                    for (int64_t j = j0; j < j1; j++) {
+                        const int64_t i = ids[j];
+                        const float *er = enc_rows + i * d, *dr = dec + i * d;
+                        const unsigned char *fj = fire + (j - j0) * block;
+                        for (int64_t b = b0; b < b1; b++) {
                             float z = 0.0f;
-                            if (fires[u]) {
-                                const float pre = b_enc[i] + dots[u];
+                            if (fj[b - b0]) {
+                                const float pre = b_enc[i] + dot(xt[b], er, d);
                                 z = pre > floor_[i] ? pre : 0.0f;
+                                n_exact++;
                             }
                             const float c = mul[j] * z + add[j];
                             if (c != 0.0f) {
-                                float *a = acc + (b + u) * d;
+                                float *a = acc + b * d;
                                 for (int64_t k = 0; k < d; k++) a[k] += c * dr[k];
+                            }
+                        }
+                    }
+                }
+            }
+        } else {
+            for (int64_t j0 = lo; j0 < hi; j0 += CHUNK) {
+                const int64_t j1 = j0 + CHUNK < hi ? j0 + CHUNK : hi;
+                for (int64_t b0 = 0; b0 < nt; b0 += block) {
+                    const int64_t b1 = b0 + block < nt ? b0 + block : nt;
+                    for (int64_t j = j0; j < j1; j++) {
+                        const int64_t i = ids[j];
+                        const float *er = enc_rows + i * d, *dr = dec + i * d;
+                        if (b0 == 0 && j + PREFETCH < hi) {  /* rows are scattered: ask for a later latent's row now */
+                            const int64_t ahead = ids[j + PREFETCH];
+                            __builtin_prefetch(b_enc + ahead);
+                            __builtin_prefetch(floor_ + ahead);
+                            for (int64_t k = 0; k < d; k += 16) __builtin_prefetch(enc_rows + ahead * d + k);
+                        }
+                        for (int64_t b = b0; b < b1; b += NT_MAX) {  /* NT_MAX tokens at a time: the row read once */
+                            const int64_t m = b1 - b < NT_MAX ? b1 - b : NT_MAX;
+                            float dots[NT_MAX];
+                            if (m == NT_MAX)
+                                dot4(xt + b, er, d, dots);
+                            else
+                                for (int64_t u = 0; u < m; u++) dots[u] = dot(xt[b + u], er, d);
+                            for (int64_t u = 0; u < m; u++) {
+                                const float pre = b_enc[i] + dots[u];
+                                const float z = pre > floor_[i] ? pre : 0.0f;
+                                const float c = mul[j] * z + add[j];
+                                if (c != 0.0f) {
+                                    float *a = acc + (b + u) * d;
+                                    for (int64_t k = 0; k < d; k++) a[k] += c * dr[k];
+                                }
                             }
                         }
                     }
@@ -334,6 +381,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
         free(norm);
         free(xt);
         free(xq);
+        free(fire);
     }
     free(starts);
     __atomic_fetch_add(&counts[0], n_screened, __ATOMIC_RELAXED);
@@ -350,6 +398,7 @@ typedef struct {
     const int64_t *set_len;  /* [n_sets], then each set's ids, mul and add arrays */
     const int64_t *const *set_ids;
     const float *const *set_mul, *const *set_add;
+    const int8_t *const *set_q;  /* [n_sets] each set's int8 rows in its order, or NULL (ra_fused_delta) */
     const float *enc_rows, *b_enc, *floor_, *dec;
     const int8_t *enc_q;  /* NULL: no screen */
     const double *meta;
@@ -407,7 +456,7 @@ int64_t ra_fused_step(float *x, int64_t n, int64_t d, const int64_t *tok_row, fl
     }
     const int64_t n_heavy = a->enc_q != NULL && *a->heavy_n > 0 ? *a->heavy_n : 0;
     const int rc = m == 0 ? 0
-                          : ra_fused_delta(x, m, d, sel, sel_set, a->set_len, a->set_ids, a->set_mul, a->set_add,
+                          : ra_fused_delta(x, m, d, sel, sel_set, a->set_len, a->set_ids, a->set_mul, a->set_add, a->set_q,
                                            a->enc_rows, a->b_enc, a->floor_, a->dec, out, 1, a->block, threads,
                                            a->enc_q, a->meta,
                                            a->heavy, n_heavy, a->screen_max_tokens, a->counts);

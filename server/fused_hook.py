@@ -17,8 +17,9 @@ is faster and keeps them. For sets of at most `SCREEN_MAX_TOKENS` tokens an exac
 estimates each pre-activation from an int8 copy of the row and the token taken to int16 (an integer
 dot product), with the token's few massive dimensions (`HEAVY_DIMS`) computed apart in double, and
 reads the float32 row only where the rigorous bound (`screen_bounds`) cannot prove the latent silent:
-bit-identical, a quarter of the bytes. `StepKernel` is one layer plan's call with the grouping of
-tokens by set done in C and the plan's constants bound once.
+bit-identical, a quarter of the bytes. The screen is bound by memory, and reads a set's int8 rows from
+a copy in the set's order (`SAEArrays.set_rows`) as one stream. `StepKernel` is one layer plan's call
+with the grouping of tokens by set done in C and the plan's constants bound once.
 
 Why C through ctypes: no library fuses an SAE hook, numba (the obvious JIT) leaves an object in
 `llvmlite` that makes vLLM's CPU worker fail to start in any process that imported it, and a torch
@@ -42,6 +43,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,12 +62,18 @@ pool and the slot path would first write their rows into a slot (hook_cost.py --
 sets already in the pool, 8 sets: 1.08x at 8 and 1.21x at 20)."""
 
 _BLOCK = 8
-SCREEN_MAX_TOKENS = 16
+SCREEN_MAX_TOKENS = 40
 """Sets with more tokens than this in one call skip the screen: their rows, read once, serve every
-token from the cache, and the screen's extra work then saves less (direct calls, 2 threads, cold
-caches, 500-latent sets, 1.9 % of the pairs computed in full; screen / no screen time: 8 sets of 1,
-2, 4, 8, 16 tokens 0.45x, 0.41x, 0.49x, 0.57x, 0.68x; 2 sets of 16 tokens 0.72x, of 32 tokens 0.85x;
-on a model's activations about 8 % of the pairs are computed in full, hence the margin)."""
+token from the cache, and the screen's extra work then saves less. Screen / no screen kernel time on a
+model's activations (Gemma-3-270M's residual stream at 4 layers regrouped into sets of T tokens,
+500-latent sets read from their copies, 2 threads, cold caches, 5 % of the pairs computed in full):
+0.66x at T = 1, 0.74x at 8, 0.84x at 16, 0.83-0.86x at 24-40, 0.93x at 48. Sets past MAX_TOKENS (40)
+leave the kernel anyway."""
+SET_ROWS_BUDGET = 64 << 20
+"""Bytes of per-set int8 row copies (`SAEArrays.set_rows`) one SAE keeps beyond those its live plans hold
+(least recently used dropped first). The screen reads a set's rows from its copy as one stream: with
+cold caches, 8 decode tokens of 500-latent sets, 0.69x the kernel time of reading the same rows
+scattered through the SAE's table (benchmarks/RESULTS_vllm.md)."""
 _SOURCE = Path(__file__).with_name("fused_hook.c")
 _FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-shared", "-std=gnu11", "-lm"]
 _LOCK = threading.Lock()
@@ -117,7 +125,7 @@ def _build() -> ctypes.CDLL | None:
     ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     screen: list[Any] = [i64, c_int, ptr, ptr, ptr, i64, i64, ptr]  # block, threads, enc_q, meta, heavy, n_heavy, screen max, counts
     lib.ra_fused_delta.restype = c_int
-    lib.ra_fused_delta.argtypes = [ptr, i64, i64, *[ptr] * 11, c_int, *screen]
+    lib.ra_fused_delta.argtypes = [ptr, i64, i64, *[ptr] * 12, c_int, *screen]
     lib.ra_fused_step.restype = i64
     lib.ra_fused_step.argtypes = [ptr, i64, i64, ptr, ptr, ptr, c_int, ptr]
     return lib
@@ -187,6 +195,9 @@ class SAEArrays:
     heavy_n: np.ndarray = field(init=False, repr=False)  # [1] int64: how many are used; -1 until chosen (once)
     ptrs: tuple[int, ...] = field(init=False, repr=False)  # enc_rows, b_enc, floor, dec, as the kernel takes them
     screen_ptrs: tuple[int, ...] = field(init=False, repr=False)  # enc_q, screen_meta, heavy
+    # per-set int8 row copies (`set_rows`): id(set) -> (set, copy), least recently used first; bytes held
+    _set_rows: OrderedDict[int, tuple[KernelSet, np.ndarray]] = field(init=False, repr=False)
+    _set_rows_bytes: list[int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         meta = _aligned_empty((self.floor.shape[0], _META), np.float64)
@@ -204,6 +215,35 @@ class SAEArrays:
             raise ValueError("the kernel's arrays must be C-contiguous")
         object.__setattr__(self, "ptrs", tuple(_ptr(a) for a in arrays[:4]))
         object.__setattr__(self, "screen_ptrs", (_ptr(self.enc_q), _ptr(meta), _ptr(self.heavy)))
+        object.__setattr__(self, "_set_rows", OrderedDict())
+        object.__setattr__(self, "_set_rows_bytes", [0])
+
+    def set_rows(self, kset: KernelSet) -> np.ndarray | None:
+        """The set's int8 encoder rows copied in its order ([S, d], row j latent kset.ids[j]'s), made once
+        per (set, SAE): the screen then reads them as one stream. None for a set of more than half the
+        SAE's latents (read in order anyway) or of more than a quarter of SET_ROWS_BUDGET. Copies past the
+        budget are dropped least recently used first; a caller keeps the ones it uses alive."""
+        n, d = len(kset.ids), self.enc_q.shape[1]
+        if n == 0 or 2 * n > self.enc_q.shape[0] or 4 * n * d > SET_ROWS_BUDGET:
+            return None
+        key = id(kset)
+        with _LOCK:
+            hit = self._set_rows.get(key)
+            if hit is not None:
+                self._set_rows.move_to_end(key)
+                return hit[1]
+        rows = _aligned_empty((n, d), np.int8)
+        np.take(self.enc_q, kset.ids, axis=0, out=rows)
+        with _LOCK:
+            hit = self._set_rows.get(key)  # another thread made it meanwhile: keep one
+            if hit is not None:
+                return hit[1]
+            self._set_rows[key] = (kset, rows)  # the set is held, so its id is not reused while cached
+            self._set_rows_bytes[0] += rows.nbytes
+            while self._set_rows_bytes[0] > SET_ROWS_BUDGET:
+                _, (_, old) = self._set_rows.popitem(last=False)
+                self._set_rows_bytes[0] -= old.nbytes
+        return rows
 
     def set_heavy_dims(self, dims: np.ndarray) -> bool:
         """Take these dimensions (at most HEAVY_DIMS, distinct) apart in the screen from now on, once per
@@ -379,18 +419,27 @@ def _choose_heavy(sae: SAEArrays, x: np.ndarray) -> None:
         sae.set_heavy_dims(pick_heavy_dims(x))
 
 
+def _set_rows_table(tables: SetTables, sae: SAEArrays) -> tuple[np.ndarray, list[np.ndarray | None]]:
+    """The kernel's `set_q`: [G] uint64, each set's int8 row copy's address (0: none, its rows are read from
+    the SAE's table), and the copies, which the caller keeps while the kernel may read them."""
+    copies = [sae.set_rows(s) for s in tables.sets]
+    return np.array([0 if c is None else _ptr(c) for c in copies], dtype=np.uint64), copies
+
+
 def _run(x: np.ndarray, rows: np.ndarray | None, n: int, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
-         out: np.ndarray, add_input: bool, screen: bool) -> None:
+         out: np.ndarray, add_input: bool, screen: bool, set_rows: bool = True) -> None:
     lib = _lib()
     d = x.shape[1]
     _check_width(d, sae)
     sets = np.ascontiguousarray(tok_set, dtype=np.int64)
     if screen:
         _choose_heavy(sae, x if rows is None else x[rows[:n]])
+    set_q, copies = _set_rows_table(tables, sae) if screen and set_rows else (None, [])
     rc = lib.ra_fused_delta(
-        _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), *tables.ptrs, *sae.ptrs,
-        _ptr(out), int(add_input), *_screen_args(sae, screen),
+        _ptr(x), n, d, None if rows is None else _ptr(rows), _ptr(sets), *tables.ptrs,
+        None if set_q is None else _ptr(set_q), *sae.ptrs, _ptr(out), int(add_input), *_screen_args(sae, screen),
     )
+    del copies  # held through the call
     if rc != 0:
         raise MemoryError("fused hook kernel: out of memory")
 
@@ -400,7 +449,7 @@ class _StepArgs(ctypes.Structure):
 
     _fields_ = [(name, ctypes.c_void_p if kind == "p" else ctypes.c_int64) for name, kind in (
         ("row_set", "p"), ("n_rows", "i"), ("n_sets", "i"), ("max_tokens", "i"), ("set_len", "p"), ("set_ids", "p"),
-        ("set_mul", "p"), ("set_add", "p"), ("enc_rows", "p"), ("b_enc", "p"), ("floor", "p"), ("dec", "p"), ("enc_q", "p"),
+        ("set_mul", "p"), ("set_add", "p"), ("set_q", "p"), ("enc_rows", "p"), ("b_enc", "p"), ("floor", "p"), ("dec", "p"), ("enc_q", "p"),
         ("meta", "p"), ("heavy", "p"), ("heavy_n", "p"), ("screen_max_tokens", "i"), ("block", "i"), ("counts", "p"),
     )]
 
@@ -422,8 +471,10 @@ class StepKernel:
         self.max_tokens = MAX_TOKENS if max_tokens is None else int(max_tokens)
         self.width = sae.enc_rows.shape[1]
         enc_q, meta, heavy = sae.screen_ptrs
+        # the sets' int8 row copies, held as long as this kernel (the SAE's cache may drop them sooner)
+        self.set_q, self.set_rows = _set_rows_table(tables, sae) if screen else (np.zeros(tables.n_sets, np.uint64), [])
         self.args = _StepArgs(
-            _ptr(self.row_set), self.row_set.shape[0], tables.n_sets, self.max_tokens, *tables.ptrs,
+            _ptr(self.row_set), self.row_set.shape[0], tables.n_sets, self.max_tokens, *tables.ptrs, _ptr(self.set_q),
             *sae.ptrs, enc_q if screen else None, meta, heavy, _ptr(sae.heavy_n), SCREEN_MAX_TOKENS, _BLOCK,
             _ptr(_COUNTS),
         )
@@ -481,14 +532,15 @@ def fused_step(h: torch.Tensor, tok_row: np.ndarray, row_set: np.ndarray, tables
 
 
 def fused_delta(x_in: torch.Tensor, tok_set: np.ndarray, tables: SetTables, sae: SAEArrays,
-                screen: bool = True) -> torch.Tensor:
+                screen: bool = True, set_rows: bool = True) -> torch.Tensor:
     """The sum of each token's edited terms, [n, d] float32, for normalised inputs x_in [n, d] whose set
     (an index into `tables`) is tok_set [n], tokens sorted by set. `screen` skips the float32 encoder
     row of latents the int8 screen proves silent (the result is bit-identical either way; `counts`
-    says how often)."""
+    says how often); `set_rows`: the screen reads the sets' int8 row copies (`SAEArrays.set_rows`),
+    else the SAE's table (bit-identical too)."""
     x = np.ascontiguousarray(x_in.detach().to(torch.float32).numpy())
     out = np.empty_like(x)
-    _run(x, None, x.shape[0], tok_set, tables, sae, out, False, screen)
+    _run(x, None, x.shape[0], tok_set, tables, sae, out, False, screen, set_rows)
     return torch.from_numpy(out)
 
 

@@ -207,7 +207,7 @@ def test_plan_sends_long_prefills_and_multi_op_rows_to_the_slot_path() -> None:
     assert not inv.latent_layers[1].fused
 
 
-def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
+def test_the_int8_screen_skips_most_rows_and_changes_no_bit(monkeypatch: pytest.MonkeyPatch) -> None:
     """The screen proves most latents silent from an int8 copy of their encoder row and computes
     the rest in full: bit-identical to the kernel without it, also for latents whose threshold sits
     a hair below (fires) or at (does not) the exact pre-activation, and for non-finite inputs."""
@@ -249,9 +249,14 @@ def test_the_int8_screen_skips_most_rows_and_changes_no_bit() -> None:
     assert torch.equal(fused_hook.fused_delta(x, some, tables, arrays, screen=True),
                        fused_hook.fused_delta(x, some, tables, arrays, screen=False))
     assert fused_hook.counts(reset=True)["screened"] == 24 * 800
-    # a set with more tokens than SCREEN_MAX_TOKENS skips the screen: the same bits again
-    assert fused_hook.SCREEN_MAX_TOKENS < 24
+    # one set of 24 tokens (three blocks of tokens per row read), screened
+    assert fused_hook.SCREEN_MAX_TOKENS >= 24
     many = np.zeros(24, dtype=np.int64)
+    assert torch.equal(fused_hook.fused_delta(x, many, tables, arrays, screen=True),
+                       fused_hook.fused_delta(x, many, tables, arrays, screen=False))
+    assert fused_hook.counts(reset=True)["screened"] == 24 * 800
+    # a set with more tokens than SCREEN_MAX_TOKENS skips the screen: the same bits again
+    monkeypatch.setattr(fused_hook, "SCREEN_MAX_TOKENS", 16)
     assert torch.equal(fused_hook.fused_delta(x, many, tables, arrays, screen=True),
                        fused_hook.fused_delta(x, many, tables, arrays, screen=False))
     assert fused_hook.counts(reset=True)["screened"] == 0
@@ -340,3 +345,72 @@ def test_heavy_dimensions_tighten_the_screen_and_change_no_bit() -> None:
     assert torch.equal(fused_hook.fused_delta(x, tok_set, tables, auto, screen=True), full)
     assert set(auto.heavy[:2].tolist()) == {100, 7} and auto.n_heavy == fused_hook.HEAVY_DIMS
     assert list(fused_hook.pick_heavy_dims(x.numpy(), 2)) == [100, 7]
+
+
+def _calibrated_arrays(d: int, d_sae: int, x: torch.Tensor, seed: int, fire: float) -> fused_hook.SAEArrays:
+    """A JumpReLU SAE's kernel arrays with thresholds at which about `fire` of the latents fire on x."""
+    sae = make_sae(d, d_sae, "jumprelu", seed=seed, norm=8.0)
+    with torch.no_grad():
+        pre = x @ sae.W_enc + sae.b_enc - sae.b_dec @ sae.W_enc
+        sae.threshold.copy_(pre.quantile(1.0 - fire, dim=0).clamp(min=0.0))
+    arrays = build_layer_saes({1: sae}, d, N_LAYERS)[1].fused_arrays()
+    assert arrays is not None
+    return arrays
+
+
+def test_set_row_copies_change_no_bit() -> None:
+    """The screen reading the sets' int8 row copies (`SAEArrays.set_rows`) gives the bits it gives reading
+    the SAE's table, and those of the unscreened kernel: a set longer than the screen's chunk of latents
+    (and not a multiple of it), a set of two blocks of tokens, a set with a constant term (every latent's
+    term non-zero, firing or not), a set of most of the SAE (no copy: read in order anyway) and a width
+    with a tail past the vector lanes."""
+    d, d_sae = 96, 512
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(21, d, generator=g) * 4.0
+    arrays = _calibrated_arrays(d, d_sae, x, seed=12, fire=0.04)
+    lens = [150, 7, 300, 1]
+    sets = [torch.randperm(d_sae, generator=g)[:n].sort().values for n in lens]
+    assert lens[0] > 2 * 64 and lens[0] % 64 and 2 * lens[2] > d_sae
+    edits = [(-0.0, 0.0), (0.5, 0.0), (0.0, 0.25), (2.0, 0.0)]  # (a, b): z' = a z + b
+    tables = fused_hook.set_tables([(s, torch.full((len(s),), a), torch.full((len(s),), b))
+                                    for s, (a, b) in zip(sets, edits, strict=True)])
+    tok_set = np.repeat(np.arange(4), [12, 3, 5, 1])  # set 0: two blocks of 8 tokens (the second of 4)
+    assert fused_hook.SCREEN_MAX_TOKENS >= 12
+    copies = [arrays.set_rows(s) for s in tables.sets]
+    assert copies[2] is None and all(c is not None for i, c in enumerate(copies) if i != 2)
+    for s, c in zip(tables.sets, copies, strict=True):
+        if c is not None:
+            assert np.array_equal(c, arrays.enc_q[s.ids]) and c.ctypes.data % 64 == 0
+            assert arrays.set_rows(s) is c  # made once per set
+    full = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=False)
+    fused_hook.counts(reset=True)
+    from_table = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True, set_rows=False)
+    counted = fused_hook.counts(reset=True)
+    from_copies = fused_hook.fused_delta(x, tok_set, tables, arrays, screen=True)
+    assert fused_hook.counts(reset=True) == counted
+    assert torch.equal(from_table, full) and torch.equal(from_copies, full)
+    assert 0 < counted["exact"] < 0.5 * counted["screened"], counted
+    assert float(full[tok_set == 2].abs().min()) > 0  # the constant term reached every token of set 2
+
+
+def test_set_row_copies_stay_within_their_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past SET_ROWS_BUDGET bytes an SAE drops its least recently used copies; a StepKernel keeps the
+    copies it was made with, and its results stay those of the unscreened kernel."""
+    d, d_sae = 96, 1024
+    g = torch.Generator().manual_seed(13)
+    x = torch.randn(6, d, generator=g) * 4.0
+    arrays = _calibrated_arrays(d, d_sae, x, seed=14, fire=0.04)
+    sets = [torch.randperm(d_sae, generator=g)[:100].sort().values for _ in range(6)]
+    tables = fused_hook.set_tables([(s, torch.zeros(len(s)), torch.zeros(len(s))) for s in sets])
+    monkeypatch.setattr(fused_hook, "SET_ROWS_BUDGET", 4 * 100 * d + 64)  # four copies of 100 rows
+    kernel = fused_hook.StepKernel(np.arange(6), tables, arrays)  # makes all six copies, holds them
+    assert all(c is not None for c in kernel.set_rows)
+    assert len(arrays._set_rows) == 4 and arrays._set_rows_bytes[0] == 4 * 100 * d
+    kept = {id(s) for s, _ in arrays._set_rows.values()}
+    assert kept == {id(s) for s in tables.sets[2:]}  # the two oldest dropped
+    assert arrays.set_rows(tables.sets[0]) is not kernel.set_rows[0]  # a new copy, the old one still held
+    out, left = kernel(x, np.arange(6))
+    assert left is None
+    ref = fused_hook.fused_edit(x, np.arange(6), np.arange(6), tables, arrays, screen=False)
+    assert torch.equal(out, ref)
+    assert not torch.equal(out, x), "the edits must act"
