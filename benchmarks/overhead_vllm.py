@@ -14,11 +14,13 @@ to completion (greedy, `--new-tokens` each); every request carries its *own* ran
                    (`set_fused_hook(False)`: every latent hook on the slot path) for these runs, the
                    comparison for server/fused_hook.py
 
-Reported: generated tokens/s (all tokens of the run / wall time) and the p50 / p99 of request
-latency (submit -> final token), over `--repeats` interleaved repeats (round-robin over the
-configurations; the prefix cache is reset before every vLLM run so masked and unmasked runs pay
-the same prefill). Each configuration's throughput is also given paired by repeat (its tokens/s over
-the first row's in the same round): the median, and the range, which is the noise that median carries.
+Reported: generated tokens/s (all tokens of the run / wall time), the decode step (the median time
+between two streamed tokens of a request, over all requests and repeats: steady decoding, robust to
+a disturbed repeat) and the p50 / p99 of request latency (submit -> final token), over `--repeats`
+interleaved repeats (round-robin over the configurations; the prefix cache is reset before every
+vLLM run so masked and unmasked runs pay the same prefill). Each configuration's throughput is also
+given paired by repeat (its tokens/s over the first row's in the same round): the median, and the
+range, which is the noise that median carries.
 
     python benchmarks/overhead_vllm.py [--batch 8] [--new-tokens 32] [--repeats 3] [--out benchmarks/RESULTS_vllm.md]
 
@@ -64,18 +66,29 @@ def requests_for(n_latents: int, batch: int, new_tokens: int, layers: list[int],
     return out
 
 
-def run_once(engine: Any, reqs: list[Request]) -> tuple[float, int, list[float]]:
-    """(wall seconds, generated tokens, per-request latency) for one streamed batch."""
+def run_once(engine: Any, reqs: list[Request]) -> tuple[float, int, list[float], list[float]]:
+    """(wall seconds, generated tokens, per-request latency, decode intervals) for one streamed batch; a
+    decode interval is the time between two of a request's streamed tokens after its first (one decode
+    step; a chunk of k tokens counts k intervals of a k-th of its time each)."""
     if hasattr(engine, "reset_prefix_cache"):
         engine.reset_prefix_cache()
     t0 = time.perf_counter()
     latencies: list[float] = [0.0] * len(reqs)
+    last: list[float | None] = [None] * len(reqs)
+    intervals: list[float] = []
     n_tok = 0
     for ev in engine.generate_iter(reqs):
-        n_tok += len(ev.token_ids)
+        now = time.perf_counter()
+        k = len(ev.token_ids)
+        n_tok += k
+        if k:
+            prev = last[ev.index]
+            if prev is not None:
+                intervals += [(now - prev) / k] * k
+            last[ev.index] = now
         if ev.finished:
-            latencies[ev.index] = time.perf_counter() - t0
-    return time.perf_counter() - t0, n_tok, latencies
+            latencies[ev.index] = now - t0
+    return time.perf_counter() - t0, n_tok, latencies, intervals
 
 
 def cpu_model() -> str:
@@ -151,7 +164,7 @@ def main() -> None:
     if "hf" in engines:
         configs += [(f"hf/{n}", "hf", n) for n in (int(x) for x in args.hf_latents.split(","))]
     reqs = {name: requests_for(n, args.batch, args.new_tokens, layers, args.d_sae) for name, _, n in configs}
-    def run(name: str, eng: str, reqs_: list[Request]) -> tuple[float, int, list[float]]:
+    def run(name: str, eng: str, reqs_: list[Request]) -> tuple[float, int, list[float], list[float]]:
         if eng == "vllm-slots":
             hooked.set_fused_hook(False)
         try:
@@ -162,15 +175,17 @@ def main() -> None:
 
     for name, eng, _ in configs:  # warm-up (first-call allocations, slice caches)
         run(name, eng, reqs[name][:2])
-    raw: dict[str, dict[str, list[float]]] = {name: {"tps": [], "lat": [], "hook_s": []} for name, _, _ in configs}
+    raw: dict[str, dict[str, list[float]]] = {name: {"tps": [], "lat": [], "hook_s": [], "interval": []}
+                                              for name, _, _ in configs}
     load_before = os.getloadavg()
     for rep in range(args.repeats):
         for name, eng, _ in configs:
             hooks = eng in ("vllm-hooked", "vllm-slots")
             if hooks:
                 engines[eng].hook_stats(reset=True)
-            wall, n_tok, lat = run(name, eng, reqs[name])
+            wall, n_tok, lat, intervals = run(name, eng, reqs[name])
             raw[name]["tps"].append(n_tok / wall)
+            raw[name]["interval"].extend(intervals)
             raw[name].setdefault("tokens", []).append(n_tok / len(reqs[name]))
             raw[name]["lat"].extend(lat)
             if hooks:
@@ -192,8 +207,11 @@ def main() -> None:
         # each repeat's tokens/s over the first row's in the same repeat (interleaved: seconds apart, so a
         # drift of the shared host hits both); the spread of these ratios is the noise the median carries
         paired = [t / b for t, b in zip(raw[name]["tps"], raw[configs[0][0]]["tps"], strict=True)]
+        # the decode step's period, median over every interval of every repeat: a disturbance of the host
+        # moves a few hundred of thousands of intervals, and the median not at all
+        interval = statistics.median(raw[name]["interval"]) if raw[name]["interval"] else float("nan")
         rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook,
-                     paired_ratio(paired)))
+                     paired_ratio(paired), interval))
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "
                f"(worker torch threads: {facts.get('torch_threads')}, fused hook kernel: {facts.get('fused_hook')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
@@ -209,12 +227,17 @@ def main() -> None:
                               else "one fixed threshold 0.5 (about a third of the latents fire)") + ".",
         "",
         "| configuration | latents / request | tokens/s | slowdown vs first row | throughput vs first row, paired by "
-        "repeat: median [min, max] | p50 latency (s) | p99 latency (s) | time in hooks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "repeat: median [min, max] | decode step, median (ms) | decode throughput vs first row | p50 latency (s) | "
+        "p99 latency (s) | time in hooks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for name, n, tps, slow, p50, p99, hook, paired_text in rows:
-        md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {paired_text} | {p50:.2f} | {p99:.2f} | "
-                  f"{'' if hook is None else f'{100 * hook:.1f}%'} |")
+    base_interval = rows[0][8]
+    for name, n, tps, slow, p50, p99, hook, paired_text, interval in rows:
+        md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {paired_text} | {1e3 * interval:.2f} | "
+                  f"{base_interval / interval:.3f}x | {p50:.2f} | {p99:.2f} | {'' if hook is None else f'{100 * hook:.1f}%'} |")
+    md += ["", "Decode step: the median time between two streamed tokens of a request after its first, over every "
+           "request and repeat (one step of the whole batch); its ratio is the steady decoding throughput's, and "
+           "a short disturbance of the host does not move it."]
     per_req = {name: statistics.mean(r["tokens"]) for name, r in raw.items()}
     md += ["", "Generated tokens per request: " + ", ".join(f"{k} {v:.1f}" for k, v in per_req.items())
            + (" (they differ: masks changed where answers stop, so tokens/s compares different work)"
