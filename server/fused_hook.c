@@ -261,14 +261,16 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                              xh + b * HEAVY);
         }
         free(tmp);
-        if (screen) {
-            /* Two passes over each chunk of latents and block of tokens. The first screens every pair and
-             * asks for the float32 encoder and decoder rows of each latent that one of its tokens needs; the
-             * second computes those pairs in full and adds every term, latents in order as below. */
-            for (int64_t j0 = lo; j0 < hi; j0 += SCREEN_CHUNK) {
-                const int64_t j1 = j0 + SCREEN_CHUNK < hi ? j0 + SCREEN_CHUNK : hi;
-                for (int64_t b0 = 0; b0 < nt; b0 += block) {
-                    const int64_t b1 = b0 + block < nt ? b0 + block : nt;
+        /* Latents in chunks, tokens in blocks. Screened: two passes over each chunk and block; the first
+         * screens every pair and asks for the float32 encoder and decoder rows of each latent that one of
+         * the block's tokens needs, the second computes those pairs in full and adds every term, latents in
+         * order as without the screen. */
+        const int64_t chunk = screen ? SCREEN_CHUNK : CHUNK;
+        for (int64_t j0 = lo; j0 < hi; j0 += chunk) {
+            const int64_t j1 = j0 + chunk < hi ? j0 + chunk : hi;
+            for (int64_t b0 = 0; b0 < nt; b0 += block) {
+                const int64_t b1 = b0 + block < nt ? b0 + block : nt;
+                if (screen) {
                     for (int64_t j = j0; j < j1; j++) {
                         const int64_t i = ids[j];
                         if (b0 == 0 && j + PREFETCH < hi) {  /* a later latent's meta row (and its row, if scattered) */
@@ -332,13 +334,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                             }
                         }
                     }
-                }
-            }
-        } else {
-            for (int64_t j0 = lo; j0 < hi; j0 += CHUNK) {
-                const int64_t j1 = j0 + CHUNK < hi ? j0 + CHUNK : hi;
-                for (int64_t b0 = 0; b0 < nt; b0 += block) {
-                    const int64_t b1 = b0 + block < nt ? b0 + block : nt;
+                } else {
                     for (int64_t j = j0; j < j1; j++) {
                         const int64_t i = ids[j];
                         const float *er = enc_rows + i * d, *dr = dec + i * d;
