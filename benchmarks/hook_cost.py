@@ -13,6 +13,8 @@ GemmaScope-2-shaped JumpReLU SAE (640 -> 16,384, random weights: timing only), a
   * fused      the same plan with the fused CPU kernel (server/fused_hook.py): each token encodes
                its own set's latents and adds its decoder terms in one C pass, no slots; sets with
                more than fused_hook.MAX_TOKENS tokens in the step stay on the slot path
+  * fused-table  `fused` with the screen reading each latent's int8 row from the SAE's table, scattered,
+               instead of each set's own copy of its rows (`fused_hook.SET_ROWS_BUDGET` 0 for its plan)
   * dense-dec  `batched` with the decode forced through the `bmm` over every latent of the sets
                (what `decode_coefficients` does past its sparse bound: dense clamps, long prefills)
 
@@ -77,10 +79,17 @@ def main() -> None:
     # one runtime SAE (same weights) per configuration: each keeps its own slot pool, as a server running
     # one of them would, instead of the interleaved configurations evicting each other's sets
     plans = {k: compile_plan(v, [args.prefill] * args.rows, build_layer_saes({1: sae}, d, 4), 4, d,
-                             torch.device("cpu"), fused=k == "fused").latent_layers[1]
-             for k, v in {**specs, "fused": specs["distinct"]}.items()}
+                             torch.device("cpu"), fused=k.startswith("fused")).latent_layers[1]
+             for k, v in {**specs, "fused": specs["distinct"], "fused-table": specs["distinct"]}.items()}
     plans = {"batched": plans["distinct"], "looped": replace(plans["distinct"], batched=False),
-             "shared": plans["shared"], "union": plans["union"], "dense-dec": plans["distinct"], "fused": plans["fused"]}
+             "shared": plans["shared"], "union": plans["union"], "dense-dec": plans["distinct"], "fused": plans["fused"],
+             "fused-table": plans["fused-table"]}
+    budget, fused_hook.SET_ROWS_BUDGET = fused_hook.SET_ROWS_BUDGET, 0
+    try:  # this plan's kernel is made now, without row copies
+        kernel = plans["fused-table"]._step_kernel
+        assert kernel is None or not any(c is not None for c in kernel.set_rows)
+    finally:
+        fused_hook.SET_ROWS_BUDGET = budget
 
     def run(name: str, h: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         if name != "dense-dec":
@@ -113,6 +122,7 @@ def main() -> None:
             gap = float((outs["batched"] - outs["looped"]).abs().max())
             gap_dense = float((outs["batched"] - outs["dense-dec"]).abs().max())
             gap_fused = float((outs["batched"] - outs["fused"]).abs().max())
+            same_bits = bool(torch.equal(outs["fused"], outs["fused-table"]))
             fired = float((plans["batched"].sae.encode(h[0]) > 0).float().mean())
             for _ in range(args.repeats):
                 for k in plans:
@@ -127,8 +137,10 @@ def main() -> None:
         print(f"{step:8s} ({n:4d} tokens, {100 * fired:.1f}% of latents fire): "
               + ", ".join(f"{k} {v:.2f} ms" for k, v in med.items())
               + f"; batched/looped {med['batched'] / med['looped']:.2f}, looped/union {med['looped'] / med['union']:.2f}, "
-              f"batched/dense-dec {med['batched'] / med['dense-dec']:.2f}, fused/batched {med['fused'] / med['batched']:.2f}"
-              + f"; max |batched - looped| {gap:.1e}, |batched - dense-dec| {gap_dense:.1e}, |batched - fused| {gap_fused:.1e}")
+              f"batched/dense-dec {med['batched'] / med['dense-dec']:.2f}, fused/batched {med['fused'] / med['batched']:.2f}, "
+              f"fused/fused-table {med['fused'] / med['fused-table']:.2f}"
+              + f"; max |batched - looped| {gap:.1e}, |batched - dense-dec| {gap_dense:.1e}, |batched - fused| {gap_fused:.1e}"
+              + f"; fused and fused-table bit-identical: {'yes' if same_bits else 'NO'}")
     print(f"load average (1 min) before / after: {load0:.1f} / {os.getloadavg()[0]:.1f}")
 
 
