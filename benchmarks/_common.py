@@ -5,6 +5,7 @@ percentile. Timing only: the SAE weights are random."""
 from __future__ import annotations
 
 import statistics
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -112,3 +113,10 @@ def paired_ratio(ratios: list[float]) -> str:
     range is the noise the median carries."""
     v = sorted(ratios)
     return f"{statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}]"
+
+
+def same_work(tokens_per_request: Iterable[float]) -> bool:
+    """Whether configurations generated the same tokens per request (within 1 %). Masks change the text,
+    so answers may stop (EOS) at other lengths, and tokens/s then compares different work."""
+    v = list(tokens_per_request)
+    return not v or max(v) <= 1.01 * min(v)

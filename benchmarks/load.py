@@ -51,7 +51,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import paired_ratio, percentile, random_saes, spread_latents  # noqa: E402
+from _common import paired_ratio, percentile, random_saes, same_work, spread_latents  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
@@ -251,7 +251,7 @@ def _print_paired(rows: list[dict[str, Any]]) -> None:
     # (fewer tokens per prefill, a shrinking batch as short answers leave); --ignore-eos compares like with like
     per_req = {lat: statistics.mean(r["tokens_per_request"] for r in rows if r["latents"] == lat)
                for lat in sorted({r["latents"] for r in rows})}
-    if max(per_req.values()) > 1.01 * min(per_req.values()):
+    if not same_work(per_req.values()):
         print("\nNot like with like: generated tokens per request differ between levels ("
               + ", ".join(f"{lat} latents: {t:.1f}" for lat, t in per_req.items())
               + "); --ignore-eos runs every answer to its last token.")

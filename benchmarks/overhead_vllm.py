@@ -15,8 +15,8 @@ to completion (greedy, `--new-tokens` each); every request carries its *own* ran
                    comparison for server/fused_hook.py
 
 Reported: generated tokens/s (all tokens of the run / wall time), the decode step (the median time
-between two streamed tokens of a request, over all requests and repeats: steady decoding, robust to
-a disturbed repeat) and the p50 / p99 of request latency (submit -> final token), over `--repeats`
+between two streamed tokens of a request, over all requests and repeats: steady decoding, less moved
+by a disturbed repeat) and the p50 / p99 of request latency (submit -> final token), over `--repeats`
 interleaved repeats (round-robin over the configurations; the prefix cache is reset before every
 vLLM run so masked and unmasked runs pay the same prefill). Each configuration's throughput is also
 given paired by repeat (its tokens/s over the first row's in the same round): the median, and the
@@ -47,6 +47,7 @@ from _common import (
     gemmascope_shaped_sae,
     paired_ratio,
     percentile,
+    same_work,
     spread_latents,
 )
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt
@@ -207,8 +208,9 @@ def main() -> None:
         # each repeat's tokens/s over the first row's in the same repeat (interleaved: seconds apart, so a
         # drift of the shared host hits both); the spread of these ratios is the noise the median carries
         paired = [t / b for t, b in zip(raw[name]["tps"], raw[configs[0][0]]["tps"], strict=True)]
-        # the decode step's period, median over every interval of every repeat: a disturbance of the host
-        # moves a few hundred of thousands of intervals, and the median not at all
+        # the decode step's period, median over every interval of every repeat: a short disturbance of the
+        # host moves a few of its thousands of samples, the median little (a slow spell longer than a
+        # repeat still moves it)
         interval = statistics.median(raw[name]["interval"]) if raw[name]["interval"] else float("nan")
         rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook,
                      paired_ratio(paired), interval))
@@ -237,11 +239,11 @@ def main() -> None:
                   f"{base_interval / interval:.3f}x | {p50:.2f} | {p99:.2f} | {'' if hook is None else f'{100 * hook:.1f}%'} |")
     md += ["", "Decode step: the median time between two streamed tokens of a request after its first, over every "
            "request and repeat (one step of the whole batch); its ratio is the steady decoding throughput's, and "
-           "a short disturbance of the host does not move it."]
+           "a short disturbance of the host moves it little (a slow spell longer than a repeat still does)."]
     per_req = {name: statistics.mean(r["tokens"]) for name, r in raw.items()}
     md += ["", "Generated tokens per request: " + ", ".join(f"{k} {v:.1f}" for k, v in per_req.items())
            + (" (they differ: masks changed where answers stop, so tokens/s compares different work)"
-              if max(per_req.values()) > 1.01 * min(per_req.values()) else " (like with like)") + "."]
+              if not same_work(per_req.values()) else " (like with like)") + "."]
     exact = {name: statistics.median(r["exact"]) for name, r in raw.items() if r.get("exact")}
     if exact:
         md += ["", "Fused kernel's screen: pre-activations computed in full (float32 row read), of those screened: "

@@ -194,9 +194,9 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
      *
      * Work items: a set's tokens, split evenly into ceil(T / ITEM_TOKENS) items, or into as many as there
      * are threads (at least `block` tokens each) when that is more, so that a lone prefill uses every
-     * thread. Within an item the set's latents go in chunks of CHUNK: a chunk's rows, read from memory
-     * once, serve every token block of the item from the cache. Each token still takes its set's
-     * latents in order, so the split changes no bit of the result.
+     * thread. Within an item the set's latents go in chunks of CHUNK (SCREEN_CHUNK when screened): a
+     * chunk's rows, read from memory once, serve every token block of the item from the cache. Each token
+     * still takes its set's latents in order, so the split changes no bit of the result.
      *
      * set_q (may be NULL, as may any set_q[g]): set g's int8 rows, copied in the set's order (row j is
      * latent ids[j]'s), so that the screen reads them as one stream; scattered rows cost about three times
