@@ -1,9 +1,11 @@
 """What the benchmarks share: the chat prompts they generate from, GemmaScope-2-shaped random SAEs
 (optionally with thresholds calibrated to a realistic L0), latent sets spread over layers, and a
-percentile. Timing only: the SAE weights are random."""
+percentile, and paired ratios with a confidence interval for their median. Timing only: the SAE
+weights are random."""
 
 from __future__ import annotations
 
+import math
 import statistics
 from collections.abc import Iterable
 from typing import Any
@@ -108,11 +110,44 @@ def percentile(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
+def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float] | None:
+    """A distribution-free confidence interval for the median of independent samples: the k-th smallest
+    and k-th largest value, with the largest k for which 2 P(Binomial(n, 1/2) < k) <= 1 - level (the
+    median lies outside them only when fewer than k samples fall on one side of it). None when n is too
+    small for `level` (below 6 at 95 %)."""
+    v = sorted(values)
+    n = len(v)
+    below, k = 0.0, 0  # P(Binomial(n, 1/2) < k)
+    while k < (n + 1) // 2:
+        p = math.comb(n, k) / 2.0**n
+        if 2.0 * (below + p) > 1.0 - level:
+            break
+        below += p
+        k += 1
+    return None if k == 0 else (v[k - 1], v[n - k])
+
+
 def paired_ratio(ratios: list[float]) -> str:
-    """Ratios measured in pairs (each run over its baseline run beside it) as "median [min, max]": the
-    range is the noise the median carries."""
+    """Ratios measured in pairs (each run over its baseline run beside it) as "median [min, max]", then
+    the 95 % confidence interval of the median (`median_interval`) where there are enough pairs: the
+    range is the noise one pair carries, the interval what the median still carries."""
     v = sorted(ratios)
-    return f"{statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}]"
+    ci = median_interval(v)
+    return f"{statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}]" + (
+        f", 95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
+
+
+def against_goal(ratios: list[float], goal: float) -> str:
+    """Paired ratios against a goal ratio (a throughput floor such as 0.95x): "met" or "missed" only when
+    the median's 95 % confidence interval lies wholly on one side of the goal, else "within noise"."""
+    ci = median_interval(ratios)
+    if ci is None:
+        return f"too few pairs ({len(ratios)}) to tell"
+    if ci[0] >= goal:
+        return f"met (the median's 95% CI {ci[0]:.3f}-{ci[1]:.3f} is at or above {goal:g}x)"
+    if ci[1] < goal:
+        return f"missed (the median's 95% CI {ci[0]:.3f}-{ci[1]:.3f} is below {goal:g}x)"
+    return f"within noise of {goal:g}x (the median's 95% CI {ci[0]:.3f}-{ci[1]:.3f} spans it)"
 
 
 def same_work(tokens_per_request: Iterable[float]) -> bool:

@@ -27,7 +27,9 @@ off and on (server/fused_hook.py), on the same server.
 `--latents 0,2000` runs every level without and with masks on the same server (requests without
 interventions leave the hooks idle: the unmasked throughput), and `--rounds R` repeats all levels R
 times, interleaved; the masked levels' tokens/s are then also given over the unmasked level of the
-same round and client count: the median and range of those paired ratios (the range is the noise).
+same round and client count: the median and range of those paired ratios (the range is the noise) and,
+from 6 rounds, the median's 95 % confidence interval; `--goal 0.9` judges each level met, missed or
+within noise of that floor from the interval.
 Masks change the text, so without `--ignore-eos` masked answers may end at other lengths than unmasked
 ones and tokens/s then compares different work (the script says so when tokens per request differ).
 """
@@ -51,7 +53,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import paired_ratio, percentile, random_saes, same_work, spread_latents  # noqa: E402
+from _common import against_goal, paired_ratio, percentile, random_saes, same_work, spread_latents  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 from refusal_audit.audit.spec import AblateLatents, Request, SamplingParams, user_prompt  # noqa: E402
 from refusal_audit.client import AuditClient  # noqa: E402
@@ -82,7 +84,11 @@ def _start_server(engine_kind: str, model: str, layers: list[int], d_sae: int, m
         from refusal_audit.server.vllm_engine import VLLMEngine
 
         engine = VLLMEngine.from_config(model, saes, **({"enforce_eager": False} if vllm_compiled else {}))
-    return ThreadedServer(cfg, engine=engine).start()
+    server = ThreadedServer(cfg, engine=engine).start()
+    # handed over: the server closes the engine when it stops (vLLM's engine core stopped in order; left to
+    # the interpreter's exit, its output handler logged the core's end as an EngineDeadError)
+    server.handle.owns_engine = True
+    return server
 
 
 def scrape(url: str | None) -> dict[str, float]:
@@ -235,18 +241,20 @@ def check_level(lv: Level, address: str, sample: int, shape: Shape, rng: random.
     return once, same, len(keys)
 
 
-def _print_paired(rows: list[dict[str, Any]]) -> None:
-    """Masked tokens/s over unmasked in the same round, client count and join policy: median [min, max]."""
+def _print_paired(rows: list[dict[str, Any]], goal: float | None = None) -> None:
+    """Masked tokens/s over unmasked in the same round, client count and join policy: median [min, max] and the
+    median's 95 % CI; with `goal`, whether the interval clears that floor."""
     base = {(r["round"], r["policy"], r["clients"]): r["tokens_per_s"] for r in rows if r["latents"] == 0}
     paired: dict[tuple[str, int], list[float]] = {}
     for r in rows:
         b = base.get((r["round"], r["policy"], r["clients"]))
         if r["latents"] and b:
             paired.setdefault((r["engine"], r["clients"]), []).append(r["tokens_per_s"] / b)
-    print("\n| level | clients | rounds | tokens/s over unmasked, paired by round: median [min, max] |")
-    print("|---|---:|---:|---:|")
+    print("\n| level | clients | rounds | tokens/s over unmasked, paired by round: median [min, max], 95% CI of the median |"
+          + (f" against {goal:g}x |" if goal is not None else ""))
+    print("|---|---:|---:|---:|" + ("---|" if goal is not None else ""))
     for (engine, n), v in paired.items():
-        print(f"| {engine} | {n} | {len(v)} | {paired_ratio(v)} |")
+        print(f"| {engine} | {n} | {len(v)} | {paired_ratio(v)} |" + (f" {against_goal(v, goal)} |" if goal is not None else ""))
     # masks change the text, so answers may end (EOS) at other lengths: then tokens/s compares different work
     # (fewer tokens per prefill, a shrinking batch as short answers leave); --ignore-eos compares like with like
     per_req = {lat: statistics.mean(r["tokens_per_request"] for r in rows if r["latents"] == lat)
@@ -270,6 +278,9 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=16)
     ap.add_argument("--latents", default="2000", help="latents per request, or a comma list (every level runs with each)")
     ap.add_argument("--rounds", type=int, default=1, help="run all levels this many times, interleaved")
+    ap.add_argument("--goal", type=float, default=None,
+                    help="a throughput floor for masked over unmasked (e.g. 0.9): judged met, missed or within noise "
+                         "from the 95%% confidence interval of the paired ratios' median (6 rounds or more)")
     ap.add_argument("--layers", default="3,6,9,12")
     ap.add_argument("--d-sae", type=int, default=16384)
     ap.add_argument("--sae-l0", type=float, default=100.0,
@@ -407,7 +418,7 @@ def main() -> None:
         for e in r["first_errors"]:
             print(f"  error: {e}")
     if 0 in latents and len(latents) > 1:
-        _print_paired(rows)
+        _print_paired(rows, args.goal)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if any(not r["exactly_once"] for r in rows):

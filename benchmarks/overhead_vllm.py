@@ -17,10 +17,11 @@ to completion (greedy, `--new-tokens` each); every request carries its *own* ran
 Reported: generated tokens/s (all tokens of the run / wall time), the decode step (the median time
 between two streamed tokens of a request, over all requests and repeats: steady decoding, less moved
 by a disturbed repeat) and the p50 / p99 of request latency (submit -> final token), over `--repeats`
-interleaved repeats (round-robin over the configurations; the prefix cache is reset before every
+interleaved repeats (rounds over the configurations, each in a random order; the prefix cache is reset before every
 vLLM run so masked and unmasked runs pay the same prefill). Each configuration's throughput is also
-given paired by repeat (its tokens/s over the first row's in the same round): the median, and the
-range, which is the noise that median carries.
+given paired by repeat (its tokens/s, and its decode step, over the first row's in the same round):
+the median, the range, and the median's 95 % confidence interval; with `--goal 0.95` each masked
+row is judged met, missed or within noise of that floor from the interval.
 
     python benchmarks/overhead_vllm.py [--batch 8] [--new-tokens 32] [--repeats 3] [--out benchmarks/RESULTS_vllm.md]
 
@@ -35,6 +36,7 @@ import argparse
 import json
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -43,6 +45,7 @@ from typing import Any
 import torch
 from _common import (
     PROMPTS,
+    against_goal,
     calibrate_thresholds,
     gemmascope_shaped_sae,
     paired_ratio,
@@ -122,6 +125,12 @@ def main() -> None:
                          "activations, as in a trained SAE (0: one fixed threshold, 0.5, which fires on ~1/3 of them)")
     ap.add_argument("--unfused", action="store_true",
                     help="also run the hooked engine with its fused hook kernel off (configurations vllm-slots/N)")
+    ap.add_argument("--fixed-order", dest="shuffle", action="store_false",
+                    help="run the configurations in the same order in every round (default: a random order per round)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the rounds' random orders")
+    ap.add_argument("--goal", type=float, default=None,
+                    help="a throughput floor for the masked rows (e.g. 0.95): each is judged met, missed or within "
+                         "noise of it from the 95%% confidence interval of its paired ratios' median")
     ap.add_argument("--out", default=None, help="append a markdown section to this file")
     ap.add_argument("--json", default=None, help="write raw results as JSON")
     args = ap.parse_args()
@@ -176,17 +185,21 @@ def main() -> None:
 
     for name, eng, _ in configs:  # warm-up (first-call allocations, slice caches)
         run(name, eng, reqs[name][:2])
-    raw: dict[str, dict[str, list[float]]] = {name: {"tps": [], "lat": [], "hook_s": [], "interval": []}
+    raw: dict[str, dict[str, list[float]]] = {name: {"tps": [], "lat": [], "hook_s": [], "interval": [], "step": []}
                                               for name, _, _ in configs}
     load_before = os.getloadavg()
+    order = random.Random(args.seed)
     for rep in range(args.repeats):
-        for name, eng, _ in configs:
+        # each round runs every configuration once, in a fresh random order (seeded): a fixed order would
+        # put each configuration at the same place in every round, where a drift within rounds biases it
+        for name, eng, _ in order.sample(configs, len(configs)) if args.shuffle else configs:
             hooks = eng in ("vllm-hooked", "vllm-slots")
             if hooks:
                 engines[eng].hook_stats(reset=True)
             wall, n_tok, lat, intervals = run(name, eng, reqs[name])
             raw[name]["tps"].append(n_tok / wall)
             raw[name]["interval"].extend(intervals)
+            raw[name]["step"].append(statistics.median(intervals) if intervals else float("nan"))
             raw[name].setdefault("tokens", []).append(n_tok / len(reqs[name]))
             raw[name]["lat"].extend(lat)
             if hooks:
@@ -202,6 +215,7 @@ def main() -> None:
             eng.close()
     base = statistics.median(raw[configs[0][0]]["tps"])
     rows = []
+    verdicts: list[str] = []
     for name, _, n in configs:
         tps = statistics.median(raw[name]["tps"])
         hook = statistics.median(raw[name]["hook_s"]) if raw[name]["hook_s"] else None
@@ -212,8 +226,19 @@ def main() -> None:
         # host moves a few of its thousands of samples, the median little (a slow spell longer than a
         # repeat still moves it)
         interval = statistics.median(raw[name]["interval"]) if raw[name]["interval"] else float("nan")
+        # and paired by repeat: the first row's decode step over this one's in the same round
+        paired_step = [b / t for t, b in zip(raw[name]["step"], raw[configs[0][0]]["step"], strict=True)]
         rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook,
-                     paired_ratio(paired), interval))
+                     paired_ratio(paired), interval, paired_ratio(paired_step)))
+        if args.goal is not None and n:
+            verdicts.append(f"{name} vs {configs[0][0]}: throughput {against_goal(paired, args.goal)}; decode step "
+                            f"{against_goal(paired_step, args.goal)}")
+            unmasked = f"{name.split('/')[0]}/0"  # the same engine without masks, where it ran and is not the first row
+            if unmasked in raw and unmasked != configs[0][0]:
+                own = [t / b for t, b in zip(raw[name]["tps"], raw[unmasked]["tps"], strict=True)]
+                own_step = [b / t for t, b in zip(raw[name]["step"], raw[unmasked]["step"], strict=True)]
+                verdicts.append(f"{name} vs {unmasked}: throughput {paired_ratio(own)}, {against_goal(own, args.goal)}; "
+                                f"decode step {paired_ratio(own_step)}, {against_goal(own_step, args.goal)}")
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "
                f"(worker torch threads: {facts.get('torch_threads')}, fused hook kernel: {facts.get('fused_hook')}), HF engine torch threads: {torch.get_num_threads()}, "
                f"Python {platform.python_version()}")
@@ -221,7 +246,9 @@ def main() -> None:
         f"### {model_name}{' (vLLM compiled)' if args.compiled else ''}, batch {args.batch} x {args.new_tokens} new tokens, "
         f"SAEs {d_model}->{args.d_sae} at layers {layers}",
         "",
-        f"Machine: {machine}. Repeats: {args.repeats} (median tokens/s; latency percentiles over all requests).",
+        f"Machine: {machine}. Repeats: {args.repeats}, configurations in "
+        + (f"a random order per round (seed {args.seed})" if args.shuffle else "the same order in every round")
+        + " (median tokens/s; latency percentiles over all requests).",
         f"Start-up: {', '.join(f'{k} {v:.0f} s' for k, v in startup.items())}. Load average (1 min) before / after: "
         f"{load_before[0]:.1f} / {load_after[0]:.1f} (shared host).",
         "SAE thresholds: " + (f"calibrated to L0 {args.sae_l0:g} on real activations (measured per layer: "
@@ -229,17 +256,22 @@ def main() -> None:
                               else "one fixed threshold 0.5 (about a third of the latents fire)") + ".",
         "",
         "| configuration | latents / request | tokens/s | slowdown vs first row | throughput vs first row, paired by "
-        "repeat: median [min, max] | decode step, median (ms) | decode throughput vs first row | p50 latency (s) | "
-        "p99 latency (s) | time in hooks |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "repeat: median [min, max], 95% CI of the median | decode step, median (ms) | decode throughput vs first "
+        "row | the same, paired by repeat | p50 latency (s) | p99 latency (s) | time in hooks |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     base_interval = rows[0][8]
-    for name, n, tps, slow, p50, p99, hook, paired_text, interval in rows:
+    for name, n, tps, slow, p50, p99, hook, paired_text, interval, paired_step_text in rows:
         md.append(f"| {name} | {n} | {tps:.1f} | {slow:.2f}x | {paired_text} | {1e3 * interval:.2f} | "
-                  f"{base_interval / interval:.3f}x | {p50:.2f} | {p99:.2f} | {'' if hook is None else f'{100 * hook:.1f}%'} |")
+                  f"{base_interval / interval:.3f}x | {paired_step_text} | {p50:.2f} | {p99:.2f} | "
+                  f"{'' if hook is None else f'{100 * hook:.1f}%'} |")
     md += ["", "Decode step: the median time between two streamed tokens of a request after its first, over every "
            "request and repeat (one step of the whole batch); its ratio is the steady decoding throughput's, and "
-           "a short disturbance of the host moves it little (a slow spell longer than a repeat still does)."]
+           "a short disturbance of the host moves it little (a slow spell longer than a repeat still does). "
+           "Paired by repeat: each repeat's median step over the first row's in the same round. The 95% CI of a "
+           "median of paired ratios is distribution-free (order statistics), from the repeats alone."]
+    if verdicts:
+        md += ["", f"Against the goal of {args.goal:g}x:", ""] + [f"- {v}" for v in verdicts]
     per_req = {name: statistics.mean(r["tokens"]) for name, r in raw.items()}
     md += ["", "Generated tokens per request: " + ", ".join(f"{k} {v:.1f}" for k, v in per_req.items())
            + (" (they differ: masks changed where answers stop, so tokens/s compares different work)"
