@@ -130,8 +130,11 @@ def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float
 def paired_ratio(ratios: list[float]) -> str:
     """Ratios measured in pairs (each run over its baseline run beside it) as "median [min, max]", then
     the 95 % confidence interval of the median (`median_interval`) where there are enough pairs: the
-    range is the noise one pair carries, the interval what the median still carries."""
-    v = sorted(ratios)
+    range is the noise one pair carries, the interval what the median still carries. Pairs without a
+    value (NaN: a configuration that streams no decode steps) are left out; none at all prints "n/a"."""
+    v = sorted(r for r in ratios if math.isfinite(r))
+    if not v:
+        return "n/a"
     ci = median_interval(v)
     return f"{statistics.median(v):.3f}x [{v[0]:.3f}, {v[-1]:.3f}]" + (
         f", 95% CI {ci[0]:.3f}-{ci[1]:.3f}" if ci else "")
@@ -139,10 +142,12 @@ def paired_ratio(ratios: list[float]) -> str:
 
 def against_goal(ratios: list[float], goal: float) -> str:
     """Paired ratios against a goal ratio (a throughput floor such as 0.95x): "met" or "missed" only when
-    the median's 95 % confidence interval lies wholly on one side of the goal, else "within noise"."""
-    ci = median_interval(ratios)
+    the median's 95 % confidence interval lies wholly on one side of the goal, else "within noise"
+    (pairs without a value left out, as in `paired_ratio`)."""
+    v = [r for r in ratios if math.isfinite(r)]
+    ci = median_interval(v)
     if ci is None:
-        return f"too few pairs ({len(ratios)}) to tell"
+        return f"too few pairs ({len(v)}) to tell"
     if ci[0] >= goal:
         return f"met (the median's 95% CI {ci[0]:.3f}-{ci[1]:.3f} is at or above {goal:g}x)"
     if ci[1] < goal:

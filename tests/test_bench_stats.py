@@ -37,8 +37,11 @@ def test_against_goal_says_within_noise_unless_the_interval_clears_the_goal() ->
     assert against_goal([r + 0.05 for r in around], 0.95).startswith("met")
     assert against_goal([r - 0.05 for r in around], 0.95).startswith("missed")
     assert against_goal(around[:5], 0.95).startswith("too few pairs (5)")
+    assert against_goal([float("nan")] * 10, 0.95) == "too few pairs (0) to tell"  # no decode steps streamed
 
 
 def test_paired_ratio_prints_range_and_interval() -> None:
     assert paired_ratio([1.0, 0.9, 1.1, 0.95, 1.05]) == "1.000x [0.900, 1.100]"
     assert paired_ratio([1.0, 0.9, 1.1, 0.95, 1.05, 1.02]) == "1.010x [0.900, 1.100], 95% CI 0.900-1.100"
+    assert paired_ratio([1.0, float("nan"), 0.9, 1.1, 0.95, 1.05]) == "1.000x [0.900, 1.100]"  # NaN left out
+    assert paired_ratio([float("nan")]) == "n/a"
