@@ -17,11 +17,11 @@ to completion (greedy, `--new-tokens` each); every request carries its *own* ran
 Reported: generated tokens/s (all tokens of the run / wall time), the decode step (the median time
 between two streamed tokens of a request, over all requests and repeats: steady decoding, less moved
 by a disturbed repeat) and the p50 / p99 of request latency (submit -> final token), over `--repeats`
-interleaved repeats (rounds over the configurations, each in a random order; the prefix cache is reset before every
-vLLM run so masked and unmasked runs pay the same prefill). Each configuration's throughput is also
-given paired by repeat (its tokens/s, and its decode step, over the first row's in the same round):
-the median, the range, and the median's 95 % confidence interval; with `--goal 0.95` each masked
-row is judged met, missed or within noise of that floor from the interval.
+interleaved repeats (rounds over the configurations, each round in a random order; the prefix cache is
+reset before every vLLM run so masked and unmasked runs pay the same prefill). Each configuration's
+throughput is also given paired by repeat (its tokens/s, and its decode step, over the first row's in
+the same round): the median, the range, and the median's 95 % confidence interval; with `--goal 0.95`
+each masked row is judged met, missed or within noise of that floor from the interval.
 
     python benchmarks/overhead_vllm.py [--batch 8] [--new-tokens 32] [--repeats 3] [--out benchmarks/RESULTS_vllm.md]
 
