@@ -127,12 +127,17 @@ def median_interval(values: Iterable[float], level: float = 0.95) -> tuple[float
     return None if k == 0 else (v[k - 1], v[n - k])
 
 
+def _with_values(ratios: Iterable[float]) -> list[float]:
+    """The ratios that have a value (not NaN / inf: a configuration that streamed no decode steps)."""
+    return [r for r in ratios if math.isfinite(r)]
+
+
 def paired_ratio(ratios: list[float]) -> str:
     """Ratios measured in pairs (each run over its baseline run beside it) as "median [min, max]", then
     the 95 % confidence interval of the median (`median_interval`) where there are enough pairs: the
     range is the noise one pair carries, the interval what the median still carries. Pairs without a
     value (NaN: a configuration that streams no decode steps) are left out; none at all prints "n/a"."""
-    v = sorted(r for r in ratios if math.isfinite(r))
+    v = sorted(_with_values(ratios))
     if not v:
         return "n/a"
     ci = median_interval(v)
@@ -144,7 +149,7 @@ def against_goal(ratios: list[float], goal: float) -> str:
     """Paired ratios against a goal ratio (a throughput floor such as 0.95x): "met" or "missed" only when
     the median's 95 % confidence interval lies wholly on one side of the goal, else "within noise"
     (pairs without a value left out, as in `paired_ratio`)."""
-    v = [r for r in ratios if math.isfinite(r)]
+    v = _with_values(ratios)
     ci = median_interval(v)
     if ci is None:
         return f"too few pairs ({len(v)}) to tell"

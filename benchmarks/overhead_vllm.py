@@ -214,20 +214,24 @@ def main() -> None:
         if hasattr(eng, "close"):
             eng.close()
     base = statistics.median(raw[configs[0][0]]["tps"])
+
+    def speedups(name: str, over: str) -> tuple[list[float], list[float]]:
+        """Per repeat, `name`'s throughput over `over`'s in the same round: by tokens/s, and by decode step."""
+        return ([t / b for t, b in zip(raw[name]["tps"], raw[over]["tps"], strict=True)],
+                [b / t for t, b in zip(raw[name]["step"], raw[over]["step"], strict=True)])
+
     rows = []
     verdicts: list[str] = []
     for name, _, n in configs:
         tps = statistics.median(raw[name]["tps"])
         hook = statistics.median(raw[name]["hook_s"]) if raw[name]["hook_s"] else None
-        # each repeat's tokens/s over the first row's in the same repeat (interleaved: seconds apart, so a
-        # drift of the shared host hits both); the spread of these ratios is the noise the median carries
-        paired = [t / b for t, b in zip(raw[name]["tps"], raw[configs[0][0]]["tps"], strict=True)]
+        # each repeat's tokens/s (and decode step) against the first row's in the same repeat (interleaved:
+        # seconds apart, so a drift of the shared host hits both); their spread is the noise the median carries
+        paired, paired_step = speedups(name, configs[0][0])
         # the decode step's period, median over every interval of every repeat: a short disturbance of the
         # host moves a few of its thousands of samples, the median little (a slow spell longer than a
         # repeat still moves it)
         interval = statistics.median(raw[name]["interval"]) if raw[name]["interval"] else float("nan")
-        # and paired by repeat: the first row's decode step over this one's in the same round
-        paired_step = [b / t for t, b in zip(raw[name]["step"], raw[configs[0][0]]["step"], strict=True)]
         rows.append((name, n, tps, base / tps, percentile(raw[name]["lat"], 0.5), percentile(raw[name]["lat"], 0.99), hook,
                      paired_ratio(paired), interval, paired_ratio(paired_step)))
         if args.goal is not None and n:
@@ -235,8 +239,7 @@ def main() -> None:
                             f"{against_goal(paired_step, args.goal)}")
             unmasked = f"{name.split('/')[0]}/0"  # the same engine without masks, where it ran and is not the first row
             if unmasked in raw and unmasked != configs[0][0]:
-                own = [t / b for t, b in zip(raw[name]["tps"], raw[unmasked]["tps"], strict=True)]
-                own_step = [b / t for t, b in zip(raw[name]["step"], raw[unmasked]["step"], strict=True)]
+                own, own_step = speedups(name, unmasked)
                 verdicts.append(f"{name} vs {unmasked}: throughput {paired_ratio(own)}, {against_goal(own, args.goal)}; "
                                 f"decode step {paired_ratio(own_step)}, {against_goal(own_step, args.goal)}")
     machine = (f"{cpu_model()}, {os.cpu_count()} logical CPUs, torch {torch.__version__}, vllm {facts.get('vllm_version')} "

@@ -310,7 +310,7 @@ int ra_fused_delta(const float *x, int64_t n, int64_t d, const int64_t *rows, co
                                 any |= f;
                             }
                         }
-                        if (any)  /* read in the second pass, a chunk later: by then in the cache */
+                        if (any)  /* read in the second pass, after this chunk's screen: on the way meanwhile */
                             for (int64_t k = 0; k < d; k += 16) {
                                 __builtin_prefetch(enc_rows + i * d + k);
                                 __builtin_prefetch(dec + i * d + k);
